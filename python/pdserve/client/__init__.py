@@ -1,0 +1,1 @@
+"""Load client: workloads (random, ShareGPT), metrics, result files and plots."""

@@ -1,0 +1,1 @@
+"""Instance server, global scheduler with routing policies, and the OpenAI-compatible protocol."""

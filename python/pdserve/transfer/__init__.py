@@ -1,0 +1,1 @@
+"""Layer-wise KV transfer between instances: transfer engine wrappers and communication domains."""
