@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pdserve.server.policies import (
     POLICY_NAMES,
     InstanceSnapshot,
@@ -29,7 +28,9 @@ def test_rr_cycles_in_id_order_whatever_the_registration_order():
 
 def test_random_is_seeded_and_reproducible():
     cands = [snap(x) for x in "abcd"]
-    picks = [[make_policy("random", "decode", seed=7).choose(cands, ctx()).instance_id for _ in range(1)]]
+    picks = [
+        [make_policy("random", "decode", seed=7).choose(cands, ctx()).instance_id for _ in range(1)]
+    ]
     p1 = make_policy("random", "decode", seed=7)
     p2 = make_policy("random", "decode", seed=7)
     seq1 = [p1.choose(cands, ctx()).instance_id for _ in range(20)]
@@ -41,16 +42,30 @@ def test_random_is_seeded_and_reproducible():
 
 def test_least_prefill_uses_queued_tokens():
     policy = make_policy("least", "prefill")
-    cands = [snap("a", num_queued_prefill_tokens=100, num_used_blocks=0),
-             snap("b", num_queued_prefill_tokens=10, num_used_blocks=999)]
+    cands = [
+        snap("a", num_queued_prefill_tokens=100, num_used_blocks=0),
+        snap("b", num_queued_prefill_tokens=10, num_used_blocks=999),
+    ]
     assert policy.choose(cands, ctx()).instance_id == "b"
 
 
 def test_least_decode_uses_used_plus_reserved_blocks():
     policy = make_policy("least", "decode")
     cands = [
-        snap("a", role="decode", num_used_blocks=5, num_reserved_blocks=10, num_queued_prefill_tokens=0),
-        snap("b", role="decode", num_used_blocks=12, num_reserved_blocks=0, num_queued_prefill_tokens=999),
+        snap(
+            "a",
+            role="decode",
+            num_used_blocks=5,
+            num_reserved_blocks=10,
+            num_queued_prefill_tokens=0,
+        ),
+        snap(
+            "b",
+            role="decode",
+            num_used_blocks=12,
+            num_reserved_blocks=0,
+            num_queued_prefill_tokens=999,
+        ),
     ]
     assert policy.choose(cands, ctx()).instance_id == "b"
 
@@ -62,8 +77,11 @@ def test_least_ties_break_by_id():
 
 def test_prefix_picks_longest_cached_prefix_then_least_load():
     policy = make_policy("prefix", "prefill")
-    cands = [snap("a", num_queued_prefill_tokens=0), snap("b", num_queued_prefill_tokens=500),
-             snap("c", num_queued_prefill_tokens=100)]
+    cands = [
+        snap("a", num_queued_prefill_tokens=0),
+        snap("b", num_queued_prefill_tokens=500),
+        snap("c", num_queued_prefill_tokens=100),
+    ]
     assert policy.choose(cands, ctx(cached={"b": 32, "c": 16})).instance_id == "b"
     # tie on the prefix: less loaded wins
     assert policy.choose(cands, ctx(cached={"b": 16, "c": 16})).instance_id == "c"
@@ -83,11 +101,15 @@ def test_cost_blends_affinity_and_load():
 
 def test_cost_decode_prefers_held_prefix_and_avoids_full_instances():
     policy = make_policy("cost", "decode")
-    cands = [snap("a", role="decode", num_total_blocks=100),
-             snap("b", role="decode", num_total_blocks=100)]
+    cands = [
+        snap("a", role="decode", num_total_blocks=100),
+        snap("b", role="decode", num_total_blocks=100),
+    ]
     assert policy.choose(cands, ctx(n=512, cached={"b": 512})).instance_id == "b"
-    cands = [snap("a", role="decode", num_total_blocks=100, num_used_blocks=2),
-             snap("b", role="decode", num_total_blocks=100, num_used_blocks=99)]
+    cands = [
+        snap("a", role="decode", num_total_blocks=100, num_used_blocks=2),
+        snap("b", role="decode", num_total_blocks=100, num_used_blocks=99),
+    ]
     assert policy.choose(cands, ctx(n=64, cached={"b": 64})).instance_id == "a"
 
 

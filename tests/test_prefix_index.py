@@ -17,7 +17,13 @@ BS = 4
 
 
 def inserted(hashes, tokens, tier=TIER_GPU, parent=0):
-    return {"kind": "inserted", "tier": tier, "parent_hash": parent, "block_hashes": hashes, "token_ids": tokens}
+    return {
+        "kind": "inserted",
+        "tier": tier,
+        "parent_hash": parent,
+        "block_hashes": hashes,
+        "token_ids": tokens,
+    }
 
 
 def test_hashes_chain_over_whole_blocks_only():
@@ -40,13 +46,40 @@ def test_insert_match_evict_demote_promote():
     index.apply_events("p0", [inserted(hashes[2:], prompt[8:12], parent=hashes[1])])
     assert index.cached_tokens("p0", prompt) == 12
     assert index.cached_tokens("p0", [1] + prompt[1:]) == 0
-    index.apply_events("p0", [{"kind": "demoted", "tier": TIER_GPU, "parent_hash": hashes[1],
-                               "block_hashes": hashes[2:]}])
+    index.apply_events(
+        "p0",
+        [
+            {
+                "kind": "demoted",
+                "tier": TIER_GPU,
+                "parent_hash": hashes[1],
+                "block_hashes": hashes[2:],
+            }
+        ],
+    )
     assert index.cached_tokens("p0", prompt) == 12  # still held, on the host tier
-    index.apply_events("p0", [{"kind": "promoted", "tier": TIER_HOST, "parent_hash": hashes[1],
-                               "block_hashes": hashes[2:]}])
-    index.apply_events("p0", [{"kind": "evicted", "tier": TIER_GPU, "parent_hash": hashes[1],
-                               "block_hashes": hashes[2:]}])
+    index.apply_events(
+        "p0",
+        [
+            {
+                "kind": "promoted",
+                "tier": TIER_HOST,
+                "parent_hash": hashes[1],
+                "block_hashes": hashes[2:],
+            }
+        ],
+    )
+    index.apply_events(
+        "p0",
+        [
+            {
+                "kind": "evicted",
+                "tier": TIER_GPU,
+                "parent_hash": hashes[1],
+                "block_hashes": hashes[2:],
+            }
+        ],
+    )
     assert index.cached_tokens("p0", prompt) == 8
     assert index.cached_tokens("unknown", prompt) == 0
 
@@ -71,7 +104,9 @@ def test_mirror_matches_a_plain_model_on_random_event_sequences():
     rng = random.Random(0)
     index = PrefixIndex(hb)
     index.add_instance("d", BS)
-    held: set[tuple[int, ...]] = set()  # prefixes (as token tuples of whole blocks) the "instance" holds
+    held: set[tuple[int, ...]] = (
+        set()
+    )  # prefixes (as token tuples of whole blocks) the "instance" holds
     prompts = [[rng.randrange(5) for _ in range(rng.randrange(4, 24))] for _ in range(30)]
     for _ in range(300):
         p = rng.choice(prompts)
@@ -82,8 +117,12 @@ def test_mirror_matches_a_plain_model_on_random_event_sequences():
         if rng.random() < 0.6:
             k = rng.randrange(n) + 1
             new = [i for i in range(k) if tuple(p[: (i + 1) * BS]) not in held]
-            if new and new == list(range(new[0], k)):  # a tree inserts a suffix under an existing prefix
-                index.apply_events("d", [inserted([hashes[i] for i in new], p[new[0] * BS : k * BS])])
+            if new and new == list(
+                range(new[0], k)
+            ):  # a tree inserts a suffix under an existing prefix
+                index.apply_events(
+                    "d", [inserted([hashes[i] for i in new], p[new[0] * BS : k * BS])]
+                )
                 held.update(tuple(p[: (i + 1) * BS]) for i in new)
         else:
             # evict the deepest held block on this path if it is a leaf
@@ -92,8 +131,17 @@ def test_mirror_matches_a_plain_model_on_random_event_sequences():
                 key = tuple(p[: (depth + 1) * BS])
                 if not any(len(h) > len(key) and h[: len(key)] == key for h in held):
                     held.discard(key)
-                    index.apply_events("d", [{"kind": "evicted", "tier": 0, "parent_hash": 0,
-                                              "block_hashes": [hashes[depth]]}])
+                    index.apply_events(
+                        "d",
+                        [
+                            {
+                                "kind": "evicted",
+                                "tier": 0,
+                                "parent_hash": 0,
+                                "block_hashes": [hashes[depth]],
+                            }
+                        ],
+                    )
         for q in prompts:
             expect = 0
             while expect + BS <= len(q) and tuple(q[: expect + BS]) in held:

@@ -7,8 +7,8 @@ Policy stays apart from mechanism: a policy is a pure function of an `InstanceSn
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 POLICY_NAMES = ("random", "rr", "prefix", "least", "cost")
 PHASES = ("prefill", "decode")
@@ -20,7 +20,9 @@ class InstanceSnapshot:
 
     instance_id: str
     role: str  # "prefill" | "decode" | "both"
-    num_queued_prefill_tokens: int = 0  # tokens waiting for (or in) prefill, incl. dispatched-not-yet-reported
+    num_queued_prefill_tokens: int = (
+        0  # tokens waiting for (or in) prefill, incl. dispatched-not-yet-reported
+    )
     num_running: int = 0
     num_used_blocks: int = 0  # primary tier, in_use (includes reserved)
     num_reserved_blocks: int = 0  # blocks held for requests whose KV is still arriving
@@ -113,7 +115,9 @@ class PrefixPolicy(Policy):
         super().__init__(phase)
 
     def choose(self, candidates, ctx):
-        return min(_ordered(candidates), key=lambda c: (-ctx.cached_tokens(c.instance_id), self.load(c)))
+        return min(
+            _ordered(candidates), key=lambda c: (-ctx.cached_tokens(c.instance_id), self.load(c))
+        )
 
 
 @dataclass(frozen=True)
@@ -146,8 +150,14 @@ class CostPolicy(Policy):
         pressure = 0.0
         if inst.num_total_blocks > 0:
             used_fraction = self.load(inst) / inst.num_total_blocks
-            pressure = used_fraction / max(1e-3, 1.0 - used_fraction) * m.prefill_seconds_per_token * 64
-        return num_uncached * m.transfer_seconds_per_token + self.load(inst) * m.decode_seconds_per_block_used + pressure
+            pressure = (
+                used_fraction / max(1e-3, 1.0 - used_fraction) * m.prefill_seconds_per_token * 64
+            )
+        return (
+            num_uncached * m.transfer_seconds_per_token
+            + self.load(inst) * m.decode_seconds_per_block_used
+            + pressure
+        )
 
     def choose(self, candidates, ctx):
         return min(_ordered(candidates), key=lambda c: self.predicted_seconds(c, ctx))
@@ -167,5 +177,7 @@ def make_policy(name: str, phase: str, seed: int = 0) -> Policy:
     try:
         cls = _POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}") from None
+        raise ValueError(
+            f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}"
+        ) from None
     return cls(phase, seed=seed)

@@ -152,7 +152,9 @@ class PrefixIndex:
         mirror = self._mirrors.get(instance_id)
         if mirror is None:
             return 0
-        num_blocks, _ = mirror.match_num_blocks(self._hash_blocks(prompt_token_ids, mirror.block_size))
+        num_blocks, _ = mirror.match_num_blocks(
+            self._hash_blocks(prompt_token_ids, mirror.block_size)
+        )
         return num_blocks * mirror.block_size
 
     def matcher(self, prompt_token_ids: list[int]) -> Callable[[str], int]:
