@@ -1,0 +1,663 @@
+"""The global scheduler: the cluster's OpenAI endpoint; picks P and D per request and drives SPEC §4's path.
+
+Mechanism only: which instance is a policy's business (policies.py), what each instance caches is the
+prefix index's (prefix_index.py). Per request: D reserves (and says what it holds), P prefills the rest
+and pushes the KV D lacks, P's first token goes out, D decodes and streams; P's blocks are released
+once D has the KV, and every failure path releases both sides. With dcache, D's new blocks go back to P.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pdserve.server.openai_render import TokenDelta, render_response
+from pdserve.server.policies import InstanceSnapshot, Policy, RouteContext, make_policy
+from pdserve.server.prefix_index import PrefixIndex
+from pdserve.server.protocol import (
+    GenerateRequest,
+    ProtocolError,
+    models_json,
+    parse_chat,
+    parse_completion,
+)
+
+log = logging.getLogger("pdserve.scheduler")
+
+
+class ClusterError(RuntimeError):
+    """A request the cluster cannot serve now; `status` goes back to the client."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class InstanceRecord:
+    url: str
+    instance_id: str
+    role: str
+    info: dict
+    stats: dict = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.monotonic)
+    event_seq: int = 0
+    registered: bool = True  # False: fixed by --prefill/--decode (polled, never forgotten)
+    inflight_prefill_tokens: int = 0  # dispatched by us, not yet prefilled
+    inflight_reserved_blocks: int = 0
+    pending_dcache: set = field(default_factory=set)
+
+    def snapshot(self) -> InstanceSnapshot:
+        s = self.stats
+        return InstanceSnapshot(
+            instance_id=self.instance_id,
+            role=self.role,
+            num_queued_prefill_tokens=_stat(s, "num_queued_prefill_tokens", "num_waiting_tokens")
+            + self.inflight_prefill_tokens,
+            num_running=_stat(s, "num_running"),
+            num_used_blocks=_stat(s, "num_used_blocks", "num_in_use_blocks", "num_in_use"),
+            num_reserved_blocks=_stat(s, "num_reserved_blocks", "num_reserved")
+            + self.inflight_reserved_blocks,
+            num_total_blocks=_stat(s, "num_total_blocks", "num_total")
+            or int(self.info.get("num_total_blocks", 0)),
+            block_size=int(self.info.get("block_size", 16)),
+        )
+
+
+def _stat(stats: dict, *names: str) -> int:
+    for n in names:
+        v = stats.get(n)
+        if isinstance(v, (int, float)):
+            return int(v)
+    tiers = stats.get("tiers")
+    if isinstance(tiers, list) and tiers:
+        for n in names:
+            v = tiers[0].get(n) if isinstance(tiers[0], dict) else None
+            if isinstance(v, (int, float)):
+                return int(v)
+    return 0
+
+
+@dataclass
+class SchedulerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8081
+    ep_policy: str = "rr"
+    ed_policy: str = "rr"
+    prefill_urls: list[str] = field(default_factory=list)
+    decode_urls: list[str] = field(default_factory=list)
+    colocated_urls: list[str] = field(default_factory=list)
+    poll_interval: float = 0.5
+    instance_timeout: float = 10.0
+    seed: int = 0
+    layerwise: bool | None = None  # None: each P's own --enable-layer
+    dcache: bool | None = None  # None: when D was started with --enable-dcache
+
+
+class GlobalScheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.instances: dict[str, InstanceRecord] = {}
+        self.index = PrefixIndex()
+        self.p_policy: Policy = make_policy(config.ep_policy, "prefill", config.seed)
+        self.d_policy: Policy = make_policy(config.ed_policy, "decode", config.seed + 1)
+        self.metrics = ServerMetrics("scheduler")
+        self.linked: set[tuple[str, str]] = set()
+        self.tokenizer = None
+        self.num_requests = 0
+        self.route_log: list[
+            tuple[str, str | None, str | None]
+        ] = []  # (request id, P, D), last 1000
+        self.started = time.time()
+        self._session: aiohttp.ClientSession | None = None
+        self._stream_session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._link_lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.on_startup.append(self.start)
+        app.on_cleanup.append(self.stop)
+        r = app.router
+        r.add_post("/v1/completions", self.h_completions)
+        r.add_post("/v1/chat/completions", self.h_chat)
+        r.add_get("/v1/models", self.h_models)
+        r.add_get("/health", self.h_health)
+        r.add_get("/metrics", self.h_metrics)
+        r.add_post("/internal/v1/register", self.h_register)
+        r.add_post("/internal/v1/heartbeat", self.h_heartbeat)
+        r.add_get("/internal/v1/cluster", self.h_cluster)
+        r.add_post("/internal/v1/refresh", self.h_refresh)
+        return app
+
+    async def start(self, app) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        self._stream_session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=300)
+        )
+        try:
+            from pdserve.server.engine_adapter import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.config.model)
+        except Exception as exc:  # noqa: BLE001 - fall back to an instance's /tokenize
+            log.warning(
+                "no local tokenizer for %s (%s); instances will tokenize", self.config.model, exc
+            )
+        for role, urls in (
+            ("prefill", self.config.prefill_urls),
+            ("decode", self.config.decode_urls),
+            ("both", self.config.colocated_urls),
+        ):
+            for url in urls:
+                self._tasks.append(asyncio.create_task(self._adopt_fixed(url.rstrip("/"), role)))
+        self._tasks.append(asyncio.create_task(self._poll_loop()))
+
+    async def stop(self, app) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for s in (self._session, self._stream_session):
+            if s is not None:
+                await s.close()
+
+    # ----------------------------------------------------------------- cluster membership
+    async def _adopt_fixed(self, url: str, role: str) -> None:
+        """A --prefill/--decode URL: wait until it answers, then treat it like a registration."""
+        warned = False
+        while True:
+            try:
+                info = await self._get(f"{url}/internal/v1/info")
+                if info["role"] != role:
+                    log.error("%s is a %s instance, given as --%s", url, info["role"], role)
+                    return
+                await self._add_instance(url, info, registered=False)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if not warned:
+                    log.warning("instance %s not reachable yet (%s); retrying", url, exc)
+                    warned = True
+                await asyncio.sleep(0.5)
+
+    async def _add_instance(self, url: str, info: dict, registered: bool) -> InstanceRecord:
+        iid = info["instance_id"]
+        old = self.instances.get(iid)
+        if old is not None and old.info.get("incarnation") == info.get("incarnation"):
+            old.last_seen = time.monotonic()
+            return old
+        if info.get("model") != self.config.model and info.get("model") is not None:
+            log.warning(
+                "instance %s serves %s, the scheduler %s", iid, info.get("model"), self.config.model
+            )
+        rec = InstanceRecord(
+            url=url, instance_id=iid, role=info["role"], info=info, registered=registered
+        )
+        self.instances[iid] = rec
+        self.index.add_instance(iid, int(info.get("block_size", 16)))
+        self.linked = {pair for pair in self.linked if iid not in pair}
+        await self._refresh(rec)
+        await self._link_all()
+        log.info("instance %s (%s) joined", iid, rec.role)
+        return rec
+
+    async def _link_all(self) -> None:
+        """Create the communication domain of every (P, D) pair not linked yet (both directions)."""
+        async with self._link_lock:
+            ps = [r for r in self.instances.values() if r.role == "prefill"]
+            ds = [r for r in self.instances.values() if r.role == "decode"]
+            for p in ps:
+                for d in ds:
+                    if (p.instance_id, d.instance_id) in self.linked:
+                        continue
+                    try:
+                        await link_pair(self._session, p.url, d.url)
+                        self.linked.add((p.instance_id, d.instance_id))
+                    except Exception as exc:  # noqa: BLE001 - retried on the next poll
+                        log.warning(
+                            "linking %s and %s failed: %s", p.instance_id, d.instance_id, exc
+                        )
+
+    async def _refresh(self, rec: InstanceRecord) -> None:
+        """Pull stats and new cache events from one instance."""
+        s = await self._get(f"{rec.url}/internal/v1/stats?events_since={rec.event_seq}")
+        if s.get("incarnation") != rec.info.get("incarnation"):
+            raise ClusterError(f"instance {rec.instance_id} restarted")
+        events = s.pop("events", [])
+        first = s.pop("events_first_seq", rec.event_seq)
+        if first > rec.event_seq:
+            log.warning(
+                "missed %d cache events of %s; its mirror is inexact until refilled",
+                first - rec.event_seq,
+                rec.instance_id,
+            )
+        self.index.apply_events(rec.instance_id, events)
+        rec.event_seq = first + len(events)
+        rec.stats = s
+        rec.last_seen = time.monotonic()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval)
+            for rec in list(self.instances.values()):
+                try:
+                    await self._refresh(rec)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    if time.monotonic() - rec.last_seen > self.config.instance_timeout:
+                        log.warning("instance %s gone (%s)", rec.instance_id, exc)
+                        self.instances.pop(rec.instance_id, None)
+                        self.index.remove_instance(rec.instance_id)
+                        self.linked = {pr for pr in self.linked if rec.instance_id not in pr}
+                        if not rec.registered:
+                            self._tasks.append(
+                                asyncio.create_task(self._adopt_fixed(rec.url, rec.role))
+                            )
+            if any(
+                (p, d) not in self.linked for p in self._ids("prefill") for d in self._ids("decode")
+            ):
+                await self._link_all()
+
+    def _ids(self, role: str) -> list[str]:
+        return [i for i, r in self.instances.items() if r.role == role]
+
+    async def h_register(self, request):
+        body = await request.json()
+        url = str(body["url"]).rstrip("/")
+        try:
+            info = await self._get(f"{url}/internal/v1/info")
+        except Exception as exc:  # noqa: BLE001
+            return web.json_response(
+                {"error": {"message": f"cannot reach {url}: {exc}"}}, status=502
+            )
+        rec = await self._add_instance(url, info, registered=True)
+        return web.json_response({"instance_id": rec.instance_id, "known": True})
+
+    async def h_heartbeat(self, request):
+        body = await request.json()
+        rec = self.instances.get(str(body.get("instance_id")))
+        if rec is None or rec.info.get("incarnation") != body.get("incarnation"):
+            return web.json_response({"known": False})
+        rec.last_seen = time.monotonic()
+        stats = body.get("stats") or {}
+        stats.pop("events", None)
+        rec.stats = stats
+        if stats.get("event_seq", 0) > rec.event_seq:
+            try:
+                await self._refresh(rec)
+            except Exception:  # noqa: BLE001 - the poller retries
+                pass
+        return web.json_response({"known": True})
+
+    async def h_refresh(self, request):
+        """Pull every instance's events now (tests and tools; routing is exact after this returns)."""
+        await asyncio.gather(
+            *(self._refresh(r) for r in list(self.instances.values())), return_exceptions=True
+        )
+        return web.json_response({"ok": True})
+
+    async def h_cluster(self, request):
+        return web.json_response(
+            {
+                "instances": [
+                    {
+                        "instance_id": r.instance_id,
+                        "url": r.url,
+                        "role": r.role,
+                        "registered": r.registered,
+                        "snapshot": r.snapshot().__dict__,
+                        "num_mirrored_blocks": self.index.num_cached_blocks(r.instance_id),
+                    }
+                    for r in self.instances.values()
+                ],
+                "linked": sorted([list(p) for p in self.linked]),
+                "routes": self.route_log[-100:],
+                "ep_policy": self.config.ep_policy,
+                "ed_policy": self.config.ed_policy,
+            }
+        )
+
+    # ----------------------------------------------------------------- HTTP helpers
+    async def _get(self, url: str) -> dict:
+        async with self._session.get(url) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise ClusterError(_message(data, resp.status), resp.status)
+            return data
+
+    async def _post(self, url: str, payload: dict) -> dict:
+        async with self._session.post(url, json=payload) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise ClusterError(_message(data, resp.status), resp.status)
+            return data
+
+    async def _release(
+        self, rec: InstanceRecord | None, request_id: str, abort: bool = False
+    ) -> None:
+        if rec is None:
+            return
+        try:
+            await self._post(
+                f"{rec.url}/internal/v1/release", {"request_id": request_id, "abort": abort}
+            )
+        except Exception as exc:  # noqa: BLE001 - the instance's own expiry is the backstop
+            log.warning("release of %s on %s failed: %s", request_id, rec.instance_id, exc)
+
+    # ----------------------------------------------------------------- public API
+    async def h_completions(self, request):
+        return await self._public(request, parse_completion)
+
+    async def h_chat(self, request):
+        return await self._public(request, parse_chat)
+
+    async def h_models(self, request):
+        return web.json_response(models_json(self.config.model, int(self.started)))
+
+    async def h_health(self, request):
+        roles = {}
+        for r in self.instances.values():
+            roles[r.role] = roles.get(r.role, 0) + 1
+        ready = ("prefill" in roles and "decode" in roles) or "both" in roles
+        return web.json_response({"status": "ok", "ready": ready, "instances": roles})
+
+    async def h_metrics(self, request):
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _tokenize(self, req: GenerateRequest) -> list[int]:
+        if req.prompt_token_ids is not None:
+            return req.prompt_token_ids
+        if self.tokenizer is not None:
+            if req.messages is not None:
+                return list(self.tokenizer.encode_chat(req.messages))
+            return list(self.tokenizer.encode(req.prompt))
+        if not self.instances:
+            raise ClusterError("no instance registered yet")
+        rec = next(iter(self.instances.values()))
+        payload = {"messages": req.messages} if req.messages is not None else {"prompt": req.prompt}
+        return (await self._post(f"{rec.url}/internal/v1/tokenize", payload))["token_ids"]
+
+    def _decode_text(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+
+    async def _public(self, request: web.Request, parse) -> web.StreamResponse:
+        try:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ProtocolError("request body is not valid JSON") from None
+            req = parse(body)
+            token_ids = await self._tokenize(req)
+        except ProtocolError as exc:
+            return web.json_response(exc.to_json(), status=exc.status)
+        except ClusterError as exc:
+            return web.json_response(
+                ProtocolError(str(exc), exc.status).to_json(), status=exc.status
+            )
+        request_id = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.num_requests += 1
+        deltas = self.generate(request_id, token_ids, req)
+        try:
+            first = await deltas.__anext__()  # errors before the first token become HTTP errors
+        except ClusterError as exc:
+            await deltas.aclose()
+            headers = {"Retry-After": "1"} if exc.status == 503 else None
+            return web.json_response(
+                ProtocolError(str(exc), exc.status).to_json(), status=exc.status, headers=headers
+            )
+        except StopAsyncIteration:
+            first = None
+
+        async def chained() -> AsyncIterator[TokenDelta]:
+            if first is not None:
+                yield first
+            async for d in deltas:
+                yield d
+
+        stream = chained()
+        try:
+            return await render_response(
+                request,
+                req,
+                request_id,
+                self.config.model,
+                len(token_ids),
+                stream,
+                self._decode_text,
+                self.metrics,
+            )
+        finally:
+            await stream.aclose()
+            await deltas.aclose()
+
+    # ----------------------------------------------------------------- routing
+    def _candidates(self, role: str) -> list[InstanceSnapshot]:
+        return [r.snapshot() for r in self.instances.values() if r.role == role]
+
+    def route(self, token_ids: list[int]) -> tuple[InstanceRecord, InstanceRecord | None]:
+        """(P, D) for a prompt; D is None for a colocated instance. Raises ClusterError if none."""
+        ctx = RouteContext(list(token_ids), self.index.matcher(token_ids))
+        ps = self._candidates("prefill")
+        ds = self._candidates("decode")
+        if ps and ds:
+            linked_ps = [
+                p for p in ps if any((p.instance_id, d.instance_id) in self.linked for d in ds)
+            ]
+            if not linked_ps:
+                raise ClusterError("prefill and decode instances are not linked yet; retry shortly")
+            p = self.p_policy.choose(linked_ps, ctx)
+            ctx.prefill_instance_id = p.instance_id
+            linked_ds = [d for d in ds if (p.instance_id, d.instance_id) in self.linked]
+            d = self.d_policy.choose(linked_ds, ctx)
+            return self.instances[p.instance_id], self.instances[d.instance_id]
+        both = self._candidates("both")
+        if both:
+            return self.instances[self.p_policy.choose(both, ctx).instance_id], None
+        have = ", ".join(sorted({r.role for r in self.instances.values()})) or "none"
+        raise ClusterError(
+            f"no instance pair can serve: need a prefill and a decode instance (or a colocated one); have {have}"
+        )
+
+    async def generate(
+        self, request_id: str, token_ids: list[int], req: GenerateRequest
+    ) -> AsyncIterator[TokenDelta]:
+        p, d = self.route(token_ids)
+        self.route_log.append((request_id, p.instance_id, d.instance_id if d else None))
+        del self.route_log[:-1000]
+        if d is None:
+            async for delta in self._colocated(p, request_id, token_ids, req):
+                yield delta
+        else:
+            async for delta in self._disaggregated(p, d, request_id, token_ids, req):
+                yield delta
+
+    async def _ndjson_lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+        async for raw in resp.content:
+            line = raw.strip()
+            if line:
+                yield json.loads(line)
+
+    async def _colocated(self, rec, request_id, token_ids, req) -> AsyncIterator[TokenDelta]:
+        payload = {
+            "request_id": request_id,
+            "prompt_token_ids": token_ids,
+            "sampling": req.sampling.to_dict(),
+        }
+        rec.inflight_prefill_tokens += len(token_ids)
+        counted = True
+        try:
+            async with self._stream_session.post(
+                f"{rec.url}/internal/v1/generate", json=payload
+            ) as resp:
+                if resp.status != 200:
+                    raise ClusterError(_message(await resp.json(), resp.status), resp.status)
+                async for line in self._ndjson_lines(resp):
+                    if counted:
+                        rec.inflight_prefill_tokens -= len(token_ids)
+                        counted = False
+                    yield TokenDelta(
+                        line["token_ids"], line.get("finish_reason"), line.get("num_cached_tokens")
+                    )
+                    if line.get("finish_reason"):
+                        return
+        finally:
+            if counted:
+                rec.inflight_prefill_tokens -= len(token_ids)
+            self._after_request(rec, None, request_id, None)
+
+    async def _disaggregated(self, p, d, request_id, token_ids, req) -> AsyncIterator[TokenDelta]:
+        bs = int(d.info.get("block_size", 16))
+        num_blocks = -(-len(token_ids) // bs)
+        d.inflight_reserved_blocks += num_blocks
+        p.inflight_prefill_tokens += len(token_ids)
+        d_reserved = p_pinned = False
+        finished = False
+        all_tokens = list(token_ids)
+        try:
+            try:
+                res = await self._post(
+                    f"{d.url}/internal/v1/reserve",
+                    {"request_id": request_id, "prompt_token_ids": token_ids},
+                )
+            finally:
+                d.inflight_reserved_blocks -= num_blocks
+            d_reserved = True
+            if p.pending_dcache:  # the previous turn's KV may be on its way back to P
+                await asyncio.wait(list(p.pending_dcache), timeout=5)
+            layerwise = self.config.layerwise
+            if layerwise is None:
+                layerwise = bool(p.info.get("flags", {}).get("enable_layer", False))
+            p_pinned = True
+            try:
+                pre = await self._post(
+                    f"{p.url}/internal/v1/prefill",
+                    {
+                        "request_id": request_id,
+                        "prompt_token_ids": token_ids,
+                        "sampling": req.sampling.to_dict(),
+                        "peer_id": d.instance_id,
+                        "num_peer_cached_tokens": res["num_cached_tokens"],
+                        "peer_block_ids": res["block_ids"],
+                        "layerwise": layerwise,
+                    },
+                )
+            except ClusterError:
+                p_pinned = False  # P released on its own failure path
+                raise
+            finally:
+                p.inflight_prefill_tokens -= len(token_ids)
+            first = pre["first_token_id"]
+            all_tokens.append(first)
+            num_cached = int(pre.get("num_cached_tokens") or 0)
+            if pre.get("finish_reason"):
+                finished = True
+                yield TokenDelta([first], pre["finish_reason"], num_cached)
+                return
+            yield TokenDelta([first], None, num_cached)
+            decode_body = {
+                "request_id": request_id,
+                "prompt_token_ids": token_ids,
+                "sampling": req.sampling.to_dict(),
+                "first_token_id": first,
+            }
+            async with self._stream_session.post(
+                f"{d.url}/internal/v1/decode", json=decode_body
+            ) as resp:
+                if resp.status != 200:
+                    raise ClusterError(_message(await resp.json(), resp.status), resp.status)
+                async for line in self._ndjson_lines(resp):
+                    if line.get("kv_ready"):
+                        d_reserved = False  # D's request owns the blocks now
+                        await self._release(p, request_id)  # D has the KV: unpin P
+                        p_pinned = False
+                        continue
+                    all_tokens.extend(line["token_ids"])
+                    yield TokenDelta(line["token_ids"], line.get("finish_reason"))
+                    if line.get("finish_reason"):
+                        finished = True
+                        return
+            raise ClusterError(
+                f"decode instance {d.instance_id} closed the stream of {request_id} early", 502
+            )
+        finally:
+            # Every way out releases what is still held; release is idempotent on the instances.
+            if p_pinned:
+                await self._release(p, request_id, abort=True)
+            if d_reserved or not finished:
+                await self._release(d, request_id, abort=True)
+            self._after_request(p, d, request_id, all_tokens if finished else None)
+
+    # ----------------------------------------------------------------- after a request
+    def _after_request(self, p, d, request_id: str, all_tokens: list[int] | None) -> None:
+        """Back-transfer (dcache) and a mirror refresh, off the response path."""
+        task = asyncio.create_task(self._after_request_task(p, d, request_id, all_tokens))
+        p.pending_dcache.add(task)
+        task.add_done_callback(p.pending_dcache.discard)
+
+    async def _after_request_task(self, p, d, request_id, all_tokens) -> None:
+        try:
+            dcache = self.config.dcache
+            if dcache is None and d is not None:
+                dcache = bool(d.info.get("flags", {}).get("enable_dcache", False))
+            if d is not None and dcache and all_tokens is not None:
+                await self._back_transfer(p, d, request_id, all_tokens)
+            for rec in (p, d):
+                if rec is not None and rec.instance_id in self.instances:
+                    await self._refresh(rec)
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.warning("after-request work of %s failed: %s", request_id, exc)
+
+    async def _back_transfer(self, p, d, request_id: str, all_tokens: list[int]) -> None:
+        """D's KV of the finished sequence -> P's radix cache (whole blocks D computed: all tokens but the last)."""
+        bs = int(p.info.get("block_size", 16))
+        tokens = all_tokens[: (len(all_tokens) - 1) // bs * bs]
+        if not tokens:
+            return
+        res = await self._post(
+            f"{p.url}/internal/v1/dcache/reserve", {"request_id": request_id, "token_ids": tokens}
+        )
+        try:
+            if not res["block_ids"]:
+                return
+            sent = await self._post(
+                f"{d.url}/internal/v1/dcache/send",
+                {
+                    "request_id": request_id,
+                    "token_ids": tokens,
+                    "peer_id": p.instance_id,
+                    "from_block": res["num_cached_tokens"] // bs,
+                    "peer_block_ids": res["block_ids"],
+                },
+            )
+            await self._post(
+                f"{p.url}/internal/v1/dcache/commit",
+                {"request_id": request_id, "token_ids": tokens, "num_blocks": sent["num_blocks"]},
+            )
+        finally:
+            await self._release(p, request_id)  # no-op after a commit
+
+
+def _message(data, status: int) -> str:
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return str(data["error"].get("message"))
+    return f"HTTP {status}: {str(data)[:200]}"
+
+
+async def link_pair(session: aiohttp.ClientSession, prefill_url: str, decode_url: str) -> None:
+    """Link P and D both ways (KV goes P -> D, and D -> P for dcache). Raises on failure."""
+    for a, b in ((prefill_url, decode_url), (decode_url, prefill_url)):
+        async with session.post(f"{a}/internal/v1/link", json={"peer_url": b}) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise ClusterError(f"link {a} -> {b}: {_message(data, resp.status)}", resp.status)
