@@ -211,7 +211,8 @@ def format_summary_table(summary: Summary, title: str = "pdserve bench") -> str:
             slos.append(f"TTFT<={summary.slo_ttft_ms:g}ms")
         if summary.slo_tpot_ms is not None:
             slos.append(f"TPOT<={summary.slo_tpot_ms:g}ms")
-        row(f"Goodput (req/s, {' '.join(slos)})", _fmt(summary.goodput))
+        row("SLOs", " ".join(slos))
+        row("Goodput (req/s)", _fmt(summary.goodput))
         row("Requests meeting SLOs", f"{summary.num_good} / {summary.num_requests}")
     lines.append("-" * width)
     lines.append(f"{'latency (ms)':<14}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'n':>6}")
