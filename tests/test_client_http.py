@@ -35,7 +35,8 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
 
 class FakeOpenAI:
     """Answers `max_tokens` tokens " t0", " t1", ...; `cached_tokens` = characters (or ids) shared
-    with the longest earlier prompt; model "bad" gets a 400, "busy" a 503, "broken" an error event."""
+    with the longest earlier prompt; model "bad" gets a 400, "busy" a 503, "broken" an error event,
+    "slow" waits 0.5 s before answering."""
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
@@ -90,6 +91,8 @@ class FakeOpenAI:
             )
         if body.get("model") == "busy":
             return web.Response(status=503, text="overloaded, retry later")
+        if body.get("model") == "slow":
+            await asyncio.sleep(0.5)
         units = self._prompt_units(body)
         usage = _usage(len(units), body["max_tokens"], self._cached(units))
         texts = [f" t{i}" for i in range(body["max_tokens"])]
@@ -335,3 +338,27 @@ def test_cli_writes_result_json_and_fails_on_errors(server, tmp_path, capsys) ->
     )
     assert bench.run(args) == 1
     assert "model 'bad' does not exist" in capsys.readouterr().out
+
+
+def test_timeout_is_recorded(server) -> None:
+    url, _ = server
+    config = BenchConfig(url=url, model="slow", num_requests=1, timeout_s=0.1, progress=False)
+    result = asyncio.run(run_benchmark(config))
+    assert result.summary.num_failed == 1
+    assert result.records[0].error == "timed out after 0.1 s"
+
+
+def test_max_concurrency_limits_requests_in_flight(server, capsys) -> None:
+    url, _ = server
+    config = BenchConfig(
+        url=url,
+        num_requests=4,
+        output_len=3,
+        request_rate=float("inf"),
+        max_concurrency=1,
+        progress=True,
+    )
+    result = asyncio.run(run_benchmark(config))
+    spans = sorted((r.start_offset_s, r.start_offset_s + r.e2e_s) for r in result.records)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+    assert "4/4" in capsys.readouterr().err  # the progress bar went to stderr
