@@ -112,6 +112,8 @@ async def send_request(
         record.error = f"timed out after {timeout_s} s"
     except aiohttp.ClientError as exc:
         record.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+    except ValueError as exc:  # e.g. an SSE line longer than aiohttp's read buffer
+        record.error = f"unreadable response: {exc}"[:_MAX_ERROR_CHARS]
     if record.error is None:
         record.ok = True
         if record.completion_tokens is None:
