@@ -79,8 +79,9 @@ def request_body(
         "max_tokens": turn.max_tokens,
         "temperature": config.temperature,
         "stream": config.stream,
-        "ignore_eos": config.ignore_eos,
     }
+    if config.ignore_eos:
+        body["ignore_eos"] = True  # vLLM-style extension: exact output lengths
     if config.stream:
         body["stream_options"] = {"include_usage": True}
     if config.endpoint == "chat":
