@@ -1,0 +1,127 @@
+"""Paged attention: writes new K/V into the block-paged cache and attends over each sequence's blocks.
+
+`TorchPagedAttention` is the reference path (CPU and GPU, via SDPA). A kernel (issue 5) replaces it
+by implementing the same `forward(q, k, v, kv_layer, meta)`; the metadata is built once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what each sequence attends to.
+
+    The batch is flattened: T tokens, B sequences, sequence i owning tokens
+    [query_start_loc[i], query_start_loc[i+1]) of q/k/v.
+    """
+
+    slot_block_ids: torch.Tensor  # [T] int64, device: cache block of each new token
+    slot_offsets: torch.Tensor  # [T] int64, device: offset of each new token inside its block
+    block_tables: torch.Tensor  # [B, max_num_blocks] int64, device: padded with 0
+    context_lens: torch.Tensor  # [B] int64, device: KV length of each sequence after this step
+    query_start_loc: list[int]  # B + 1 host ints
+    context_lens_host: list[int]  # B host ints
+    block_size: int
+    is_decode_only: bool  # every sequence has exactly one new token
+
+
+def write_kv(
+    kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+) -> None:
+    """kv_layer [num_blocks, 2, block_size, KVH, D] (a view; may be strided for block-major)."""
+    kv_layer[meta.slot_block_ids, :, meta.slot_offsets] = torch.stack([k, v], dim=1)
+
+
+def _gather_seq(kv_layer: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[2, num_tokens, KVH, D] of one sequence from its block ids."""
+    pieces = kv_layer[block_ids]  # [nb, 2, bs, KVH, D]
+    kv = pieces.transpose(0, 1).reshape(2, -1, *pieces.shape[-2:])
+    return kv[:, :num_tokens]
+
+
+class TorchPagedAttention:
+    """Reference paged attention. Decode batches are attended in one padded SDPA call; prefill
+    (possibly a chunk after a cached prefix) per sequence with exact lengths, so unwritten cache
+    slots are never read."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D] -> [T, H * D]; writes k/v into kv_layer first."""
+        write_kv(kv_layer, k, v, meta)
+        gqa = self.num_heads != self.num_kv_heads
+        if meta.is_decode_only and q.is_cuda:
+            return self._decode_padded(q, kv_layer, meta)
+        out = torch.empty_like(q)
+        for i, ctx in enumerate(meta.context_lens_host):
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            q_len = end - start
+            num_blocks = -(-ctx // meta.block_size)
+            kv = _gather_seq(kv_layer, meta.block_tables[i, :num_blocks], ctx)
+            qi = q[start:end].transpose(0, 1)  # [H, q_len, D]
+            ki, vi = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [KVH, ctx, D]
+            if q_len == ctx:
+                oi = F.scaled_dot_product_attention(
+                    qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=gqa
+                )
+            else:
+                # query j sits at position ctx - q_len + j and sees keys 0 .. that position
+                q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+                mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
+                oi = F.scaled_dot_product_attention(
+                    qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=gqa
+                )
+            out[start:end] = oi.transpose(0, 1)
+        return out.reshape(q.shape[0], -1)
+
+    def _decode_padded(
+        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        # one query per sequence; keys padded to the longest context and masked (cache is zero-initialised
+        # on GPU, so padding reads finite values)
+        num_seqs = q.shape[0]
+        max_blocks = -(-max(meta.context_lens_host) // meta.block_size)
+        pieces = kv_layer[meta.block_tables[:, :max_blocks]]  # [B, nb, 2, bs, KVH, D]
+        kv = pieces.permute(2, 0, 4, 1, 3, 5).reshape(
+            2, num_seqs, self.num_kv_heads, -1, self.head_dim
+        )
+        mask = torch.arange(kv.shape[3], device=q.device)[None, :] < meta.context_lens[:, None]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, H, 1, D]
+            kv[0],
+            kv[1],
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.reshape(num_seqs, -1)
+
+
+def causal_attention_no_cache(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Plain causal attention of one sequence without a cache (memory profiling). q [T, H, D] -> [T, H*D]."""
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=gqa,
+    )
+    return out.transpose(0, 1).reshape(q.shape[0], -1)

@@ -1,0 +1,184 @@
+"""Gives sequences KV block ids from the C++ block pool and reuses cached prefixes through the C++ radix tree.
+
+Policy lives in the scheduler; this is mechanism only, on plain ints (no torch). Every method is
+check-then-act: `can_grow` before `grow`, and `reserve` raises NoCapacity having taken nothing.
+Ownership rule: a sequence holds exactly one pool reference on each id in `seq.block_ids`
+(cached prefix blocks included, through incref), so releasing a sequence is one decref of its list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+try:
+    from pdserve.cache import BlockPool, RadixTree, Tier
+except ImportError:  # TEMPORARY until branch `core` lands (removed on merge)
+    from pdserve.engine._interim_cache import BlockPool, RadixTree, Tier
+from pdserve.engine.sequence import Sequence
+
+
+class NoCapacity(RuntimeError):
+    """Not enough free or evictable KV blocks; nothing was taken."""
+
+
+@dataclass
+class Reservation:
+    """Decode-side blocks for a request that will arrive from a prefill instance.
+
+    cached_block_ids hold tokens [0, num_cached_tokens) already (radix hit); new_block_ids receive
+    the rest, block i covering prompt tokens [num_cached_tokens + i*block_size, ...).
+    """
+
+    request_id: str
+    num_cached_tokens: int
+    cached_block_ids: list[int]
+    new_block_ids: list[int]
+    prompt_token_ids: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def block_ids(self) -> list[int]:
+        return self.cached_block_ids + self.new_block_ids
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_radix_caching: bool):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, Tier.GPU)
+        self.tree = RadixTree(block_size, self.pool) if enable_radix_caching else None
+        # request_id -> reservation; the cached part's references are ours, the new part is held
+        # by the pool's reservation of the same id until take_reservation()/release_reservation()
+        self._reservations: dict[str, Reservation] = {}
+        self.num_hit_tokens = 0  # cumulative radix-hit tokens (stats)
+
+    # ---- sizing -------------------------------------------------------------------------------
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_total
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_available_blocks(self) -> int:
+        """Free blocks plus cached ones (evictable on demand)."""
+        return self.pool.num_free + (self.pool.num_cached if self.tree is not None else 0)
+
+    def _take(self, num_blocks: int) -> list[int]:
+        """Allocates num_blocks, evicting cached prefixes first if needed. Caller checked capacity."""
+        if num_blocks <= 0:
+            return []
+        if self.pool.num_free < num_blocks and self.tree is not None:
+            self.tree.evict(num_blocks - self.pool.num_free, Tier.GPU)
+        if not self.pool.can_allocate(num_blocks):
+            raise NoCapacity(
+                f"need {num_blocks} KV blocks, {self.pool.num_free} free after eviction"
+            )
+        return list(self.pool.allocate(num_blocks))
+
+    # ---- sequences ----------------------------------------------------------------------------
+    def match_prefix(self, token_ids: list[int], max_num_tokens: int) -> tuple[int, list[int]]:
+        """Longest cached GPU-tier prefix of at most max_num_tokens tokens (whole blocks).
+        Returns (num_tokens, block_ids); the caller owns one new reference on each id."""
+        if self.tree is None or max_num_tokens < self.block_size:
+            return 0, []
+        match = self.tree.match_prefix(list(token_ids))
+        block_ids: list[int] = []
+        for block_id, tier in zip(match.block_ids, match.tiers, strict=True):
+            if int(tier) != int(Tier.GPU) or len(block_ids) >= max_num_tokens // self.block_size:
+                break
+            block_ids.append(int(block_id))
+        if block_ids:
+            self.pool.incref(block_ids)
+        return len(block_ids) * self.block_size, block_ids
+
+    def admit(self, seq: Sequence) -> None:
+        """Attach the cached prefix to a sequence that holds no blocks. At least one token stays
+        uncomputed so the step that completes the prompt produces logits."""
+        assert not seq.block_ids and seq.num_computed_tokens == 0
+        num_tokens, block_ids = self.match_prefix(seq.token_ids, seq.num_tokens - 1)
+        seq.block_ids = block_ids
+        seq.num_computed_tokens = num_tokens
+        seq.num_cached_tokens = num_tokens
+        self.num_hit_tokens += num_tokens
+
+    def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, self.num_blocks_for(num_tokens) - len(seq.block_ids))
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """True when grow(seq, num_tokens) would succeed."""
+        return self.num_missing_blocks(seq, num_tokens) <= self.num_available_blocks()
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Make seq.block_ids cover num_tokens tokens. Raises NoCapacity (nothing taken) if it can't."""
+        seq.block_ids.extend(self._take(self.num_missing_blocks(seq, num_tokens)))
+
+    def release(self, seq: Sequence, cache: bool = True) -> None:
+        """Drop the sequence's blocks; with radix caching its computed whole blocks go to the tree first."""
+        if self.tree is not None and cache and seq.block_ids:
+            self.insert_cached(seq.token_ids[: seq.num_computed_tokens], seq.block_ids)
+        if seq.block_ids:
+            self.pool.decref(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+
+    def insert_cached(self, token_ids: list[int], block_ids: list[int]) -> int:
+        """Puts the whole blocks of token_ids (block i = block_ids[i]) into the tree. The caller keeps
+        its references (drop them as usual); returns how many blocks the tree adopted (0 without caching)."""
+        if self.tree is None:
+            return 0
+        num_blocks = min(len(token_ids) // self.block_size, len(block_ids))
+        if num_blocks == 0:
+            return 0
+        result = self.tree.insert(
+            list(token_ids[: num_blocks * self.block_size]), list(block_ids[:num_blocks])
+        )
+        return int(result.num_adopted)
+
+    # ---- decode-side reservations -------------------------------------------------------------
+    def reserve(self, request_id: str, prompt_token_ids: list[int]) -> Reservation:
+        """Locks the cached prefix and reserves blocks for the rest of the prompt. Raises NoCapacity
+        (nothing taken) when it cannot, ValueError for a request id already reserved."""
+        if request_id in self._reservations:
+            raise ValueError(f"request {request_id!r} already holds a reservation")
+        num_cached, cached_ids = self.match_prefix(prompt_token_ids, len(prompt_token_ids))
+        num_new = self.num_blocks_for(len(prompt_token_ids)) - len(cached_ids)
+        if num_new > self.num_available_blocks():
+            if cached_ids:
+                self.pool.decref(cached_ids)
+            raise NoCapacity(
+                f"request {request_id!r} needs {num_new} KV blocks, "
+                f"{self.num_available_blocks()} free or evictable of {self.pool.num_total}"
+            )
+        if num_new > 0 and self.pool.num_free < num_new and self.tree is not None:
+            self.tree.evict(num_new - self.pool.num_free, Tier.GPU)
+        new_ids = [int(b) for b in self.pool.reserve(request_id, num_new)] if num_new > 0 else []
+        reservation = Reservation(
+            request_id, num_cached, cached_ids, new_ids, list(prompt_token_ids)
+        )
+        self._reservations[request_id] = reservation
+        self.num_hit_tokens += num_cached
+        return reservation
+
+    def has_reservation(self, request_id: str) -> bool:
+        return request_id in self._reservations
+
+    def take_reservation(self, request_id: str) -> Reservation:
+        """Ends the reservation; the caller now owns one reference on every id in .block_ids."""
+        reservation = self._reservations.pop(request_id)
+        if reservation.new_block_ids:
+            self.pool.transfer_reservation(request_id)
+        return reservation
+
+    def release_reservation(self, request_id: str) -> int:
+        """Drops every block the reservation holds; returns how many (0 for an unknown id)."""
+        reservation = self._reservations.pop(request_id, None)
+        if reservation is None:
+            return 0
+        if reservation.cached_block_ids:
+            self.pool.decref(reservation.cached_block_ids)
+        released = (
+            int(self.pool.release_reservation(request_id)) if reservation.new_block_ids else 0
+        )
+        return released + len(reservation.cached_block_ids)
+
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()

@@ -1,0 +1,160 @@
+"""The Llama-family decoder (Llama 2 MHA, Llama 3 / Mistral GQA) over a paged KV cache.
+
+`forward` takes flattened tokens of a whole batch (prefill chunks and decode tokens mixed) and calls
+`after_layer(layer_idx)` right after each layer's KV is written, which is where layer-wise transfer hooks in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pdserve.engine.attention import (
+    AttentionMetadata,
+    TorchPagedAttention,
+    causal_attention_no_cache,
+)
+from pdserve.engine.config import ModelConfig
+from pdserve.engine.layers import (
+    ColumnParallelLinear,  # noqa: F401  (re-exported for kernels/TP code)
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp_size: int, tp_rank: int):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            config.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            tp_size,
+            tp_rank,
+        )
+        self.num_heads = self.qkv_proj.num_heads_per_rank
+        self.num_kv_heads = self.qkv_proj.num_kv_heads_per_rank
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim, config.hidden_size, tp_size, tp_rank
+        )
+        self.rotary = rotary
+        self.attn = TorchPagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_layer: torch.Tensor | None,
+        meta: AttentionMetadata | None,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        if kv_layer is None:  # profiling run without a cache: one causal sequence
+            out = causal_attention_no_cache(q, k, v, self.attn.scale)
+        else:
+            out = self.attn.forward(q, k, v, kv_layer, meta)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp_size: int, tp_rank: int):
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], tp_size, tp_rank
+        )
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, tp_size, tp_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp_size: int, tp_rank: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary, tp_size, tp_rank)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, tp_size, tp_rank)
+
+    def forward(self, positions, hidden, kv_layer, meta) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_layer, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, tp_size: int, tp_rank: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, tp_size, tp_rank
+        )
+        # one rotary table shared by all layers (a buffer, so it follows .to(device))
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.rotary, tp_size, tp_rank)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Checkpoint names map onto fused parameters through `packed_modules`:
+    checkpoint sub-name -> (our sub-name, shard id)."""
+
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig, tp_size: int = 1, tp_rank: int = 0):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, tp_size, tp_rank)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_size, tp_rank)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_layers: list[torch.Tensor] | None,
+        meta: AttentionMetadata | None,
+        after_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """input_ids/positions [T] int64 -> hidden states [T, hidden] (final norm applied).
+
+        kv_layers[l] is layer l's cache view [num_blocks, 2, block_size, KVH, D]; None for profiling.
+        """
+        hidden = self.model.embed_tokens(input_ids)
+        for layer_idx, layer in enumerate(self.model.layers):
+            hidden = layer(
+                positions, hidden, None if kv_layers is None else kv_layers[layer_idx], meta
+            )
+            if after_layer is not None:
+                after_layer(layer_idx)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
+        return self.lm_head(hidden).float()

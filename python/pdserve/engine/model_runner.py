@@ -1,0 +1,240 @@
+"""Owns the device side of one engine rank: the model weights, the paged KV cache tensor (DESIGN §2),
+and one forward + sample per scheduled batch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.config import EngineConfig, ModelConfig
+from pdserve.engine.loader import init_dummy, load_safetensors
+from pdserve.engine.model import LlamaForCausalLM
+from pdserve.engine.sampler import sample
+from pdserve.engine.scheduler import ScheduledBatch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where the piece of (layer l, block b) lives: base_addr + l*layer_stride_nbytes + b*block_stride_nbytes,
+    piece_nbytes long (K then V, each [block_size, num_kv_heads, head_dim])."""
+
+    base_addr: int
+    nbytes: int
+    num_layers: int
+    num_blocks: int
+    piece_nbytes: int
+    layer_stride_nbytes: int
+    block_stride_nbytes: int
+    device: str
+    layout: str = "layer-major"
+    block_size: int = 16
+    num_kv_heads: int = 1
+    head_dim: int = 1
+    dtype: str = "float32"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} requested but no CUDA device is available; use device='cpu'"
+        )
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, model_config: ModelConfig) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if model_config.torch_dtype == "float16" else torch.bfloat16
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig):
+        self.config = config
+        self.model_config = model_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, model_config)
+        self.block_size = config.block_size
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = LlamaForCausalLM(model_config)
+        self.model.eval()
+        use_dummy = config.load_format == "dummy" or model_config.model_dir is None
+        if use_dummy:
+            init_dummy(self.model, config.seed)
+        else:
+            load_safetensors(self.model, model_config.model_dir)
+        self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_cache, self.kv_layers = self._allocate_kv_cache(self.num_blocks)
+
+    # ---- KV cache -----------------------------------------------------------------------------
+    @property
+    def piece_nbytes(self) -> int:
+        """Bytes of one block in one layer (K and V)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.model_config.head_dim * itemsize
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        block_nbytes = self.piece_nbytes * self.model_config.num_hidden_layers
+        if self.device.type == "cpu":
+            return max(1, int(self.config.kv_cache_gb * (1 << 30)) // block_nbytes)
+        return max(1, self._profile_free_gpu_nbytes() // block_nbytes)
+
+    @torch.inference_mode()
+    def _profile_free_gpu_nbytes(self) -> int:
+        """Device bytes left for KV after weights and the activations of a full-budget forward."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(
+            self.config.max_num_batched_tokens, self.model_config.max_position_embeddings
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(num_tokens, device=self.device)
+        hidden = self.model(ids, pos, None, None)
+        self.model.compute_logits(hidden[-min(num_tokens, self.config.max_num_seqs) :])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = (
+            int(total * self.config.gpu_memory_utilization) - (total - free) - (peak - allocated)
+        )
+        if budget <= 0:
+            raise ValueError(
+                f"no device memory left for the KV cache: {total / 2**30:.1f} GiB total, "
+                f"{(total - free) / 2**30:.1f} GiB in use, activations {(peak - allocated) / 2**30:.1f} GiB "
+                f"at gpu_memory_utilization={self.config.gpu_memory_utilization}"
+            )
+        return budget
+
+    def _allocate_kv_cache(self, num_blocks: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        mc = self.model_config
+        piece = (2, self.block_size, self.num_kv_heads, mc.head_dim)
+        # zeroed on GPU so padded reads see finite values; on CPU untouched pages stay uncommitted
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        if self.config.kv_layout == "layer-major":
+            kv = alloc(
+                (mc.num_hidden_layers, num_blocks, *piece), dtype=self.dtype, device=self.device
+            )
+            layers = [kv[layer] for layer in range(mc.num_hidden_layers)]
+        else:
+            kv = alloc(
+                (num_blocks, mc.num_hidden_layers, *piece), dtype=self.dtype, device=self.device
+            )
+            layers = [kv[:, layer] for layer in range(mc.num_hidden_layers)]
+        return kv, layers
+
+    def kv_layout(self) -> KVLayout:
+        piece = self.piece_nbytes
+        num_layers = self.model_config.num_hidden_layers
+        layer_major = self.config.kv_layout == "layer-major"
+        return KVLayout(
+            base_addr=self.kv_cache.data_ptr(),
+            nbytes=self.kv_cache.numel() * self.kv_cache.element_size(),
+            num_layers=num_layers,
+            num_blocks=self.num_blocks,
+            piece_nbytes=piece,
+            layer_stride_nbytes=self.num_blocks * piece if layer_major else piece,
+            block_stride_nbytes=piece if layer_major else num_layers * piece,
+            device=str(self.device),
+            layout=self.config.kv_layout,
+            block_size=self.block_size,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.model_config.head_dim,
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        query_start_loc = [0]
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            span = range(start, start + n)
+            positions.extend(span)
+            slot_blocks.extend(seq.block_ids[t // bs] for t in span)
+            slot_offsets.extend(t % bs for t in span)
+            query_start_loc.append(query_start_loc[-1] + n)
+            context_lens.append(start + n)
+            if batch.samples(i):
+                sample_rows.append(query_start_loc[-1] - 1)
+        max_blocks = max(-(-c // bs) for c in context_lens)
+        tables = [
+            seq.block_ids[:max_blocks] + [0] * (max_blocks - len(seq.block_ids[:max_blocks]))
+            for seq in batch.seqs
+        ]
+        dev = self.device
+
+        def t(values: list[int] | list[list[int]]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(dev, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_block_ids=t(slot_blocks),
+            slot_offsets=t(slot_offsets),
+            block_tables=t(tables),
+            context_lens=t(context_lens),
+            query_start_loc=query_start_loc,
+            context_lens_host=context_lens,
+            block_size=bs,
+            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
+        )
+        return t(input_ids), t(positions), meta, sample_rows
+
+    @torch.inference_mode()
+    def run(
+        self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
+    ) -> list[int | None]:
+        """Runs the batch; returns the sampled token of each sequence that reached its end (else None)."""
+        input_ids, positions, meta, sample_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
+        if not sample_rows:
+            return [None] * len(batch.seqs)
+        logits = self.model.compute_logits(hidden[sample_rows])
+        sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+        tokens = sample(
+            logits,
+            [batch.seqs[i].params for i in sampling],
+            [batch.seqs[i].num_output_tokens for i in sampling],
+        )
+        result: list[int | None] = [None] * len(batch.seqs)
+        for i, token in zip(sampling, tokens, strict=True):
+            result[i] = token
+        return result
+
+    @torch.inference_mode()
+    def logits_for(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Test helper: the fp32 logits [num_sampling_seqs, vocab] the batch would sample from."""
+        input_ids, positions, meta, sample_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_layers, meta)
+        return self.model.compute_logits(hidden[sample_rows])

@@ -1,0 +1,45 @@
+"""Picks the next token of each sequence from its logits: greedy, temperature, top-k, top-p, seeded.
+
+A seeded request draws its noise from a generator keyed by (seed, output position), so its tokens do
+not depend on the batch it shares, nor on which instance (prefill or decode) samples them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.engine.sampling_params import SamplingParams
+
+_POSITION_STRIDE = 1_000_003  # mixes the output position into the seed
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], output_positions: list[int]
+) -> list[int]:
+    """logits [B, V] fp32 (any device) -> B token ids. output_positions[i]: how many tokens row i has generated."""
+    greedy_ids = logits.argmax(dim=-1)
+    if all(p.is_greedy for p in params):
+        return greedy_ids.tolist()
+    result = greedy_ids.tolist()
+    for row, p in enumerate(params):
+        if p.is_greedy:
+            continue
+        scaled = logits[row] / p.temperature
+        if p.top_k > 0 and p.top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, p.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cumulative = sorted_probs.cumsum(-1)
+            drop = cumulative - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed((p.seed + _POSITION_STRIDE * output_positions[row]) % (2**63))
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+        # argmax(p / Exp(1)) draws from p (the exponential-race form of categorical sampling)
+        result[row] = int((probs / noise).argmax())
+    return result
