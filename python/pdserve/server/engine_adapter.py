@@ -205,7 +205,7 @@ def set_layer_hook(engine, hook) -> None:
 
 
 def has_work(engine) -> bool:
-    for name in ("has_unfinished_requests", "has_work", "has_pending_work"):
+    for name in ("has_unfinished", "has_unfinished_requests", "has_work"):
         fn = getattr(engine, name, None)
         if fn is not None:
             return bool(fn())
@@ -242,10 +242,30 @@ def _plain(value):
 
 
 def stats(engine) -> dict:
-    """Engine stats as plain JSON data, normalised to the names the scheduler and /metrics read."""
+    """Engine stats as plain JSON data, plus the names the scheduler and /metrics read:
+    `num_queued_prefill_tokens` (prompt tokens not computed yet) and `tiers` (per-tier block counts)."""
     raw = _plain(engine.stats())
+    if hasattr(raw, "as_dict"):
+        raw = raw.as_dict()
     if not isinstance(raw, dict):
         raw = {"raw": raw}
+    sched = getattr(engine, "scheduler", None)
+    queued = 0
+    for seq in list(getattr(sched, "waiting", [])) + list(getattr(sched, "running", [])):
+        n_prompt = getattr(seq, "num_prompt_tokens", 0)
+        queued += max(0, n_prompt - min(n_prompt, getattr(seq, "num_computed_tokens", 0)))
+    raw.setdefault("num_queued_prefill_tokens", queued)
+    if "tiers" not in raw:
+        raw["tiers"] = [
+            {
+                "tier": 0,
+                "num_total": raw.get("num_total_blocks", 0),
+                "num_free": raw.get("num_free_blocks", 0),
+                "num_cached": raw.get("num_cached_blocks", 0),
+                "num_in_use": raw.get("num_used_blocks", 0),
+                "num_reserved": raw.get("num_reserved_blocks", 0),
+            }
+        ]
     return raw
 
 
@@ -266,10 +286,30 @@ def check_invariants(engine) -> str | None:
     return None
 
 
+_warned_event_shape = False
+
+
 def drain_cache_events(engine) -> list[dict]:
+    """Cache events as wire dicts. Events of another shape (the engine's interim Python cache emits
+    tuples without block hashes) cannot feed an exact mirror: they are dropped, with one warning."""
+    global _warned_event_shape
     from pdserve.server.prefix_index import CacheEvent
 
     fn = getattr(engine, "drain_cache_events", None)
     if fn is None:
         return []
-    return [CacheEvent.from_any(e).to_dict() for e in fn()]
+    events = []
+    for e in fn():
+        try:
+            events.append(CacheEvent.from_any(e).to_dict())
+        except (AttributeError, TypeError, ValueError) as exc:
+            if not _warned_event_shape:
+                import logging
+
+                logging.getLogger("pdserve.instance").warning(
+                    "cache events without block hashes (%r: %s); the prefix policy sees no cache here",
+                    e,
+                    exc,
+                )
+                _warned_event_shape = True
+    return events
