@@ -213,6 +213,7 @@ class ServeConfig:
     role: str  # prefill | decode | both
     scheduler_url: str | None
     scheduler_is_default: bool
+    enable_separate: bool = False
     heartbeat_interval: float = 1.0
     enable_radix_caching: bool = False
     enable_layer: bool = False
@@ -322,6 +323,7 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
         role=role,
         scheduler_url=sched.rstrip("/") if sched else None,
         scheduler_is_default=is_default,
+        enable_separate=role != "both",
         heartbeat_interval=args.heartbeat_interval,
         enable_radix_caching=args.enable_radix_caching,
         enable_layer=args.enable_layer,
