@@ -663,7 +663,7 @@ class InstanceServer:
             return json_error(400, f"dcache/reserve needs request_id and token_ids: {exc}")
         bs = self.config.block_size
         token_ids = token_ids[: len(token_ids) // bs * bs]
-        key = f"{request_id}#dcache"
+        key = f"{request_id}.dcache"
         try:
             res = await self.call(lambda e: ea.reserve(e, key, token_ids))
         except Exception as exc:  # noqa: BLE001 - dcache is best effort
@@ -699,7 +699,7 @@ class InstanceServer:
         peer = self.peers.get(peer_id)
         if peer is None:
             return json_error(409, f"no link to prefill instance {peer_id}")
-        key = f"{request_id}#dcache"
+        key = f"{request_id}.dcache"
         layout = self.layout
 
         def send_held(engine):
@@ -741,7 +741,7 @@ class InstanceServer:
         if held is None:
             return json_error(409, f"no back-transfer reserved for {request_id}")
         cached_ids, new_ids = held
-        key = f"{request_id}#dcache"
+        key = f"{request_id}.dcache"
         num_inserted = 0
         try:
             if num_blocks == len(new_ids):  # else D no longer held them all: the bytes never come
@@ -760,7 +760,7 @@ class InstanceServer:
     async def _release_dcache(self, request_id: str) -> bool:
         if self.dcache_reservations.pop(request_id, None) is None:
             return False
-        key = f"{request_id}#dcache"
+        key = f"{request_id}.dcache"
         self.transport.abort(key)
         await self._abort_and_release(key)
         return True

@@ -84,25 +84,28 @@ async def render_response(
         )
         await resp.prepare(http_request)
         first = True
+        unsent_ids: list[int] = []  # tokens whose text is held back (a split UTF-8 character)
         async for d in deltas:
             if d.num_cached_tokens is not None:
                 num_cached_tokens = d.num_cached_tokens
             timer.tokens(len(d.new_token_ids))
             token_ids.extend(d.new_token_ids)
+            unsent_ids.extend(d.new_token_ids)
             finish_reason = d.finish_reason or finish_reason
             text = detok.add(d.new_token_ids, final=d.finish_reason is not None)
-            if text or d.finish_reason is not None or (d.new_token_ids and first):
+            if text or d.finish_reason is not None or (unsent_ids and first):
                 chunk = chunk_json(
                     req.kind,
                     request_id,
                     model,
                     text,
-                    d.new_token_ids,
+                    unsent_ids,
                     d.finish_reason,
                     created,
                     first,
                 )
                 await resp.write(sse(chunk))
+                unsent_ids = []
                 first = False
         usage = usage_json(num_prompt_tokens, len(token_ids), num_cached_tokens)
         if req.include_usage:

@@ -15,6 +15,7 @@ import logging
 import struct
 import threading
 import time
+from urllib.parse import quote
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -196,7 +197,9 @@ class HttpKVTransport(KVTransport):
     async def _post(self, url: str, request_id: str, body: bytes) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
-        async with self._session.post(f"{url}/internal/v1/kv/{request_id}", data=body) as resp:
+        async with self._session.post(
+            f"{url}/internal/v1/kv/{quote(request_id, safe='')}", data=body
+        ) as resp:
             if resp.status != 200:
                 raise TransferAborted(
                     f"peer refused KV for {request_id}: HTTP {resp.status} {await resp.text()}"
