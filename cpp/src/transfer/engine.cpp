@@ -1,0 +1,615 @@
+// The transfer engine's bookkeeping: registered regions, receive records, send tickets, deadlines,
+// counters and the completion queue. Wire work is delegated to the Transport backend, which reports
+// back through the TransportHost methods at the bottom of this file.
+#include "pdserve/transfer/engine.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <sstream>
+#include <stdexcept>
+
+namespace pdserve::transfer {
+namespace {
+
+std::string hex(uint64_t v) {
+  std::ostringstream out;
+  out << "0x" << std::hex << v;
+  return out.str();
+}
+
+std::string range_text(uint64_t addr, uint64_t nbytes) {
+  return "[" + hex(addr) + ", " + hex(addr + nbytes) + ") (" + std::to_string(nbytes) + " B)";
+}
+
+double seconds_between(std::chrono::steady_clock::time_point a,
+                       std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+void add_to(PeerStats& into, const PeerStats& s) {
+  into.bytes_sent += s.bytes_sent;
+  into.bytes_received += s.bytes_received;
+  into.bytes_rejected += s.bytes_rejected;
+  into.tickets_done += s.tickets_done;
+  into.tickets_failed += s.tickets_failed;
+  into.send_seconds += s.send_seconds;
+}
+
+}  // namespace
+
+TransferEngine::TransferEngine(const EngineConfig& config)
+    : backend_(config.backend),
+      retention_s_(config.retention_s),
+      transport_(make_transport(config.backend, config.transport)) {
+  transport_->start(this);
+  reaper_ = std::thread([this] { reaper_loop(); });
+}
+
+TransferEngine::~TransferEngine() {
+  close();
+  if (completion_fd_ >= 0) ::close(completion_fd_);
+}
+
+std::string TransferEngine::address() const { return transport_->address(); }
+
+// ---------------------------------------------------------------- memory
+
+RegionId TransferEngine::register_memory(uint64_t addr, uint64_t nbytes, int device) {
+  if (nbytes == 0) throw std::invalid_argument("register_memory: nbytes must be > 0");
+  if (addr == 0) throw std::invalid_argument("register_memory: addr must not be 0");
+  if (addr + nbytes < addr) {
+    throw std::invalid_argument("register_memory: range " + hex(addr) + " + " +
+                                std::to_string(nbytes) + " B wraps around");
+  }
+  if (device != kHostDevice && !transport_->supports_device_memory()) {
+    throw std::invalid_argument("register_memory: the " + backend_ +
+                                " backend moves host memory only (device=-1); got device=" +
+                                std::to_string(device));
+  }
+  std::unique_lock<std::shared_mutex> lk(regions_mu_);
+  auto next = regions_by_addr_.lower_bound(addr);
+  if (next != regions_by_addr_.end() && next->second.addr < addr + nbytes) {
+    throw std::invalid_argument("register_memory: " + range_text(addr, nbytes) +
+                                " overlaps region " + std::to_string(next->second.id) + " " +
+                                range_text(next->second.addr, next->second.nbytes));
+  }
+  if (next != regions_by_addr_.begin()) {
+    auto prev = std::prev(next);
+    if (prev->second.addr + prev->second.nbytes > addr) {
+      throw std::invalid_argument("register_memory: " + range_text(addr, nbytes) +
+                                  " overlaps region " + std::to_string(prev->second.id) + " " +
+                                  range_text(prev->second.addr, prev->second.nbytes));
+    }
+  }
+  RegionId id = next_region_id_++;
+  regions_by_addr_[addr] = Region{id, addr, nbytes, device};
+  return id;
+}
+
+bool TransferEngine::unregister_memory(RegionId region) {
+  std::unique_lock<std::shared_mutex> lk(regions_mu_);  // waits for reads/writes in flight
+  for (auto it = regions_by_addr_.begin(); it != regions_by_addr_.end(); ++it) {
+    if (it->second.id == region) {
+      regions_by_addr_.erase(it);
+      return true;
+    }
+  }
+  return false;
+}
+
+bool TransferEngine::range_registered(uint64_t addr, uint64_t nbytes) const {
+  auto it = regions_by_addr_.upper_bound(addr);
+  if (it == regions_by_addr_.begin()) return false;
+  const Region& r = std::prev(it)->second;
+  uint64_t offset = addr - r.addr;  // addr >= r.addr here
+  return offset < r.nbytes && nbytes <= r.nbytes - offset;
+}
+
+std::shared_lock<std::shared_mutex> TransferEngine::local_memory_guard() {
+  return std::shared_lock<std::shared_mutex>(regions_mu_);
+}
+
+// ---------------------------------------------------------------- peers
+
+void TransferEngine::connect(const std::string& peer, double timeout_s) {
+  {
+    std::lock_guard<std::mutex> lk(reaper_mu_);
+    if (closing_) throw TransferError("transfer engine is closed");
+  }
+  transport_->connect(peer, timeout_s);
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  peer_stats_[peer];  // a known peer from now on (send() refuses unknown ones)
+}
+
+bool TransferEngine::connected(const std::string& peer) const {
+  return transport_->connected(peer);
+}
+
+// ---------------------------------------------------------------- receiver
+
+void TransferEngine::expect(const std::string& request_id, uint64_t nbytes, double timeout_s,
+                            const std::string& from_peer) {
+  if (request_id.empty()) throw std::invalid_argument("expect: request_id must not be empty");
+  if (nbytes == 0) throw std::invalid_argument("expect: nbytes must be > 0 for " + request_id);
+  if (timeout_s < 0) throw std::invalid_argument("expect: timeout_s must be >= 0 (0: none)");
+  {
+    std::lock_guard<std::mutex> lk(reaper_mu_);
+    if (closing_) throw TransferError("transfer engine is closed");
+  }
+  std::lock_guard<std::mutex> lk(recv_mu_);
+  auto now = Clock::now();
+  auto it = recvs_.find(request_id);
+  if (it != recvs_.end()) {
+    RecvRecord& old = it->second;
+    if (old.result.status == Status::kAborted && old.result.nbytes_expected == 0) {
+      // Aborted before it was expected (the abort raced ahead): the receive starts aborted.
+      old.result.nbytes_expected = nbytes;
+      old.start = now;
+      return;
+    }
+    throw std::invalid_argument("expect: request '" + request_id + "' is already " +
+                                status_name(old.result.status) + " on this receiver");
+  }
+  RecvRecord& rec = recvs_[request_id];
+  rec.result.request_id = request_id;
+  rec.result.nbytes_expected = nbytes;
+  rec.from_peer = from_peer;
+  rec.start = now;
+  if (timeout_s > 0) {
+    rec.deadline = now + std::chrono::duration_cast<Clock::duration>(
+                             std::chrono::duration<double>(timeout_s));
+  }
+}
+
+RecvResult TransferEngine::wait_recv(const std::string& request_id, double timeout_s) {
+  std::unique_lock<std::mutex> lk(recv_mu_);
+  auto settled = [&] {
+    auto it = recvs_.find(request_id);
+    if (it == recvs_.end()) {
+      throw std::invalid_argument("wait_recv: request '" + request_id +
+                                  "' was not expected here (or finished over retention_s ago)");
+    }
+    return it->second.settled;
+  };
+  if (timeout_s < 0) {
+    recv_cv_.wait(lk, settled);
+  } else {
+    recv_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), settled);
+  }
+  RecvResult result = recvs_.at(request_id).result;
+  if (!recvs_.at(request_id).settled) result.status = Status::kPending;
+  return result;
+}
+
+std::optional<RecvResult> TransferEngine::poll_recv(const std::string& request_id) const {
+  std::lock_guard<std::mutex> lk(recv_mu_);
+  auto it = recvs_.find(request_id);
+  if (it == recvs_.end()) return std::nullopt;
+  RecvResult result = it->second.result;
+  if (!it->second.settled) result.status = Status::kPending;
+  return result;
+}
+
+void TransferEngine::fail_recv_locked(RecvRecord& record, Status status, const std::string& error) {
+  if (record.result.status != Status::kPending) return;
+  record.result.status = status;
+  record.result.error = error;
+  if (record.num_inflight == 0) settle_recv_locked(record);
+}
+
+void TransferEngine::settle_recv_locked(RecvRecord& record) {
+  if (record.settled) return;
+  record.settled = true;
+  record.settled_at = Clock::now();
+  record.result.seconds = seconds_between(record.start, record.settled_at);
+  switch (record.result.status) {
+    case Status::kDone:
+      ++recvs_done_;
+      recv_seconds_ += seconds_between(record.start, record.last_byte);
+      break;
+    case Status::kTimedOut:
+      ++recvs_timed_out_;
+      break;
+    case Status::kAborted:
+      ++recvs_aborted_;
+      break;
+    default:
+      ++recvs_failed_;
+  }
+  Completion c;
+  c.is_send = false;
+  c.recv = record.result;
+  push_completion(std::move(c));
+  recv_cv_.notify_all();
+}
+
+// ---------------------------------------------------------------- sender
+
+Ticket TransferEngine::send(const std::string& peer, const std::string& request_id,
+                            std::vector<Piece> pieces, const SendOptions& options) {
+  if (request_id.empty()) throw std::invalid_argument("send: request_id must not be empty");
+  if (request_id.size() > 1024) throw std::invalid_argument("send: request_id longer than 1024 B");
+  if (pieces.empty()) throw std::invalid_argument("send: no pieces for " + request_id);
+  if (options.timeout_s < 0) throw std::invalid_argument("send: timeout_s must be >= 0 (0: none)");
+  if ((options.stream != 0 || options.ready_event != 0) && !transport_->supports_streams()) {
+    throw std::invalid_argument("send: the " + backend_ +
+                                " backend takes no CUDA stream or event (pass 0)");
+  }
+  {
+    std::lock_guard<std::mutex> lk(reaper_mu_);
+    if (closing_) throw TransferError("transfer engine is closed");
+  }
+  {
+    std::lock_guard<std::mutex> lk(stats_mu_);
+    if (peer_stats_.find(peer) == peer_stats_.end()) {
+      throw std::invalid_argument("send: not connected to peer '" + peer +
+                                  "' (call connect(peer) first)");
+    }
+  }
+  uint64_t total = 0;
+  {
+    std::shared_lock<std::shared_mutex> lk(regions_mu_);
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const Piece& p = pieces[i];
+      if (p.nbytes == 0) {
+        throw std::invalid_argument("send: piece " + std::to_string(i) + " of " + request_id +
+                                    " has nbytes == 0");
+      }
+      if (p.local_addr + p.nbytes < p.local_addr || !range_registered(p.local_addr, p.nbytes)) {
+        throw std::invalid_argument("send: piece " + std::to_string(i) + " of " + request_id +
+                                    ": local range " + range_text(p.local_addr, p.nbytes) +
+                                    " is not inside registered memory");
+      }
+      total += p.nbytes;
+    }
+  }
+  auto now = Clock::now();
+  Ticket ticket;
+  {
+    std::lock_guard<std::mutex> lk(tickets_mu_);
+    ticket = next_ticket_++;
+    TicketRecord& rec = tickets_[ticket];
+    rec.result.ticket = ticket;
+    rec.result.request_id = request_id;
+    rec.result.peer = peer;
+    rec.result.nbytes = total;
+    rec.start = now;
+    if (options.timeout_s > 0) {
+      rec.deadline = now + std::chrono::duration_cast<Clock::duration>(
+                               std::chrono::duration<double>(options.timeout_s));
+    }
+  }
+  SendBatch batch;
+  batch.ticket = ticket;
+  batch.request_id = request_id;
+  batch.pieces = std::move(pieces);
+  batch.nbytes = total;
+  batch.options = options;
+  transport_->submit(peer, std::move(batch));
+  return ticket;
+}
+
+SendResult TransferEngine::wait(Ticket ticket, double timeout_s) {
+  std::unique_lock<std::mutex> lk(tickets_mu_);
+  auto done = [&] {
+    auto it = tickets_.find(ticket);
+    if (it == tickets_.end()) {
+      throw std::invalid_argument("wait: unknown ticket " + std::to_string(ticket) +
+                                  " (or finished over retention_s ago)");
+    }
+    return it->second.result.status != Status::kPending;
+  };
+  if (timeout_s < 0) {
+    tickets_cv_.wait(lk, done);
+  } else {
+    tickets_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), done);
+  }
+  return tickets_.at(ticket).result;
+}
+
+std::optional<SendResult> TransferEngine::poll(Ticket ticket) const {
+  std::lock_guard<std::mutex> lk(tickets_mu_);
+  auto it = tickets_.find(ticket);
+  if (it == tickets_.end()) return std::nullopt;
+  return it->second.result;
+}
+
+// ---------------------------------------------------------------- both sides
+
+void TransferEngine::abort(const std::string& request_id, const std::string& reason) {
+  if (request_id.empty()) throw std::invalid_argument("abort: request_id must not be empty");
+  {
+    std::unique_lock<std::mutex> lk(recv_mu_);
+    auto it = recvs_.find(request_id);
+    if (it == recvs_.end()) {
+      // Remember the abort so that a late expect() starts aborted and late data is refused.
+      RecvRecord& rec = recvs_[request_id];
+      rec.result.request_id = request_id;
+      rec.result.status = Status::kAborted;
+      rec.result.error = reason;
+      rec.start = Clock::now();
+      rec.settled = true;
+      rec.settled_at = rec.start;
+    } else {
+      fail_recv_locked(it->second, Status::kAborted, reason);
+      // Writes in flight finish (bounded by one message) before the caller may reuse the blocks.
+      recv_cv_.wait(lk, [&] { return recvs_.at(request_id).settled; });
+    }
+  }
+  transport_->cancel(request_id, 0, Status::kAborted, reason, /*wait=*/true);
+  transport_->broadcast_abort(request_id, reason);
+}
+
+EngineStats TransferEngine::stats() const {
+  EngineStats s;
+  {
+    std::lock_guard<std::mutex> lk(stats_mu_);
+    s.peers = peer_stats_;
+  }
+  for (const auto& [peer, ps] : s.peers) add_to(s.total, ps);
+  {
+    std::lock_guard<std::mutex> lk(recv_mu_);
+    s.recvs_done = recvs_done_;
+    s.recvs_timed_out = recvs_timed_out_;
+    s.recvs_aborted = recvs_aborted_;
+    s.recvs_failed = recvs_failed_;
+    s.recv_seconds = recv_seconds_;
+    for (const auto& [rid, rec] : recvs_) s.num_pending_recvs += rec.settled ? 0 : 1;
+  }
+  {
+    std::lock_guard<std::mutex> lk(tickets_mu_);
+    for (const auto& [t, rec] : tickets_) {
+      s.num_pending_tickets += rec.result.status == Status::kPending ? 1 : 0;
+    }
+  }
+  {
+    std::shared_lock<std::shared_mutex> lk(regions_mu_);
+    s.num_regions = regions_by_addr_.size();
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------- completions
+
+int TransferEngine::completion_fd() {
+  std::lock_guard<std::mutex> lk(completions_mu_);
+  if (completion_fd_ < 0) {
+    completion_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (completion_fd_ < 0) throw TransferError("eventfd failed: errno " + std::to_string(errno));
+  }
+  completions_on_ = true;
+  return completion_fd_;
+}
+
+std::vector<Completion> TransferEngine::drain_completions() {
+  std::lock_guard<std::mutex> lk(completions_mu_);
+  if (completion_fd_ >= 0) {
+    uint64_t count = 0;
+    ssize_t n = ::read(completion_fd_, &count, sizeof(count));  // resets the counter
+    (void)n;
+  }
+  std::vector<Completion> out;
+  out.swap(completions_);
+  return out;
+}
+
+void TransferEngine::push_completion(Completion completion) {
+  std::lock_guard<std::mutex> lk(completions_mu_);
+  if (!completions_on_) return;
+  completions_.push_back(std::move(completion));
+  uint64_t one = 1;
+  ssize_t n = ::write(completion_fd_, &one, sizeof(one));
+  (void)n;
+}
+
+// ---------------------------------------------------------------- deadlines, close
+
+void TransferEngine::reaper_loop() {
+  std::unique_lock<std::mutex> lk(reaper_mu_);
+  while (!closing_) {
+    reaper_cv_.wait_for(lk, std::chrono::milliseconds(10));
+    if (closing_) break;
+    lk.unlock();
+    auto now = Clock::now();
+    auto retention = std::chrono::duration<double>(retention_s_);
+    {
+      std::lock_guard<std::mutex> rlk(recv_mu_);
+      for (auto it = recvs_.begin(); it != recvs_.end();) {
+        RecvRecord& rec = it->second;
+        if (rec.result.status == Status::kPending && rec.deadline && now >= *rec.deadline) {
+          fail_recv_locked(rec, Status::kTimedOut,
+                           "expected " + std::to_string(rec.result.nbytes_expected) +
+                               " B, received " + std::to_string(rec.result.nbytes_received) +
+                               " B before the deadline");
+        }
+        if (rec.settled && now - rec.settled_at > retention) {
+          it = recvs_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    std::vector<std::pair<Ticket, std::string>> expired;
+    {
+      std::lock_guard<std::mutex> tlk(tickets_mu_);
+      for (auto it = tickets_.begin(); it != tickets_.end();) {
+        TicketRecord& rec = it->second;
+        if (rec.result.status == Status::kPending && rec.deadline && now >= *rec.deadline &&
+            !rec.cancel_requested) {
+          rec.cancel_requested = true;
+          expired.emplace_back(it->first, "not acknowledged before the deadline");
+        }
+        if (rec.result.status != Status::kPending && now - rec.settled_at > retention) {
+          it = tickets_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (const auto& [ticket, why] : expired) {
+      transport_->cancel("", ticket, Status::kTimedOut, why, /*wait=*/false);
+    }
+    lk.lock();
+  }
+}
+
+void TransferEngine::close() {
+  std::call_once(close_once_, [this] {
+    {
+      std::lock_guard<std::mutex> lk(reaper_mu_);
+      closing_ = true;
+    }
+    reaper_cv_.notify_all();
+    if (reaper_.joinable()) reaper_.join();
+    transport_->shutdown();  // fails every batch and ends every inbound connection
+    std::lock_guard<std::mutex> lk(recv_mu_);
+    for (auto& [rid, rec] : recvs_) fail_recv_locked(rec, Status::kFailed, "transfer engine closed");
+  });
+}
+
+// ---------------------------------------------------------------- TransportHost
+
+Admission TransferEngine::admit(const std::string& request_id, const std::string& peer,
+                                const WirePiece* pieces, size_t num_pieces, uint64_t nbytes) {
+  Admission a;
+  a.request_id = request_id;
+  std::shared_lock<std::shared_mutex> regions(regions_mu_);
+  std::string range_error;
+  for (size_t i = 0; i < num_pieces && range_error.empty(); ++i) {
+    const WirePiece& p = pieces[i];
+    if (p.nbytes == 0 || p.remote_addr + p.nbytes < p.remote_addr ||
+        !range_registered(p.remote_addr, p.nbytes)) {
+      range_error = "destination " + range_text(p.remote_addr, p.nbytes) +
+                    " is not inside memory registered on the receiver";
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lk(recv_mu_);
+    auto it = recvs_.find(request_id);
+    if (it == recvs_.end()) {
+      a.error = "request '" + request_id +
+                "' is not expected here (the receiver must call expect() before data arrives)";
+    } else {
+      RecvRecord& rec = it->second;
+      if (rec.result.status != Status::kPending) {
+        a.error = "request '" + request_id + "' is " + status_name(rec.result.status) +
+                  (rec.result.error.empty() ? "" : " (" + rec.result.error + ")");
+      } else if (!rec.from_peer.empty() && rec.from_peer != peer) {
+        a.error = "request '" + request_id + "' accepts data only from " + rec.from_peer +
+                  ", not from " + peer;
+      } else if (!range_error.empty()) {
+        a.error = "request '" + request_id + "': " + range_error;
+        fail_recv_locked(rec, Status::kFailed, a.error);
+      } else if (nbytes > rec.result.nbytes_expected - rec.nbytes_admitted) {
+        a.error = "request '" + request_id + "' expects " +
+                  std::to_string(rec.result.nbytes_expected) + " B; " +
+                  std::to_string(rec.nbytes_admitted) + " B arrived already and " +
+                  std::to_string(nbytes) + " B more would overflow";
+        fail_recv_locked(rec, Status::kFailed, a.error);
+      } else {
+        rec.nbytes_admitted += nbytes;
+        rec.num_inflight += 1;
+        rec.peers_seen.insert(peer);
+        a.ok = true;
+        a.regions_guard = std::move(regions);
+        return a;
+      }
+    }
+  }
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  peer_stats_[peer].bytes_rejected += nbytes;
+  return a;
+}
+
+void TransferEngine::landed(Admission admission, const std::string& peer, uint64_t nbytes,
+                            bool written) {
+  {
+    std::lock_guard<std::mutex> lk(recv_mu_);
+    RecvRecord& rec = recvs_.at(admission.request_id);  // unsettled records are never purged
+    rec.num_inflight -= 1;
+    if (written) {
+      {
+        // Counted before the receive can settle, so stats() after wait_recv() includes it.
+        std::lock_guard<std::mutex> slk(stats_mu_);
+        peer_stats_[peer].bytes_received += nbytes;
+      }
+      rec.result.nbytes_received += nbytes;
+      rec.last_byte = Clock::now();
+      if (rec.result.status == Status::kPending &&
+          rec.result.nbytes_received == rec.result.nbytes_expected) {
+        rec.result.status = Status::kDone;
+      }
+    } else {
+      fail_recv_locked(rec, Status::kFailed,
+                       "connection from " + peer + " broke in the middle of a message");
+    }
+    if (rec.result.status != Status::kPending && rec.num_inflight == 0) settle_recv_locked(rec);
+  }
+  admission.regions_guard = {};
+}
+
+void TransferEngine::inbound_lost(const std::string& peer, const std::string& reason) {
+  std::lock_guard<std::mutex> lk(recv_mu_);
+  for (auto& [rid, rec] : recvs_) {
+    if (rec.result.status != Status::kPending) continue;
+    if (rec.from_peer == peer || rec.peers_seen.count(peer) != 0) {
+      fail_recv_locked(rec, Status::kFailed, "peer " + peer + " disconnected: " + reason);
+    }
+  }
+}
+
+void TransferEngine::batch_done(Ticket ticket, Status status, const std::string& error) {
+  SendResult result;
+  {
+    std::lock_guard<std::mutex> lk(tickets_mu_);
+    auto it = tickets_.find(ticket);
+    if (it == tickets_.end() || it->second.result.status != Status::kPending) return;
+    TicketRecord& rec = it->second;
+    rec.settled_at = Clock::now();
+    rec.result.status = status;
+    rec.result.error = error;
+    rec.result.seconds = seconds_between(rec.start, rec.settled_at);
+    result = rec.result;
+    {
+      // Counted before waiters wake, so stats() after wait() includes this ticket.
+      std::lock_guard<std::mutex> slk(stats_mu_);
+      PeerStats& ps = peer_stats_[result.peer];
+      if (status == Status::kDone) {
+        ps.bytes_sent += result.nbytes;
+        ps.tickets_done += 1;
+        ps.send_seconds += result.seconds;
+      } else {
+        ps.tickets_failed += 1;
+      }
+    }
+    tickets_cv_.notify_all();
+  }
+  Completion c;
+  c.is_send = true;
+  c.send = std::move(result);
+  push_completion(std::move(c));
+}
+
+void TransferEngine::remote_abort(const std::string& request_id, const std::string& reason) {
+  std::string why = "aborted by peer: " + reason;
+  {
+    std::lock_guard<std::mutex> lk(recv_mu_);
+    auto it = recvs_.find(request_id);
+    if (it == recvs_.end()) {
+      RecvRecord& rec = recvs_[request_id];
+      rec.result.request_id = request_id;
+      rec.result.status = Status::kAborted;
+      rec.result.error = why;
+      rec.start = Clock::now();
+      rec.settled = true;
+      rec.settled_at = rec.start;
+    } else {
+      fail_recv_locked(it->second, Status::kAborted, why);
+    }
+  }
+  transport_->cancel(request_id, 0, Status::kAborted, why, /*wait=*/false);
+}
+
+}  // namespace pdserve::transfer
