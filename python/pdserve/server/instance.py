@@ -32,7 +32,7 @@ from pdserve.server.protocol import (
     parse_chat,
     parse_completion,
 )
-from pdserve.server.transport import HttpKVTransport, TransferAborted
+from pdserve.server.transport import KVTransport, TransferAborted, make_transport
 
 log = logging.getLogger("pdserve.instance")
 MAX_EVENT_LOG = 200_000
@@ -77,7 +77,7 @@ class InstanceServer:
         self.loop_thread: EngineLoop | None = None
         self.tokenizer = None
         self.layout: LayoutInfo | None = None
-        self.transport: HttpKVTransport | None = None
+        self.transport: KVTransport | None = None
         self.peers: dict[str, Peer] = {}
         self.prefills: dict[
             str, PrefillState
@@ -100,7 +100,21 @@ class InstanceServer:
         self.engine = await loop.run_in_executor(None, ea.build_engine, self.config)
         self.tokenizer = ea.engine_tokenizer(self.engine)
         self.layout = ea.kv_layout(self.engine)
-        self.transport = HttpKVTransport(loop, self.url, self.layout)
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+        try:
+            self.transport = make_transport(
+                self.config.kv_transport,
+                loop,
+                host,
+                self.config.transfer_port,
+                self.url,
+                self.layout,
+                self.config.transfer_timeout,
+            )
+        except ValueError as exc:
+            if self.config.role != "both":
+                raise ConfigError(str(exc)) from exc
+            self.transport = make_transport("http", loop, host, 0, self.url, self.layout, 1.0)
         ea.set_layer_hook(self.engine, self._layer_hook)
         self.loop_thread = EngineLoop(self.engine, loop, ea.has_work)
         self.loop_thread.start()
@@ -439,7 +453,7 @@ class InstanceServer:
         if handle is None:
             return False
         handle.cancel()
-        self.transport.abort(request_id)
+        await self.transport.abort(request_id)
         await self._abort_and_release(request_id)
         return True
 
@@ -557,7 +571,7 @@ class InstanceServer:
 
     async def _release_prefill(self, request_id: str) -> bool:
         state = self.prefills.pop(request_id, None)
-        self.transport.abort(request_id)
+        await self.transport.abort(request_id)
         await self._abort_and_release(request_id)
         return state is not None
 
@@ -702,8 +716,9 @@ class InstanceServer:
         key = f"{request_id}.dcache"
         layout = self.layout
 
-        def send_held(engine):
-            # Lock what this instance holds of the sequence (the radix tree kept it at finish), copy out, unlock.
+        def lock_and_send(engine):
+            # Lock what this instance holds of the sequence (its radix tree kept it at finish) and send it;
+            # the blocks stay locked (reserved under `key`) until the send is flushed.
             res = ea.reserve(engine, key, token_ids)
             try:
                 held = res.cached_block_ids[from_block : from_block + len(peer_block_ids)]
@@ -716,16 +731,20 @@ class InstanceServer:
                     held,
                     peer_block_ids[: len(held)],
                 )
-                self.transport.send(peer_id, key, pieces)  # copies the bytes now
+                self.transport.send(peer_id, key, pieces)
                 return len(held), sum(n for _, _, n in pieces)
-            finally:
+            except BaseException:
                 ea.release(engine, key)
+                raise
 
         try:
-            num_blocks, nbytes = await self.call(send_held)
+            num_blocks, nbytes = await self.call(lock_and_send)
             await self.transport.flush(key)
         except Exception as exc:  # noqa: BLE001
+            await self.transport.abort(key)
             return json_error(500, f"dcache send failed: {exc}")
+        finally:
+            await self.call(lambda e: ea.release(e, key))
         return web.json_response({"num_blocks": num_blocks, "nbytes": nbytes})
 
     async def h_dcache_commit(self, request):
@@ -761,7 +780,7 @@ class InstanceServer:
         if self.dcache_reservations.pop(request_id, None) is None:
             return False
         key = f"{request_id}.dcache"
-        self.transport.abort(key)
+        await self.transport.abort(key)
         await self._abort_and_release(key)
         return True
 

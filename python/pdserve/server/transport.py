@@ -1,8 +1,9 @@
 """KV transport as the servers see it: expect / send / wait / abort over registered KV memory.
 
-`KVTransport` is the interface the instance server uses; `HttpKVTransport` implements it in Python over
-the instances' own HTTP servers (host memory only): a stand-in used when the C++ transfer engine
-(`pdserve.transfer`, DESIGN §4) is not available. Send is called from the engine thread (the layer hook)
+`KVTransport` is the interface the instance server uses. `TcpKVTransport` adapts the C++ transfer
+engine (`pdserve.transfer.TransferEngine`, DESIGN §4); `HttpKVTransport` is a pure-Python stand-in over
+the instances' own HTTP servers (host memory only), kept for `--kv-transport http` and for builds
+without `pdserve._transfer`. Send is called from the engine thread (the layer hook)
 and never blocks it: bytes are copied out at once (the layer's KV is final) and posted from the event loop.
 """
 
@@ -15,8 +16,8 @@ import logging
 import struct
 import threading
 import time
-from urllib.parse import quote
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import aiohttp
 
@@ -58,7 +59,8 @@ class KVTransport:
         """Returns when every expected byte landed; raises TimeoutError or TransferAborted."""
         raise NotImplementedError
 
-    def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> None:
+        """Stops the request's transfers both ways; when it returns no byte of it moves any more."""
         raise NotImplementedError
 
     def send(self, peer_id: str, request_id: str, pieces: list[Piece]) -> None:
@@ -72,7 +74,7 @@ class KVTransport:
     def num_pending(self) -> int:
         return 0
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         pass
 
 
@@ -127,7 +129,7 @@ class HttpKVTransport(KVTransport):
             if exp.future.done():
                 self._expected.pop(request_id, None)
 
-    def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> None:
         exp = self._expected.pop(request_id, None)
         if exp is not None and not exp.future.done():
             exp.future.set_exception(TransferAborted(f"request {request_id} aborted"))
@@ -218,3 +220,142 @@ class HttpKVTransport(KVTransport):
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+class TcpKVTransport(KVTransport):
+    """The C++ transfer engine's TCP backend. Sends are tickets: P keeps blocks pinned until `flush`."""
+
+    kind = "tcp"
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        layout: LayoutInfo,
+        timeout_s: float,
+    ):
+        from pdserve.transfer import TransferEngine
+
+        if layout.device != "cpu":
+            raise ValueError(
+                f"the KV cache is on {layout.device}, but the TCP transfer backend moves host memory only; "
+                "run disaggregated instances with --device cpu until the GPU transports land"
+            )
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._engine = TransferEngine("tcp", host=host, port=port)
+        self._engine.register_memory(layout.base_addr, layout.nbytes, -1)
+        self._peers: dict[str, str] = {}  # peer instance id -> "host:port"
+        self._expected: set[str] = set()
+        self._nothing_expected: set[str] = set()
+        self._tickets: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.seconds_receiving = 0.0
+
+    def endpoint(self) -> dict:
+        return {"kind": self.kind, "address": self._engine.address}
+
+    async def connect(self, peer_id: str, endpoint: dict) -> None:
+        if endpoint.get("kind") != self.kind:
+            raise ValueError(
+                f"peer {peer_id} offers a {endpoint.get('kind')!r} transport, this one is {self.kind!r}"
+            )
+        address = endpoint["address"]
+        await self._loop.run_in_executor(None, self._engine.connect, address)
+        self._peers[peer_id] = address
+
+    def expect(self, request_id: str, nbytes: int) -> None:
+        if request_id in self._expected or request_id in self._nothing_expected:
+            raise ValueError(f"request {request_id} already expects KV")
+        if nbytes == 0:  # the peer holds it all: nothing will come (the engine refuses 0-byte receives)
+            self._nothing_expected.add(request_id)
+            return
+        self._engine.expect(request_id, nbytes, self._timeout_s)
+        self._expected.add(request_id)
+
+    async def wait(self, request_id: str, timeout: float) -> None:
+        if request_id in self._nothing_expected:
+            self._nothing_expected.discard(request_id)
+            return
+        if request_id not in self._expected:
+            raise TransferAborted(f"request {request_id} expects no KV (aborted or never reserved)")
+        try:
+            result = await asyncio.wait_for(self._engine.wait_recv_async(request_id), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"request {request_id}: its KV did not arrive within {timeout}s"
+            ) from None
+        self._expected.discard(request_id)
+        if not result.ok:
+            exc = TimeoutError if result.status == "timed_out" else TransferAborted
+            raise exc(
+                f"request {request_id}: KV receive {result.status} after {result.nbytes_received} of "
+                f"{result.nbytes_expected} bytes {result.error}".rstrip()
+            )
+        self.bytes_received += result.nbytes_received
+        self.seconds_receiving += result.seconds
+
+    async def abort(self, request_id: str) -> None:
+        self._expected.discard(request_id)
+        self._nothing_expected.discard(request_id)
+        with self._lock:
+            self._tickets.pop(request_id, None)
+        # blocks until no transfer touches the request's memory (so its blocks may be freed after)
+        await self._loop.run_in_executor(None, self._engine.abort, request_id)
+
+    def send(self, peer_id: str, request_id: str, pieces: list[Piece]) -> None:
+        address = self._peers.get(peer_id)
+        if address is None:
+            raise RuntimeError(
+                f"no link to peer {peer_id}: run `pdserve link` or register both with a scheduler"
+            )
+        if not pieces:
+            return
+        import numpy as np
+
+        rows = np.asarray(pieces, dtype=np.uint64).reshape(-1, 3)
+        ticket = self._engine.send(address, request_id, rows, timeout_s=self._timeout_s)
+        with self._lock:
+            self._tickets.setdefault(request_id, []).append(ticket)
+            self.bytes_sent += int(rows[:, 2].sum())
+
+    async def flush(self, request_id: str) -> None:
+        with self._lock:
+            tickets = self._tickets.pop(request_id, [])
+        for ticket in tickets:
+            result = await self._engine.wait_async(ticket)
+            if not result.ok:
+                raise TransferAborted(f"KV send of {request_id} {result.status}: {result.error}")
+
+    def num_pending(self) -> int:
+        return len(self._expected) + len(self._nothing_expected)
+
+    async def aclose(self) -> None:
+        await self._loop.run_in_executor(None, self._engine.close)
+
+
+def make_transport(
+    kind: str,
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    base_url: str,
+    layout: LayoutInfo,
+    timeout_s: float,
+) -> KVTransport:
+    """`kind`: tcp (the C++ engine), http (the Python stand-in) or auto (tcp when built)."""
+    if kind == "auto":
+        try:
+            import pdserve._transfer  # noqa: F401
+        except ImportError:
+            kind = "http"
+        else:
+            kind = "tcp"
+    if kind == "tcp":
+        return TcpKVTransport(loop, host, port, layout, timeout_s)
+    if kind == "http":
+        return HttpKVTransport(loop, base_url, layout)
+    raise ValueError(f"--kv-transport must be auto, tcp or http, got {kind!r}")
