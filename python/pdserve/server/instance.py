@@ -379,14 +379,18 @@ class InstanceServer:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        if first is not None:
-            await resp.write((json.dumps(first) + "\n").encode())
-        async for d in deltas:
-            line = {"token_ids": d.new_token_ids, "finish_reason": d.finish_reason}
-            if d.num_cached_tokens is not None:
-                line["num_cached_tokens"] = d.num_cached_tokens
-            await resp.write((json.dumps(line) + "\n").encode())
-        await resp.write_eof()
+        try:
+            if first is not None:
+                await resp.write((json.dumps(first) + "\n").encode())
+            async for d in deltas:
+                line = {"token_ids": d.new_token_ids, "finish_reason": d.finish_reason}
+                if d.num_cached_tokens is not None:
+                    line["num_cached_tokens"] = d.num_cached_tokens
+                await resp.write((json.dumps(line) + "\n").encode())
+            await resp.write_eof()
+        except ConnectionResetError:
+            # the scheduler went away (its client left): the caller's `finally` aborts and releases
+            log.info("stream of %s closed by the peer", request.path)
         return resp
 
     async def h_generate(self, request):

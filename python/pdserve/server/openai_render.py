@@ -17,6 +17,7 @@ from pdserve.server.protocol import (
     SSE_DONE,
     GenerateRequest,
     IncrementalDetokenizer,
+    ProtocolError,
     chunk_json,
     response_json,
     sse,
@@ -83,42 +84,64 @@ async def render_response(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await resp.prepare(http_request)
-        first = True
-        unsent_ids: list[int] = []  # tokens whose text is held back (a split UTF-8 character)
-        async for d in deltas:
-            if d.num_cached_tokens is not None:
-                num_cached_tokens = d.num_cached_tokens
-            timer.tokens(len(d.new_token_ids))
-            token_ids.extend(d.new_token_ids)
-            unsent_ids.extend(d.new_token_ids)
-            finish_reason = d.finish_reason or finish_reason
-            text = detok.add(d.new_token_ids, final=d.finish_reason is not None)
-            if text or d.finish_reason is not None or (unsent_ids and first):
-                chunk = chunk_json(
-                    req.kind,
-                    request_id,
-                    model,
-                    text,
-                    unsent_ids,
-                    d.finish_reason,
-                    created,
-                    first,
-                )
-                await resp.write(sse(chunk))
-                unsent_ids = []
-                first = False
-        usage = usage_json(num_prompt_tokens, len(token_ids), num_cached_tokens)
-        if req.include_usage:
-            await resp.write(sse(usage_chunk_json(req.kind, request_id, model, created, usage)))
-        await resp.write(SSE_DONE)
-        await resp.write_eof()
+        try:
+            first = True
+            unsent_ids: list[int] = []  # tokens whose text is held back (a split UTF-8 character)
+            async for d in deltas:
+                if d.num_cached_tokens is not None:
+                    num_cached_tokens = d.num_cached_tokens
+                timer.tokens(len(d.new_token_ids))
+                token_ids.extend(d.new_token_ids)
+                unsent_ids.extend(d.new_token_ids)
+                finish_reason = d.finish_reason or finish_reason
+                text = detok.add(d.new_token_ids, final=d.finish_reason is not None)
+                if text or d.finish_reason is not None or (unsent_ids and first):
+                    chunk = chunk_json(
+                        req.kind,
+                        request_id,
+                        model,
+                        text,
+                        unsent_ids,
+                        d.finish_reason,
+                        created,
+                        first,
+                    )
+                    await resp.write(sse(chunk))
+                    unsent_ids = []
+                    first = False
+            usage = usage_json(num_prompt_tokens, len(token_ids), num_cached_tokens)
+            if req.include_usage:
+                await resp.write(sse(usage_chunk_json(req.kind, request_id, model, created, usage)))
+            await resp.write(SSE_DONE)
+            await resp.write_eof()
+        except ConnectionResetError:
+            return resp  # the client left: the producer's `finally` releases the request
+        except Exception as exc:  # noqa: BLE001 - headers are out: report in-band, as OpenAI does
+            status = getattr(exc, "status", 500)
+            try:
+                await resp.write(sse(ProtocolError(f"generation failed: {exc}", status).to_json()))
+                await resp.write(SSE_DONE)
+                await resp.write_eof()
+            except ConnectionResetError:
+                pass
+            return resp
     else:
-        async for d in deltas:
-            if d.num_cached_tokens is not None:
-                num_cached_tokens = d.num_cached_tokens
-            timer.tokens(len(d.new_token_ids))
-            token_ids.extend(d.new_token_ids)
-            finish_reason = d.finish_reason or finish_reason
+        try:
+            async for d in deltas:
+                if d.num_cached_tokens is not None:
+                    num_cached_tokens = d.num_cached_tokens
+                timer.tokens(len(d.new_token_ids))
+                token_ids.extend(d.new_token_ids)
+                finish_reason = d.finish_reason or finish_reason
+        except Exception as exc:  # noqa: BLE001 - one JSON error for people
+            status = getattr(exc, "status", 500)
+            if not isinstance(status, int) or status < 400:
+                status = 500
+            if isinstance(exc, ValueError):
+                status = 400
+            return web.json_response(
+                ProtocolError(f"generation failed: {exc}", status).to_json(), status=status
+            )
         text = decode(token_ids)
         usage = usage_json(num_prompt_tokens, len(token_ids), num_cached_tokens)
         resp = web.json_response(

@@ -270,7 +270,9 @@ class TcpKVTransport(KVTransport):
     def expect(self, request_id: str, nbytes: int) -> None:
         if request_id in self._expected or request_id in self._nothing_expected:
             raise ValueError(f"request {request_id} already expects KV")
-        if nbytes == 0:  # the peer holds it all: nothing will come (the engine refuses 0-byte receives)
+        if (
+            nbytes == 0
+        ):  # the peer holds it all: nothing will come (the engine refuses 0-byte receives)
             self._nothing_expected.add(request_id)
             return
         self._engine.expect(request_id, nbytes, self._timeout_s)
