@@ -174,3 +174,14 @@ def test_serve_exits_with_a_clear_message_before_loading_anything():
     )
     assert proc.returncode == 2
     assert "--enable-direct" in proc.stderr
+
+
+def test_scheduler_manual_mode_defaults_to_the_seed_ports():
+    parser = argparse.ArgumentParser()
+    cli_scheduler.add_arguments(parser)
+    config = cli_scheduler.build_config(parser.parse_args(["--model", "tiny", "--manual"]))
+    assert config.prefill_urls == ["http://127.0.0.1:8082"] and config.decode_urls == [
+        "http://127.0.0.1:8084"
+    ]
+    config = cli_scheduler.build_config(parser.parse_args(["--model", "tiny"]))
+    assert config.prefill_urls == [] and config.port == 8081  # registrations only

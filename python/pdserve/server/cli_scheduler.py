@@ -85,20 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    from aiohttp import web
-
-    from pdserve.server.scheduler import GlobalScheduler, SchedulerConfig
+def build_config(args: argparse.Namespace):
+    """SchedulerConfig from the flags (`--manual` alone means the seed's fixed pair 8082/8084)."""
+    from pdserve.server.scheduler import SchedulerConfig
 
     prefill, decode = list(args.prefill), list(args.decode)
     if args.manual and not (prefill or decode or args.colocated):
         prefill, decode = [DEFAULT_PREFILL_URL], [DEFAULT_DECODE_URL]
     tri = {"auto": None, "on": True, "off": False}
-    config = SchedulerConfig(
+    return SchedulerConfig(
         model=args.model,
         host=args.host,
         port=args.port,
@@ -112,7 +107,18 @@ def run(args: argparse.Namespace) -> int:
         layerwise=tri[args.layerwise],
         dcache=tri[args.dcache],
     )
-    app = GlobalScheduler(config).build_app()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    from aiohttp import web
+
+    from pdserve.server.scheduler import GlobalScheduler
+
+    app = GlobalScheduler(build_config(args)).build_app()
     try:
         web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     except OSError as exc:

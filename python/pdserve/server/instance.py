@@ -59,6 +59,7 @@ class Peer:
     peer_id: str
     url: str
     layout: LayoutInfo
+    incarnation: str | None = None
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -646,12 +647,16 @@ class InstanceServer:
             why = self.layout.compatible_with(layout)
             if why:
                 return json_error(400, f"cannot link to {info['instance_id']}: {why}")
-            await self.transport.connect(info["instance_id"], info["transfer"])
+            known = self.peers.get(info["instance_id"])
+            if known is None or known.incarnation != info.get("incarnation"):
+                await self.transport.connect(info["instance_id"], info["transfer"])
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return json_error(502, f"peer {peer_url} unreachable: {exc}")
         except ValueError as exc:
             return json_error(400, str(exc))
-        self.peers[info["instance_id"]] = Peer(info["instance_id"], peer_url, layout)
+        self.peers[info["instance_id"]] = Peer(
+            info["instance_id"], peer_url, layout, info.get("incarnation")
+        )
         return web.json_response(
             {"linked": True, "instance_id": self.instance_id, "peer_id": info["instance_id"]}
         )
