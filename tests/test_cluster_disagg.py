@@ -3,7 +3,8 @@
 One module-wide set of processes:
   - `colo`: a colocated instance (--role both), asked directly;
   - cluster L: scheduler + prefill + decode, layer-wise transfer, radix caching on both, dcache;
-  - cluster W: scheduler + prefill + decode, whole-request transfer, no caching.
+  - cluster W: scheduler + prefill + decode, whole-request transfer, block-major (--use-agg-block), no caching;
+  - a scheduler in front of the colocated instance (`--colocated URL`).
 After every test, every instance's block invariant holds and nothing stays reserved or pinned.
 """
 
@@ -98,12 +99,23 @@ def cluster():
         lay, lay_sched = _start_cluster(
             group, "layer", ["--enable-layer", "--enable-radix-caching", "--enable-dcache"]
         )
-        whole, whole_sched = _start_cluster(group, "whole", [])
+        whole, whole_sched = _start_cluster(group, "whole", ["--use-agg-block"])
         colo_url = f"http://127.0.0.1:{cp}"
+        csp = free_port()
+        colo_sched = group.start(
+            "colo-scheduler",
+            ["scheduler", "--model", "tiny", "--port", str(csp), "--colocated", colo_url],
+        )
         group.wait_healthy(colo, colo_url, timeout=90)
+        group.wait_healthy(colo_sched, f"http://127.0.0.1:{csp}", timeout=90, ready_key="ready")
         _wait_linked(group, lay_sched, lay.url)
         _wait_linked(group, whole_sched, whole.url)
-        yield {"colo": colo_url, "layer": lay, "whole": whole}
+        yield {
+            "colo": colo_url,
+            "layer": lay,
+            "whole": whole,
+            "colo_sched": f"http://127.0.0.1:{csp}",
+        }
     finally:
         group.close()
 
@@ -178,6 +190,7 @@ def test_greedy_outputs_identical_colocated_layerwise_whole(cluster):
         for name in ("layer", "whole"):
             got = complete(cluster[name].url, prompt)["choices"][0]["token_ids"]
             assert got == ref, (name, prompt[:5])
+        assert complete(cluster["colo_sched"], prompt)["choices"][0]["token_ids"] == ref
     text = "The quick brown fox jumps over the lazy dog. " * 2
     ref = complete(cluster["colo"], text)["choices"][0]
     got = complete(cluster["layer"].url, text)["choices"][0]

@@ -55,6 +55,8 @@ class InstanceRecord:
     inflight_prefill_tokens: int = 0  # dispatched by us, not yet prefilled
     inflight_reserved_blocks: int = 0
     pending_dcache: set = field(default_factory=set)
+    # one pull of events at a time: two overlapping pulls could apply an insert after its evict
+    refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def snapshot(self) -> InstanceSnapshot:
         s = self.stats
@@ -229,22 +231,23 @@ class GlobalScheduler:
                         )
 
     async def _refresh(self, rec: InstanceRecord) -> None:
-        """Pull stats and new cache events from one instance."""
-        s = await self._get(f"{rec.url}/internal/v1/stats?events_since={rec.event_seq}")
-        if s.get("incarnation") != rec.info.get("incarnation"):
-            raise ClusterError(f"instance {rec.instance_id} restarted")
-        events = s.pop("events", [])
-        first = s.pop("events_first_seq", rec.event_seq)
-        if first > rec.event_seq:
-            log.warning(
-                "missed %d cache events of %s; its mirror is inexact until refilled",
-                first - rec.event_seq,
-                rec.instance_id,
-            )
-        self.index.apply_events(rec.instance_id, events)
-        rec.event_seq = first + len(events)
-        rec.stats = s
-        rec.last_seen = time.monotonic()
+        """Pull stats and new cache events from one instance (in order: one pull at a time)."""
+        async with rec.refresh_lock:
+            s = await self._get(f"{rec.url}/internal/v1/stats?events_since={rec.event_seq}")
+            if s.get("incarnation") != rec.info.get("incarnation"):
+                raise ClusterError(f"instance {rec.instance_id} restarted")
+            events = s.pop("events", [])
+            first = s.pop("events_first_seq", rec.event_seq)
+            if first > rec.event_seq:
+                log.warning(
+                    "missed %d cache events of %s; its mirror is inexact until refilled",
+                    first - rec.event_seq,
+                    rec.instance_id,
+                )
+            self.index.apply_events(rec.instance_id, events)
+            rec.event_seq = first + len(events)
+            rec.stats = s
+            rec.last_seen = time.monotonic()
 
     async def _poll_loop(self) -> None:
         while True:
