@@ -1,0 +1,361 @@
+// pybind11 bindings of the cache core (pdserve._core): argument conversion (lists or numpy integer
+// arrays, zero copy for contiguous int32), GIL release around the C++ calls, and plain tuples /
+// lists back. The typed API lives in python/pdserve/cache/; _core.pyi documents this module.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pdserve/block_hash.h"
+#include "pdserve/block_pool.h"
+#include "pdserve/evictor.h"
+#include "pdserve/radix_tree.h"
+
+namespace py = pybind11;
+using namespace pdserve;
+
+namespace {
+
+// A read-only view of int32 values taken from a Python object. Contiguous int32 buffers are used in
+// place (the buffer stays acquired while the view lives); everything else is converted into
+// `scratch`, a per-thread vector reused across calls.
+struct Int32View {
+  const int32_t* data = nullptr;
+  size_t size = 0;
+  std::unique_ptr<py::buffer_info> buffer;
+};
+
+[[noreturn]] void bad_value(const char* name, size_t index, long long value) {
+  throw py::value_error(std::string(name) + "[" + std::to_string(index) + "] = " +
+                        std::to_string(value) + " does not fit in int32");
+}
+
+template <typename T>
+void copy_strided(const py::buffer_info& info, const char* name, std::vector<int32_t>* scratch) {
+  const char* base = static_cast<const char*>(info.ptr);
+  const ssize_t n = info.shape[0];
+  const ssize_t stride = info.strides[0];
+  scratch->resize(n);
+  for (ssize_t i = 0; i < n; ++i) {
+    T v = *reinterpret_cast<const T*>(base + i * stride);
+    if (v < INT32_MIN || v > INT32_MAX) bad_value(name, i, static_cast<long long>(v));
+    (*scratch)[i] = static_cast<int32_t>(v);
+  }
+}
+
+void to_int32(py::handle obj, const char* name, std::vector<int32_t>* scratch, Int32View* view) {
+  PyObject* o = obj.ptr();
+  if (PyList_Check(o) || PyTuple_Check(o)) {
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    PyObject** items = PySequence_Fast_ITEMS(o);
+    scratch->resize(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      int overflow = 0;
+      long long v = PyLong_AsLongLongAndOverflow(items[i], &overflow);
+      if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw py::type_error(std::string(name) + "[" + std::to_string(i) + "] must be an int, got " +
+                             Py_TYPE(items[i])->tp_name);
+      }
+      if (overflow != 0 || v < INT32_MIN || v > INT32_MAX) {
+        throw py::value_error(std::string(name) + "[" + std::to_string(i) +
+                              "] does not fit in int32");
+      }
+      (*scratch)[i] = static_cast<int32_t>(v);
+    }
+    view->data = scratch->data();
+    view->size = scratch->size();
+    return;
+  }
+  if (PyObject_CheckBuffer(o)) {
+    auto info = std::make_unique<py::buffer_info>(py::reinterpret_borrow<py::buffer>(obj).request());
+    if (info->ndim != 1) {
+      throw py::value_error(std::string(name) + " must be 1-D, got " + std::to_string(info->ndim) +
+                            " dimensions");
+    }
+    char kind = info->format.empty() ? '?' : info->format.back();
+    bool is_signed_int = kind == 'b' || kind == 'h' || kind == 'i' || kind == 'l' || kind == 'q';
+    if (!is_signed_int || (info->itemsize != 4 && info->itemsize != 8)) {
+      throw py::type_error(std::string(name) + " must hold int32 or int64 values, got buffer format '" +
+                           info->format + "' of " + std::to_string(info->itemsize) + " bytes");
+    }
+    if (info->itemsize == 4 && (info->strides[0] == 4 || info->shape[0] <= 1)) {
+      view->data = static_cast<const int32_t*>(info->ptr);
+      view->size = info->shape[0];
+    } else {
+      if (info->itemsize == 4) {
+        copy_strided<int32_t>(*info, name, scratch);
+      } else {
+        copy_strided<int64_t>(*info, name, scratch);
+      }
+      view->data = scratch->data();
+      view->size = scratch->size();
+    }
+    view->buffer = std::move(info);
+    return;
+  }
+  if (PySequence_Check(o)) {  // any other sequence: slow path through a list
+    to_int32(py::list(py::reinterpret_borrow<py::object>(obj)), name, scratch, view);
+    return;
+  }
+  throw py::type_error(std::string(name) +
+                       " must be a list of ints or a 1-D numpy int32/int64 array, got " +
+                       Py_TYPE(o)->tp_name);
+}
+
+std::vector<int32_t>& scratch(int slot) {
+  thread_local std::vector<int32_t> buffers[2];
+  return buffers[slot];
+}
+
+template <typename T>
+py::list to_list(const std::vector<T>& values) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(values.size()));
+  if (list == nullptr) throw py::error_already_set();
+  for (size_t i = 0; i < values.size(); ++i) {
+    PyList_SET_ITEM(list, i, PyLong_FromLongLong(static_cast<long long>(values[i])));
+  }
+  return py::reinterpret_steal<py::list>(list);
+}
+
+py::list u64_list(const std::vector<uint64_t>& values) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(values.size()));
+  if (list == nullptr) throw py::error_already_set();
+  for (size_t i = 0; i < values.size(); ++i) {
+    PyList_SET_ITEM(list, i, PyLong_FromUnsignedLongLong(values[i]));
+  }
+  return py::reinterpret_steal<py::list>(list);
+}
+
+py::list tier_list(const std::vector<Tier>& tiers) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(tiers.size()));
+  if (list == nullptr) throw py::error_already_set();
+  for (size_t i = 0; i < tiers.size(); ++i) {
+    PyList_SET_ITEM(list, i, PyLong_FromLong(static_cast<long>(tiers[i])));
+  }
+  return py::reinterpret_steal<py::list>(list);
+}
+
+Tier to_tier(int tier) {
+  if (tier != 0 && tier != 1) {
+    throw py::value_error("tier must be 0 (GPU) or 1 (HOST), got " + std::to_string(tier));
+  }
+  return static_cast<Tier>(tier);
+}
+
+py::tuple ticket_tuple(const Ticket& t) {
+  return py::make_tuple(t.ticket_id, static_cast<int>(t.kind), static_cast<int>(t.src_tier),
+                        static_cast<int>(t.dst_tier), to_list(t.src_block_ids),
+                        to_list(t.dst_block_ids));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pdserve cache core: block pools, radix tree, evictor (see pdserve/_core.pyi)";
+  m.attr("TIER_GPU") = 0;
+  m.attr("TIER_HOST") = 1;
+
+  m.def(
+      "hash_blocks",
+      [](py::handle tokens, int block_size, uint64_t parent_hash) {
+        if (block_size <= 0) {
+          throw py::value_error("block_size must be > 0, got " + std::to_string(block_size));
+        }
+        Int32View view;
+        to_int32(tokens, "tokens", &scratch(0), &view);
+        std::vector<uint64_t> out;
+        {
+          py::gil_scoped_release release;
+          hash_blocks(view.data, view.size, block_size, parent_hash, &out);
+        }
+        return u64_list(out);
+      },
+      py::arg("tokens"), py::arg("block_size"), py::arg("parent_hash") = 0);
+
+  py::class_<BlockPool, std::shared_ptr<BlockPool>>(m, "BlockPool")
+      .def(py::init([](int num_blocks, int tier) {
+             return std::make_shared<BlockPool>(num_blocks, to_tier(tier));
+           }),
+           py::arg("num_blocks"), py::arg("tier") = 0)
+      .def_property_readonly("tier", [](const BlockPool& p) { return static_cast<int>(p.tier()); })
+      .def_property_readonly("num_total", &BlockPool::num_total)
+      .def_property_readonly("num_free", &BlockPool::num_free)
+      .def_property_readonly("num_cached", &BlockPool::num_cached)
+      .def_property_readonly("num_in_use", &BlockPool::num_in_use)
+      .def_property_readonly("num_reserved", &BlockPool::num_reserved)
+      .def("can_allocate", &BlockPool::can_allocate, py::arg("num_blocks"))
+      .def(
+          "allocate",
+          [](BlockPool& p, int num_blocks) {
+            std::vector<BlockId> out;
+            {
+              py::gil_scoped_release release;
+              p.allocate_into(num_blocks, &out);
+            }
+            return to_list(out);
+          },
+          py::arg("num_blocks"))
+      .def(
+          "incref",
+          [](BlockPool& p, py::handle ids) {
+            Int32View v;
+            to_int32(ids, "block_ids", &scratch(0), &v);
+            py::gil_scoped_release release;
+            p.incref(v.data, v.size);
+          },
+          py::arg("block_ids"))
+      .def(
+          "decref",
+          [](BlockPool& p, py::handle ids) {
+            Int32View v;
+            to_int32(ids, "block_ids", &scratch(0), &v);
+            py::gil_scoped_release release;
+            p.decref(v.data, v.size);
+          },
+          py::arg("block_ids"))
+      .def("ref_count", &BlockPool::ref_count, py::arg("block_id"))
+      .def("is_owned", &BlockPool::is_owned, py::arg("block_id"))
+      .def(
+          "reserve",
+          [](BlockPool& p, const std::string& rid, int n) { return to_list(p.reserve(rid, n)); },
+          py::arg("request_id"), py::arg("num_blocks"))
+      .def(
+          "reserved_blocks",
+          [](const BlockPool& p, const std::string& rid) { return to_list(p.reserved_blocks(rid)); },
+          py::arg("request_id"))
+      .def("release_reservation", &BlockPool::release_reservation, py::arg("request_id"))
+      .def(
+          "transfer_reservation",
+          [](BlockPool& p, const std::string& rid) { return to_list(p.transfer_reservation(rid)); },
+          py::arg("request_id"))
+      .def("check_invariants", &BlockPool::check_invariants,
+           py::call_guard<py::gil_scoped_release>());
+
+  py::class_<RadixTree, std::shared_ptr<RadixTree>>(m, "RadixTree")
+      .def(py::init([](int block_size, std::shared_ptr<BlockPool> gpu_pool,
+                       std::shared_ptr<BlockPool> host_pool, bool record_events) {
+             return std::make_shared<RadixTree>(block_size, std::move(gpu_pool),
+                                                std::move(host_pool), record_events);
+           }),
+           py::arg("block_size"), py::arg("gpu_pool"), py::arg("host_pool") = nullptr,
+           py::arg("record_events") = true)
+      .def_property_readonly("block_size", &RadixTree::block_size)
+      .def_property_readonly("has_host_tier", &RadixTree::has_host_tier)
+      .def(
+          "match_prefix",
+          [](RadixTree& t, py::handle tokens) {
+            thread_local MatchResult result;
+            Int32View v;
+            to_int32(tokens, "tokens", &scratch(0), &v);
+            {
+              py::gil_scoped_release release;
+              t.match_prefix(v.data, v.size, &result);
+            }
+            return py::make_tuple(result.num_tokens, to_list(result.block_ids),
+                                  tier_list(result.tiers), result.node);
+          },
+          py::arg("tokens"))
+      .def(
+          "insert",
+          [](RadixTree& t, py::handle tokens, py::handle block_ids) {
+            thread_local InsertResult result;
+            Int32View tv, bv;
+            to_int32(tokens, "tokens", &scratch(0), &tv);
+            to_int32(block_ids, "block_ids", &scratch(1), &bv);
+            {
+              py::gil_scoped_release release;
+              t.insert(tv.data, tv.size, bv.data, bv.size, &result);
+            }
+            return py::make_tuple(result.num_adopted, to_list(result.adopted_block_ids),
+                                  to_list(result.duplicate_block_ids));
+          },
+          py::arg("tokens"), py::arg("block_ids"))
+      .def("lock", &RadixTree::lock, py::arg("node"), py::call_guard<py::gil_scoped_release>())
+      .def("unlock", &RadixTree::unlock, py::arg("handle"),
+           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "evict",
+          [](RadixTree& t, int num_blocks, int tier) {
+            std::vector<BlockId> out;
+            Tier tr = to_tier(tier);
+            {
+              py::gil_scoped_release release;
+              t.evict(num_blocks, tr, &out);
+            }
+            return to_list(out);
+          },
+          py::arg("num_blocks"), py::arg("tier") = 0)
+      .def(
+          "begin_demote",
+          [](RadixTree& t, int num_blocks) {
+            Ticket ticket;
+            {
+              py::gil_scoped_release release;
+              ticket = t.begin_demote(num_blocks);
+            }
+            return ticket_tuple(ticket);
+          },
+          py::arg("num_blocks"))
+      .def(
+          "begin_promote",
+          [](RadixTree& t, uint64_t node) {
+            Ticket ticket;
+            {
+              py::gil_scoped_release release;
+              ticket = t.begin_promote(node);
+            }
+            return ticket_tuple(ticket);
+          },
+          py::arg("node"))
+      .def("commit", &RadixTree::commit, py::arg("ticket_id"), py::arg("ok"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("drain_events",
+           [](RadixTree& t) {
+             std::vector<CacheEvent> events;
+             {
+               py::gil_scoped_release release;
+               events = t.drain_events();
+             }
+             py::list out;
+             for (const CacheEvent& ev : events) {
+               out.append(py::make_tuple(static_cast<int>(ev.kind), static_cast<int>(ev.tier),
+                                         ev.parent_hash, u64_list(ev.block_hashes),
+                                         to_list(ev.token_ids)));
+             }
+             return out;
+           })
+      .def_property_readonly("num_nodes", &RadixTree::num_nodes)
+      .def("num_tree_blocks",
+           [](const RadixTree& t, int tier) { return t.num_tree_blocks(to_tier(tier)); },
+           py::arg("tier") = 0)
+      .def_property_readonly("num_pending_demote_blocks", &RadixTree::num_pending_demote_blocks)
+      .def_property_readonly("num_locks", &RadixTree::num_locks)
+      .def("check_invariants", &RadixTree::check_invariants,
+           py::call_guard<py::gil_scoped_release>());
+
+  py::class_<Evictor, std::shared_ptr<Evictor>>(m, "Evictor")
+      .def(py::init([](std::shared_ptr<RadixTree> tree, double gpu_high, double gpu_low,
+                       py::object host_high, py::object host_low) {
+             double hh = host_high.is_none() ? -1.0 : host_high.cast<double>();
+             double hl = host_low.is_none() ? -1.0 : host_low.cast<double>();
+             return std::make_shared<Evictor>(std::move(tree), gpu_high, gpu_low, hh, hl);
+           }),
+           py::arg("tree"), py::arg("gpu_high"), py::arg("gpu_low"),
+           py::arg("host_high") = py::none(), py::arg("host_low") = py::none())
+      .def("plan", [](Evictor& e) {
+        EvictionPlan plan;
+        {
+          py::gil_scoped_release release;
+          plan = e.plan();
+        }
+        py::object ticket = plan.has_demote_ticket ? py::object(ticket_tuple(plan.demote_ticket))
+                                                   : py::object(py::none());
+        return py::make_tuple(ticket, to_list(plan.freed_gpu_block_ids),
+                              to_list(plan.freed_host_block_ids));
+      });
+}
