@@ -36,7 +36,7 @@ class Engine:
         port: int = 0,
         stall_timeout_s: float = 30.0,
         max_message_nbytes: int = 8388608,
-        retention_s: float = 300.0,
+        retention_s: float = 60.0,
     ) -> None: ...
     @property
     def backend(self) -> str: ...
