@@ -17,8 +17,9 @@ import numpy as np
 from pdserve.transfer import TransferEngine
 
 
-def raw_socket_gbps(src: np.ndarray, dst: np.ndarray) -> float:
-    """One TCP stream over 127.0.0.1: sendall from src, recv_into dst (both release the GIL)."""
+def raw_socket_gbps(src: np.ndarray, dst: np.ndarray, chunk_nbytes: int) -> float:
+    """One TCP stream over 127.0.0.1: sendall from src in chunks of chunk_nbytes (the engine's
+    message size, so both copy through the cache alike), recv_into dst; both release the GIL."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -34,7 +35,9 @@ def raw_socket_gbps(src: np.ndarray, dst: np.ndarray) -> float:
     t0 = time.perf_counter()
     reader = threading.Thread(target=receive)
     reader.start()
-    client.sendall(memoryview(src).cast("B"))
+    data = memoryview(src).cast("B")
+    for offset in range(0, len(data), chunk_nbytes):
+        client.sendall(data[offset : offset + chunk_nbytes])
     reader.join()
     seconds = time.perf_counter() - t0
     for s in (client, conn, server):
@@ -88,36 +91,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement")
     parser.add_argument("--piece-kib", type=int, nargs="+", default=[4, 64, 1024, 16384])
     parser.add_argument("--batch-mib", type=int, default=8, help="bytes per send ticket")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for every measurement")
+    parser.add_argument("--message-kib", type=int, default=1024, help="engine payload per message")
+    parser.add_argument("--repeats", type=int, default=5, help="best of N for every measurement")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args(argv)
 
     total = args.total_mib << 20
     src = np.random.default_rng(1).integers(0, 256, total, dtype=np.uint8)
     dst = np.zeros_like(src)
-    raw = max(raw_socket_gbps(src, dst) for _ in range(args.repeats))
 
-    results = []
-    with TransferEngine() as sender, TransferEngine() as receiver:
+    # Repeats interleave the baseline with every piece size, so load from other processes on the
+    # machine hits both alike; each number is the best of its repeats.
+    raw = 0.0
+    best = {piece_kib: 0.0 for piece_kib in args.piece_kib}
+    engine = TransferEngine(max_message_nbytes=args.message_kib << 10)
+    with engine as sender, TransferEngine() as receiver:
         sender.register_memory(src)
         receiver.register_memory(dst)
         sender.connect(receiver.address)
-        for piece_kib in args.piece_kib:
-            piece = piece_kib << 10
-            gbps = max(
-                engine_gbps(
-                    sender, receiver, src, dst, piece, args.batch_mib << 20, f"{piece_kib}k{r}"
+        for r in range(args.repeats):
+            raw = max(raw, raw_socket_gbps(src, dst, args.message_kib << 10))
+            for piece_kib in args.piece_kib:
+                gbps = engine_gbps(
+                    sender,
+                    receiver,
+                    src,
+                    dst,
+                    piece_kib << 10,
+                    args.batch_mib << 20,
+                    f"{piece_kib}k{r}",
                 )
-                for r in range(args.repeats)
-            )
-            results.append(
-                {
-                    "piece_nbytes": piece,
-                    "num_pieces": total // piece,
-                    "gbps": round(gbps, 3),
-                    "ratio_vs_raw": round(gbps / raw, 3),
-                }
-            )
+                best[piece_kib] = max(best[piece_kib], gbps)
+    results = [
+        {
+            "piece_nbytes": piece_kib << 10,
+            "num_pieces": total // (piece_kib << 10),
+            "gbps": round(gbps, 3),
+            "ratio_vs_raw": round(gbps / raw, 3),
+        }
+        for piece_kib, gbps in best.items()
+    ]
 
     parts = " | ".join(
         f"{r['piece_nbytes'] >> 10}KiB {r['gbps']:.2f} GB/s ({r['ratio_vs_raw']:.2f}x)"
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     "benchmark": "transfer_tcp_loopback",
                     "total_nbytes": total,
                     "batch_nbytes": args.batch_mib << 20,
+                    "message_nbytes": args.message_kib << 10,
                     "repeats": args.repeats,
                     "raw_socket_gbps": round(raw, 3),
                     "results": results,

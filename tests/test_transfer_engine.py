@@ -56,7 +56,7 @@ def test_many_small_pieces_in_one_batch_land_exactly(pair):
 
 
 def test_large_transfer_spans_many_messages():
-    with TransferEngine(max_message_nbytes=1 << 20) as a, TransferEngine() as b:
+    with TransferEngine(max_message_nbytes=256 << 10) as a, TransferEngine() as b:
         src = np.random.default_rng(2).integers(0, 256, 64 << 20, dtype=np.uint8)
         dst = np.zeros_like(src)
         a.register_memory(src)

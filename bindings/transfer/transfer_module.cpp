@@ -80,7 +80,7 @@ PYBIND11_MODULE(_transfer, m) {
              return std::make_unique<tr::TransferEngine>(config);
            }),
            "backend"_a = "tcp", "host"_a = "127.0.0.1", "port"_a = 0, "stall_timeout_s"_a = 30.0,
-           "max_message_nbytes"_a = 8ull << 20, "retention_s"_a = 60.0)
+           "max_message_nbytes"_a = 1ull << 20, "retention_s"_a = 60.0)
       .def_property_readonly("backend", &tr::TransferEngine::backend)
       .def_property_readonly("address", &tr::TransferEngine::address)
       .def("register_memory", &tr::TransferEngine::register_memory, "addr"_a, "nbytes"_a,

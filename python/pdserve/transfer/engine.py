@@ -115,7 +115,7 @@ class TransferEngine:
         port: int = 0,
         *,
         stall_timeout_s: float = 30.0,
-        max_message_nbytes: int = 8 << 20,
+        max_message_nbytes: int = 1 << 20,
         retention_s: float = 60.0,
     ) -> None:
         self._native = _transfer.Engine(
