@@ -4,6 +4,8 @@ bytes land exactly, refusals are reported, counters count, asyncio waits resolve
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -174,3 +176,16 @@ def test_asyncio_waits_resolve_without_threads(pair):
     sent, got, again = asyncio.run(main())
     assert sent.ok and got.ok and again.ok
     assert np.array_equal(dst[: 1 << 16], src[: 1 << 16])
+
+
+def test_blocking_calls_release_the_gil(pair):
+    _, receiver, _, _ = pair
+    receiver.expect("gil", 10, timeout_s=0)
+    waiter = threading.Thread(target=receiver.wait_recv, args=("gil", 0.5))
+    waiter.start()
+    time.sleep(0.05)  # the waiter is inside wait_recv now
+    count, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < 0.2:
+        count += 1
+    waiter.join()
+    assert count > 10_000  # this thread ran Python while the other one waited

@@ -41,6 +41,7 @@ class TransportHost {
   virtual Admission admit(const std::string& request_id, const std::string& peer,
                           const WirePiece* pieces, size_t num_pieces, uint64_t nbytes) = 0;
   // Receiver: the admitted payload was written (written == true) or the connection broke mid-way.
+  // Call it on the thread that called admit() (the admission holds a shared lock).
   virtual void landed(Admission admission, const std::string& peer, uint64_t nbytes,
                       bool written) = 0;
   // Receiver: the connection from peer is gone; its pending requests fail.
