@@ -4,6 +4,8 @@ bytes land exactly, refusals are reported, counters count, asyncio waits resolve
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -56,7 +58,7 @@ def test_many_small_pieces_in_one_batch_land_exactly(pair):
 
 
 def test_large_transfer_spans_many_messages():
-    with TransferEngine(max_message_nbytes=1 << 20) as a, TransferEngine() as b:
+    with TransferEngine(max_message_nbytes=256 << 10) as a, TransferEngine() as b:
         src = np.random.default_rng(2).integers(0, 256, 64 << 20, dtype=np.uint8)
         dst = np.zeros_like(src)
         a.register_memory(src)
@@ -174,3 +176,16 @@ def test_asyncio_waits_resolve_without_threads(pair):
     sent, got, again = asyncio.run(main())
     assert sent.ok and got.ok and again.ok
     assert np.array_equal(dst[: 1 << 16], src[: 1 << 16])
+
+
+def test_blocking_calls_release_the_gil(pair):
+    _, receiver, _, _ = pair
+    receiver.expect("gil", 10, timeout_s=0)
+    waiter = threading.Thread(target=receiver.wait_recv, args=("gil", 0.5))
+    waiter.start()
+    time.sleep(0.05)  # the waiter is inside wait_recv now
+    count, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < 0.2:
+        count += 1
+    waiter.join()
+    assert count > 10_000  # this thread ran Python while the other one waited

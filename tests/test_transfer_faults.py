@@ -180,3 +180,17 @@ def test_send_deadline_and_stall_against_a_hung_peer():
         assert time.monotonic() - t0 < 5
         assert not sender.connected(peer.address)  # the stalled connection was dropped
     peer.close()
+
+
+def test_finished_records_are_forgotten_after_retention():
+    with TransferEngine(retention_s=0.1) as sender, TransferEngine(retention_s=0.1) as receiver:
+        src, dst = np.ones(64, dtype=np.uint8), np.zeros(64, dtype=np.uint8)
+        sender.register_memory(src)
+        receiver.register_memory(dst)
+        sender.connect(receiver.address)
+        receiver.expect("old", 64, timeout_s=10)
+        ticket = sender.send(receiver.address, "old", whole(src, dst))
+        assert sender.wait(ticket, 10).ok and receiver.wait_recv("old", 10).ok
+        assert wait_until(lambda: sender.poll(ticket) is None and receiver.poll_recv("old") is None)
+        with pytest.raises(ValueError, match="unknown ticket"):
+            sender.wait(ticket)

@@ -1,5 +1,6 @@
 // pybind11 bindings of the transfer engine (module pdserve._transfer): argument conversion only.
-// Every call that can block (connect, wait, wait_recv, abort, unregister, close) releases the GIL.
+// Every call that can block (connect, wait, wait_recv, abort, (un)register, expect, send, close)
+// releases the GIL; the rest only copy a few fields under a short lock.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -80,18 +81,18 @@ PYBIND11_MODULE(_transfer, m) {
              return std::make_unique<tr::TransferEngine>(config);
            }),
            "backend"_a = "tcp", "host"_a = "127.0.0.1", "port"_a = 0, "stall_timeout_s"_a = 30.0,
-           "max_message_nbytes"_a = 8ull << 20, "retention_s"_a = 300.0)
+           "max_message_nbytes"_a = 1ull << 20, "retention_s"_a = 60.0)
       .def_property_readonly("backend", &tr::TransferEngine::backend)
       .def_property_readonly("address", &tr::TransferEngine::address)
       .def("register_memory", &tr::TransferEngine::register_memory, "addr"_a, "nbytes"_a,
-           "device"_a = tr::kHostDevice)
+           "device"_a = tr::kHostDevice, py::call_guard<py::gil_scoped_release>())
       .def("unregister_memory", &tr::TransferEngine::unregister_memory, "region"_a,
            py::call_guard<py::gil_scoped_release>())
       .def("connect", &tr::TransferEngine::connect, "peer"_a, "timeout_s"_a = 10.0,
            py::call_guard<py::gil_scoped_release>())
       .def("connected", &tr::TransferEngine::connected, "peer"_a)
       .def("expect", &tr::TransferEngine::expect, "request_id"_a, "nbytes"_a, "timeout_s"_a,
-           "from_peer"_a = "")
+           "from_peer"_a = "", py::call_guard<py::gil_scoped_release>())
       .def("wait_recv", &tr::TransferEngine::wait_recv, "request_id"_a, "timeout_s"_a = -1.0,
            py::call_guard<py::gil_scoped_release>())
       .def("poll_recv", &tr::TransferEngine::poll_recv, "request_id"_a)

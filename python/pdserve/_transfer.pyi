@@ -35,8 +35,8 @@ class Engine:
         host: str = "127.0.0.1",
         port: int = 0,
         stall_timeout_s: float = 30.0,
-        max_message_nbytes: int = 8388608,
-        retention_s: float = 300.0,
+        max_message_nbytes: int = 1048576,
+        retention_s: float = 60.0,
     ) -> None: ...
     @property
     def backend(self) -> str: ...

@@ -157,9 +157,11 @@ void TransferEngine::expect(const std::string& request_id, uint64_t nbytes, doub
   rec.result.nbytes_expected = nbytes;
   rec.from_peer = from_peer;
   rec.start = now;
+  ++num_pending_recvs_;
   if (timeout_s > 0) {
     rec.deadline = now + std::chrono::duration_cast<Clock::duration>(
                              std::chrono::duration<double>(timeout_s));
+    recv_deadlines_.emplace(*rec.deadline, request_id);
   }
 }
 
@@ -203,6 +205,8 @@ void TransferEngine::settle_recv_locked(RecvRecord& record) {
   if (record.settled) return;
   record.settled = true;
   record.settled_at = Clock::now();
+  recvs_settled_.emplace_back(record.settled_at, record.result.request_id);
+  --num_pending_recvs_;
   record.result.seconds = seconds_between(record.start, record.settled_at);
   switch (record.result.status) {
     case Status::kDone:
@@ -223,6 +227,18 @@ void TransferEngine::settle_recv_locked(RecvRecord& record) {
   c.recv = record.result;
   push_completion(std::move(c));
   recv_cv_.notify_all();
+}
+
+void TransferEngine::add_abort_mark_locked(const std::string& request_id,
+                                           const std::string& error) {
+  RecvRecord& rec = recvs_[request_id];
+  rec.result.request_id = request_id;
+  rec.result.status = Status::kAborted;
+  rec.result.error = error;
+  rec.start = Clock::now();
+  rec.settled = true;
+  rec.settled_at = rec.start;
+  recvs_settled_.emplace_back(rec.settled_at, request_id);
 }
 
 // ---------------------------------------------------------------- sender
@@ -276,9 +292,11 @@ Ticket TransferEngine::send(const std::string& peer, const std::string& request_
     rec.result.peer = peer;
     rec.result.nbytes = total;
     rec.start = now;
+    ++num_pending_tickets_;
     if (options.timeout_s > 0) {
       rec.deadline = now + std::chrono::duration_cast<Clock::duration>(
                                std::chrono::duration<double>(options.timeout_s));
+      ticket_deadlines_.emplace(*rec.deadline, ticket);
     }
   }
   SendBatch batch;
@@ -325,13 +343,7 @@ void TransferEngine::abort(const std::string& request_id, const std::string& rea
     auto it = recvs_.find(request_id);
     if (it == recvs_.end()) {
       // Remember the abort so that a late expect() starts aborted and late data is refused.
-      RecvRecord& rec = recvs_[request_id];
-      rec.result.request_id = request_id;
-      rec.result.status = Status::kAborted;
-      rec.result.error = reason;
-      rec.start = Clock::now();
-      rec.settled = true;
-      rec.settled_at = rec.start;
+      add_abort_mark_locked(request_id, reason);
     } else {
       fail_recv_locked(it->second, Status::kAborted, reason);
       // Writes in flight finish (bounded by one message) before the caller may reuse the blocks.
@@ -356,13 +368,11 @@ EngineStats TransferEngine::stats() const {
     s.recvs_aborted = recvs_aborted_;
     s.recvs_failed = recvs_failed_;
     s.recv_seconds = recv_seconds_;
-    for (const auto& [rid, rec] : recvs_) s.num_pending_recvs += rec.settled ? 0 : 1;
+    s.num_pending_recvs = num_pending_recvs_;
   }
   {
     std::lock_guard<std::mutex> lk(tickets_mu_);
-    for (const auto& [t, rec] : tickets_) {
-      s.num_pending_tickets += rec.result.status == Status::kPending ? 1 : 0;
-    }
+    s.num_pending_tickets = num_pending_tickets_;
   }
   {
     std::shared_lock<std::shared_mutex> lk(regions_mu_);
@@ -413,43 +423,49 @@ void TransferEngine::reaper_loop() {
     if (closing_) break;
     lk.unlock();
     auto now = Clock::now();
-    auto retention = std::chrono::duration<double>(retention_s_);
+    auto retention = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(retention_s_));
     {
       std::lock_guard<std::mutex> rlk(recv_mu_);
-      for (auto it = recvs_.begin(); it != recvs_.end();) {
+      while (!recv_deadlines_.empty() && recv_deadlines_.begin()->first <= now) {
+        auto [deadline, rid] = *recv_deadlines_.begin();
+        recv_deadlines_.erase(recv_deadlines_.begin());
+        auto it = recvs_.find(rid);
+        if (it == recvs_.end() || it->second.deadline != deadline) continue;
         RecvRecord& rec = it->second;
-        if (rec.result.status == Status::kPending && rec.deadline && now >= *rec.deadline) {
-          fail_recv_locked(rec, Status::kTimedOut,
-                           "expected " + std::to_string(rec.result.nbytes_expected) +
-                               " B, received " + std::to_string(rec.result.nbytes_received) +
-                               " B before the deadline");
+        fail_recv_locked(rec, Status::kTimedOut,
+                         "expected " + std::to_string(rec.result.nbytes_expected) +
+                             " B, received " + std::to_string(rec.result.nbytes_received) +
+                             " B before the deadline");
+      }
+      while (!recvs_settled_.empty() && now - recvs_settled_.front().first > retention) {
+        auto it = recvs_.find(recvs_settled_.front().second);
+        if (it != recvs_.end() && it->second.settled &&
+            it->second.settled_at == recvs_settled_.front().first) {
+          recvs_.erase(it);
         }
-        if (rec.settled && now - rec.settled_at > retention) {
-          it = recvs_.erase(it);
-        } else {
-          ++it;
-        }
+        recvs_settled_.pop_front();
       }
     }
-    std::vector<std::pair<Ticket, std::string>> expired;
+    std::vector<Ticket> expired;
     {
       std::lock_guard<std::mutex> tlk(tickets_mu_);
-      for (auto it = tickets_.begin(); it != tickets_.end();) {
-        TicketRecord& rec = it->second;
-        if (rec.result.status == Status::kPending && rec.deadline && now >= *rec.deadline &&
-            !rec.cancel_requested) {
-          rec.cancel_requested = true;
-          expired.emplace_back(it->first, "not acknowledged before the deadline");
-        }
-        if (rec.result.status != Status::kPending && now - rec.settled_at > retention) {
-          it = tickets_.erase(it);
-        } else {
-          ++it;
-        }
+      while (!ticket_deadlines_.empty() && ticket_deadlines_.begin()->first <= now) {
+        Ticket ticket = ticket_deadlines_.begin()->second;
+        ticket_deadlines_.erase(ticket_deadlines_.begin());
+        auto it = tickets_.find(ticket);
+        if (it == tickets_.end() || it->second.result.status != Status::kPending) continue;
+        it->second.cancel_requested = true;
+        expired.push_back(ticket);
+      }
+      while (!tickets_settled_.empty() && now - tickets_settled_.front().first > retention) {
+        tickets_.erase(tickets_settled_.front().second);
+        tickets_settled_.pop_front();
       }
     }
-    for (const auto& [ticket, why] : expired) {
-      transport_->cancel("", ticket, Status::kTimedOut, why, /*wait=*/false);
+    for (Ticket ticket : expired) {
+      transport_->cancel("", ticket, Status::kTimedOut, "not acknowledged before the deadline",
+                         /*wait=*/false);
     }
     lk.lock();
   }
@@ -568,6 +584,8 @@ void TransferEngine::batch_done(Ticket ticket, Status status, const std::string&
     if (it == tickets_.end() || it->second.result.status != Status::kPending) return;
     TicketRecord& rec = it->second;
     rec.settled_at = Clock::now();
+    tickets_settled_.emplace_back(rec.settled_at, ticket);
+    --num_pending_tickets_;
     rec.result.status = status;
     rec.result.error = error;
     rec.result.seconds = seconds_between(rec.start, rec.settled_at);
@@ -598,13 +616,7 @@ void TransferEngine::remote_abort(const std::string& request_id, const std::stri
     std::lock_guard<std::mutex> lk(recv_mu_);
     auto it = recvs_.find(request_id);
     if (it == recvs_.end()) {
-      RecvRecord& rec = recvs_[request_id];
-      rec.result.request_id = request_id;
-      rec.result.status = Status::kAborted;
-      rec.result.error = why;
-      rec.start = Clock::now();
-      rec.settled = true;
-      rec.settled_at = rec.start;
+      add_abort_mark_locked(request_id, why);
     } else {
       fail_recv_locked(it->second, Status::kAborted, why);
     }

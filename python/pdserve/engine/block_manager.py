@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-try:
-    from pdserve.cache import BlockPool, RadixTree, Tier
-except ImportError:  # TEMPORARY until branch `core` lands (removed on merge)
-    from pdserve.engine._interim_cache import BlockPool, RadixTree, Tier
+from pdserve.cache import BlockPool, RadixTree, Tier
 from pdserve.engine.sequence import Sequence
 
 

@@ -131,18 +131,27 @@ class LLMEngine:
         mode: RequestMode = RequestMode.COLOCATED,
         num_peer_cached_tokens: int = 0,
         first_token_id: int | None = None,
+        pin_on_finish: bool = False,
     ) -> None:
-        """Queues a request (see DESIGN §3 for the modes). Raises ValueError on bad input, taking nothing."""
+        """Queues a request (see DESIGN §3 for the modes). Raises ValueError on bad input, taking nothing.
+
+        pin_on_finish: a finished request keeps its blocks (get_block_ids / get_token_ids still work)
+        until release_request, e.g. to send the decoded KV back to the prefill instance (dcache).
+        PREFILL_ONLY requests are always pinned.
+        """
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self._seqs:
             raise ValueError(f"request {request_id!r} is already in the engine")
         if mode is RequestMode.DECODE_ONLY:
-            self._add_decode_only(request_id, prompt_token_ids, params, first_token_id)
+            self._add_decode_only(
+                request_id, prompt_token_ids, params, first_token_id, pin_on_finish
+            )
             return
         tokens = self._validate_prompt(request_id, prompt_token_ids)
         seq = Sequence(request_id, tokens, len(tokens), params, mode, self._next_arrival())
+        seq.pin_on_finish = pin_on_finish
         if mode is RequestMode.PREFILL_ONLY:
             bs = self.config.block_size
             if not 0 <= num_peer_cached_tokens <= len(tokens) or num_peer_cached_tokens % bs:
@@ -162,6 +171,7 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         first_token_id: int | None,
+        pin_on_finish: bool,
     ) -> None:
         if not self.block_manager.has_reservation(request_id):
             raise ValueError(
@@ -186,12 +196,14 @@ class LLMEngine:
         seq.block_ids = reservation.block_ids
         seq.num_computed_tokens = len(tokens)
         seq.num_cached_tokens = reservation.num_cached_tokens
+        seq.pin_on_finish = pin_on_finish
         self._seqs[request_id] = seq
         reason = self.scheduler.check_stop(seq)
         if reason is not None:  # the first token already ends it
             self.scheduler._finish(seq, reason)
             self._pending.append(self._output(seq))
-            del self._seqs[request_id]
+            if seq.status is SequenceStatus.FINISHED:
+                del self._seqs[request_id]
             return
         self.scheduler.add(seq)
 
@@ -238,6 +250,14 @@ class LLMEngine:
         if seq is None:
             raise KeyError(f"unknown request {request_id!r}")
         return list(seq.block_ids)
+
+    def get_token_ids(self, request_id: str) -> tuple[list[int], int]:
+        """(prompt + generated token ids, num_computed_tokens) of a live or pinned request: tokens
+        [0, num_computed_tokens) have their KV in get_block_ids(request_id)."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            raise KeyError(f"unknown request {request_id!r}")
+        return list(seq.token_ids), seq.num_computed_tokens
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)

@@ -173,7 +173,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
-        if reason == FINISH_PREFILLED or (seq.mode is RequestMode.PREFILL_ONLY and seq.block_ids):
+        if seq.pin_on_finish or seq.mode is RequestMode.PREFILL_ONLY:
             seq.status = SequenceStatus.PINNED  # blocks stay until release_request
         else:
             self.block_manager.release(seq, cache=True)

@@ -56,6 +56,7 @@ class Sequence:
     num_new_tokens_unreported: int = 0  # generated tokens not yet returned by step()
     finish_reason: str | None = None
     num_preemptions: int = 0
+    pin_on_finish: bool = False  # keep the blocks after finishing until release_request (dcache)
 
     @property
     def num_tokens(self) -> int:

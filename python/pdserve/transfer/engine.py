@@ -115,8 +115,8 @@ class TransferEngine:
         port: int = 0,
         *,
         stall_timeout_s: float = 30.0,
-        max_message_nbytes: int = 8 << 20,
-        retention_s: float = 300.0,
+        max_message_nbytes: int = 1 << 20,
+        retention_s: float = 60.0,
     ) -> None:
         self._native = _transfer.Engine(
             backend=backend,

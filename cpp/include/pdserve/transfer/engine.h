@@ -25,7 +25,7 @@ namespace pdserve::transfer {
 struct EngineConfig {
   std::string backend = "tcp";
   TransportConfig transport;
-  double retention_s = 300.0;  // finished tickets / receives stay queryable this long
+  double retention_s = 60.0;  // finished tickets / receives (and abort marks) are kept this long
 };
 
 class TransferEngine final : private TransportHost {
@@ -139,6 +139,8 @@ class TransferEngine final : private TransportHost {
   // Marks a pending receive terminal; settles it when nothing is in flight. Caller holds recv_mu_.
   void fail_recv_locked(RecvRecord& record, Status status, const std::string& error);
   void settle_recv_locked(RecvRecord& record);
+  // Records that request_id was aborted before it was expected here. Caller holds recv_mu_.
+  void add_abort_mark_locked(const std::string& request_id, const std::string& error);
   void push_completion(Completion completion);
   void reaper_loop();
 
@@ -155,12 +157,19 @@ class TransferEngine final : private TransportHost {
   mutable std::mutex recv_mu_;
   std::condition_variable recv_cv_;
   std::unordered_map<std::string, RecvRecord> recvs_;
+  // Deadlines and settle order, so the reaper touches only what expired: O(expired), not O(all).
+  std::multimap<Clock::time_point, std::string> recv_deadlines_;
+  std::deque<std::pair<Clock::time_point, std::string>> recvs_settled_;
+  uint64_t num_pending_recvs_ = 0;  // == records with !settled
   uint64_t recvs_done_ = 0, recvs_timed_out_ = 0, recvs_aborted_ = 0, recvs_failed_ = 0;
   double recv_seconds_ = 0.0;
 
   mutable std::mutex tickets_mu_;
   std::condition_variable tickets_cv_;
   std::unordered_map<Ticket, TicketRecord> tickets_;
+  std::multimap<Clock::time_point, Ticket> ticket_deadlines_;
+  std::deque<std::pair<Clock::time_point, Ticket>> tickets_settled_;
+  uint64_t num_pending_tickets_ = 0;  // == records with status kPending
   Ticket next_ticket_ = 1;
 
   mutable std::mutex stats_mu_;
