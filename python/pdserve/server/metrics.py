@@ -81,6 +81,7 @@ class ServerMetrics:
         )
         self._last_bytes = {"sent": 0, "received": 0}
         self._last_seconds = 0.0
+        self._last_counts: dict[str, int] = {}
 
     def update_from_stats(self, stats: dict) -> None:
         """Set gauges from an instance's stats dict (see InstanceServer.stats)."""
@@ -92,7 +93,14 @@ class ServerMetrics:
             name = TIER_NAMES.get(tier.get("tier"), str(tier.get("tier")))
             for state in ("free", "cached", "in_use", "reserved", "total"):
                 self.blocks.labels(tier=name, state=state).set(tier.get(f"num_{state}", 0))
-        self.cache_hit_tokens.set(stats.get("num_hit_tokens", 0))
+        for counter, key in (
+            (self.cache_hit_tokens, "num_hit_tokens"),
+            (self.prefill_computed_tokens, "num_computed_prefill_tokens"),
+        ):
+            delta = stats.get(key, 0) - self._last_counts.get(key, 0)
+            if delta > 0:
+                counter.inc(delta)
+                self._last_counts[key] = stats.get(key, 0)
 
     def sync_transfer(self, bytes_sent: int, bytes_received: int, seconds_receiving: float) -> None:
         """Counters from the transport's running totals."""
