@@ -49,10 +49,11 @@ class ServerMetrics:
         self.blocks = Gauge(
             f"{p}_kv_blocks", "KV blocks by tier and state", ["tier", "state"], registry=r
         )
-        self.cache_hit_tokens = Gauge(
-            f"{p}_cache_hit_tokens_total_now",
-            "prompt tokens served from the radix cache (cumulative)",
-            registry=r,
+        self.cache_hit_tokens = Counter(
+            f"{p}_prefix_cache_hit_tokens", "prompt tokens served from the radix cache", registry=r
+        )
+        self.prefill_computed_tokens = Counter(
+            f"{p}_prefill_computed_tokens", "prompt tokens actually computed", registry=r
         )
         self.transfer_bytes = Counter(
             f"{p}_kv_transfer_bytes", "KV bytes moved between instances", ["direction"], registry=r
