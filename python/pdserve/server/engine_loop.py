@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -85,9 +86,9 @@ class EngineLoop:
         else:
             self._loop.call_soon_threadsafe(_set_result, fut, result)
 
-    def _next_command(self, block: bool):
+    def _next_command(self, block: bool, timeout: float = 0.5):
         try:
-            return self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            return self._commands.get(timeout=timeout) if block else self._commands.get_nowait()
         except queue.Empty:
             return ...
 
@@ -102,10 +103,19 @@ class EngineLoop:
                     self._run_command(item)
                     item = self._next_command(block=False)
                 if self._has_work(self.engine):
+                    started = time.perf_counter()
                     outputs = self.engine.step()
                     self.num_steps += 1
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, list(outputs))
+                    elif time.perf_counter() - started < 1e-4:
+                        # Work that cannot run yet (e.g. waiting for blocks held by reservations):
+                        # wait for a command instead of spinning a core.
+                        item = self._next_command(block=True, timeout=0.005)
+                        if item is None:
+                            return
+                        if item is not ...:
+                            self._run_command(item)
         except BaseException as exc:  # noqa: BLE001 - the server reports it on /health
             self.error = exc
             log.error("engine thread died:\n%s", traceback.format_exc())
