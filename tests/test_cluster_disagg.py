@@ -23,6 +23,8 @@ BS = 16
 COMMON = [
     "--model",
     "tiny",
+    "--device",
+    "cpu",
     "--kv-cache-gb",
     "0.02",
     "--block-size",

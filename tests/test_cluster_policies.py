@@ -18,6 +18,8 @@ from pdserve.server.policies import InstanceSnapshot, RouteContext, make_policy
 COMMON = [
     "--model",
     "tiny",
+    "--device",
+    "cpu",
     "--kv-cache-gb",
     "0.02",
     "--scheduler",

@@ -57,6 +57,7 @@ class InstanceRecord:
     pending_dcache: set = field(default_factory=set)
     # one pull of events at a time: two overlapping pulls could apply an insert after its evict
     refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    healthy: bool = True  # False after a failed call: not routed to until a stats pull succeeds
 
     def snapshot(self) -> InstanceSnapshot:
         s = self.stats
@@ -248,6 +249,7 @@ class GlobalScheduler:
             rec.event_seq = first + len(events)
             rec.stats = s
             rec.last_seen = time.monotonic()
+            rec.healthy = True
 
     async def _poll_loop(self) -> None:
         while True:
@@ -258,6 +260,7 @@ class GlobalScheduler:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001
+                    rec.healthy = False
                     if time.monotonic() - rec.last_seen > self.config.instance_timeout:
                         log.warning("instance %s gone (%s)", rec.instance_id, exc)
                         self.instances.pop(rec.instance_id, None)
@@ -333,18 +336,24 @@ class GlobalScheduler:
 
     # ----------------------------------------------------------------- HTTP helpers
     async def _get(self, url: str) -> dict:
-        async with self._session.get(url) as resp:
-            data = await resp.json()
-            if resp.status != 200:
-                raise ClusterError(_message(data, resp.status), resp.status)
-            return data
+        try:
+            async with self._session.get(url) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise ClusterError(f"{url}: {exc!r}", 502) from exc
+        if resp.status != 200:
+            raise ClusterError(_message(data, resp.status), resp.status)
+        return data
 
     async def _post(self, url: str, payload: dict) -> dict:
-        async with self._session.post(url, json=payload) as resp:
-            data = await resp.json()
-            if resp.status != 200:
-                raise ClusterError(_message(data, resp.status), resp.status)
-            return data
+        try:
+            async with self._session.post(url, json=payload) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise ClusterError(f"{url}: {exc!r}", 502) from exc
+        if resp.status != 200:
+            raise ClusterError(_message(data, resp.status), resp.status)
+        return data
 
     async def _release(
         self, rec: InstanceRecord | None, request_id: str, abort: bool = False
@@ -446,7 +455,7 @@ class GlobalScheduler:
 
     # ----------------------------------------------------------------- routing
     def _candidates(self, role: str) -> list[InstanceSnapshot]:
-        return [r.snapshot() for r in self.instances.values() if r.role == role]
+        return [r.snapshot() for r in self.instances.values() if r.role == role and r.healthy]
 
     def route(self, token_ids: list[int]) -> tuple[InstanceRecord, InstanceRecord | None]:
         """(P, D) for a prompt; D is None for a colocated instance. Raises ClusterError if none."""
@@ -478,12 +487,25 @@ class GlobalScheduler:
         p, d = self.route(token_ids)
         self.route_log.append((request_id, p.instance_id, d.instance_id if d else None))
         del self.route_log[:-1000]
-        if d is None:
-            async for delta in self._colocated(p, request_id, token_ids, req):
-                yield delta
-        else:
-            async for delta in self._disaggregated(p, d, request_id, token_ids, req):
-                yield delta
+        try:
+            if d is None:
+                async for delta in self._colocated(p, request_id, token_ids, req):
+                    yield delta
+            else:
+                async for delta in self._disaggregated(p, d, request_id, token_ids, req):
+                    yield delta
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # an instance went away mid-request (its blocks were released on the way out)
+            for rec in (p, d):
+                if rec is not None:
+                    rec.healthy = False
+            raise ClusterError(f"request {request_id} lost an instance: {exc!r}", 502) from exc
+        except ClusterError as exc:
+            if exc.status == 502:
+                for rec in (p, d):
+                    if rec is not None:
+                        rec.healthy = False
+            raise
 
     async def _ndjson_lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
         async for raw in resp.content:
