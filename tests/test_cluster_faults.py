@@ -105,15 +105,22 @@ def post_error(url: str, body: dict) -> tuple[int, str]:
     return info.value.code, json.loads(info.value.read())["error"]["message"]
 
 
+def pid(url: str) -> str:
+    return http_json(f"{url}/internal/v1/info")["instance_id"]
+
+
 def test_reservation_released_by_hand(cluster):
     d = cluster["decode"]
+    p_id = pid(cluster["prefill"])
     res = http_json(
-        f"{d}/internal/v1/reserve", {"request_id": "t-res-1", "prompt_token_ids": list(range(40))}
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-res-1", "prompt_token_ids": list(range(40)), "peer_id": p_id},
     )
     assert len(res["block_ids"]) == 3 and res["num_expected_bytes"] > 0
     assert held(d)["num_reservations"] == 1
     code, msg = post_error(
-        f"{d}/internal/v1/reserve", {"request_id": "t-res-1", "prompt_token_ids": [1, 2]}
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-res-1", "prompt_token_ids": [1, 2], "peer_id": p_id},
     )
     assert code == 409 and "already" in msg
     assert http_json(f"{d}/internal/v1/release", {"request_id": "t-res-1"})["released"]
@@ -128,7 +135,8 @@ def test_prefill_that_cannot_deliver_releases_both_sides(cluster):
     peer_id = http_json(f"{d}/internal/v1/info")["instance_id"]
     prompt = list(range(100, 150))
     res = http_json(
-        f"{d}/internal/v1/reserve", {"request_id": "t-pf-1", "prompt_token_ids": prompt}
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-pf-1", "prompt_token_ids": prompt, "peer_id": pid(p)},
     )
     body = {
         "request_id": "t-pf-1",
@@ -149,7 +157,12 @@ def test_prefill_that_cannot_deliver_releases_both_sides(cluster):
 def test_decode_gives_up_when_the_kv_never_comes(cluster):
     d = cluster["decode"]
     prompt = list(range(60, 90))
-    http_json(f"{d}/internal/v1/reserve", {"request_id": "t-to-1", "prompt_token_ids": prompt})
+    reserve = {
+        "request_id": "t-to-1",
+        "prompt_token_ids": prompt,
+        "peer_id": pid(cluster["prefill"]),
+    }
+    http_json(f"{d}/internal/v1/reserve", reserve)
     t0 = time.monotonic()
     code, msg = post_error(
         f"{d}/internal/v1/decode",

@@ -172,12 +172,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="watermark evictor: demote/free unreferenced cache blocks past a threshold",
     )
     c.add_argument(
-        "--kv-transport",
-        choices=("auto", "tcp", "http"),
-        default="auto",
-        help="how KV moves between instances: tcp (the C++ transfer engine; auto when built), http (Python stand-in)",
-    )
-    c.add_argument(
         "--transfer-port", type=int, default=0, help="KV transfer listening port (0: any free port)"
     )
     c.add_argument(
@@ -229,7 +223,6 @@ class ServeConfig:
     host_kv_cache_gb: float | None = None
     use_agg_block: bool = False
     enable_radix_evictor: bool = False
-    kv_transport: str = "auto"
     transfer_port: int = 0
     transfer_timeout: float = 60.0
     tensor_parallel_size: int = 1
@@ -340,7 +333,6 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
         host_kv_cache_gb=args.host_kv_cache_gb,
         use_agg_block=args.use_agg_block,
         enable_radix_evictor=args.enable_radix_evictor,
-        kv_transport=args.kv_transport,
         transfer_port=args.transfer_port,
         transfer_timeout=args.transfer_timeout,
         tensor_parallel_size=args.tensor_parallel_size,

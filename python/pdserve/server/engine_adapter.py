@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.server.cli_serve import ConfigError, ServeConfig
-from pdserve.server.kv_pieces import LayoutInfo
 from pdserve.server.protocol import SamplingSpec
 
 
@@ -210,10 +209,6 @@ def has_work(engine) -> bool:
         if fn is not None:
             return bool(fn())
     return not engine.is_finished()
-
-
-def kv_layout(engine) -> LayoutInfo:
-    return LayoutInfo.from_any(engine.kv_layout())
 
 
 def output_fields(out) -> tuple[str, list[int], str | None, int | None]:

@@ -20,7 +20,6 @@ from pdserve.server import engine_adapter as ea
 from pdserve.server.cli_serve import ConfigError, ServeConfig
 from pdserve.server.engine_loop import ENGINE_DEAD, EngineLoop
 from pdserve.server.instance_pd import PDHandlersMixin, Peer, PrefillState, json_error
-from pdserve.server.kv_pieces import LayoutInfo
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_render import TokenDelta, render_response
 from pdserve.server.protocol import (
@@ -30,7 +29,8 @@ from pdserve.server.protocol import (
     parse_chat,
     parse_completion,
 )
-from pdserve.server.transport import KVTransport, make_transport
+from pdserve.server.transport import KVLinks, transfer_layout
+from pdserve.transfer import KVLayout
 
 log = logging.getLogger("pdserve.instance")
 MAX_EVENT_LOG = 200_000
@@ -47,8 +47,8 @@ class InstanceServer(PDHandlersMixin):
         self.engine = None
         self.loop_thread: EngineLoop | None = None
         self.tokenizer = None
-        self.layout: LayoutInfo | None = None
-        self.transport: KVTransport | None = None
+        self.layout: KVLayout | None = None
+        self.transport: KVLinks | None = None  # None on a colocated instance
         self.peers: dict[str, Peer] = {}
         self.prefills: dict[
             str, PrefillState
@@ -70,22 +70,20 @@ class InstanceServer(PDHandlersMixin):
         loop = asyncio.get_running_loop()
         self.engine = await loop.run_in_executor(None, ea.build_engine, self.config)
         self.tokenizer = ea.engine_tokenizer(self.engine)
-        self.layout = ea.kv_layout(self.engine)
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
-        try:
-            self.transport = make_transport(
-                self.config.kv_transport,
-                loop,
-                host,
-                self.config.transfer_port,
-                self.url,
-                self.layout,
-                self.config.transfer_timeout,
-            )
-        except ValueError as exc:
-            if self.config.role != "both":
+        self.layout = transfer_layout(self.engine.kv_layout())
+        if self.config.role != "both":
+            host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
+            try:
+                self.transport = KVLinks(
+                    loop,
+                    host,
+                    self.config.transfer_port,
+                    self.layout,
+                    self.instance_id,
+                    self.config.transfer_timeout,
+                )
+            except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
-            self.transport = make_transport("http", loop, host, 0, self.url, self.layout, 1.0)
         ea.set_layer_hook(self.engine, self._layer_hook)
         self.loop_thread = EngineLoop(self.engine, loop, ea.has_work)
         self.loop_thread.start()
@@ -122,7 +120,6 @@ class InstanceServer(PDHandlersMixin):
         r.add_post("/internal/v1/decode", self.h_decode)
         r.add_post("/internal/v1/release", self.h_release)
         r.add_post("/internal/v1/link", self.h_link)
-        r.add_post("/internal/v1/kv/{request_id}", self.h_kv)
         r.add_post("/internal/v1/dcache/reserve", self.h_dcache_reserve)
         r.add_post("/internal/v1/dcache/send", self.h_dcache_send)
         r.add_post("/internal/v1/dcache/commit", self.h_dcache_commit)
@@ -162,6 +159,7 @@ class InstanceServer(PDHandlersMixin):
             return ea.stats(engine), ea.check_invariants(engine), ea.drain_cache_events(engine)
 
         engine_stats, invariant_error, events = await self.call(collect)
+        t = self.transport
         self._append_events(events)
         s = dict(engine_stats)
         s.update(
@@ -173,10 +171,10 @@ class InstanceServer(PDHandlersMixin):
                 "num_reservations": len(self.reservations),
                 "num_pinned_prefills": len(self.prefills),
                 "num_dcache_reservations": len(self.dcache_reservations),
-                "num_pending_transfers": self.transport.num_pending(),
-                "kv_bytes_sent": self.transport.bytes_sent,
-                "kv_bytes_received": self.transport.bytes_received,
-                "kv_seconds_receiving": self.transport.seconds_receiving,
+                "num_pending_transfers": t.num_pending() if t else 0,
+                "kv_bytes_sent": t.bytes_sent if t else 0,
+                "kv_bytes_received": t.bytes_received if t else 0,
+                "kv_seconds_receiving": t.seconds_receiving if t else 0.0,
                 "num_prefill_computed_tokens": self.num_prefill_computed_tokens,
                 "num_requests_served": self.num_requests_served,
                 "event_seq": self.event_log_first_seq + len(self.event_log),
@@ -315,8 +313,9 @@ class InstanceServer(PDHandlersMixin):
     async def h_metrics(self, request):
         s = await self.stats()
         self.metrics.update_from_stats(s)
-        t = self.transport
-        self.metrics.sync_transfer(t.bytes_sent, t.bytes_received, t.seconds_receiving)
+        self.metrics.sync_transfer(
+            s["kv_bytes_sent"], s["kv_bytes_received"], s["kv_seconds_receiving"]
+        )
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     # ----------------------------------------------------------------- internal API

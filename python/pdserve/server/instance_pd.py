@@ -17,9 +17,9 @@ import aiohttp
 from aiohttp import web
 
 from pdserve.server import engine_adapter as ea
-from pdserve.server.kv_pieces import LayoutInfo, build_pieces, merge_pieces
 from pdserve.server.protocol import ProtocolError, SamplingSpec
 from pdserve.server.transport import TransferAborted
+from pdserve.transfer import KVLayout, check_compatible
 
 log = logging.getLogger("pdserve.instance")
 
@@ -37,9 +37,9 @@ class PrefillState:
     peer_block_ids: list[int]
     layerwise: bool
     sent_per_layer: list[int]
-    whole_items: list[tuple[int, list[int], list[int]]] = field(
-        default_factory=list
-    )  # (layer, local, remote)
+    # whole-request mode: (local, remote) block ids gathered as the last layer completes them
+    whole_local: list[int] = field(default_factory=list)
+    whole_remote: list[int] = field(default_factory=list)
     error: str | None = None
     nbytes_sent: int = 0
 
@@ -48,7 +48,7 @@ class PrefillState:
 class Peer:
     peer_id: str
     url: str
-    layout: LayoutInfo
+    layout: KVLayout
     incarnation: str | None = None
 
 
@@ -62,10 +62,15 @@ class PDHandlersMixin:
             body = await self._body(request)
             request_id = str(body["request_id"])
             token_ids = [int(t) for t in body["prompt_token_ids"]]
+            peer_id = str(body["peer_id"])  # the prefill instance that will send the KV
         except ProtocolError as exc:
             return web.json_response(exc.to_json(), status=exc.status)
         except (KeyError, TypeError, ValueError) as exc:
-            return json_error(400, f"reserve needs request_id and prompt_token_ids: {exc}")
+            return json_error(400, f"reserve needs request_id, prompt_token_ids and peer_id: {exc}")
+        if peer_id not in self.peers:
+            return json_error(
+                409, f"no link to prefill instance {peer_id}; link first (pdserve link)"
+            )
         if request_id in self.reservations:
             return json_error(409, f"request {request_id} already holds a reservation here")
         try:
@@ -76,8 +81,11 @@ class PDHandlersMixin:
                     ProtocolError(str(exc), 503).to_json(), status=503, headers={"Retry-After": "1"}
                 )
             return json_error(400, f"reserve failed: {exc}")
-        nbytes = len(res.new_block_ids) * self.layout.num_layers * self.layout.piece_nbytes
-        self.transport.expect(request_id, nbytes)
+        try:
+            nbytes = self.transport.expect(peer_id, request_id, len(res.new_block_ids))
+        except Exception as exc:  # noqa: BLE001 - give the blocks back before answering
+            await self._abort_and_release(request_id)
+            return json_error(409, f"cannot expect the KV of {request_id}: {exc}")
         loop = asyncio.get_running_loop()
         # A reservation nobody uses (scheduler gone) expires instead of holding blocks forever.
         self.reservations[request_id] = loop.call_later(
@@ -148,14 +156,16 @@ class PDHandlersMixin:
                 finish_reason = d.finish_reason
             if state.error:
                 raise RuntimeError(state.error)
-            if not layerwise and state.whole_items:
-                self._send_whole(state, peer)
+            if not layerwise and state.whole_local:
+                state.nbytes_sent += self.transport.push_request(
+                    peer_id, request_id, state.whole_local, state.whole_remote
+                )
             if state.sent_per_layer and min(state.sent_per_layer) != len(peer_block_ids):
                 raise RuntimeError(
                     f"prefill of {request_id} handed {state.sent_per_layer} blocks per layer to the transfer, "
                     f"the decode peer reserved {len(peer_block_ids)}"
                 )
-            await self.transport.flush(request_id)
+            await self.transport.flush(peer_id, request_id)
             ok = True
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler, which releases D
             log.warning("prefill %s failed: %s", request_id, exc)
@@ -197,22 +207,16 @@ class PDHandlersMixin:
                     )
                 state.sent_per_layer[layer_idx] += len(block_ids)
                 if state.layerwise:
-                    peer = self.peers[state.peer_id]
-                    pieces = build_pieces(self.layout, peer.layout, [layer_idx], block_ids, remote)
-                    self.transport.send(state.peer_id, state.request_id, pieces)
-                    state.nbytes_sent += sum(n for _, _, n in pieces)
-                else:
-                    state.whole_items.append((layer_idx, block_ids, remote))
+                    state.nbytes_sent += self.transport.push_layer(
+                        state.peer_id, state.request_id, layer_idx, block_ids, remote
+                    )
+                elif (
+                    layer_idx == len(state.sent_per_layer) - 1
+                ):  # all layers of these blocks are done
+                    state.whole_local.extend(block_ids)
+                    state.whole_remote.extend(remote)
             except Exception as exc:  # noqa: BLE001 - never kill the engine thread; the handler reports it
                 state.error = f"KV send failed: {exc}"
-
-    def _send_whole(self, state: PrefillState, peer: Peer) -> None:
-        pieces = []
-        for layer_idx, local, remote in state.whole_items:
-            pieces.extend(build_pieces(self.layout, peer.layout, [layer_idx], local, remote))
-        pieces = merge_pieces(pieces)
-        self.transport.send(state.peer_id, state.request_id, pieces)
-        state.nbytes_sent += sum(n for _, _, n in pieces)
 
     async def _release_prefill(self, request_id: str) -> bool:
         state = self.prefills.pop(request_id, None)
@@ -283,34 +287,21 @@ class PDHandlersMixin:
             return json_error(400, f"link needs peer_url: {exc}")
         try:
             info = body.get("peer_info") or await self._get_json(f"{peer_url}/internal/v1/info")
-            layout = LayoutInfo.from_any(info["layout"])
-            why = self.layout.compatible_with(layout)
-            if why:
-                return json_error(400, f"cannot link to {info['instance_id']}: {why}")
-            known = self.peers.get(info["instance_id"])
-            if known is None or known.incarnation != info.get("incarnation"):
-                await self.transport.connect(info["instance_id"], info["transfer"])
+            if self.transport is None or not info.get("transfer"):
+                return json_error(400, "colocated (--role both) instances do not link")
+            layout = KVLayout.from_dict(info["transfer"]["layout"])
+            check_compatible(self.layout, layout)
+            await self.transport.link(info["instance_id"], info["transfer"])
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return json_error(502, f"peer {peer_url} unreachable: {exc}")
-        except ValueError as exc:
-            return json_error(400, str(exc))
+        except (ValueError, RuntimeError) as exc:
+            return json_error(400, f"cannot link to {peer_url}: {exc}")
         self.peers[info["instance_id"]] = Peer(
             info["instance_id"], peer_url, layout, info.get("incarnation")
         )
         return web.json_response(
             {"linked": True, "instance_id": self.instance_id, "peer_id": info["instance_id"]}
         )
-
-    async def h_kv(self, request):
-        request_id = request.match_info["request_id"]
-        body = await request.read()
-        try:
-            n = self.transport.receive(request_id, body)
-        except TransferAborted as exc:
-            return json_error(409, str(exc))
-        except ValueError as exc:
-            return json_error(400, str(exc))
-        return web.json_response({"received": n})
 
     # ---- dcache: D's finished sequence's new blocks go back to P
     async def h_dcache_reserve(self, request):
@@ -320,10 +311,13 @@ class PDHandlersMixin:
             body = await self._body(request)
             request_id = str(body["request_id"])
             token_ids = [int(t) for t in body["token_ids"]]
+            peer_id = str(body["peer_id"])  # the decode instance that sends the blocks back
         except ProtocolError as exc:
             return web.json_response(exc.to_json(), status=exc.status)
         except (KeyError, TypeError, ValueError) as exc:
-            return json_error(400, f"dcache/reserve needs request_id and token_ids: {exc}")
+            return json_error(400, f"dcache/reserve needs request_id, token_ids and peer_id: {exc}")
+        if peer_id not in self.peers:
+            return json_error(409, f"no link to decode instance {peer_id}")
         bs = self.config.block_size
         token_ids = token_ids[: len(token_ids) // bs * bs]
         key = f"{request_id}.dcache"
@@ -332,8 +326,11 @@ class PDHandlersMixin:
         except Exception as exc:  # noqa: BLE001 - dcache is best effort
             return json_error(503, f"no room for the back-transfer: {exc}")
         self.dcache_reservations[request_id] = (res.cached_block_ids, res.new_block_ids)
-        nbytes = len(res.new_block_ids) * self.layout.num_layers * self.layout.piece_nbytes
-        self.transport.expect(key, nbytes)
+        try:
+            self.transport.expect(peer_id, key, len(res.new_block_ids))
+        except Exception as exc:  # noqa: BLE001
+            await self._release_dcache(request_id)
+            return json_error(409, f"cannot expect the back-transfer of {request_id}: {exc}")
         return web.json_response(
             {
                 "num_cached_tokens": res.num_cached_tokens,
@@ -359,11 +356,9 @@ class PDHandlersMixin:
                 400,
                 f"dcache/send needs request_id, token_ids, peer_id, from_block, peer_block_ids: {exc}",
             )
-        peer = self.peers.get(peer_id)
-        if peer is None:
+        if peer_id not in self.peers:
             return json_error(409, f"no link to prefill instance {peer_id}")
         key = f"{request_id}.dcache"
-        layout = self.layout
 
         def lock_and_send(engine):
             # Lock what this instance holds of the sequence (its radix tree kept it at finish) and send it;
@@ -373,22 +368,17 @@ class PDHandlersMixin:
                 held = res.cached_block_ids[from_block : from_block + len(peer_block_ids)]
                 if len(held) < len(peer_block_ids):
                     return 0, 0  # evicted meanwhile: send nothing, P drops its reservation
-                pieces = build_pieces(
-                    layout,
-                    peer.layout,
-                    list(range(layout.num_layers)),
-                    held,
-                    peer_block_ids[: len(held)],
+                nbytes = self.transport.push_request(
+                    peer_id, key, held, peer_block_ids[: len(held)]
                 )
-                self.transport.send(peer_id, key, pieces)
-                return len(held), sum(n for _, _, n in pieces)
+                return len(held), nbytes
             except BaseException:
                 ea.release(engine, key)
                 raise
 
         try:
             num_blocks, nbytes = await self.call(lock_and_send)
-            await self.transport.flush(key)
+            await self.transport.flush(peer_id, key)
         except Exception as exc:  # noqa: BLE001
             await self.transport.abort(key)
             return json_error(500, f"dcache send failed: {exc}")

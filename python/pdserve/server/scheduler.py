@@ -553,7 +553,11 @@ class GlobalScheduler:
             try:
                 res = await self._post(
                     f"{d.url}/internal/v1/reserve",
-                    {"request_id": request_id, "prompt_token_ids": token_ids},
+                    {
+                        "request_id": request_id,
+                        "prompt_token_ids": token_ids,
+                        "peer_id": p.instance_id,
+                    },
                 )
             finally:
                 d.inflight_reserved_blocks -= num_blocks
@@ -650,7 +654,8 @@ class GlobalScheduler:
         if not tokens:
             return
         res = await self._post(
-            f"{p.url}/internal/v1/dcache/reserve", {"request_id": request_id, "token_ids": tokens}
+            f"{p.url}/internal/v1/dcache/reserve",
+            {"request_id": request_id, "token_ids": tokens, "peer_id": d.instance_id},
         )
         try:
             if not res["block_ids"]:
