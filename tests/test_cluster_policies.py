@@ -27,7 +27,7 @@ COMMON = [
     "--enable-radix-caching",
     "--enable-layer",
 ]
-POLICIES = ("rr", "random", "prefix", "least")
+POLICIES = ("rr", "random", "prefix", "least", "cost")
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +130,13 @@ def test_random_is_the_seeded_sequence(cluster):
     assert [(r[1], r[2]) for r in routes] == expected
 
 
-def test_prefix_follows_the_cached_prompt(cluster):
-    rr, prefix = cluster["sched"]["rr"], cluster["sched"]["prefix"]
-    a = [(i * 7 + 1) % 250 for i in range(64)]
-    b = [(i * 5 + 2) % 250 for i in range(64)]
+@pytest.mark.parametrize("policy", ["prefix", "cost"])
+def test_prefix_and_cost_follow_the_cached_prompt(cluster, policy):
+    """With idle instances, `cost` reduces to cache affinity too (uncached compute and transfer)."""
+    rr, prefix = cluster["sched"]["rr"], cluster["sched"][policy]
+    salt = 0 if policy == "prefix" else 100
+    a = [(i * 7 + 1 + salt) % 250 for i in range(64)]
+    b = [(i * 5 + 2 + salt) % 250 for i in range(64)]
     send(rr, a)
     route_a = last_route(rr)
     send(rr, b)

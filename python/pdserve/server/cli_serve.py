@@ -300,6 +300,10 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
     if args.host_kv_cache_gb is not None and not args.enable_trans_to_dram:
         raise ConfigError("--host-kv-cache-gb sizes the DRAM tier; add --enable-trans-to-dram")
     notes = []
+    if role == "both" and args.enable_layer:
+        notes.append(
+            "--enable-layer: a colocated instance sends no KV; the flag matters with --enable-separate"
+        )
     if args.worker_use_ray:
         notes.append(
             "--worker-use-ray: accepted; with --tensor-parallel-size 1 there are no workers to launch"

@@ -54,7 +54,8 @@ class InstanceRecord:
     registered: bool = True  # False: fixed by --prefill/--decode (polled, never forgotten)
     inflight_prefill_tokens: int = 0  # dispatched by us, not yet prefilled
     inflight_reserved_blocks: int = 0
-    pending_dcache: set = field(default_factory=set)
+    # back-transfers into this (prefill) instance still running: task -> the sequence's token ids
+    pending_dcache: dict = field(default_factory=dict)
     # one pull of events at a time: two overlapping pulls could apply an insert after its evict
     refresh_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     healthy: bool = True  # False after a failed call: not routed to until a stats pull succeeds
@@ -562,8 +563,11 @@ class GlobalScheduler:
             finally:
                 d.inflight_reserved_blocks -= num_blocks
             d_reserved = True
-            if p.pending_dcache:  # the previous turn's KV may be on its way back to P
-                await asyncio.wait(list(p.pending_dcache), timeout=5)
+            # the previous turn of this conversation may still be sending its KV back to P: wait for it
+            # (only for sequences this prompt extends, so unrelated requests never wait)
+            earlier = [t for t, seq in p.pending_dcache.items() if token_ids[: len(seq)] == seq]
+            if earlier:
+                await asyncio.wait(earlier, timeout=5)
             layerwise = self.config.layerwise
             if layerwise is None:
                 layerwise = bool(p.info.get("flags", {}).get("enable_layer", False))
@@ -630,17 +634,27 @@ class GlobalScheduler:
     # ----------------------------------------------------------------- after a request
     def _after_request(self, p, d, request_id: str, all_tokens: list[int] | None) -> None:
         """Back-transfer (dcache) and a mirror refresh, off the response path."""
-        task = asyncio.create_task(self._after_request_task(p, d, request_id, all_tokens))
-        p.pending_dcache.add(task)
-        task.add_done_callback(p.pending_dcache.discard)
+        dcache = self.config.dcache
+        if dcache is None and d is not None:
+            dcache = bool(d.info.get("flags", {}).get("enable_dcache", False))
+        # the blocks go into P's radix tree: pointless when P does not cache
+        dcache = bool(
+            dcache
+            and d is not None
+            and all_tokens is not None
+            and p.info.get("flags", {}).get("enable_radix_caching", False)
+        )
+        task = asyncio.create_task(
+            self._after_request_task(p, d, request_id, all_tokens if dcache else None)
+        )
+        if dcache:
+            p.pending_dcache[task] = all_tokens
+            task.add_done_callback(lambda t: p.pending_dcache.pop(t, None))
 
-    async def _after_request_task(self, p, d, request_id, all_tokens) -> None:
+    async def _after_request_task(self, p, d, request_id, dcache_tokens) -> None:
         try:
-            dcache = self.config.dcache
-            if dcache is None and d is not None:
-                dcache = bool(d.info.get("flags", {}).get("enable_dcache", False))
-            if d is not None and dcache and all_tokens is not None:
-                await self._back_transfer(p, d, request_id, all_tokens)
+            if dcache_tokens is not None:
+                await self._back_transfer(p, d, request_id, dcache_tokens)
             for rec in (p, d):
                 if rec is not None and rec.instance_id in self.instances:
                     await self._refresh(rec)
