@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Shapes of well-known checkpoints, used with random weights for benchmarks and demos (SPEC §2).
@@ -195,7 +195,6 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_radix_caching: bool = False
     tensor_parallel_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kv_layout not in KV_LAYOUTS:
