@@ -45,6 +45,7 @@ class EngineStats:
     num_computed_prefill_tokens: int  # cumulative prompt tokens actually computed
     num_generated_tokens: int
     num_preemptions: int
+    num_queued_prefill_tokens: int  # prompt tokens of waiting/running requests not computed yet
     block_size: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -341,6 +342,10 @@ class LLMEngine:
             num_computed_prefill_tokens=self.scheduler.num_computed_prefill_tokens,
             num_generated_tokens=self.num_generated_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            num_queued_prefill_tokens=sum(
+                max(0, s.num_prompt_tokens - s.num_computed_tokens)
+                for s in [*self.scheduler.waiting, *self.scheduler.running]
+            ),
             block_size=self.config.block_size,
         )
 
