@@ -343,6 +343,11 @@ PYBIND11_MODULE(_core, m) {
                        py::object host_high, py::object host_low) {
              double hh = host_high.is_none() ? -1.0 : host_high.cast<double>();
              double hl = host_low.is_none() ? -1.0 : host_low.cast<double>();
+             if ((!host_high.is_none() && hh < 0) || (!host_low.is_none() && hl < 0)) {
+               throw py::value_error("Evictor: HOST watermarks must satisfy 0 <= low <= high <= 1, "
+                                     "got high=" + std::to_string(hh) + " low=" +
+                                     std::to_string(hl));
+             }
              return std::make_shared<Evictor>(std::move(tree), gpu_high, gpu_low, hh, hl);
            }),
            py::arg("tree"), py::arg("gpu_high"), py::arg("gpu_low"),
