@@ -35,6 +35,9 @@ def test_random_add_abort_step(ckpt, seed):
         max_num_seqs=5,
         max_num_batched_tokens=24,
         enable_radix_caching=True,
+        enable_radix_evictor=seed == 1,  # the watermark evictor on top of on-demand eviction
+        evictor_high_watermark=0.8,
+        evictor_low_watermark=0.5,
     )
     pending = list(prompts)
     live: set[str] = set()
