@@ -194,3 +194,43 @@ def test_finished_records_are_forgotten_after_retention():
         assert wait_until(lambda: sender.poll(ticket) is None and receiver.poll_recv("old") is None)
         with pytest.raises(ValueError, match="unknown ticket"):
             sender.wait(ticket)
+
+
+def test_garbage_from_a_peer_drops_only_that_connection():
+    with TransferEngine() as receiver, TransferEngine() as sender:
+        dst = np.zeros(4096, dtype=np.uint8)
+        src = np.ones(4096, dtype=np.uint8)
+        receiver.register_memory(dst)
+        sender.register_memory(src)
+        sender.connect(receiver.address)
+        host, port = receiver.address.split(":")
+        with socket.create_connection((host, int(port))) as rogue:
+            text = b"127.0.0.1:1"
+            rogue.sendall(HEADER.pack(MAGIC, 1, 0, 0, 0, len(text), 0, 0) + text)  # HELLO
+            ack = HEADER.unpack(rogue.recv(HEADER.size, socket.MSG_WAITALL))
+            assert ack[1] == HELLO_ACK
+            assert rogue.recv(ack[5], socket.MSG_WAITALL).decode() == receiver.address
+            # A DATA frame whose pieces claim more bytes than its payload: a protocol error.
+            rid = b"rogue"
+            rogue.sendall(
+                HEADER.pack(MAGIC, 3, 1, len(rid), 1, 0, 7, 8)
+                + rid
+                + struct.pack("<QQ", dst.ctypes.data, 4096)
+                + b"x" * 8
+            )
+            rogue.settimeout(5)
+            assert rogue.recv(1) == b""  # the receiver hung up on it
+        assert not dst.any()
+        receiver.expect("fine", 4096, timeout_s=10)
+        ticket = sender.send(receiver.address, "fine", [(src.ctypes.data, dst.ctypes.data, 4096)])
+        assert sender.wait(ticket, 10).ok and receiver.wait_recv("fine", 10).ok
+        assert dst.all()
+
+
+def test_port_in_use_raises_transfer_error():
+    from pdserve.transfer import TransferError
+
+    with TransferEngine() as first:
+        port = int(first.address.rsplit(":", 1)[1])
+        with pytest.raises(TransferError, match="bind"):
+            TransferEngine(port=port)
