@@ -518,6 +518,7 @@ class TcpTransport final : public Transport {
     }
     if (!r.ok) {
       conn->dead = true;
+      ::shutdown(conn->fd, SHUT_RDWR);
       return;
     }
     {
@@ -594,6 +595,8 @@ class TcpTransport final : public Transport {
       }
     }
     conn->dead = true;
+    // Hang up now so the sender's batches fail at once; the fd is closed when the reader is reaped.
+    ::shutdown(conn->fd, SHUT_RDWR);
     {
       std::lock_guard<std::mutex> lk(mu_);
       in_.erase(std::remove(in_.begin(), in_.end(), conn), in_.end());
