@@ -139,9 +139,11 @@ def test_close_fails_pending_expects():
 
 
 class SilentPeer:
-    """A TCP peer that completes the handshake and then never reads: a hung receiver."""
+    """A TCP peer that completes the handshake and then never reads (a hung receiver), or with
+    drain=True reads and drops everything but never acknowledges."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain: bool = False) -> None:
+        self.drain = drain
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.sock.bind(("127.0.0.1", 0))
@@ -158,6 +160,8 @@ class SilentPeer:
         conn.recv(text_len, socket.MSG_WAITALL)
         text = self.address.encode()
         conn.sendall(HEADER.pack(MAGIC, HELLO_ACK, 0, 0, 0, len(text), 0, 0) + text)
+        while self.drain and conn.recv(1 << 20):
+            pass
 
     def close(self) -> None:
         for c in self.conns:
@@ -234,3 +238,20 @@ def test_port_in_use_raises_transfer_error():
         port = int(first.address.rsplit(":", 1)[1])
         with pytest.raises(TransferError, match="bind"):
             TransferEngine(port=port)
+
+
+def test_send_deadline_without_an_ack():
+    peer = SilentPeer(drain=True)
+    with TransferEngine() as sender:
+        src = np.ones(1 << 20, dtype=np.uint8)
+        sender.register_memory(src)
+        sender.connect(peer.address)
+        t0 = time.monotonic()
+        ticket = sender.send(
+            peer.address, "noack", [(src.ctypes.data, 4096, src.nbytes)], timeout_s=0.3
+        )
+        result = sender.wait(ticket, 10)
+        assert result.status == "timed_out" and "deadline" in result.error, result
+        assert time.monotonic() - t0 < 2
+        assert sender.connected(peer.address)  # the channel itself is fine
+    peer.close()

@@ -176,10 +176,15 @@ class TcpTransport final : public Transport {
       std::vector<std::shared_ptr<OutBatch>> finished;
       {
         std::unique_lock<std::mutex> lk(conn->mu);
+        std::vector<std::shared_ptr<OutBatch>> written;  // fully sent, awaiting the reply
         for (auto& [t, b] : conn->batches) {
           if (!matches(*b)) continue;
           b->cancelled = true;
           b->set_outcome(status, reason);
+          if (b->writing_done) written.push_back(b);
+        }
+        for (auto& b : written) {
+          if (try_finish_locked(*conn, b)) finished.push_back(b);
         }
         // Batches not being written right now leave the queue at once.
         for (auto it = conn->queue.begin(); it != conn->queue.end();) {
