@@ -220,3 +220,42 @@ def test_kv_layout_addresses_match_tensor(ckpt):
         )
         assert piece.numel() * piece.element_size() == kv.piece_nbytes
         assert kv.nbytes == kv.num_layers * kv.num_blocks * kv.piece_nbytes
+
+
+def test_prefill_only_preempted_mid_prompt_sends_each_block_once(ckpt):
+    """A prefill-only request preempted after sending some blocks goes on from where it was: the
+    peer's blocks stay valid (recomputed KV is identical), so nothing is sent twice."""
+    expected = _colocated(ckpt, PROMPT, GREEDY)
+    p = _engine(ckpt, num_kv_blocks=9, block_size=8, max_num_batched_tokens=16)
+    d = _engine(ckpt, block_size=8)
+    reservation = d.reserve("pf", PROMPT)
+    sent_per_layer = [0] * p.model_config.num_hidden_layers
+
+    def hook(layer_idx, items):
+        for request_id, block_ids in items:
+            if request_id != "pf":
+                continue
+            start = sent_per_layer[layer_idx]
+            _copy_layer(
+                p,
+                d,
+                layer_idx,
+                block_ids,
+                reservation.new_block_ids[start : start + len(block_ids)],
+            )
+            sent_per_layer[layer_idx] += len(block_ids)
+
+    p.layer_hook = hook
+    p.add_request("hog", [256] + list(range(1, 30)), SamplingParams(max_tokens=40, ignore_eos=True))
+    p.add_request("pf", PROMPT, GREEDY, mode=RequestMode.PREFILL_ONLY)
+    first = None
+    while p.has_unfinished():
+        for out in p.step():
+            if out.request_id == "pf" and out.finished:
+                first = out.new_token_ids[0]
+    assert p.stats().num_preemptions >= 1
+    assert sent_per_layer == [len(reservation.new_block_ids)] * p.model_config.num_hidden_layers
+    p.release_request("pf")
+    d.add_request("pf", PROMPT, GREEDY, mode=RequestMode.DECODE_ONLY, first_token_id=first)
+    assert [first] + _run(d)["pf"] == expected
+    _assert_clean(p, d)

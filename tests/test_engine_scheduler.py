@@ -79,3 +79,14 @@ def test_finished_blocks_are_cached_and_evicted_on_demand():
     s.add(Sequence("c", [50] * 14, 14, SamplingParams(max_tokens=1)))  # needs all 4 blocks: evicts
     assert _step(s, bm)[0] == [("c", 14)]
     bm.check_invariants()
+
+
+def test_watermark_evictor_frees_cached_prefixes():
+    bm = BlockManager(10, 4, True, evictor_watermarks=(0.5, 0.2))
+    s = Scheduler(bm, [999], 4, 64, 1000, True)
+    s.add(_seq("a", 25, max_tokens=1))  # 25 computed tokens: 6 whole blocks cached at finish
+    _step(s, bm)
+    assert bm.pool.num_cached == 6
+    assert bm.run_evictor() >= 4 and bm.pool.num_cached <= 2  # 60% used > 50%: down to <= 20%
+    assert bm.run_evictor() == 0
+    bm.check_invariants()

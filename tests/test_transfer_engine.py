@@ -189,3 +189,20 @@ def test_blocking_calls_release_the_gil(pair):
         count += 1
     waiter.join()
     assert count > 10_000  # this thread ran Python while the other one waited
+
+
+def test_a_long_batch_does_not_hold_up_another_request():
+    with TransferEngine(max_message_nbytes=256 << 10) as a, TransferEngine() as b:
+        src = np.full(128 << 20, 3, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        a.register_memory(src)
+        b.register_memory(dst)
+        a.connect(b.address)
+        b.expect("whole", 64 << 20, timeout_s=30)
+        b.expect("layer", 4096, timeout_s=30)
+        big = a.send(b.address, "whole", [(addr(src), addr(dst), 64 << 20)])
+        small = a.send(b.address, "layer", [(addr(src, 64 << 20), addr(dst, 64 << 20), 4096)])
+        assert a.wait(small, 10).ok
+        assert a.poll(big).status == "pending"  # 256 messages; "layer" went after the first few
+        assert a.wait(big, 30).ok and b.wait_recv("whole", 10).ok
+        assert np.array_equal(dst[: (64 << 20) + 4096], src[: (64 << 20) + 4096])

@@ -19,7 +19,7 @@ MAGIC, HELLO_ACK = 0x46544450, 2
 @pytest.fixture
 def pair():
     sender, receiver = TransferEngine(max_message_nbytes=1 << 20), TransferEngine()
-    src = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)
+    src = np.full(64 << 20, 7, dtype=np.uint8)
     dst = np.zeros(64 << 20, dtype=np.uint8)
     sender.register_memory(src)
     receiver.register_memory(dst)
@@ -139,9 +139,11 @@ def test_close_fails_pending_expects():
 
 
 class SilentPeer:
-    """A TCP peer that completes the handshake and then never reads: a hung receiver."""
+    """A TCP peer that completes the handshake and then never reads (a hung receiver), or with
+    drain=True reads and drops everything but never acknowledges."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain: bool = False) -> None:
+        self.drain = drain
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.sock.bind(("127.0.0.1", 0))
@@ -158,6 +160,8 @@ class SilentPeer:
         conn.recv(text_len, socket.MSG_WAITALL)
         text = self.address.encode()
         conn.sendall(HEADER.pack(MAGIC, HELLO_ACK, 0, 0, 0, len(text), 0, 0) + text)
+        while self.drain and conn.recv(1 << 20):
+            pass
 
     def close(self) -> None:
         for c in self.conns:
@@ -194,3 +198,60 @@ def test_finished_records_are_forgotten_after_retention():
         assert wait_until(lambda: sender.poll(ticket) is None and receiver.poll_recv("old") is None)
         with pytest.raises(ValueError, match="unknown ticket"):
             sender.wait(ticket)
+
+
+def test_garbage_from_a_peer_drops_only_that_connection():
+    with TransferEngine() as receiver, TransferEngine() as sender:
+        dst = np.zeros(4096, dtype=np.uint8)
+        src = np.ones(4096, dtype=np.uint8)
+        receiver.register_memory(dst)
+        sender.register_memory(src)
+        sender.connect(receiver.address)
+        host, port = receiver.address.split(":")
+        with socket.create_connection((host, int(port))) as rogue:
+            text = b"127.0.0.1:1"
+            rogue.sendall(HEADER.pack(MAGIC, 1, 0, 0, 0, len(text), 0, 0) + text)  # HELLO
+            ack = HEADER.unpack(rogue.recv(HEADER.size, socket.MSG_WAITALL))
+            assert ack[1] == HELLO_ACK
+            assert rogue.recv(ack[5], socket.MSG_WAITALL).decode() == receiver.address
+            # A DATA frame whose pieces claim more bytes than its payload: a protocol error.
+            rid = b"rogue"
+            rogue.sendall(
+                HEADER.pack(MAGIC, 3, 1, len(rid), 1, 0, 7, 8)
+                + rid
+                + struct.pack("<QQ", dst.ctypes.data, 4096)
+                + b"x" * 8
+            )
+            rogue.settimeout(5)
+            assert rogue.recv(1) == b""  # the receiver hung up on it
+        assert not dst.any()
+        receiver.expect("fine", 4096, timeout_s=10)
+        ticket = sender.send(receiver.address, "fine", [(src.ctypes.data, dst.ctypes.data, 4096)])
+        assert sender.wait(ticket, 10).ok and receiver.wait_recv("fine", 10).ok
+        assert dst.all()
+
+
+def test_port_in_use_raises_transfer_error():
+    from pdserve.transfer import TransferError
+
+    with TransferEngine() as first:
+        port = int(first.address.rsplit(":", 1)[1])
+        with pytest.raises(TransferError, match="bind"):
+            TransferEngine(port=port)
+
+
+def test_send_deadline_without_an_ack():
+    peer = SilentPeer(drain=True)
+    with TransferEngine() as sender:
+        src = np.ones(1 << 20, dtype=np.uint8)
+        sender.register_memory(src)
+        sender.connect(peer.address)
+        t0 = time.monotonic()
+        ticket = sender.send(
+            peer.address, "noack", [(src.ctypes.data, 4096, src.nbytes)], timeout_s=0.3
+        )
+        result = sender.wait(ticket, 10)
+        assert result.status == "timed_out" and "deadline" in result.error, result
+        assert time.monotonic() - t0 < 2
+        assert sender.connected(peer.address)  # the channel itself is fine
+    peer.close()

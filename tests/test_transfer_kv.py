@@ -3,6 +3,8 @@ as the KV memory: layer-wise and whole-request, both layouts (also mixed), exact
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,29 @@ def test_kv_receiver_without_domain(engines):
     send.push_request("x", [0, 1, 2], [3, 4, 5])
     assert send.wait("x", 10).ok and recv.wait("x", 10).ok
     assert torch.equal(d_kv[3:6], p_kv[0:3])
+
+
+def test_asyncio_layer_wise_push_with_an_abort(engines):
+    p_kv, d_kv = make_kv(LAYER_MAJOR, fill=True), make_kv(BLOCK_MAJOR, fill=False)
+    p_side, d_side = link(*engines, p_kv, d_kv, LAYER_MAJOR, BLOCK_MAJOR)
+
+    async def main():
+        ids = [f"r{i}" for i in range(8)]
+        for rid in ids:
+            d_side.receiver.expect(rid, 2, timeout_s=20)
+        receives = [asyncio.ensure_future(d_side.receiver.wait_async(rid)) for rid in ids]
+        d_side.receiver.abort("r3", "client disconnected")
+        for layer_idx in range(NUM_LAYERS):  # as the layer hook would, request by request
+            for i, rid in enumerate(ids):
+                p_side.sender.push_layer(rid, layer_idx, [2 * i, 2 * i + 1], [2 * i, 2 * i + 1])
+        sends = await asyncio.gather(*(p_side.sender.wait_async(rid) for rid in ids))
+        return sends, await asyncio.gather(*receives)
+
+    sends, recvs = asyncio.run(asyncio.wait_for(main(), 30))
+    for i, (sent, got) in enumerate(zip(sends, recvs, strict=True)):
+        if i == 3:
+            assert sent.status in ("aborted", "failed") and got.status == "aborted"
+            assert not d_kv[6:8].any()
+        else:
+            assert sent.ok and got.ok, (sent, got)
+            assert torch.equal(d_kv[2 * i : 2 * i + 2].transpose(0, 1), p_kv[:, 2 * i : 2 * i + 2])

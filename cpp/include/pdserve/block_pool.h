@@ -107,7 +107,10 @@ class BlockPool {
     bool reserved = false;  // held by a reservation (which holds one of ref_count)
   };
 
-  void check_id_locked(BlockId block_id, const char* what) const;
+  void check_id_locked(BlockId block_id, const char* what) const {
+    if (block_id < 0 || block_id >= num_total_) throw_unknown_id(block_id, what);
+  }
+  [[noreturn]] void throw_unknown_id(BlockId block_id, const char* what) const;
   void allocate_locked(int32_t num_blocks, std::vector<BlockId>* out);
   void check_can_allocate_locked(int32_t num_blocks) const;
   void decref_one_locked(BlockId block_id);

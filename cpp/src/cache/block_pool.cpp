@@ -39,13 +39,11 @@ int32_t BlockPool::num_reserved() const {
   return num_reserved_;
 }
 
-void BlockPool::check_id_locked(BlockId block_id, const char* what) const {
-  if (block_id < 0 || block_id >= num_total_) {
-    std::ostringstream msg;
-    msg << what << ": unknown block id " << block_id << " (" << pool_name(tier_) << " has ids 0.."
-        << num_total_ - 1 << ")";
-    throw std::invalid_argument(msg.str());
-  }
+void BlockPool::throw_unknown_id(BlockId block_id, const char* what) const {
+  std::ostringstream msg;
+  msg << what << ": unknown block id " << block_id << " (" << pool_name(tier_) << " has ids 0.."
+      << num_total_ - 1 << ")";
+  throw std::invalid_argument(msg.str());
 }
 
 bool BlockPool::can_allocate(int32_t num_blocks) const {

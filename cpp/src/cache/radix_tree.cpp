@@ -42,6 +42,7 @@ struct Node {
   std::vector<BlockId> pending_block_ids;  // ticket destination blocks, parallel to block_ids
   std::vector<uint64_t> block_hashes;      // chained hashes (when recording events)
   std::vector<Node*> children;
+  uint64_t child_key = 0;  // content_key() of the first block, the key in the parent's index
   std::unique_ptr<std::unordered_multimap<uint64_t, Node*>> child_index;
   // Membership in the candidate sets (at most one evict set plus the demote set).
   bool in_evict_set = false;
@@ -129,8 +130,18 @@ class RadixTree::Impl {
 
   const int32_t* first_block(const Node* n) const { return n->tokens.data(); }
 
+  // Hash-index key of a block's tokens (children are verified with memcmp, so this only has to
+  // spread well): two independent multiply chains, cheaper than the chained block hash.
   uint64_t content_key(const int32_t* block) const {
-    return hash_block(0, block, static_cast<size_t>(bs_));
+    uint64_t a = 0x243F6A8885A308D3ULL, b = 0x13198A2E03707344ULL;
+    int32_t i = 0;
+    for (; i + 1 < bs_; i += 2) {
+      a = (a ^ static_cast<uint32_t>(block[i])) * 0x9E3779B97F4A7C15ULL;
+      b = (b ^ static_cast<uint32_t>(block[i + 1])) * 0xC2B2AE3D27D4EB4FULL;
+    }
+    if (i < bs_) a = (a ^ static_cast<uint32_t>(block[i])) * 0x9E3779B97F4A7C15ULL;
+    uint64_t h = a ^ ((b << 31) | (b >> 33));
+    return h ^ (h >> 29);
   }
 
   Node* find_child(const Node* n, const int32_t* block) const {
@@ -150,21 +161,22 @@ class RadixTree::Impl {
 
   void add_child(Node* parent, Node* child) {
     child->parent = parent;
+    child->child_key = content_key(first_block(child));
     child->index_in_parent = parent->children.size();
     parent->children.push_back(child);
     if (child->tier == Tier::kGpu) ++parent->num_gpu_children;
     if (parent->child_index) {
-      parent->child_index->emplace(content_key(first_block(child)), child);
+      parent->child_index->emplace(child->child_key, child);
     } else if (parent->children.size() > kIndexThreshold) {
       parent->child_index = std::make_unique<std::unordered_multimap<uint64_t, Node*>>();
       for (Node* c : parent->children) {
-        parent->child_index->emplace(content_key(first_block(c)), c);
+        parent->child_index->emplace(c->child_key, c);
       }
     }
   }
 
   void erase_from_index(Node* parent, Node* child) {
-    auto range = parent->child_index->equal_range(content_key(first_block(child)));
+    auto range = parent->child_index->equal_range(child->child_key);
     for (auto it = range.first; it != range.second; ++it) {
       if (it->second == child) {
         parent->child_index->erase(it);
@@ -210,12 +222,20 @@ class RadixTree::Impl {
     }
   }
 
+  // Moves a listed node to its new LRU position by re-linking its set nodes (no allocation).
   void touch(Node* n, uint64_t now) {
     if (n->last_access == now) return;
-    bool listed = n->in_evict_set || n->in_demote_set;
-    if (listed) unlist(n);
+    if (!n->in_evict_set && !n->in_demote_set) {
+      n->last_access = now;
+      return;
+    }
+    CandidateSet& evict_set = evict_sets_[static_cast<int>(n->tier)];
+    CandidateSet::node_type evict_handle, demote_handle;
+    if (n->in_evict_set) evict_handle = evict_set.extract(n->evict_it);
+    if (n->in_demote_set) demote_handle = demote_set_.extract(n->demote_it);
     n->last_access = now;
-    if (listed) relist(n);
+    if (n->in_evict_set) n->evict_it = evict_set.insert(std::move(evict_handle)).position;
+    if (n->in_demote_set) n->demote_it = demote_set_.insert(std::move(demote_handle)).position;
   }
 
   // Splits n after its first k blocks; returns the new upper node (n keeps the rest). Neither
@@ -245,9 +265,10 @@ class RadixTree::Impl {
     Node* parent = n->parent;
     upper->parent = parent;
     upper->index_in_parent = n->index_in_parent;
+    upper->child_key = n->child_key;
     parent->children[n->index_in_parent] = upper;
     if (parent->child_index) {
-      auto range = parent->child_index->equal_range(content_key(first_block(upper)));
+      auto range = parent->child_index->equal_range(upper->child_key);
       for (auto it = range.first; it != range.second; ++it) {
         if (it->second == n) it->second = upper;
       }

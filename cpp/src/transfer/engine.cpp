@@ -347,7 +347,10 @@ void TransferEngine::abort(const std::string& request_id, const std::string& rea
     } else {
       fail_recv_locked(it->second, Status::kAborted, reason);
       // Writes in flight finish (bounded by one message) before the caller may reuse the blocks.
-      recv_cv_.wait(lk, [&] { return recvs_.at(request_id).settled; });
+      recv_cv_.wait(lk, [&] {
+        auto found = recvs_.find(request_id);
+        return found == recvs_.end() || found->second.settled;
+      });
     }
   }
   transport_->cancel(request_id, 0, Status::kAborted, reason, /*wait=*/true);

@@ -48,8 +48,9 @@ struct OutBatch {
 };
 
 // A connection we opened to a receiver. Invariant (under mu): every unfinished batch is in
-// `batches`; those not fully written are also in `queue`, in submission order; `writing` is the
-// batch whose bytes the writer thread is sending right now (outside mu), or null.
+// `batches`; those not fully written are also in `queue` (round-robin across requests, submission
+// order within one request); `writing` is the batch whose bytes the writer thread is sending right
+// now (outside mu), or null.
 struct OutConn {
   std::string peer;
   int fd = -1;
@@ -175,10 +176,15 @@ class TcpTransport final : public Transport {
       std::vector<std::shared_ptr<OutBatch>> finished;
       {
         std::unique_lock<std::mutex> lk(conn->mu);
+        std::vector<std::shared_ptr<OutBatch>> written;  // fully sent, awaiting the reply
         for (auto& [t, b] : conn->batches) {
           if (!matches(*b)) continue;
           b->cancelled = true;
           b->set_outcome(status, reason);
+          if (b->writing_done) written.push_back(b);
+        }
+        for (auto& b : written) {
+          if (try_finish_locked(*conn, b)) finished.push_back(b);
         }
         // Batches not being written right now leave the queue at once.
         for (auto it = conn->queue.begin(); it != conn->queue.end();) {
@@ -404,9 +410,17 @@ class TcpTransport final : public Transport {
         b->next_piece = piece_idx;
         b->next_offset = offset;
         if (last || b->cancelled || conn->dead) {
-          if (!conn->queue.empty() && conn->queue.front() == b) conn->queue.pop_front();
+          auto it = std::find(conn->queue.begin(), conn->queue.end(), b);
+          if (it != conn->queue.end()) conn->queue.erase(it);
           b->writing_done = true;
           if (try_finish_locked(*conn, b)) finished.push_back(b);
+        } else {
+          // Fairness across requests: after one message of a long batch, the other requests'
+          // batches go first (a whole-request push must not hold up another request's layer).
+          // Batches of one request keep their order.
+          const std::string& rid = b->batch.request_id;
+          std::stable_partition(conn->queue.begin(), conn->queue.end(),
+                                [&](const auto& x) { return x->batch.request_id != rid; });
         }
         conn->cv.notify_all();
       }
@@ -518,6 +532,7 @@ class TcpTransport final : public Transport {
     }
     if (!r.ok) {
       conn->dead = true;
+      ::shutdown(conn->fd, SHUT_RDWR);
       return;
     }
     {
@@ -594,6 +609,8 @@ class TcpTransport final : public Transport {
       }
     }
     conn->dead = true;
+    // Hang up now so the sender's batches fail at once; the fd is closed when the reader is reaped.
+    ::shutdown(conn->fd, SHUT_RDWR);
     {
       std::lock_guard<std::mutex> lk(mu_);
       in_.erase(std::remove(in_.begin(), in_.end(), conn), in_.end());

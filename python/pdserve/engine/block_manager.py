@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.cache import BlockPool, RadixTree, Tier
+from pdserve.cache import BlockPool, Evictor, RadixTree, Tier
 from pdserve.engine.sequence import Sequence
 
 
@@ -38,10 +38,23 @@ class Reservation:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_radix_caching: bool):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_radix_caching: bool,
+        evictor_watermarks: tuple[float, float] | None = None,
+    ):
+        """evictor_watermarks (high, low): run the C++ watermark evictor after each step (caching only)."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, Tier.GPU)
         self.tree = RadixTree(block_size, self.pool) if enable_radix_caching else None
+        self.evictor = (
+            Evictor(self.tree, *evictor_watermarks)
+            if self.tree is not None and evictor_watermarks is not None
+            else None
+        )
+        self.num_evicted_blocks = 0  # by the watermark evictor (stats)
         # request_id -> reservation; the cached part's references are ours, the new part is held
         # by the pool's reservation of the same id until take_reservation()/release_reservation()
         self._reservations: dict[str, Reservation] = {}
@@ -176,6 +189,15 @@ class BlockManager:
             int(self.pool.release_reservation(request_id)) if reservation.new_block_ids else 0
         )
         return released + len(reservation.cached_block_ids)
+
+    def run_evictor(self) -> int:
+        """Brings pool use under the low watermark when above the high one; returns blocks freed."""
+        if self.evictor is None:
+            return 0
+        plan = self.evictor.plan()  # no host tier here, so never a demote ticket
+        freed = len(plan.freed_gpu_block_ids)
+        self.num_evicted_blocks += freed
+        return freed
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Shapes of well-known checkpoints, used with random weights for benchmarks and demos (SPEC §2).
@@ -194,8 +194,12 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
     enable_radix_caching: bool = False
+    # --enable-radix-evictor: after each step, when more than the high watermark of the KV pool is
+    # used (in use + cached), drop least-recently-used cached prefixes down to the low watermark
+    enable_radix_evictor: bool = False
+    evictor_high_watermark: float = 0.9
+    evictor_low_watermark: float = 0.7
     tensor_parallel_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kv_layout not in KV_LAYOUTS:
@@ -217,6 +221,15 @@ class EngineConfig:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.enable_radix_evictor and not self.enable_radix_caching:
+            raise ValueError(
+                "enable_radix_evictor needs enable_radix_caching (it evicts cached prefixes)"
+            )
+        if not 0.0 < self.evictor_low_watermark < self.evictor_high_watermark <= 1.0:
+            raise ValueError(
+                f"need 0 < evictor_low_watermark ({self.evictor_low_watermark}) < "
+                f"evictor_high_watermark ({self.evictor_high_watermark}) <= 1"
+            )
         if self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet (issue 5); use 1"

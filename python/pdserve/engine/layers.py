@@ -211,9 +211,18 @@ class RotaryEmbedding(nn.Module):
         half = x.shape[-1] // 2
         return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos_cached[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = self.sin_cached[positions].to(q.dtype).unsqueeze(1)
+        """cos, sin [T, 1, D] for positions [T]; computed once per forward and shared by all layers."""
+        return (
+            self.cos_cached[positions].to(dtype).unsqueeze(1),
+            self.sin_cached[positions].to(dtype).unsqueeze(1),
+        )
+
+    def forward(
+        self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H, D], k [T, KVH, D] rotated by cos_sin (from cos_sin())."""
+        cos, sin = cos_sin
         return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin

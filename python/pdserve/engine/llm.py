@@ -75,6 +75,8 @@ class LLM:
         try:
             while len(reasons) < len(ids):
                 for out in self.engine.step():
+                    if out.request_id not in generated:
+                        continue  # a request someone else added to this engine
                     generated[out.request_id].extend(out.new_token_ids)
                     if out.finished:
                         reasons[out.request_id] = out.finish_reason

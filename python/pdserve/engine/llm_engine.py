@@ -45,6 +45,8 @@ class EngineStats:
     num_computed_prefill_tokens: int  # cumulative prompt tokens actually computed
     num_generated_tokens: int
     num_preemptions: int
+    num_queued_prefill_tokens: int  # prompt tokens of waiting/running requests not computed yet
+    num_evicted_blocks: int  # cumulative, by the watermark evictor
     block_size: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -69,7 +71,12 @@ class LLMEngine:
         eos_ids = mc.eos_token_ids or self.tokenizer.eos_token_ids
         self.runner = ModelRunner(cfg, mc)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, cfg.block_size, cfg.enable_radix_caching
+            self.runner.num_blocks,
+            cfg.block_size,
+            cfg.enable_radix_caching,
+            (cfg.evictor_high_watermark, cfg.evictor_low_watermark)
+            if cfg.enable_radix_evictor
+            else None,
         )
         self.scheduler = Scheduler(
             self.block_manager,
@@ -300,6 +307,7 @@ class LLMEngine:
 
         token_ids = self.runner.run(batch, after_layer)
         self.scheduler.postprocess(batch, token_ids)
+        self.block_manager.run_evictor()
         for seq in batch.seqs:
             if seq.num_new_tokens_unreported or seq.is_finished:
                 outputs.append(self._output(seq))
@@ -341,6 +349,11 @@ class LLMEngine:
             num_computed_prefill_tokens=self.scheduler.num_computed_prefill_tokens,
             num_generated_tokens=self.num_generated_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            num_queued_prefill_tokens=sum(
+                max(0, s.num_prompt_tokens - s.num_computed_tokens)
+                for s in [*self.scheduler.waiting, *self.scheduler.running]
+            ),
+            num_evicted_blocks=self.block_manager.num_evicted_blocks,
             block_size=self.config.block_size,
         )
 

@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         hidden: torch.Tensor,
         kv_layer: torch.Tensor | None,
         meta: AttentionMetadata | None,
@@ -62,7 +62,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(cos_sin, q, k)
         if kv_layer is None:  # profiling run without a cache: one causal sequence
             out = causal_attention_no_cache(q, k, v, self.attn.scale)
         else:
@@ -92,8 +92,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp_size, tp_rank)
 
-    def forward(self, positions, hidden, kv_layer, meta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_layer, meta)
+    def forward(self, cos_sin, hidden, kv_layer, meta) -> torch.Tensor:
+        hidden = hidden + self.self_attn(cos_sin, self.input_layernorm(hidden), kv_layer, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -147,9 +147,10 @@ class LlamaForCausalLM(nn.Module):
         kv_layers[l] is layer l's cache view [num_blocks, 2, block_size, KVH, D]; None for profiling.
         """
         hidden = self.model.embed_tokens(input_ids)
+        cos_sin = self.model.rotary.cos_sin(positions, hidden.dtype)
         for layer_idx, layer in enumerate(self.model.layers):
             hidden = layer(
-                positions, hidden, None if kv_layers is None else kv_layers[layer_idx], meta
+                cos_sin, hidden, None if kv_layers is None else kv_layers[layer_idx], meta
             )
             if after_layer is not None:
                 after_layer(layer_idx)

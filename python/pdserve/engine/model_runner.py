@@ -169,7 +169,7 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
     def _prepare(
         self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -194,22 +194,27 @@ class ModelRunner:
             seq.block_ids[:max_blocks] + [0] * (max_blocks - len(seq.block_ids[:max_blocks]))
             for seq in batch.seqs
         ]
-        dev = self.device
-
-        def t(values: list[int] | list[list[int]]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(dev, non_blocking=True)
-
+        # one host->device copy for every index tensor of the step
+        num_tokens, num_seqs = len(input_ids), len(batch.seqs)
+        flat = input_ids + positions + slot_blocks + slot_offsets + context_lens + sample_rows
+        for row in tables:
+            flat.extend(row)
+        packed = torch.tensor(flat, dtype=torch.long)
+        if self.device.type == "cuda":
+            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        sizes = [num_tokens] * 4 + [num_seqs, len(sample_rows), num_seqs * max_blocks]
+        ids_t, pos_t, blocks_t, offsets_t, ctx_t, rows_t, tables_t = packed.split(sizes)
         meta = AttentionMetadata(
-            slot_block_ids=t(slot_blocks),
-            slot_offsets=t(slot_offsets),
-            block_tables=t(tables),
-            context_lens=t(context_lens),
+            slot_block_ids=blocks_t,
+            slot_offsets=offsets_t,
+            block_tables=tables_t.view(num_seqs, max_blocks),
+            context_lens=ctx_t,
             query_start_loc=query_start_loc,
             context_lens_host=context_lens,
             block_size=bs,
             is_decode_only=all(n == 1 for n in batch.num_new_tokens),
         )
-        return t(input_ids), t(positions), meta, sample_rows
+        return ids_t, pos_t, meta, rows_t
 
     @torch.inference_mode()
     def run(
@@ -218,7 +223,7 @@ class ModelRunner:
         """Runs the batch; returns the sampled token of each sequence that reached its end (else None)."""
         input_ids, positions, meta, sample_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
-        if not sample_rows:
+        if sample_rows.numel() == 0:
             return [None] * len(batch.seqs)
         logits = self.model.compute_logits(hidden[sample_rows])
         sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]

@@ -129,7 +129,7 @@ class Scheduler:
         """Recompute preemption: computed whole blocks go to the radix tree (when on), the rest is freed."""
         self.block_manager.release(seq, cache=True)
         seq.status = SequenceStatus.WAITING
-        seq.num_sent_blocks = 0  # a prefill-only request resends from its new blocks
+        # num_sent_blocks stays: the peer already holds those blocks, and recomputed KV is identical
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -76,6 +76,17 @@ struct TransportConfig {
 };
 
 // A wire backend. Thread-safe. The engine owns it and calls start() once before anything else.
+//
+// How the planned backends fit (no change to the engine or to Python):
+// - nccl: connect() exchanges an ncclUniqueId over a TCP control channel (tcp_wire.h framing) and
+//   creates a 2-rank communicator per peer. submit() sends the piece table as a control frame, then
+//   enqueues ncclSend of each piece on options.stream after cudaStreamWaitEvent(options.ready_event);
+//   the receiver admit()s the table, enqueues the matching ncclRecv calls on its stream and calls
+//   landed() when an event recorded after them completes; the ACK returns on the control channel.
+// - cuda_ipc (P and D on one GPU): connect() fetches the peer's registered regions as
+//   cudaIpcMemHandle_t and opens them; submit() asks the receiver to admit() the pieces (control
+//   frame), cudaMemcpyAsync()s into the opened handles on options.stream, and reports landed once
+//   its event completes; supports_device_memory() and supports_streams() return true for both.
 class Transport {
  public:
   virtual ~Transport() = default;
