@@ -101,7 +101,7 @@ def _hf_greedy_gpu(model, prompt, n):
 
 
 def test_fp32_gpu_paths_equal_transformers(ckpt):
-    """fp32 on the GPU: padded decode attention, chunked prefill, prefix hits, preemption."""
+    """fp32 on the GPU: padded decode attention, chunked prefill, prefix hits, preemption, host tier."""
     hf32 = _hf(ckpt, torch.float32)
     refs = [_hf_greedy_gpu(hf32, p, 16) for p in PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -114,6 +114,13 @@ def test_fp32_gpu_paths_equal_transformers(ckpt):
             kv_layout="block-major",
         ),
         dict(num_kv_blocks=14, block_size=8),  # preemption
+        dict(
+            num_kv_blocks=16,
+            block_size=8,
+            enable_radix_caching=True,
+            enable_host_tier=True,
+            num_host_kv_blocks=40,
+        ),
     ):
         llm = LLM(ckpt, device="cuda", dtype="float32", **kw)
         for _ in range(2):  # the second round hits the prefix cache when it is on

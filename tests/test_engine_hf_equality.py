@@ -89,3 +89,29 @@ def test_preemption_by_recompute_equals_transformers(checkpoint):
         assert [o.token_ids for o in outs] == refs
         assert llm.engine.stats().num_preemptions > 0
         _assert_clean(llm)
+
+
+def test_host_tier_demote_and_promote_equal_transformers(checkpoint):
+    path, refs = checkpoint
+    llm = LLM(
+        path,
+        num_kv_blocks=16,
+        block_size=8,
+        enable_radix_caching=True,
+        enable_host_tier=True,
+        num_host_kv_blocks=40,
+    )
+    assert [o.token_ids for o in llm.generate(_prompts(), GREEDY)] == refs
+    # other traffic needs the device blocks: the cached prefixes move to the host tier, not away
+    others = [[256] + [(3 * i + 11) % 250 for i in range(n)] for n in (70, 60)]
+    llm.generate(others, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    stats = llm.engine.stats()
+    assert stats.num_demoted_blocks > 0 and stats.num_host_cached_blocks > 0
+    hits_before = stats.num_hit_tokens
+    outs = llm.generate(_prompts(), GREEDY)  # hits come back from the host tier
+    assert [o.token_ids for o in outs] == refs
+    stats = llm.engine.stats()
+    assert stats.num_promoted_blocks > 0 and stats.num_hit_tokens > hits_before
+    kinds = {e.kind for e in llm.engine.drain_cache_events()}
+    assert {"inserted", "demoted", "promoted"} <= kinds
+    _assert_clean(llm)

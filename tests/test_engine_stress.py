@@ -38,6 +38,8 @@ def test_random_add_abort_step(ckpt, seed):
         enable_radix_evictor=seed == 1,  # the watermark evictor on top of on-demand eviction
         evictor_high_watermark=0.8,
         evictor_low_watermark=0.5,
+        enable_host_tier=seed == 0,  # demote to / promote from a host tier instead of dropping
+        num_host_kv_blocks=8,
     )
     pending = list(prompts)
     live: set[str] = set()
@@ -63,6 +65,7 @@ def test_random_add_abort_step(ckpt, seed):
     stats = engine.stats()
     assert stats.num_used_blocks == 0 and stats.num_reserved_blocks == 0
     assert done and stats.num_preemptions > 0 and stats.num_hit_tokens > 0
+    assert stats.num_demoted_blocks > 0 if seed == 0 else stats.num_evicted_blocks > 0
     solo = LLMEngine(model=ckpt, num_kv_blocks=64)
     for rid in sorted(done):
         solo.add_request(rid, prompts[rid], PARAMS)

@@ -8,9 +8,10 @@ Ownership rule: a sequence holds exactly one pool reference on each id in `seq.b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pdserve.cache import BlockPool, Evictor, RadixTree, Tier
+from pdserve.cache import BlockPool, Evictor, RadixTree, Ticket, Tier
 from pdserve.engine.sequence import Sequence
 
 
@@ -44,19 +45,34 @@ class BlockManager:
         block_size: int,
         enable_radix_caching: bool,
         evictor_watermarks: tuple[float, float] | None = None,
+        num_host_blocks: int = 0,
+        copy_blocks: Callable[[Ticket], bool] | None = None,
     ):
-        """evictor_watermarks (high, low): run the C++ watermark evictor after each step (caching only)."""
+        """evictor_watermarks (high, low): run the C++ watermark evictor after each step (caching only).
+        num_host_blocks > 0 adds the HOST tier (caching only): cached prefixes are demoted there
+        instead of dropped, and promoted back on a match; copy_blocks(ticket) copies a ticket's
+        blocks between the tiers' memories and returns whether it succeeded."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, Tier.GPU)
-        self.tree = RadixTree(block_size, self.pool) if enable_radix_caching else None
+        self.host_pool = (
+            BlockPool(num_host_blocks, Tier.HOST)
+            if enable_radix_caching and num_host_blocks > 0
+            else None
+        )
+        if self.host_pool is not None and copy_blocks is None:
+            raise ValueError("a host tier needs copy_blocks to move blocks between the tiers")
+        self._copy_blocks = copy_blocks
+        self.tree = (
+            RadixTree(block_size, self.pool, self.host_pool) if enable_radix_caching else None
+        )
         self.evictor = (
             Evictor(self.tree, *evictor_watermarks)
             if self.tree is not None and evictor_watermarks is not None
             else None
         )
         self.num_evicted_blocks = 0  # by the watermark evictor (stats)
-        # request_id -> reservation; the cached part's references are ours, the new part is held
-        # by the pool's reservation of the same id until take_reservation()/release_reservation()
+        self.num_demoted_blocks = 0
+        self.num_promoted_blocks = 0
         self._reservations: dict[str, Reservation] = {}
         self.num_hit_tokens = 0  # cumulative radix-hit tokens (stats)
 
@@ -72,12 +88,38 @@ class BlockManager:
         """Free blocks plus cached ones (evictable on demand)."""
         return self.pool.num_free + (self.pool.num_cached if self.tree is not None else 0)
 
+    def _run_ticket(self, ticket: Ticket) -> bool:
+        """Copies a demote/promote ticket's blocks and commits it; False (tree as before) on failure."""
+        if not ticket.src_block_ids:
+            self.tree.commit(ticket.ticket_id, True)
+            return True
+        ok = bool(self._copy_blocks(ticket))
+        self.tree.commit(ticket.ticket_id, ok)
+        if ok and ticket.kind == "demote":
+            self.num_demoted_blocks += len(ticket.src_block_ids)
+        elif ok:
+            self.num_promoted_blocks += len(ticket.src_block_ids)
+        return ok
+
+    def _make_room(self, num_blocks: int) -> None:
+        """Frees GPU blocks until num_blocks are free: demotes cached prefixes to the host tier when
+        there is one (making host room by dropping its LRU prefixes), then drops what remains."""
+        short = num_blocks - self.pool.num_free
+        if short <= 0 or self.tree is None:
+            return
+        if self.host_pool is not None:
+            if self.host_pool.num_free < short:
+                self.tree.evict(short - self.host_pool.num_free, Tier.HOST)
+            self._run_ticket(self.tree.begin_demote(short))
+            short = num_blocks - self.pool.num_free
+        if short > 0:
+            self.tree.evict(short, Tier.GPU)
+
     def _take(self, num_blocks: int) -> list[int]:
-        """Allocates num_blocks, evicting cached prefixes first if needed. Caller checked capacity."""
+        """Allocates num_blocks, demoting/evicting cached prefixes first if needed. Caller checked capacity."""
         if num_blocks <= 0:
             return []
-        if self.pool.num_free < num_blocks and self.tree is not None:
-            self.tree.evict(num_blocks - self.pool.num_free, Tier.GPU)
+        self._make_room(num_blocks)
         if not self.pool.can_allocate(num_blocks):
             raise NoCapacity(
                 f"need {num_blocks} KV blocks, {self.pool.num_free} free after eviction"
@@ -86,19 +128,47 @@ class BlockManager:
 
     # ---- sequences ----------------------------------------------------------------------------
     def match_prefix(self, token_ids: list[int], max_num_tokens: int) -> tuple[int, list[int]]:
-        """Longest cached GPU-tier prefix of at most max_num_tokens tokens (whole blocks).
-        Returns (num_tokens, block_ids); the caller owns one new reference on each id."""
+        """Longest cached prefix of at most max_num_tokens tokens (whole blocks), host-tier blocks
+        promoted to the GPU first when there is room. Returns (num_tokens, gpu_block_ids); the
+        caller owns one new reference on each id."""
         if self.tree is None or max_num_tokens < self.block_size:
             return 0, []
-        match = self.tree.match_prefix(list(token_ids))
-        block_ids: list[int] = []
-        for block_id, tier in zip(match.block_ids, match.tiers, strict=True):
-            if int(tier) != int(Tier.GPU) or len(block_ids) >= max_num_tokens // self.block_size:
-                break
-            block_ids.append(int(block_id))
+        tokens = list(token_ids)
+        max_blocks = max_num_tokens // self.block_size
+        match = self.tree.match_prefix(tokens)
+        block_ids = self._leading_gpu_blocks(match, max_blocks, 0)
         if block_ids:
-            self.pool.incref(block_ids)
+            self.pool.incref(block_ids)  # also keeps them from being demoted while we promote
+        num_host = sum(1 for t in match.tiers if int(t) == int(Tier.HOST))
+        if self.host_pool is not None and num_host and len(block_ids) < max_blocks:
+            self._make_room(num_host)
+            ticket = None
+            if self.pool.num_free >= num_host:
+                try:
+                    ticket = self.tree.begin_promote(match.node)
+                except ValueError:  # the host part was dropped while making room: use what we have
+                    ticket = None
+            if ticket is not None:
+                if self._run_ticket(ticket):
+                    more = self._leading_gpu_blocks(
+                        self.tree.match_prefix(tokens), max_blocks, len(block_ids)
+                    )
+                    if more:
+                        self.pool.incref(more)
+                    block_ids += more
         return len(block_ids) * self.block_size, block_ids
+
+    @staticmethod
+    def _leading_gpu_blocks(match, max_blocks: int, start: int) -> list[int]:
+        """GPU-tier block ids of the match from index start, up to the first non-GPU one or max_blocks."""
+        ids = []
+        for block_id, tier in list(zip(match.block_ids, match.tiers, strict=True))[
+            start:max_blocks
+        ]:
+            if int(tier) != int(Tier.GPU):
+                break
+            ids.append(int(block_id))
+        return ids
 
     def admit(self, seq: Sequence) -> None:
         """Attach the cached prefix to a sequence that holds no blocks. At least one token stays
@@ -158,8 +228,7 @@ class BlockManager:
                 f"request {request_id!r} needs {num_new} KV blocks, "
                 f"{self.num_available_blocks()} free or evictable of {self.pool.num_total}"
             )
-        if num_new > 0 and self.pool.num_free < num_new and self.tree is not None:
-            self.tree.evict(num_new - self.pool.num_free, Tier.GPU)
+        self._make_room(num_new)
         new_ids = [int(b) for b in self.pool.reserve(request_id, num_new)] if num_new > 0 else []
         reservation = Reservation(
             request_id, num_cached, cached_ids, new_ids, list(prompt_token_ids)
@@ -194,10 +263,16 @@ class BlockManager:
         """Brings pool use under the low watermark when above the high one; returns blocks freed."""
         if self.evictor is None:
             return 0
-        plan = self.evictor.plan()  # no host tier here, so never a demote ticket
+        plan = self.evictor.plan()
         freed = len(plan.freed_gpu_block_ids)
+        if plan.demote_ticket is not None and self._run_ticket(plan.demote_ticket):
+            freed += len(plan.demote_ticket.src_block_ids)
         self.num_evicted_blocks += freed
         return freed
 
     def check_invariants(self) -> None:
-        self.pool.check_invariants()
+        """Raises if the pools' accounting or the tree's structure is broken."""
+        if self.tree is not None:
+            self.tree.check_invariants()  # checks both pools too
+        else:
+            self.pool.check_invariants()

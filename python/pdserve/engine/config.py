@@ -199,6 +199,10 @@ class EngineConfig:
     enable_radix_evictor: bool = False
     evictor_high_watermark: float = 0.9
     evictor_low_watermark: float = 0.7
+    # --enable-trans-to-dram: a second, host-memory tier for cached prefixes (pinned on GPU machines)
+    enable_host_tier: bool = False
+    host_kv_cache_gb: float = 1.0
+    num_host_kv_blocks: int | None = None  # explicit host pool size; overrides host_kv_cache_gb
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
@@ -221,6 +225,10 @@ class EngineConfig:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.enable_host_tier and not self.enable_radix_caching:
+            raise ValueError(
+                "enable_host_tier needs enable_radix_caching (the host tier holds cached prefixes)"
+            )
         if self.enable_radix_evictor and not self.enable_radix_caching:
             raise ValueError(
                 "enable_radix_evictor needs enable_radix_caching (it evicts cached prefixes)"

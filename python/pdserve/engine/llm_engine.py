@@ -47,6 +47,11 @@ class EngineStats:
     num_preemptions: int
     num_queued_prefill_tokens: int  # prompt tokens of waiting/running requests not computed yet
     num_evicted_blocks: int  # cumulative, by the watermark evictor
+    num_demoted_blocks: int  # cumulative, device -> host tier
+    num_promoted_blocks: int  # cumulative, host tier -> device
+    num_host_total_blocks: int  # 0 without a host tier
+    num_host_free_blocks: int
+    num_host_cached_blocks: int
     block_size: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,6 +82,8 @@ class LLMEngine:
             (cfg.evictor_high_watermark, cfg.evictor_low_watermark)
             if cfg.enable_radix_evictor
             else None,
+            num_host_blocks=self.runner.num_host_blocks,
+            copy_blocks=self._copy_ticket,
         )
         self.scheduler = Scheduler(
             self.block_manager,
@@ -91,6 +98,16 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # outputs produced outside step()
         self._arrivals = 0
         self.num_generated_tokens = 0
+
+    def _copy_ticket(self, ticket) -> bool:
+        """Moves a demote/promote ticket's blocks between the device and host KV memories."""
+        try:
+            self.runner.copy_blocks(
+                ticket.src_block_ids, ticket.dst_block_ids, to_host=ticket.kind == "demote"
+            )
+        except (RuntimeError, IndexError):
+            return False
+        return True
 
     # ---- requests -----------------------------------------------------------------------------
     def _validate_prompt(self, request_id: str, prompt_token_ids: list[int]) -> list[int]:
@@ -335,6 +352,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         pool = self.block_manager.pool
+        host = self.block_manager.host_pool
         return EngineStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
@@ -354,6 +372,11 @@ class LLMEngine:
                 for s in [*self.scheduler.waiting, *self.scheduler.running]
             ),
             num_evicted_blocks=self.block_manager.num_evicted_blocks,
+            num_demoted_blocks=self.block_manager.num_demoted_blocks,
+            num_promoted_blocks=self.block_manager.num_promoted_blocks,
+            num_host_total_blocks=host.num_total if host is not None else 0,
+            num_host_free_blocks=host.num_free if host is not None else 0,
+            num_host_cached_blocks=host.num_cached if host is not None else 0,
             block_size=self.config.block_size,
         )
 

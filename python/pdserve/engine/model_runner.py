@@ -86,6 +86,21 @@ class ModelRunner:
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.num_blocks = self._num_kv_blocks()
         self.kv_cache, self.kv_layers = self._allocate_kv_cache(self.num_blocks)
+        self.num_host_blocks = 0
+        self.host_kv_cache: torch.Tensor | None = None
+        if config.enable_host_tier:
+            self.num_host_blocks = config.num_host_kv_blocks or max(
+                1,
+                int(config.host_kv_cache_gb * (1 << 30))
+                // (self.piece_nbytes * model_config.num_hidden_layers),
+            )
+            self.host_kv_cache = torch.empty(
+                self.kv_cache.shape[:1] + (self.num_host_blocks,) + self.kv_cache.shape[2:]
+                if config.kv_layout == "layer-major"
+                else (self.num_host_blocks,) + self.kv_cache.shape[1:],
+                dtype=self.dtype,
+                pin_memory=self.device.type == "cuda",
+            )
 
     # ---- KV cache -----------------------------------------------------------------------------
     @property
@@ -145,6 +160,20 @@ class ModelRunner:
             )
             layers = [kv[:, layer] for layer in range(mc.num_hidden_layers)]
         return kv, layers
+
+    def copy_blocks(
+        self, src_block_ids: list[int], dst_block_ids: list[int], to_host: bool
+    ) -> None:
+        """Copies whole blocks (all layers) between the device KV cache and the host tier; synchronous."""
+        src, dst = (
+            (self.kv_cache, self.host_kv_cache) if to_host else (self.host_kv_cache, self.kv_cache)
+        )
+        dim = 1 if self.config.kv_layout == "layer-major" else 0
+        src_idx = torch.tensor(src_block_ids, dtype=torch.long, device=src.device)
+        dst_idx = torch.tensor(dst_block_ids, dtype=torch.long, device=dst.device)
+        dst.index_copy_(dim, dst_idx, src.index_select(dim, src_idx).to(dst.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def kv_layout(self) -> KVLayout:
         piece = self.piece_nbytes
