@@ -21,6 +21,11 @@ SEED_FLAGS = (
     "--model=tiny --worker-use-ray --tensor-parallel-size 1 --block-size 16 --enable-separate "
     "--enable-layer --enable-dcache --enable-radix-caching"
 ).split()
+# ...plus the rest of SPEC §1's flags, with pools small enough that the evictor demotes and frees
+# during the seed's load (64 requests of 32 + 32 tokens, 4 blocks each).
+MEMORY_FLAGS = (
+    "--enable-trans-to-dram --use-agg-block --enable-radix-evictor --kv-cache-gb 0.0004 --host-kv-cache-gb 0.0004"
+).split()
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -53,9 +58,8 @@ def seed_cluster():
                 "none",
                 "--device",
                 "cpu",
-                "--kv-cache-gb",
-                "0.02",
                 *SEED_FLAGS,
+                *MEMORY_FLAGS,
             ],
         )
         d = group.start(
@@ -71,9 +75,8 @@ def seed_cluster():
                 "none",
                 "--device",
                 "cpu",
-                "--kv-cache-gb",
-                "0.02",
                 *SEED_FLAGS,
+                *MEMORY_FLAGS,
             ],
         )
         p_url, d_url = f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{dp}"

@@ -76,28 +76,17 @@ def engine_config_kwargs(config: ServeConfig) -> dict[str, Any]:
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
         if getattr(config, name) is not None:
             kw[name] = getattr(config, name)
-    wanted = {
-        "enable_trans_to_dram": (
-            "--enable-trans-to-dram",
-            ("enable_host_tier", "host_kv_cache_gb"),
-        ),
-        "enable_radix_evictor": (
-            "--enable-radix-evictor",
-            ("enable_evictor", "enable_radix_evictor"),
-        ),
-    }
-    for attr, (flag, candidates) in wanted.items():
-        if not getattr(config, attr):
-            continue
-        field = next((c for c in candidates if c in fields), None)
-        if field is None:
-            raise ConfigError(
-                f"{flag}: this engine build has no such feature yet (no EngineConfig field for it)"
-            )
-        if field == "host_kv_cache_gb":
-            kw[field] = config.host_kv_cache_gb or 1.0
-        else:
-            kw[field] = True
+    # features an engine build may lack: refuse the flag rather than ignore it
+    if config.enable_trans_to_dram:
+        if "enable_host_tier" not in fields:
+            raise ConfigError("--enable-trans-to-dram: this engine build has no host DRAM tier yet")
+        kw["enable_host_tier"] = True
+        if config.host_kv_cache_gb is not None:
+            kw["host_kv_cache_gb"] = config.host_kv_cache_gb
+    if config.enable_radix_evictor:
+        if "enable_radix_evictor" not in fields:
+            raise ConfigError("--enable-radix-evictor: this engine build has no evictor yet")
+        kw["enable_radix_evictor"] = True
     if config.kv_cache_gb is None and "kv_cache_gb" in fields:
         kw["kv_cache_gb"] = 0.25  # CPU default: plenty for tiny, small enough for tests
     return {k: v for k, v in kw.items() if k in fields}
@@ -261,6 +250,19 @@ def stats(engine) -> dict:
                 "num_reserved": raw.get("num_reserved_blocks", 0),
             }
         ]
+        host_total = raw.get("num_host_total_blocks", 0)
+        if host_total:
+            free, cached = raw.get("num_host_free_blocks", 0), raw.get("num_host_cached_blocks", 0)
+            raw["tiers"].append(
+                {
+                    "tier": 1,
+                    "num_total": host_total,
+                    "num_free": free,
+                    "num_cached": cached,
+                    "num_in_use": host_total - free - cached,
+                    "num_reserved": 0,
+                }
+            )
     return raw
 
 
