@@ -126,6 +126,7 @@ class GlobalScheduler:
         self._session: aiohttp.ClientSession | None = None
         self._stream_session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
+        self._after_tasks: set[asyncio.Task] = set()  # back-transfers and refreshes in flight
         self._link_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- lifecycle
@@ -168,8 +169,9 @@ class GlobalScheduler:
         self._tasks.append(asyncio.create_task(self._poll_loop()))
 
     async def stop(self, app) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._after_tasks]:
             t.cancel()
+        await asyncio.gather(*self._tasks, *self._after_tasks, return_exceptions=True)
         for s in (self._session, self._stream_session):
             if s is not None:
                 await s.close()
@@ -647,6 +649,8 @@ class GlobalScheduler:
         task = asyncio.create_task(
             self._after_request_task(p, d, request_id, all_tokens if dcache else None)
         )
+        self._after_tasks.add(task)
+        task.add_done_callback(self._after_tasks.discard)
         if dcache:
             p.pending_dcache[task] = all_tokens
             task.add_done_callback(lambda t: p.pending_dcache.pop(t, None))
