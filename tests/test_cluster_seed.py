@@ -195,3 +195,66 @@ def test_demo_ctrl_c_stops_every_process():
     assert proc.returncode == 130, "".join(lines) + rest
     ports = [int(x) for x in _ports("".join(lines))]
     assert ports and not any(port_open(p) for p in ports)
+
+
+SEED_PORTS = (8081, 8082, 8084)
+
+
+@pytest.mark.skipif(
+    any(port_open(p) for p in SEED_PORTS), reason="the seed's ports 8081/8082/8084 are in use here"
+)
+def test_seed_recipe_on_its_own_ports_in_both_orders():
+    """Instances on 8082/8084 with no --scheduler offer themselves to 8081; the client's default URL is
+    8081. Then the other order: the scheduler restarted in --manual mode finds the pair at 8082/8084."""
+    group = ProcessGroup()
+    try:
+        common = [
+            "--local_host",
+            "127.0.0.1",
+            "--device",
+            "cpu",
+            "--kv-cache-gb",
+            "0.02",
+            "--heartbeat-interval",
+            "0.3",
+            *SEED_FLAGS,
+        ]
+        sched = group.start(
+            "scheduler", ["scheduler", "--model", "tiny"]
+        )  # scheduler first: default port 8081
+        p = group.start("prefill", ["serve", "--local_port", "8082", "--role=prompt", *common])
+        d = group.start("decode", ["serve", "--local_port", "8084", "--role=decoder", *common])
+        url = "http://127.0.0.1:8081"
+        group.wait_healthy(sched, url, timeout=90, ready_key="ready")
+        for child, port in ((p, 8082), (d, 8084)):
+            group.wait_healthy(child, f"http://127.0.0.1:{port}", timeout=90)
+        args = [
+            "bench",
+            "--input-len",
+            "32",
+            "--output-len",
+            "8",
+            "--num-requests",
+            "8",
+            "--request-rate",
+            "inf",
+        ]
+        deadline = time.monotonic() + 30
+        while not http_json(f"{url}/internal/v1/cluster")["linked"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        out = run_cli(*args)  # no --url: the scheduler's default address
+        assert out.returncode == 0 and "8 / 8" in out.stdout, out.stdout + out.stderr
+        # instances first, then the scheduler: a manual-mode scheduler with no URLs uses 8082/8084
+        sched.proc.send_signal(signal.SIGTERM)
+        sched.proc.wait(30)
+        sched = group.start("scheduler-manual", ["scheduler", "--model", "tiny", "--manual"])
+        group.wait_healthy(sched, url, timeout=90, ready_key="ready")
+        deadline = time.monotonic() + 30
+        while not http_json(f"{url}/internal/v1/cluster")["linked"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        out = run_cli(*args)
+        assert out.returncode == 0 and "8 / 8" in out.stdout, out.stdout + out.stderr
+    finally:
+        group.close()
