@@ -3,7 +3,8 @@
 One module-wide set of processes:
   - `colo`: a colocated instance (--role both), asked directly;
   - cluster L: scheduler + prefill + decode, layer-wise transfer, radix caching on both, dcache;
-  - cluster W: scheduler + prefill + decode, whole-request transfer, block-major (--use-agg-block), no caching;
+  - cluster W: scheduler + prefill + decode, whole-request transfer, block-major (--use-agg-block), KV through
+    host staging slots (`--kv-staging on`, what a GPU instance without --enable-direct does), no caching;
   - a scheduler in front of the colocated instance (`--colocated URL`).
 After every test, every instance's block invariant holds and nothing stays reserved or pinned.
 """
@@ -101,7 +102,9 @@ def cluster():
         lay, lay_sched = _start_cluster(
             group, "layer", ["--enable-layer", "--enable-radix-caching", "--enable-dcache"]
         )
-        whole, whole_sched = _start_cluster(group, "whole", ["--use-agg-block"])
+        whole, whole_sched = _start_cluster(
+            group, "whole", ["--use-agg-block", "--kv-staging", "on"]
+        )
         colo_url = f"http://127.0.0.1:{cp}"
         csp = free_port()
         colo_sched = group.start(
@@ -135,11 +138,16 @@ def settle_and_check(urls: list[str], timeout: float = 10.0) -> None:
             s = http_json(f"{url}/internal/v1/stats")
             if s["invariant_error"]:
                 problems.append(f"{url}: invariant: {s['invariant_error']}")
+            if s["num_free_staging_slots"] != s["num_staging_slots"]:
+                problems.append(
+                    f"{url}: staging slots held: {s['num_staging_slots'] - s['num_free_staging_slots']}"
+                )
             for key in (
                 "num_reservations",
                 "num_pinned_prefills",
                 "num_dcache_reservations",
                 "num_pending_transfers",
+                "num_staged",
                 "num_reserved_blocks",
                 "num_pinned",
                 "num_reserved_requests",

@@ -22,9 +22,11 @@ SEED_FLAGS = (
     "--enable-layer --enable-dcache --enable-radix-caching"
 ).split()
 # ...plus the rest of SPEC §1's flags, with pools small enough that the evictor demotes and frees
-# during the seed's load (64 requests of 32 + 32 tokens, 4 blocks each).
+# during the seed's load (64 requests of 32 + 32 tokens, 4 blocks each), and KV through host staging
+# slots as on a GPU without --enable-direct.
 MEMORY_FLAGS = (
-    "--enable-trans-to-dram --use-agg-block --enable-radix-evictor --kv-cache-gb 0.0004 --host-kv-cache-gb 0.0004"
+    "--enable-trans-to-dram --use-agg-block --enable-radix-evictor --kv-cache-gb 0.0004 --host-kv-cache-gb 0.0004 "
+    "--kv-staging on --staging-gb 0.0002"
 ).split()
 
 

@@ -172,6 +172,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="watermark evictor: demote/free unreferenced cache blocks past a threshold",
     )
     c.add_argument(
+        "--kv-staging",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="copy KV through pinned host slots (auto: when the KV is on a GPU and --enable-direct is off)",
+    )
+    c.add_argument(
+        "--staging-gb", type=_positive_float, default=0.5, help="size of the host staging arena"
+    )
+    c.add_argument(
         "--transfer-port", type=int, default=0, help="KV transfer listening port (0: any free port)"
     )
     c.add_argument(
@@ -223,6 +232,8 @@ class ServeConfig:
     host_kv_cache_gb: float | None = None
     use_agg_block: bool = False
     enable_radix_evictor: bool = False
+    kv_staging: str = "auto"
+    staging_gb: float = 0.5
     transfer_port: int = 0
     transfer_timeout: float = 60.0
     tensor_parallel_size: int = 1
@@ -337,6 +348,8 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
         host_kv_cache_gb=args.host_kv_cache_gb,
         use_agg_block=args.use_agg_block,
         enable_radix_evictor=args.enable_radix_evictor,
+        kv_staging=args.kv_staging,
+        staging_gb=args.staging_gb,
         transfer_port=args.transfer_port,
         transfer_timeout=args.transfer_timeout,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -200,6 +200,11 @@ def has_work(engine) -> bool:
     return not engine.is_finished()
 
 
+def kv_tensor(engine):
+    """The engine's KV tensor ([L, B, ...] or [B, L, ...]); read through the runner (no public accessor)."""
+    return engine.runner.kv_cache
+
+
 def output_fields(out) -> tuple[str, list[int], str | None, int | None]:
     """(request_id, new token ids, finish reason or None, cached prompt tokens if known)."""
     finish = getattr(out, "finish_reason", None)

@@ -20,6 +20,7 @@ from pdserve.server import engine_adapter as ea
 from pdserve.server.cli_serve import ConfigError, ServeConfig
 from pdserve.server.engine_loop import ENGINE_DEAD, EngineLoop
 from pdserve.server.instance_pd import PDHandlersMixin, Peer, PrefillState, json_error
+from pdserve.server.kv_staging import StagingArena
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_render import TokenDelta, render_response
 from pdserve.server.protocol import (
@@ -49,6 +50,10 @@ class InstanceServer(PDHandlersMixin):
         self.tokenizer = None
         self.layout: KVLayout | None = None
         self.transport: KVLinks | None = None  # None on a colocated instance
+        self.arena: StagingArena | None = None  # host staging of GPU KV (no --enable-direct)
+        self.staged: dict[
+            str, tuple[list[int], list[int]]
+        ] = {}  # key -> (KV block ids, their slots)
         self.peers: dict[str, Peer] = {}
         self.prefills: dict[
             str, PrefillState
@@ -71,6 +76,10 @@ class InstanceServer(PDHandlersMixin):
         self.engine = await loop.run_in_executor(None, ea.build_engine, self.config)
         self.tokenizer = ea.engine_tokenizer(self.engine)
         self.layout = transfer_layout(self.engine.kv_layout())
+        if self.config.role != "both" and self._use_staging():
+            self.arena = StagingArena(
+                ea.kv_tensor(self.engine), self.config.use_agg_block, self._num_staging_slots()
+            )
         if self.config.role != "both":
             host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
             try:
@@ -78,7 +87,7 @@ class InstanceServer(PDHandlersMixin):
                     loop,
                     host,
                     self.config.transfer_port,
-                    self.layout,
+                    self.arena.layout if self.arena is not None else self.layout,
                     self.instance_id,
                     self.config.transfer_timeout,
                 )
@@ -126,6 +135,14 @@ class InstanceServer(PDHandlersMixin):
         r.add_get("/internal/v1/cache_events", self.h_cache_events)
         return app
 
+    def _use_staging(self) -> bool:
+        mode = self.config.kv_staging
+        return mode == "on" or (mode == "auto" and not self.layout.device.startswith("cpu"))
+
+    def _num_staging_slots(self) -> int:
+        block_nbytes = self.layout.num_layers * self.layout.piece_nbytes
+        return max(1, int(self.config.staging_gb * (1 << 30)) // block_nbytes)
+
     # ----------------------------------------------------------------- helpers
     async def call(self, fn):
         return await self.loop_thread.call(fn)
@@ -171,6 +188,9 @@ class InstanceServer(PDHandlersMixin):
                 "num_reservations": len(self.reservations),
                 "num_pinned_prefills": len(self.prefills),
                 "num_dcache_reservations": len(self.dcache_reservations),
+                "num_staged": len(self.staged),
+                "num_free_staging_slots": self.arena.num_free_slots if self.arena else 0,
+                "num_staging_slots": self.arena.layout.num_blocks if self.arena else 0,
                 "num_pending_transfers": t.num_pending() if t else 0,
                 "kv_bytes_sent": t.bytes_sent if t else 0,
                 "kv_bytes_received": t.bytes_received if t else 0,

@@ -42,6 +42,8 @@ class PrefillState:
     whole_remote: list[int] = field(default_factory=list)
     error: str | None = None
     nbytes_sent: int = 0
+    # with host staging: slot i stages the i-th block sent (P's side of the arena)
+    slots: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -81,11 +83,17 @@ class PDHandlersMixin:
                     ProtocolError(str(exc), 503).to_json(), status=503, headers={"Retry-After": "1"}
                 )
             return json_error(400, f"reserve failed: {exc}")
+        targets = res.new_block_ids
         try:
-            nbytes = self.transport.expect(peer_id, request_id, len(res.new_block_ids))
-        except Exception as exc:  # noqa: BLE001 - give the blocks back before answering
+            if self.arena is not None:  # the KV lands in staging slots, then moves into the blocks
+                targets = self.arena.alloc(len(res.new_block_ids))
+                self.staged[request_id] = (res.new_block_ids, targets)
+            nbytes = self.transport.expect(peer_id, request_id, len(targets))
+        except Exception as exc:  # noqa: BLE001 - give everything back before answering
+            self._free_staged(request_id)
             await self._abort_and_release(request_id)
-            return json_error(409, f"cannot expect the KV of {request_id}: {exc}")
+            status = 503 if "staging" in str(exc) else 409
+            return json_error(status, f"cannot expect the KV of {request_id}: {exc}")
         loop = asyncio.get_running_loop()
         # A reservation nobody uses (scheduler gone) expires instead of holding blocks forever.
         self.reservations[request_id] = loop.call_later(
@@ -96,7 +104,7 @@ class PDHandlersMixin:
             {
                 "request_id": request_id,
                 "num_cached_tokens": res.num_cached_tokens,
-                "block_ids": res.new_block_ids,
+                "block_ids": targets,
                 "num_expected_bytes": nbytes,
             }
         )
@@ -106,9 +114,15 @@ class PDHandlersMixin:
         if handle is None:
             return False
         handle.cancel()
-        await self.transport.abort(request_id)
+        await self.transport.abort(request_id)  # no write lands after this: the slots may be reused
+        self._free_staged(request_id)
         await self._abort_and_release(request_id)
         return True
+
+    def _free_staged(self, key: str) -> None:
+        staged = self.staged.pop(key, None)
+        if staged is not None:
+            self.arena.free(staged[1])
 
     async def h_prefill(self, request):
         """P: compute the uncached part, push the KV the peer lacks, answer with the first token."""
@@ -138,6 +152,11 @@ class PDHandlersMixin:
         state = PrefillState(
             request_id, peer_id, peer_block_ids, layerwise, [0] * self.layout.num_layers
         )
+        if self.arena is not None:
+            try:
+                state.slots = self.arena.alloc(len(peer_block_ids))
+            except Exception as exc:  # noqa: BLE001
+                return json_error(503, f"prefill of {request_id}: {exc}")
         self.prefills[request_id] = state
         ok = False
         first_token_id = None
@@ -157,8 +176,13 @@ class PDHandlersMixin:
             if state.error:
                 raise RuntimeError(state.error)
             if not layerwise and state.whole_local:
+                local = state.whole_local
+                if self.arena is not None:
+                    slots = state.slots[: len(local)]
+                    await self.call(lambda e: self.arena.gather(state.whole_local, slots))
+                    local = slots
                 state.nbytes_sent += self.transport.push_request(
-                    peer_id, request_id, state.whole_local, state.whole_remote
+                    peer_id, request_id, local, state.whole_remote
                 )
             if state.sent_per_layer and min(state.sent_per_layer) != len(peer_block_ids):
                 raise RuntimeError(
@@ -176,6 +200,8 @@ class PDHandlersMixin:
             await deltas.aclose()
             if not ok:
                 self.prefills.pop(request_id, None)
+            if self.arena is not None:  # flushed or aborted: no send reads the slots any more
+                self.arena.free(state.slots)
         self.num_prefill_computed_tokens += len(token_ids) - num_cached
         if finish_reason == "prefill_done":
             finish_reason = None
@@ -207,8 +233,12 @@ class PDHandlersMixin:
                     )
                 state.sent_per_layer[layer_idx] += len(block_ids)
                 if state.layerwise:
+                    local = block_ids
+                    if self.arena is not None:
+                        local = state.slots[start : start + len(block_ids)]
+                        self.arena.gather(block_ids, local, layer_idx)
                     state.nbytes_sent += self.transport.push_layer(
-                        state.peer_id, state.request_id, layer_idx, block_ids, remote
+                        state.peer_id, state.request_id, layer_idx, local, remote
                     )
                 elif (
                     layer_idx == len(state.sent_per_layer) - 1
@@ -252,9 +282,17 @@ class PDHandlersMixin:
         handle.cancel()
         self.reservations.pop(request_id, None)
         self.num_requests_served += 1
-        deltas = self._engine_stream(
-            request_id, lambda e: ea.add_decode_only(e, request_id, token_ids, spec, first_token_id)
-        )
+        staged = self.staged.pop(request_id, None)
+
+        def start_decode(engine):
+            if staged is not None:
+                try:
+                    self.arena.scatter(*staged)  # staging slots -> the reserved blocks
+                finally:
+                    self.arena.free(staged[1])
+            ea.add_decode_only(engine, request_id, token_ids, spec, first_token_id)
+
+        deltas = self._engine_stream(request_id, start_decode)
         try:
             return await self._ndjson(request, deltas, first={"kv_ready": True})
         finally:
@@ -326,15 +364,19 @@ class PDHandlersMixin:
         except Exception as exc:  # noqa: BLE001 - dcache is best effort
             return json_error(503, f"no room for the back-transfer: {exc}")
         self.dcache_reservations[request_id] = (res.cached_block_ids, res.new_block_ids)
+        targets = res.new_block_ids
         try:
-            self.transport.expect(peer_id, key, len(res.new_block_ids))
+            if self.arena is not None:
+                targets = self.arena.alloc(len(res.new_block_ids))
+                self.staged[key] = (res.new_block_ids, targets)
+            self.transport.expect(peer_id, key, len(targets))
         except Exception as exc:  # noqa: BLE001
             await self._release_dcache(request_id)
             return json_error(409, f"cannot expect the back-transfer of {request_id}: {exc}")
         return web.json_response(
             {
                 "num_cached_tokens": res.num_cached_tokens,
-                "block_ids": res.new_block_ids,
+                "block_ids": targets,
                 "num_tokens": len(token_ids),
             }
         )
@@ -360,6 +402,8 @@ class PDHandlersMixin:
             return json_error(409, f"no link to prefill instance {peer_id}")
         key = f"{request_id}.dcache"
 
+        sent_slots: list[int] = []
+
         def lock_and_send(engine):
             # Lock what this instance holds of the sequence (its radix tree kept it at finish) and send it;
             # the blocks stay locked (reserved under `key`) until the send is flushed.
@@ -368,8 +412,13 @@ class PDHandlersMixin:
                 held = res.cached_block_ids[from_block : from_block + len(peer_block_ids)]
                 if len(held) < len(peer_block_ids):
                     return 0, 0  # evicted meanwhile: send nothing, P drops its reservation
+                local = held
+                if self.arena is not None:
+                    local = self.arena.alloc(len(held))
+                    sent_slots.extend(local)
+                    self.arena.gather(held, local)
                 nbytes = self.transport.push_request(
-                    peer_id, key, held, peer_block_ids[: len(held)]
+                    peer_id, key, local, peer_block_ids[: len(held)]
                 )
                 return len(held), nbytes
             except BaseException:
@@ -384,6 +433,8 @@ class PDHandlersMixin:
             return json_error(500, f"dcache send failed: {exc}")
         finally:
             await self.call(lambda e: ea.release(e, key))
+            if sent_slots:
+                self.arena.free(sent_slots)
         return web.json_response({"num_blocks": num_blocks, "nbytes": nbytes})
 
     async def h_dcache_commit(self, request):
@@ -406,9 +457,14 @@ class PDHandlersMixin:
                 await self.transport.wait(key, self.config.transfer_timeout)
                 block_ids = cached_ids + new_ids
                 bs = self.config.block_size
-                num_inserted = await self.call(
-                    lambda e: ea.insert_cached(e, token_ids[: len(block_ids) * bs], block_ids)
-                )
+                staged = self.staged.get(key)
+
+                def insert(engine):
+                    if staged is not None:
+                        self.arena.scatter(*staged)
+                    return ea.insert_cached(engine, token_ids[: len(block_ids) * bs], block_ids)
+
+                num_inserted = await self.call(insert)
         except Exception as exc:  # noqa: BLE001 - best effort: the next turn just hits less
             log.warning("dcache commit of %s failed: %s", request_id, exc)
         finally:
@@ -420,6 +476,7 @@ class PDHandlersMixin:
             return False
         key = f"{request_id}.dcache"
         await self.transport.abort(key)
+        self._free_staged(key)
         await self._abort_and_release(key)
         return True
 
