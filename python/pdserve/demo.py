@@ -1,7 +1,7 @@
 """`pdserve demo`: the main job on a fresh machine (SPEC §2).
 
-Starts a global scheduler, one prefill and one decode instance here (the `tiny` preset by default; GPUs
-when present and the transfer path supports them, CPU otherwise), runs a short multi-turn workload
+Starts a global scheduler, one prefill and one decode instance here (the `tiny` preset by default; on
+the GPU when present, sharing it, else on the CPU), runs a short multi-turn workload
 through them with the load client, prints its table and the cache/transfer counters, and stops every
 process it started, also on Ctrl-C and on failure.
 """
@@ -47,15 +47,8 @@ def _device(requested: str) -> str:
         import torch
     except ImportError:
         return "cpu"
-    if not torch.cuda.is_available():
-        return "cpu"
-    # KV moves between the instances over the HTTP/TCP path, which reads host memory; until the GPU
-    # transports exist the demo keeps the KV on the CPU rather than fail.
-    print(
-        "pdserve demo: a GPU is present, but the GPU KV transports are not built yet: running on the CPU",
-        file=sys.stderr,
-    )
-    return "cpu"
+    # On a GPU the KV crosses between the instances through pinned host staging slots (no --enable-direct).
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         if device == "cpu":
             common += ["--kv-cache-gb", "0.05"]
+        else:  # both instances share the GPU: each takes a slice of its memory
+            common += ["--gpu-memory-utilization", "0.3"]
         group.start("prefill", ["serve", "--role", "prefill", "--port", str(p_port), *common])
         group.start("decode", ["serve", "--role", "decode", "--port", str(d_port), *common])
         print(
