@@ -281,6 +281,14 @@ Ticket TransferEngine::send(const std::string& peer, const std::string& request_
       total += p.nbytes;
     }
   }
+  std::string aborted;  // the request was aborted here or by a peer: fail without sending
+  {
+    std::lock_guard<std::mutex> lk(recv_mu_);
+    auto it = recvs_.find(request_id);
+    if (it != recvs_.end() && it->second.result.status == Status::kAborted) {
+      aborted = "request '" + request_id + "' was aborted (" + it->second.result.error + ")";
+    }
+  }
   auto now = Clock::now();
   Ticket ticket;
   {
@@ -305,7 +313,11 @@ Ticket TransferEngine::send(const std::string& peer, const std::string& request_
   batch.pieces = std::move(pieces);
   batch.nbytes = total;
   batch.options = options;
-  transport_->submit(peer, std::move(batch));
+  if (aborted.empty()) {
+    transport_->submit(peer, std::move(batch));
+  } else {
+    batch_done(ticket, Status::kAborted, aborted);
+  }
   return ticket;
 }
 
@@ -428,6 +440,7 @@ void TransferEngine::reaper_loop() {
     auto now = Clock::now();
     auto retention = std::chrono::duration_cast<Clock::duration>(
         std::chrono::duration<double>(retention_s_));
+    std::vector<std::pair<std::string, std::string>> timed_out;  // (request id, why)
     {
       std::lock_guard<std::mutex> rlk(recv_mu_);
       while (!recv_deadlines_.empty() && recv_deadlines_.begin()->first <= now) {
@@ -436,10 +449,12 @@ void TransferEngine::reaper_loop() {
         auto it = recvs_.find(rid);
         if (it == recvs_.end() || it->second.deadline != deadline) continue;
         RecvRecord& rec = it->second;
-        fail_recv_locked(rec, Status::kTimedOut,
-                         "expected " + std::to_string(rec.result.nbytes_expected) +
-                             " B, received " + std::to_string(rec.result.nbytes_received) +
-                             " B before the deadline");
+        if (rec.result.status != Status::kPending) continue;
+        std::string why = "expected " + std::to_string(rec.result.nbytes_expected) +
+                          " B, received " + std::to_string(rec.result.nbytes_received) +
+                          " B before the deadline";
+        fail_recv_locked(rec, Status::kTimedOut, why);
+        timed_out.emplace_back(rid, "receive timed out: " + why);
       }
       while (!recvs_settled_.empty() && now - recvs_settled_.front().first > retention) {
         auto it = recvs_.find(recvs_settled_.front().second);
@@ -470,6 +485,9 @@ void TransferEngine::reaper_loop() {
       transport_->cancel("", ticket, Status::kTimedOut, "not acknowledged before the deadline",
                          /*wait=*/false);
     }
+    // The request is dead here: tell the senders, so they stop pushing (and fail new pushes) now
+    // rather than when their next message is refused.
+    for (const auto& [rid, why] : timed_out) transport_->broadcast_abort(rid, why);
     lk.lock();
   }
 }

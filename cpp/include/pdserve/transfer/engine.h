@@ -54,7 +54,8 @@ class TransferEngine final : private TransportHost {
   bool connected(const std::string& peer) const;
 
   // ---- receiver ----
-  // Announces that nbytes will arrive for request_id within timeout_s (0: no deadline). Data for a
+  // Announces that nbytes will arrive for request_id within timeout_s (0: no deadline; past it the
+  // receive ends kTimedOut and the peers are told, as by abort()). Data for a
   // request that was not expected is refused, so call this before the sender starts. With from_peer,
   // only that peer may write and its disconnect fails the request. If request_id was already aborted
   // (e.g. by the sender before this call), the record starts aborted. Throws std::invalid_argument
@@ -69,8 +70,10 @@ class TransferEngine final : private TransportHost {
   // ---- sender ----
   // Writes pieces to peer for request_id. Returns at once with a ticket; the batch ends kDone once
   // the receiver acknowledged every byte. The caller keeps the local memory unchanged until the ticket
-  // is terminal. Throws std::invalid_argument for an unknown peer, an empty batch, a zero-length
-  // piece, a local range outside registered memory or options the backend cannot honour.
+  // is terminal. A request aborted here or by a peer (also by a peer's receive deadline) ends
+  // kAborted at once, without sending. Throws std::invalid_argument for an unknown peer, an empty
+  // batch, a zero-length piece, a local range outside registered memory or options the backend
+  // cannot honour.
   Ticket send(const std::string& peer, const std::string& request_id, std::vector<Piece> pieces,
               const SendOptions& options = {});
   // Blocks until the ticket is terminal or timeout_s passes (< 0: no limit); kPending on timeout.
