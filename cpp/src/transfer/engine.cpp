@@ -64,9 +64,9 @@ RegionId TransferEngine::register_memory(uint64_t addr, uint64_t nbytes, int dev
                                 std::to_string(nbytes) + " B wraps around");
   }
   if (device != kHostDevice && !transport_->supports_device_memory()) {
-    throw std::invalid_argument("register_memory: the " + backend_ +
-                                " backend moves host memory only (device=-1); got device=" +
-                                std::to_string(device));
+    throw std::invalid_argument(
+        "register_memory: the " + backend_ +
+        " backend moves host memory only (device=-1); got device=" + std::to_string(device));
   }
   std::unique_lock<std::shared_mutex> lk(regions_mu_);
   auto next = regions_by_addr_.lower_bound(addr);
@@ -159,8 +159,8 @@ void TransferEngine::expect(const std::string& request_id, uint64_t nbytes, doub
   rec.start = now;
   ++num_pending_recvs_;
   if (timeout_s > 0) {
-    rec.deadline = now + std::chrono::duration_cast<Clock::duration>(
-                             std::chrono::duration<double>(timeout_s));
+    rec.deadline =
+        now + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
     recv_deadlines_.emplace(*rec.deadline, request_id);
   }
 }
@@ -438,8 +438,8 @@ void TransferEngine::reaper_loop() {
     if (closing_) break;
     lk.unlock();
     auto now = Clock::now();
-    auto retention = std::chrono::duration_cast<Clock::duration>(
-        std::chrono::duration<double>(retention_s_));
+    auto retention =
+        std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(retention_s_));
     std::vector<std::pair<std::string, std::string>> timed_out;  // (request id, why)
     {
       std::lock_guard<std::mutex> rlk(recv_mu_);
@@ -502,7 +502,8 @@ void TransferEngine::close() {
     if (reaper_.joinable()) reaper_.join();
     transport_->shutdown();  // fails every batch and ends every inbound connection
     std::lock_guard<std::mutex> lk(recv_mu_);
-    for (auto& [rid, rec] : recvs_) fail_recv_locked(rec, Status::kFailed, "transfer engine closed");
+    for (auto& [rid, rec] : recvs_)
+      fail_recv_locked(rec, Status::kFailed, "transfer engine closed");
   });
 }
 
