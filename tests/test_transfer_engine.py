@@ -128,6 +128,10 @@ def test_sender_checks_its_local_ranges(pair):
         sender.send("127.0.0.1:1", "x", [(addr(src), addr(dst), 16)])
     with pytest.raises(ValueError, match="stream"):
         sender.send(receiver.address, "x", [(addr(src), addr(dst), 16)], stream=1)
+    with pytest.raises(ValueError, match="longer than 1024"):
+        receiver.expect("x" * 1025, 16, timeout_s=1)
+    with pytest.raises(ValueError, match="nbytes must be > 0"):
+        receiver.expect("x", 0, timeout_s=1)
 
 
 def test_register_rejects_overlap_and_device_memory():

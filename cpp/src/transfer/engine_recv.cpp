@@ -11,6 +11,9 @@ namespace pdserve::transfer {
 void TransferEngine::expect(const std::string& request_id, uint64_t nbytes, double timeout_s,
                             const std::string& from_peer) {
   if (request_id.empty()) throw std::invalid_argument("expect: request_id must not be empty");
+  if (request_id.size() > 1024) {
+    throw std::invalid_argument("expect: request_id longer than 1024 B");
+  }
   if (nbytes == 0) throw std::invalid_argument("expect: nbytes must be > 0 for " + request_id);
   if (timeout_s < 0) throw std::invalid_argument("expect: timeout_s must be >= 0 (0: none)");
   {
