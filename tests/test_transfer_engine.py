@@ -3,12 +3,15 @@ bytes land exactly, refusals are reported, counters count, asyncio waits resolve
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import pathlib
 import threading
 import time
 
 import numpy as np
 import pytest
+from pdserve import _transfer
 from pdserve.transfer import TransferEngine, TransferError
 
 
@@ -210,3 +213,16 @@ def test_a_long_batch_does_not_hold_up_another_request():
         assert a.poll(big).status == "pending"  # 256 messages; "layer" went after the first few
         assert a.wait(big, 30).ok and b.wait_recv("whole", 10).ok
         assert np.array_equal(dst[: (64 << 20) + 4096], src[: (64 << 20) + 4096])
+
+
+def test_stub_matches_the_native_module():
+    stub = pathlib.Path(__file__).parents[1] / "python" / "pdserve" / "_transfer.pyi"
+    for node in ast.parse(stub.read_text()).body:
+        if isinstance(node, ast.ClassDef):
+            native = getattr(_transfer, node.name)
+            for item in node.body:
+                name = getattr(item, "name", None) or getattr(
+                    getattr(item, "target", None), "id", None
+                )
+                if name and not name.startswith("__"):
+                    assert hasattr(native, name), f"{node.name}.{name} is in the stub only"
