@@ -104,6 +104,25 @@ def engine_gbps(
     return src.nbytes / seconds / 1e9
 
 
+def small_batch_latency_us(
+    sender: TransferEngine, receiver: TransferEngine, src: np.ndarray, dst: np.ndarray, n: int = 200
+) -> float:
+    """Median submit -> acknowledged time of a one-piece 4 KiB batch (one layer of one block, say)."""
+    receiver.expect("latency", n * 4096, timeout_s=60)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        ticket = sender.send(
+            receiver.address,
+            "latency",
+            [(src.ctypes.data + i * 4096, dst.ctypes.data + i * 4096, 4096)],
+        )
+        if not sender.wait(ticket, 10).ok:
+            raise RuntimeError("latency send failed")
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e6)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement")
@@ -141,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{piece_kib}k{r}",
                 )
                 best[piece_kib] = max(best[piece_kib], gbps)
+        latency_us = small_batch_latency_us(sender, receiver, src, dst)
     baseline.close()
     results = [
         {
@@ -156,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['piece_nbytes'] >> 10}KiB {r['gbps']:.2f} GB/s ({r['ratio_vs_raw']:.2f}x)"
         for r in results
     )
-    print(f"bench_transfer: tcp loopback {args.total_mib} MiB, raw socket {raw:.2f} GB/s | {parts}")
+    print(
+        f"bench_transfer: tcp loopback {args.total_mib} MiB, raw socket {raw:.2f} GB/s | {parts}"
+        f" | 4KiB batch round trip {latency_us:.0f} us (median)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     "message_nbytes": args.message_kib << 10,
                     "repeats": args.repeats,
                     "raw_socket_gbps": round(raw, 3),
+                    "small_batch_round_trip_us": round(latency_us, 1),
                     "results": results,
                 },
                 f,
