@@ -2,6 +2,8 @@
 // operations as bench/bench_radix_tree.py (match, lock, evict when short, allocate, insert,
 // unlock, decref), timed per operation kind.
 //   bench_radix_tree [num_requests=10000] [num_gpu_blocks=16384] [block_size=16] [seed=0]
+//                    [repeats=5]
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -59,15 +61,23 @@ double seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
-}  // namespace
+struct Times {
+  double match = 0, insert = 0, evict = 0, lock = 0, pool = 0;
+  long n_evict = 0, n_insert = 0, hit_tokens = 0, total_tokens = 0;
 
-int main(int argc, char** argv) {
-  const int num_requests = argc > 1 ? std::atoi(argv[1]) : 10000;
-  const int num_gpu_blocks = argc > 2 ? std::atoi(argv[2]) : 16384;
-  const int block_size = argc > 3 ? std::atoi(argv[3]) : 16;
-  const uint32_t seed = argc > 4 ? static_cast<uint32_t>(std::atoi(argv[4])) : 0;
-  Trace trace = make_trace(num_requests, seed);
+  Times min_with(const Times& o) const {
+    Times m = *this;
+    m.match = std::min(match, o.match);
+    m.insert = std::min(insert, o.insert);
+    m.evict = std::min(evict, o.evict);
+    m.lock = std::min(lock, o.lock);
+    m.pool = std::min(pool, o.pool);
+    return m;
+  }
+};
 
+// One replay of the trace on a fresh pool and tree, timing each operation kind.
+Times replay(const Trace& trace, int num_gpu_blocks, int block_size) {
   auto gpu = std::make_shared<BlockPool>(num_gpu_blocks, Tier::kGpu);
   RadixTree tree(block_size, gpu, nullptr, /*record_events=*/false);
   MatchResult match;
@@ -114,14 +124,36 @@ int main(int argc, char** argv) {
     t_pool += seconds(t1, Clock::now());
   }
   tree.check_invariants();
+  return Times{t_match, t_insert, t_evict,    t_lock,      t_pool,
+               n_evict, n_insert, hit_tokens, total_tokens};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int num_requests = argc > 1 ? std::atoi(argv[1]) : 10000;
+  const int num_gpu_blocks = argc > 2 ? std::atoi(argv[2]) : 16384;
+  const int block_size = argc > 3 ? std::atoi(argv[3]) : 16;
+  const uint32_t seed = argc > 4 ? static_cast<uint32_t>(std::atoi(argv[4])) : 0;
+  const int repeats = argc > 5 ? std::atoi(argv[5]) : 5;
+  Trace trace = make_trace(num_requests, seed);
+
+  // The machine may be shared: replay `repeats` times on fresh trees, keep each op's best time.
+  Times best;
+  for (int r = 0; r < repeats; ++r) {
+    Times t = replay(trace, num_gpu_blocks, block_size);
+    best = r == 0 ? t : best.min_with(t);
+  }
   const double n = static_cast<double>(trace.prompts.size());
   std::printf("trace: %d requests, %.0f tokens/request, prefix hit rate %.1f%%, %ld evict calls\n",
-              num_requests, total_tokens / n, 100.0 * hit_tokens / total_tokens, n_evict);
-  std::printf("match  %12.0f ops/s\ninsert %12.0f ops/s\nevict  %12.0f ops/s\n", n / t_match,
-              n_insert / t_insert, n_evict / t_evict);
-  std::printf("lock   %12.0f ops/s\npool   %12.0f ops/s\n", 2 * n / t_lock, 2 * n / t_pool);
-  const double total = t_match + t_insert + t_evict + t_lock + t_pool;
-  std::printf("summary: %d requests in %.3f s of tree/pool time (%.2f us per request)\n",
-              num_requests, total, 1e6 * total / n);
+              num_requests, best.total_tokens / n, 100.0 * best.hit_tokens / best.total_tokens,
+              best.n_evict);
+  std::printf("match  %12.0f ops/s\ninsert %12.0f ops/s\nevict  %12.0f ops/s\n", n / best.match,
+              best.n_insert / best.insert, best.n_evict / best.evict);
+  std::printf("lock   %12.0f ops/s\npool   %12.0f ops/s\n", 2 * n / best.lock, 2 * n / best.pool);
+  const double total = best.match + best.insert + best.evict + best.lock + best.pool;
+  std::printf(
+      "summary: %d requests in %.3f s of tree/pool time (%.2f us per request, best of %d)\n",
+      num_requests, total, 1e6 * total / n, repeats);
   return 0;
 }

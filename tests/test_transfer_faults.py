@@ -49,8 +49,12 @@ def test_expect_deadline_fires_and_late_data_is_refused(pair):
     result = receiver.wait_recv("late", timeout_s=5)
     assert result.status == "timed_out" and "received 0 B" in result.error
     assert 0.15 < time.monotonic() - t0 < 2
+    # The receiver told the sender: new pushes of the request fail at once, without any traffic.
+    assert wait_until(lambda: (sender.poll_recv("late") or result).status == "aborted")
+    rejected = receiver.stats()["bytes_rejected"]
     sent = sender.wait(sender.send(receiver.address, "late", whole(src, dst, 1000)), 10)
-    assert sent.status == "failed" and "timed_out" in sent.error
+    assert sent.status == "aborted" and "receive timed out" in sent.error, sent
+    assert receiver.stats()["bytes_rejected"] == rejected
     assert not dst.any()
     assert receiver.stats()["recvs_timed_out"] == 1
 

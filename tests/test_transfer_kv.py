@@ -229,3 +229,20 @@ def test_asyncio_layer_wise_push_with_an_abort(engines):
         else:
             assert sent.ok and got.ok, (sent, got)
             assert torch.equal(d_kv[2 * i : 2 * i + 2].transpose(0, 1), p_kv[:, 2 * i : 2 * i + 2])
+
+
+def test_sender_wait_tracks_pushes_made_after_an_earlier_wait(engines):
+    p_kv, d_kv = make_kv(LAYER_MAJOR, fill=True), make_kv(LAYER_MAJOR, fill=False)
+    p_side, d_side = link(*engines, p_kv, d_kv, LAYER_MAJOR, LAYER_MAJOR)
+    d_side.receiver.expect("twice", 1, timeout_s=20)
+    p_side.sender.push_layer("twice", 0, [1], [1])
+    first = p_side.sender.wait("twice", 10)
+    assert first.ok and first.nbytes == p_kv[0, 0].numel() * 4
+    for layer_idx in range(1, NUM_LAYERS):
+        p_side.sender.push_layer("twice", layer_idx, [1], [1])
+    rest = p_side.sender.wait("twice", 10)
+    assert rest.ok and rest.nbytes == (NUM_LAYERS - 1) * first.nbytes
+    assert d_side.receiver.wait("twice", 10).ok
+    assert torch.equal(d_kv[:, 1], p_kv[:, 1])
+    with pytest.raises(ValueError, match="num_blocks"):
+        d_side.receiver.expect("neg", -1, timeout_s=1)

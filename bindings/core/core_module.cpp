@@ -42,8 +42,8 @@ struct Int32View {
 };
 
 [[noreturn]] void bad_value(const char* name, size_t index, long long value) {
-  throw py::value_error(std::string(name) + "[" + std::to_string(index) + "] = " +
-                        std::to_string(value) + " does not fit in int32");
+  throw py::value_error(std::string(name) + "[" + std::to_string(index) +
+                        "] = " + std::to_string(value) + " does not fit in int32");
 }
 
 template <typename T>
@@ -59,25 +59,47 @@ void copy_strided(const Py_buffer& buf, const char* name, std::vector<int32_t>* 
   }
 }
 
+// Reads an exact int of one internal digit (|value| < 2**30: every token and block id) without a
+// function call; false for anything else, which then takes the checked slow path.
+inline bool compact_int_value(PyObject* o, long long* out) {
+  if (!PyLong_CheckExact(o)) return false;
+#if PY_VERSION_HEX >= 0x030C0000
+  if (!PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) return false;
+  *out = PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o));
+  return true;
+#else
+  const Py_ssize_t size = Py_SIZE(o);
+  if (size < -1 || size > 1) return false;
+  *out = size * static_cast<long long>(reinterpret_cast<PyLongObject*>(o)->ob_digit[0]);
+  return true;
+#endif
+}
+
 void to_int32(py::handle obj, const char* name, std::vector<int32_t>* scratch, Int32View* view) {
   PyObject* o = obj.ptr();
   if (PyList_Check(o) || PyTuple_Check(o)) {
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
     PyObject** items = PySequence_Fast_ITEMS(o);
     scratch->resize(n);
+    int32_t* dst = scratch->data();
     for (Py_ssize_t i = 0; i < n; ++i) {
+      long long v;
+      if (compact_int_value(items[i], &v)) {
+        dst[i] = static_cast<int32_t>(v);
+        continue;
+      }
       int overflow = 0;
-      long long v = PyLong_AsLongLongAndOverflow(items[i], &overflow);
+      v = PyLong_AsLongLongAndOverflow(items[i], &overflow);
       if (v == -1 && PyErr_Occurred()) {
         PyErr_Clear();
-        throw py::type_error(std::string(name) + "[" + std::to_string(i) + "] must be an int, got " +
-                             Py_TYPE(items[i])->tp_name);
+        throw py::type_error(std::string(name) + "[" + std::to_string(i) +
+                             "] must be an int, got " + Py_TYPE(items[i])->tp_name);
       }
       if (overflow != 0 || v < INT32_MIN || v > INT32_MAX) {
         throw py::value_error(std::string(name) + "[" + std::to_string(i) +
                               "] does not fit in int32");
       }
-      (*scratch)[i] = static_cast<int32_t>(v);
+      dst[i] = static_cast<int32_t>(v);
     }
     view->data = scratch->data();
     view->size = scratch->size();
@@ -174,11 +196,18 @@ py::list u64_list(const std::vector<uint64_t>& values) {
 }
 
 py::list tier_list(const std::vector<Tier>& tiers) {
+  PyObject* values[2] = {small_int(0), small_int(1)};  // new references, dropped below
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(tiers.size()));
-  if (list == nullptr) throw py::error_already_set();
-  for (size_t i = 0; i < tiers.size(); ++i) {
-    PyList_SET_ITEM(list, i, small_int(static_cast<long long>(tiers[i])));
+  if (list != nullptr) {
+    for (size_t i = 0; i < tiers.size(); ++i) {
+      PyObject* item = values[static_cast<int>(tiers[i])];
+      Py_INCREF(item);
+      PyList_SET_ITEM(list, i, item);
+    }
   }
+  Py_DECREF(values[0]);
+  Py_DECREF(values[1]);
+  if (list == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::list>(list);
 }
 
@@ -310,7 +339,9 @@ PYBIND11_MODULE(_core, m) {
           py::arg("request_id"), py::arg("num_blocks"))
       .def(
           "reserved_blocks",
-          [](const BlockPool& p, const std::string& rid) { return to_list(p.reserved_blocks(rid)); },
+          [](const BlockPool& p, const std::string& rid) {
+            return to_list(p.reserved_blocks(rid));
+          },
           py::arg("request_id"))
       .def("release_reservation", &BlockPool::release_reservation, py::arg("request_id"))
       .def(
@@ -418,9 +449,10 @@ PYBIND11_MODULE(_core, m) {
              return out;
            })
       .def_property_readonly("num_nodes", &RadixTree::num_nodes)
-      .def("num_tree_blocks",
-           [](const RadixTree& t, int tier) { return t.num_tree_blocks(to_tier(tier)); },
-           py::arg("tier") = 0)
+      .def(
+          "num_tree_blocks",
+          [](const RadixTree& t, int tier) { return t.num_tree_blocks(to_tier(tier)); },
+          py::arg("tier") = 0)
       .def_property_readonly("num_pending_demote_blocks", &RadixTree::num_pending_demote_blocks)
       .def_property_readonly("num_locks", &RadixTree::num_locks)
       .def("check_invariants", &RadixTree::check_invariants,
@@ -432,9 +464,10 @@ PYBIND11_MODULE(_core, m) {
              double hh = host_high.is_none() ? -1.0 : host_high.cast<double>();
              double hl = host_low.is_none() ? -1.0 : host_low.cast<double>();
              if ((!host_high.is_none() && hh < 0) || (!host_low.is_none() && hl < 0)) {
-               throw py::value_error("Evictor: HOST watermarks must satisfy 0 <= low <= high <= 1, "
-                                     "got high=" + std::to_string(hh) + " low=" +
-                                     std::to_string(hl));
+               throw py::value_error(
+                   "Evictor: HOST watermarks must satisfy 0 <= low <= high <= 1, "
+                   "got high=" +
+                   std::to_string(hh) + " low=" + std::to_string(hl));
              }
              return std::make_shared<Evictor>(std::move(tree), gpu_high, gpu_low, hh, hl);
            }),
@@ -448,8 +481,7 @@ PYBIND11_MODULE(_core, m) {
         }
         py::object ticket =
             plan.has_demote_ticket ? ticket_object(plan.demote_ticket) : py::object(py::none());
-        return construct<3>(types().eviction_plan,
-                            {ticket, to_list(plan.freed_gpu_block_ids),
-                             to_list(plan.freed_host_block_ids)});
+        return construct<3>(types().eviction_plan, {ticket, to_list(plan.freed_gpu_block_ids),
+                                                    to_list(plan.freed_host_block_ids)});
       });
 }

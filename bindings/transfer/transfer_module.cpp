@@ -27,8 +27,10 @@ std::vector<tr::Piece> to_pieces(
     for (py::ssize_t i = 0; i < pieces.ndim(); ++i) {
       shape += std::to_string(pieces.shape(i)) + (i + 1 < pieces.ndim() ? ", " : "");
     }
-    throw std::invalid_argument("pieces must have shape (N, 3) = (local_addr, remote_addr, "
-                                "nbytes) rows; got shape " + shape + ")");
+    throw std::invalid_argument(
+        "pieces must have shape (N, 3) = (local_addr, remote_addr, "
+        "nbytes) rows; got shape " +
+        shape + ")");
   }
   auto view = pieces.unchecked<2>();
   std::vector<tr::Piece> out(static_cast<size_t>(pieces.shape(0)));
@@ -49,14 +51,16 @@ PYBIND11_MODULE(_transfer, m) {
       .def_readonly("ticket", &tr::SendResult::ticket)
       .def_readonly("request_id", &tr::SendResult::request_id)
       .def_readonly("peer", &tr::SendResult::peer)
-      .def_property_readonly("status", [](const tr::SendResult& r) { return tr::status_name(r.status); })
+      .def_property_readonly("status",
+                             [](const tr::SendResult& r) { return tr::status_name(r.status); })
       .def_readonly("nbytes", &tr::SendResult::nbytes)
       .def_readonly("seconds", &tr::SendResult::seconds)
       .def_readonly("error", &tr::SendResult::error);
 
   py::class_<tr::RecvResult>(m, "RecvResult")
       .def_readonly("request_id", &tr::RecvResult::request_id)
-      .def_property_readonly("status", [](const tr::RecvResult& r) { return tr::status_name(r.status); })
+      .def_property_readonly("status",
+                             [](const tr::RecvResult& r) { return tr::status_name(r.status); })
       .def_readonly("nbytes_expected", &tr::RecvResult::nbytes_expected)
       .def_readonly("nbytes_received", &tr::RecvResult::nbytes_received)
       .def_readonly("seconds", &tr::RecvResult::seconds)

@@ -42,29 +42,29 @@ inline int run_all() {
 
 }  // namespace transfer_check
 
-#define TRANSFER_TEST(name)                                                \
-  static void name();                                                      \
-  static transfer_check::Register name##_registration(#name, name);        \
+#define TRANSFER_TEST(name)                                         \
+  static void name();                                               \
+  static transfer_check::Register name##_registration(#name, name); \
   static void name()
 
-#define CHECK(cond)                                                               \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
+#define CHECK(cond)                                                                   \
+  do {                                                                                \
+    if (!(cond)) {                                                                    \
       std::fprintf(stderr, "  %s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++transfer_check::failures();                                               \
-    }                                                                             \
+      ++transfer_check::failures();                                                   \
+    }                                                                                 \
   } while (0)
 
-#define CHECK_THROWS(expr, type)                                                   \
-  do {                                                                             \
-    bool thrown = false;                                                           \
-    try {                                                                          \
-      expr;                                                                        \
-    } catch (const type&) {                                                        \
-      thrown = true;                                                               \
-    }                                                                              \
-    if (!thrown) {                                                                 \
+#define CHECK_THROWS(expr, type)                                                                \
+  do {                                                                                          \
+    bool thrown = false;                                                                        \
+    try {                                                                                       \
+      expr;                                                                                     \
+    } catch (const type&) {                                                                     \
+      thrown = true;                                                                            \
+    }                                                                                           \
+    if (!thrown) {                                                                              \
       std::fprintf(stderr, "  %s:%d: %s did not throw %s\n", __FILE__, __LINE__, #expr, #type); \
-      ++transfer_check::failures();                                                \
-    }                                                                              \
+      ++transfer_check::failures();                                                             \
+    }                                                                                           \
   } while (0)

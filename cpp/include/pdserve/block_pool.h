@@ -118,11 +118,11 @@ class BlockPool {
   const Tier tier_;
   const int32_t num_total_;
   mutable std::mutex mutex_;
-  std::vector<BlockState> blocks_;     // indexed by block id
-  std::vector<BlockId> free_stack_;    // top = back()
-  int32_t num_in_use_ = 0;             // blocks with ref_count > 0
-  int32_t num_cached_ = 0;             // owned blocks with ref_count == 0
-  int32_t num_reserved_ = 0;           // sum of reservation sizes
+  std::vector<BlockState> blocks_;   // indexed by block id
+  std::vector<BlockId> free_stack_;  // top = back()
+  int32_t num_in_use_ = 0;           // blocks with ref_count > 0
+  int32_t num_cached_ = 0;           // owned blocks with ref_count == 0
+  int32_t num_reserved_ = 0;         // sum of reservation sizes
   std::unordered_map<std::string, std::vector<BlockId>> reservations_;
 };
 

@@ -119,10 +119,10 @@ class RadixTree {
   // Returns and clears the events logged since the last call (empty if record_events=false).
   std::vector<CacheEvent> drain_events();
 
-  int32_t num_nodes() const;                      // excluding the root
-  int32_t num_tree_blocks(Tier tier) const;       // blocks the tree owns in that tier
-  int32_t num_pending_demote_blocks() const;      // GPU blocks in open demote tickets
-  int32_t num_locks() const;                      // live lock handles
+  int32_t num_nodes() const;                  // excluding the root
+  int32_t num_tree_blocks(Tier tier) const;   // blocks the tree owns in that tier
+  int32_t num_pending_demote_blocks() const;  // GPU blocks in open demote tickets
+  int32_t num_locks() const;                  // live lock handles
 
   // Checks the tree's structure, lock counts, candidate sets and the ownership flags in both
   // pools, then both pools' invariants. Throws std::runtime_error describing the first problem.

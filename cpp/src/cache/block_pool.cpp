@@ -151,8 +151,7 @@ void BlockPool::decref(const BlockId* block_ids, size_t num_blocks) {
       check_id_locked(id, "decref");
       if (error[0] == 'd') {
         throw std::invalid_argument("decref: double free of block " + std::to_string(id) +
-                                    " in the " + pool_name(tier_) +
-                                    " (ref_count is already 0)");
+                                    " in the " + pool_name(tier_) + " (ref_count is already 0)");
       }
       throw std::invalid_argument("decref: block " + std::to_string(id) + " of the " +
                                   pool_name(tier_) +
@@ -292,15 +291,14 @@ void BlockPool::check_invariants() const {
   for (BlockId id = 0; id < num_total_; ++id) {
     const BlockState& b = blocks_[id];
     if (b.ref_count < 0) {
-      throw std::runtime_error("check_invariants: block " + std::to_string(id) +
-                               " has ref_count " + std::to_string(b.ref_count));
+      throw std::runtime_error("check_invariants: block " + std::to_string(id) + " has ref_count " +
+                               std::to_string(b.ref_count));
     }
     bool should_be_free = b.ref_count == 0 && !b.owned;
     if (should_be_free != static_cast<bool>(on_free_list[id])) {
       throw std::runtime_error("check_invariants: block " + std::to_string(id) + " of the " +
-                               pool_name(tier_) + " has ref_count " +
-                               std::to_string(b.ref_count) + ", owned " +
-                               std::to_string(b.owned) + " but on_free_list " +
+                               pool_name(tier_) + " has ref_count " + std::to_string(b.ref_count) +
+                               ", owned " + std::to_string(b.owned) + " but on_free_list " +
                                std::to_string(on_free_list[id]));
     }
     if (b.ref_count > 0) {
@@ -320,9 +318,9 @@ void BlockPool::check_invariants() const {
     std::ostringstream msg;
     msg << "check_invariants failed for the " << pool_name(tier_) << ": free " << free
         << " + cached " << cached << " + in_use " << in_use << " = " << free + cached + in_use
-        << " (total " << num_total_ << "); counters say free " << free_stack_.size()
-        << ", cached " << num_cached_ << ", in_use " << num_in_use_ << ", reserved "
-        << num_reserved_ << " (flags " << reserved << ", listed " << reserved_listed << ")";
+        << " (total " << num_total_ << "); counters say free " << free_stack_.size() << ", cached "
+        << num_cached_ << ", in_use " << num_in_use_ << ", reserved " << num_reserved_ << " (flags "
+        << reserved << ", listed " << reserved_listed << ")";
     throw std::runtime_error(msg.str());
   }
 }

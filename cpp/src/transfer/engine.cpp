@@ -1,32 +1,18 @@
-// The transfer engine's bookkeeping: registered regions, receive records, send tickets, deadlines,
-// counters and the completion queue. Wire work is delegated to the Transport backend, which reports
-// back through the TransportHost methods at the bottom of this file.
+// The transfer engine's bookkeeping, everything but the receive side (engine_recv.cpp): registered
+// regions, peers, send tickets, aborts, deadlines, counters and the completion queue. Wire work is
+// delegated to the Transport backend, which reports back through the TransportHost methods.
 #include "pdserve/transfer/engine.h"
 
 #include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <sstream>
 #include <stdexcept>
+
+#include "engine_text.h"
 
 namespace pdserve::transfer {
 namespace {
-
-std::string hex(uint64_t v) {
-  std::ostringstream out;
-  out << "0x" << std::hex << v;
-  return out.str();
-}
-
-std::string range_text(uint64_t addr, uint64_t nbytes) {
-  return "[" + hex(addr) + ", " + hex(addr + nbytes) + ") (" + std::to_string(nbytes) + " B)";
-}
-
-double seconds_between(std::chrono::steady_clock::time_point a,
-                       std::chrono::steady_clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
 
 void add_to(PeerStats& into, const PeerStats& s) {
   into.bytes_sent += s.bytes_sent;
@@ -64,9 +50,9 @@ RegionId TransferEngine::register_memory(uint64_t addr, uint64_t nbytes, int dev
                                 std::to_string(nbytes) + " B wraps around");
   }
   if (device != kHostDevice && !transport_->supports_device_memory()) {
-    throw std::invalid_argument("register_memory: the " + backend_ +
-                                " backend moves host memory only (device=-1); got device=" +
-                                std::to_string(device));
+    throw std::invalid_argument(
+        "register_memory: the " + backend_ +
+        " backend moves host memory only (device=-1); got device=" + std::to_string(device));
   }
   std::unique_lock<std::shared_mutex> lk(regions_mu_);
   auto next = regions_by_addr_.lower_bound(addr);
@@ -127,120 +113,6 @@ bool TransferEngine::connected(const std::string& peer) const {
   return transport_->connected(peer);
 }
 
-// ---------------------------------------------------------------- receiver
-
-void TransferEngine::expect(const std::string& request_id, uint64_t nbytes, double timeout_s,
-                            const std::string& from_peer) {
-  if (request_id.empty()) throw std::invalid_argument("expect: request_id must not be empty");
-  if (nbytes == 0) throw std::invalid_argument("expect: nbytes must be > 0 for " + request_id);
-  if (timeout_s < 0) throw std::invalid_argument("expect: timeout_s must be >= 0 (0: none)");
-  {
-    std::lock_guard<std::mutex> lk(reaper_mu_);
-    if (closing_) throw TransferError("transfer engine is closed");
-  }
-  std::lock_guard<std::mutex> lk(recv_mu_);
-  auto now = Clock::now();
-  auto it = recvs_.find(request_id);
-  if (it != recvs_.end()) {
-    RecvRecord& old = it->second;
-    if (old.result.status == Status::kAborted && old.result.nbytes_expected == 0) {
-      // Aborted before it was expected (the abort raced ahead): the receive starts aborted.
-      old.result.nbytes_expected = nbytes;
-      old.start = now;
-      return;
-    }
-    throw std::invalid_argument("expect: request '" + request_id + "' is already " +
-                                status_name(old.result.status) + " on this receiver");
-  }
-  RecvRecord& rec = recvs_[request_id];
-  rec.result.request_id = request_id;
-  rec.result.nbytes_expected = nbytes;
-  rec.from_peer = from_peer;
-  rec.start = now;
-  ++num_pending_recvs_;
-  if (timeout_s > 0) {
-    rec.deadline = now + std::chrono::duration_cast<Clock::duration>(
-                             std::chrono::duration<double>(timeout_s));
-    recv_deadlines_.emplace(*rec.deadline, request_id);
-  }
-}
-
-RecvResult TransferEngine::wait_recv(const std::string& request_id, double timeout_s) {
-  std::unique_lock<std::mutex> lk(recv_mu_);
-  auto settled = [&] {
-    auto it = recvs_.find(request_id);
-    if (it == recvs_.end()) {
-      throw std::invalid_argument("wait_recv: request '" + request_id +
-                                  "' was not expected here (or finished over retention_s ago)");
-    }
-    return it->second.settled;
-  };
-  if (timeout_s < 0) {
-    recv_cv_.wait(lk, settled);
-  } else {
-    recv_cv_.wait_for(lk, std::chrono::duration<double>(timeout_s), settled);
-  }
-  RecvResult result = recvs_.at(request_id).result;
-  if (!recvs_.at(request_id).settled) result.status = Status::kPending;
-  return result;
-}
-
-std::optional<RecvResult> TransferEngine::poll_recv(const std::string& request_id) const {
-  std::lock_guard<std::mutex> lk(recv_mu_);
-  auto it = recvs_.find(request_id);
-  if (it == recvs_.end()) return std::nullopt;
-  RecvResult result = it->second.result;
-  if (!it->second.settled) result.status = Status::kPending;
-  return result;
-}
-
-void TransferEngine::fail_recv_locked(RecvRecord& record, Status status, const std::string& error) {
-  if (record.result.status != Status::kPending) return;
-  record.result.status = status;
-  record.result.error = error;
-  if (record.num_inflight == 0) settle_recv_locked(record);
-}
-
-void TransferEngine::settle_recv_locked(RecvRecord& record) {
-  if (record.settled) return;
-  record.settled = true;
-  record.settled_at = Clock::now();
-  recvs_settled_.emplace_back(record.settled_at, record.result.request_id);
-  --num_pending_recvs_;
-  record.result.seconds = seconds_between(record.start, record.settled_at);
-  switch (record.result.status) {
-    case Status::kDone:
-      ++recvs_done_;
-      recv_seconds_ += seconds_between(record.start, record.last_byte);
-      break;
-    case Status::kTimedOut:
-      ++recvs_timed_out_;
-      break;
-    case Status::kAborted:
-      ++recvs_aborted_;
-      break;
-    default:
-      ++recvs_failed_;
-  }
-  Completion c;
-  c.is_send = false;
-  c.recv = record.result;
-  push_completion(std::move(c));
-  recv_cv_.notify_all();
-}
-
-void TransferEngine::add_abort_mark_locked(const std::string& request_id,
-                                           const std::string& error) {
-  RecvRecord& rec = recvs_[request_id];
-  rec.result.request_id = request_id;
-  rec.result.status = Status::kAborted;
-  rec.result.error = error;
-  rec.start = Clock::now();
-  rec.settled = true;
-  rec.settled_at = rec.start;
-  recvs_settled_.emplace_back(rec.settled_at, request_id);
-}
-
 // ---------------------------------------------------------------- sender
 
 Ticket TransferEngine::send(const std::string& peer, const std::string& request_id,
@@ -281,6 +153,14 @@ Ticket TransferEngine::send(const std::string& peer, const std::string& request_
       total += p.nbytes;
     }
   }
+  std::string aborted;  // the request was aborted here or by a peer: fail without sending
+  {
+    std::lock_guard<std::mutex> lk(recv_mu_);
+    auto it = recvs_.find(request_id);
+    if (it != recvs_.end() && it->second.result.status == Status::kAborted) {
+      aborted = "request '" + request_id + "' was aborted (" + it->second.result.error + ")";
+    }
+  }
   auto now = Clock::now();
   Ticket ticket;
   {
@@ -305,7 +185,11 @@ Ticket TransferEngine::send(const std::string& peer, const std::string& request_
   batch.pieces = std::move(pieces);
   batch.nbytes = total;
   batch.options = options;
-  transport_->submit(peer, std::move(batch));
+  if (aborted.empty()) {
+    transport_->submit(peer, std::move(batch));
+  } else {
+    batch_done(ticket, Status::kAborted, aborted);
+  }
   return ticket;
 }
 
@@ -426,8 +310,9 @@ void TransferEngine::reaper_loop() {
     if (closing_) break;
     lk.unlock();
     auto now = Clock::now();
-    auto retention = std::chrono::duration_cast<Clock::duration>(
-        std::chrono::duration<double>(retention_s_));
+    auto retention =
+        std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(retention_s_));
+    std::vector<std::pair<std::string, std::string>> timed_out;  // (request id, why)
     {
       std::lock_guard<std::mutex> rlk(recv_mu_);
       while (!recv_deadlines_.empty() && recv_deadlines_.begin()->first <= now) {
@@ -436,10 +321,12 @@ void TransferEngine::reaper_loop() {
         auto it = recvs_.find(rid);
         if (it == recvs_.end() || it->second.deadline != deadline) continue;
         RecvRecord& rec = it->second;
-        fail_recv_locked(rec, Status::kTimedOut,
-                         "expected " + std::to_string(rec.result.nbytes_expected) +
-                             " B, received " + std::to_string(rec.result.nbytes_received) +
-                             " B before the deadline");
+        if (rec.result.status != Status::kPending) continue;
+        std::string why = "expected " + std::to_string(rec.result.nbytes_expected) +
+                          " B, received " + std::to_string(rec.result.nbytes_received) +
+                          " B before the deadline";
+        fail_recv_locked(rec, Status::kTimedOut, why);
+        timed_out.emplace_back(rid, "receive timed out: " + why);
       }
       while (!recvs_settled_.empty() && now - recvs_settled_.front().first > retention) {
         auto it = recvs_.find(recvs_settled_.front().second);
@@ -470,6 +357,9 @@ void TransferEngine::reaper_loop() {
       transport_->cancel("", ticket, Status::kTimedOut, "not acknowledged before the deadline",
                          /*wait=*/false);
     }
+    // The request is dead here: tell the senders, so they stop pushing (and fail new pushes) now
+    // rather than when their next message is refused.
+    for (const auto& [rid, why] : timed_out) transport_->broadcast_abort(rid, why);
     lk.lock();
   }
 }
@@ -484,100 +374,12 @@ void TransferEngine::close() {
     if (reaper_.joinable()) reaper_.join();
     transport_->shutdown();  // fails every batch and ends every inbound connection
     std::lock_guard<std::mutex> lk(recv_mu_);
-    for (auto& [rid, rec] : recvs_) fail_recv_locked(rec, Status::kFailed, "transfer engine closed");
+    for (auto& [rid, rec] : recvs_)
+      fail_recv_locked(rec, Status::kFailed, "transfer engine closed");
   });
 }
 
 // ---------------------------------------------------------------- TransportHost
-
-Admission TransferEngine::admit(const std::string& request_id, const std::string& peer,
-                                const WirePiece* pieces, size_t num_pieces, uint64_t nbytes) {
-  Admission a;
-  a.request_id = request_id;
-  std::shared_lock<std::shared_mutex> regions(regions_mu_);
-  std::string range_error;
-  for (size_t i = 0; i < num_pieces && range_error.empty(); ++i) {
-    const WirePiece& p = pieces[i];
-    if (p.nbytes == 0 || p.remote_addr + p.nbytes < p.remote_addr ||
-        !range_registered(p.remote_addr, p.nbytes)) {
-      range_error = "destination " + range_text(p.remote_addr, p.nbytes) +
-                    " is not inside memory registered on the receiver";
-    }
-  }
-  {
-    std::lock_guard<std::mutex> lk(recv_mu_);
-    auto it = recvs_.find(request_id);
-    if (it == recvs_.end()) {
-      a.error = "request '" + request_id +
-                "' is not expected here (the receiver must call expect() before data arrives)";
-    } else {
-      RecvRecord& rec = it->second;
-      if (rec.result.status != Status::kPending) {
-        a.error = "request '" + request_id + "' is " + status_name(rec.result.status) +
-                  (rec.result.error.empty() ? "" : " (" + rec.result.error + ")");
-      } else if (!rec.from_peer.empty() && rec.from_peer != peer) {
-        a.error = "request '" + request_id + "' accepts data only from " + rec.from_peer +
-                  ", not from " + peer;
-      } else if (!range_error.empty()) {
-        a.error = "request '" + request_id + "': " + range_error;
-        fail_recv_locked(rec, Status::kFailed, a.error);
-      } else if (nbytes > rec.result.nbytes_expected - rec.nbytes_admitted) {
-        a.error = "request '" + request_id + "' expects " +
-                  std::to_string(rec.result.nbytes_expected) + " B; " +
-                  std::to_string(rec.nbytes_admitted) + " B arrived already and " +
-                  std::to_string(nbytes) + " B more would overflow";
-        fail_recv_locked(rec, Status::kFailed, a.error);
-      } else {
-        rec.nbytes_admitted += nbytes;
-        rec.num_inflight += 1;
-        rec.peers_seen.insert(peer);
-        a.ok = true;
-        a.regions_guard = std::move(regions);
-        return a;
-      }
-    }
-  }
-  std::lock_guard<std::mutex> lk(stats_mu_);
-  peer_stats_[peer].bytes_rejected += nbytes;
-  return a;
-}
-
-void TransferEngine::landed(Admission admission, const std::string& peer, uint64_t nbytes,
-                            bool written) {
-  {
-    std::lock_guard<std::mutex> lk(recv_mu_);
-    RecvRecord& rec = recvs_.at(admission.request_id);  // unsettled records are never purged
-    rec.num_inflight -= 1;
-    if (written) {
-      {
-        // Counted before the receive can settle, so stats() after wait_recv() includes it.
-        std::lock_guard<std::mutex> slk(stats_mu_);
-        peer_stats_[peer].bytes_received += nbytes;
-      }
-      rec.result.nbytes_received += nbytes;
-      rec.last_byte = Clock::now();
-      if (rec.result.status == Status::kPending &&
-          rec.result.nbytes_received == rec.result.nbytes_expected) {
-        rec.result.status = Status::kDone;
-      }
-    } else {
-      fail_recv_locked(rec, Status::kFailed,
-                       "connection from " + peer + " broke in the middle of a message");
-    }
-    if (rec.result.status != Status::kPending && rec.num_inflight == 0) settle_recv_locked(rec);
-  }
-  admission.regions_guard = {};
-}
-
-void TransferEngine::inbound_lost(const std::string& peer, const std::string& reason) {
-  std::lock_guard<std::mutex> lk(recv_mu_);
-  for (auto& [rid, rec] : recvs_) {
-    if (rec.result.status != Status::kPending) continue;
-    if (rec.from_peer == peer || rec.peers_seen.count(peer) != 0) {
-      fail_recv_locked(rec, Status::kFailed, "peer " + peer + " disconnected: " + reason);
-    }
-  }
-}
 
 void TransferEngine::batch_done(Ticket ticket, Status status, const std::string& error) {
   SendResult result;

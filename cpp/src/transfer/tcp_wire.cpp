@@ -229,7 +229,8 @@ IoResult write_control_frame(int fd, FrameType type, uint64_t ticket, const std:
                              const std::atomic<bool>& stop) {
   FrameHeader header;
   header.type = static_cast<uint8_t>(type);
-  header.request_id_len = static_cast<uint16_t>(std::min<size_t>(request_id.size(), kMaxRequestIdLen));
+  header.request_id_len =
+      static_cast<uint16_t>(std::min<size_t>(request_id.size(), kMaxRequestIdLen));
   header.text_len = static_cast<uint32_t>(std::min<size_t>(text.size(), kMaxTextLen));
   header.ticket = ticket;
   iovec iov[3] = {{&header, sizeof(header)},

@@ -1,5 +1,5 @@
-// The TCP backend's wire format and blocking socket helpers. Kept apart from the connection logic so
-// the framing can be read (and unit-tested) in one place.
+// The TCP backend's wire format and blocking socket helpers. Kept apart from the connection logic
+// so the framing can be read (and unit-tested) in one place.
 //
 // Every frame is a 32-byte FrameHeader, then request_id_len bytes of request id, text_len bytes of
 // text, num_pieces WirePieces (16 bytes each) and payload_nbytes bytes of payload, in that order.
@@ -22,7 +22,14 @@
 namespace pdserve::transfer::tcp {
 
 constexpr uint32_t kMagic = 0x46544450;  // "PDTF" little-endian; a mismatch means a foreign peer
-enum class FrameType : uint8_t { kHello = 1, kHelloAck = 2, kData = 3, kAck = 4, kNack = 5, kAbort = 6 };
+enum class FrameType : uint8_t {
+  kHello = 1,
+  kHelloAck = 2,
+  kData = 3,
+  kAck = 4,
+  kNack = 5,
+  kAbort = 6
+};
 constexpr uint8_t kFlagLast = 1;
 
 constexpr uint32_t kMaxRequestIdLen = 1024;
@@ -53,7 +60,8 @@ struct IoResult {
 // Sockets carry a short SO_RCVTIMEO / SO_SNDTIMEO tick so blocking loops notice `stop` and stalls.
 constexpr int kSocketTickMs = 100;
 
-// Listens on host:port (port 0: any). Returns the fd and stores the bound port; throws TransferError.
+// Listens on host:port (port 0: any). Returns the fd and stores the bound port; throws
+// TransferError.
 int listen_on(const std::string& host, int port, int* bound_port);
 // Connects to host:port within timeout_s; throws TransferError with the reason.
 int connect_to(const std::string& host, int port, double timeout_s);

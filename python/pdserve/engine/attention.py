@@ -67,25 +67,36 @@ class TorchPagedAttention:
         if meta.is_decode_only and q.is_cuda:
             return self._decode_padded(q, kv_layer, meta)
         out = torch.empty_like(q)
+        # sequences with no cached prefix attend to their fresh k/v (no gather), equal lengths in one call
+        fresh: dict[int, list[int]] = {}
         for i, ctx in enumerate(meta.context_lens_host):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             q_len = end - start
+            if q_len == ctx:
+                fresh.setdefault(q_len, []).append(start)
+                continue
             num_blocks = -(-ctx // meta.block_size)
             kv = _gather_seq(kv_layer, meta.block_tables[i, :num_blocks], ctx)
             qi = q[start:end].transpose(0, 1)  # [H, q_len, D]
             ki, vi = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [KVH, ctx, D]
-            if q_len == ctx:
-                oi = F.scaled_dot_product_attention(
-                    qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=gqa
-                )
-            else:
-                # query j sits at position ctx - q_len + j and sees keys 0 .. that position
-                q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-                mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
-                oi = F.scaled_dot_product_attention(
-                    qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=gqa
-                )
+            # query j sits at position ctx - q_len + j and sees keys 0 .. that position
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
+            oi = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=gqa
+            )
             out[start:end] = oi.transpose(0, 1)
+        for length, starts in fresh.items():
+            rows = torch.cat([torch.arange(s0, s0 + length) for s0 in starts]).to(q.device)
+            # [G, heads, length, D]
+            qg, kg, vg = (
+                x.index_select(0, rows).view(len(starts), length, *x.shape[1:]).transpose(1, 2)
+                for x in (q, k, v)
+            )
+            og = F.scaled_dot_product_attention(
+                qg, kg, vg, is_causal=True, scale=self.scale, enable_gqa=gqa
+            )
+            out.index_copy_(0, rows, og.transpose(1, 2).reshape(-1, *q.shape[1:]))
         return out.reshape(q.shape[0], -1)
 
     def _decode_padded(

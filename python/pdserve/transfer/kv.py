@@ -8,13 +8,14 @@ tensors, only base addresses and strides, so P and D may use different layouts a
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from pdserve.transfer.engine import DONE, RecvResult, SendResult, TransferEngine
+from pdserve.transfer.engine import DONE, PENDING, RecvResult, SendResult, TransferEngine
 
 LAYER_MAJOR = "layer-major"
 BLOCK_MAJOR = "block-major"
@@ -210,8 +211,10 @@ def request_pieces(
 
 
 def _combine(request_id: str, peer: str, results: list[SendResult]) -> SendResult:
-    failed = [r for r in results if r.status != DONE]
-    first = failed[0] if failed else None
+    # "pending" wins over failures: the blocks may be released only once nothing reads them.
+    pending = [r for r in results if r.status == PENDING]
+    failed = [r for r in results if r.status not in (DONE, PENDING)]
+    first = pending[0] if pending else failed[0] if failed else None
     return SendResult(
         ticket=results[-1].ticket if results else 0,
         request_id=request_id,
@@ -249,13 +252,11 @@ class KVSender:
         self._tickets: dict[str, list[int]] = {}
 
     def _send(self, request_id: str, pieces: np.ndarray) -> int | None:
-        with self._lock:
-            tickets = self._tickets.setdefault(request_id, [])
         if len(pieces) == 0:
             return None
         ticket = self.engine.send(self.peer, request_id, pieces, timeout_s=self.timeout_s)
         with self._lock:
-            tickets.append(ticket)
+            self._tickets.setdefault(request_id, []).append(ticket)
         return ticket
 
     def push_layer(
@@ -283,13 +284,18 @@ class KVSender:
             return self._tickets.pop(request_id, [])
 
     def wait(self, request_id: str, timeout_s: float | None = None) -> SendResult:
-        """Blocks until every ticket of the request is terminal; returns the combined result
-        ("done" only if all are; else the first failure) and forgets the request. The source blocks
-        may be released after this returns. With `timeout_s`, a request still pending stays tracked."""
+        """Blocks until every ticket pushed so far for the request is terminal; returns the
+        combined result ("done" only if all are, also when nothing was pushed; else the first
+        failure) and forgets those tickets. The source blocks may be released after this returns.
+        With `timeout_s` (for all tickets together), a request still pending stays tracked."""
         tickets = self._take(request_id)
-        results = [self.engine.wait(t, timeout_s) for t in tickets]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results = []
+        for t in tickets:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            results.append(self.engine.wait(t, left))
         combined = _combine(request_id, self.peer, results)
-        if combined.status == "pending":
+        if combined.status == PENDING:
             with self._lock:
                 self._tickets.setdefault(request_id, [])[:0] = tickets
         return combined
@@ -324,6 +330,8 @@ class KVReceiver:
     def expect(self, request_id: str, num_blocks: int, timeout_s: float) -> int:
         """Expects `num_blocks` blocks of every layer; returns the byte count (0: nothing to
         receive, and `wait` then returns "done" at once)."""
+        if num_blocks < 0:
+            raise ValueError(f"expect: num_blocks must be >= 0, got {num_blocks}")
         nbytes = self.layout.request_nbytes(num_blocks)
         if nbytes == 0:
             with self._lock:

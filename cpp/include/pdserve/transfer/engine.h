@@ -41,9 +41,9 @@ class TransferEngine final : private TransportHost {
   std::string address() const;
 
   // ---- memory ----
-  // Registers [addr, addr + nbytes) for sending from and receiving into. The caller keeps the memory
-  // alive until unregister_memory. Regions may not overlap. Returns the region id.
-  // Throws std::invalid_argument for empty / overlapping ranges or a device the backend cannot use.
+  // Registers [addr, addr + nbytes) for sending from and receiving into. The caller keeps the
+  // memory alive until unregister_memory. Regions may not overlap. Returns the region id. Throws
+  // std::invalid_argument for empty / overlapping ranges or a device the backend cannot use.
   RegionId register_memory(uint64_t addr, uint64_t nbytes, int device = kHostDevice);
   // Waits for writes in flight into the region, then forgets it. Returns false for unknown ids.
   bool unregister_memory(RegionId region);
@@ -54,11 +54,12 @@ class TransferEngine final : private TransportHost {
   bool connected(const std::string& peer) const;
 
   // ---- receiver ----
-  // Announces that nbytes will arrive for request_id within timeout_s (0: no deadline). Data for a
-  // request that was not expected is refused, so call this before the sender starts. With from_peer,
-  // only that peer may write and its disconnect fails the request. If request_id was already aborted
-  // (e.g. by the sender before this call), the record starts aborted. Throws std::invalid_argument
-  // for nbytes == 0 or a request id that is pending or finished here already.
+  // Announces that nbytes will arrive for request_id within timeout_s (0: no deadline; past it the
+  // receive ends kTimedOut and the peers are told, as by abort()). Data for a request that was not
+  // expected is refused, so call this before the sender starts. With from_peer, only that peer may
+  // write and its disconnect fails the request. If request_id was already aborted (e.g. by the
+  // sender before this call), the record starts aborted. Throws std::invalid_argument for
+  // nbytes == 0 or a request id that is pending or finished here already.
   void expect(const std::string& request_id, uint64_t nbytes, double timeout_s,
               const std::string& from_peer = "");
   // Blocks until the receive is terminal or timeout_s passes (< 0: no limit); returns its state
@@ -68,9 +69,11 @@ class TransferEngine final : private TransportHost {
 
   // ---- sender ----
   // Writes pieces to peer for request_id. Returns at once with a ticket; the batch ends kDone once
-  // the receiver acknowledged every byte. The caller keeps the local memory unchanged until the ticket
-  // is terminal. Throws std::invalid_argument for an unknown peer, an empty batch, a zero-length
-  // piece, a local range outside registered memory or options the backend cannot honour.
+  // the receiver acknowledged every byte. The caller keeps the local memory unchanged until the
+  // ticket is terminal. A request aborted here or by a peer (also by a peer's receive deadline)
+  // ends kAborted at once, without sending. Throws std::invalid_argument for an unknown peer, an
+  // empty batch, a zero-length piece, a local range outside registered memory or options the
+  // backend cannot honour.
   Ticket send(const std::string& peer, const std::string& request_id, std::vector<Piece> pieces,
               const SendOptions& options = {});
   // Blocks until the ticket is terminal or timeout_s passes (< 0: no limit); kPending on timeout.
@@ -128,8 +131,7 @@ class TransferEngine final : private TransportHost {
   // TransportHost
   Admission admit(const std::string& request_id, const std::string& peer, const WirePiece* pieces,
                   size_t num_pieces, uint64_t nbytes) override;
-  void landed(Admission admission, const std::string& peer, uint64_t nbytes,
-              bool written) override;
+  void landed(Admission admission, const std::string& peer, uint64_t nbytes, bool written) override;
   void inbound_lost(const std::string& peer, const std::string& reason) override;
   void batch_done(Ticket ticket, Status status, const std::string& error) override;
   void remote_abort(const std::string& request_id, const std::string& reason) override;
@@ -148,7 +150,9 @@ class TransferEngine final : private TransportHost {
   const double retention_s_;
   std::unique_ptr<Transport> transport_;
 
-  mutable std::shared_mutex regions_mu_;  // shared: reading/writing region memory; unique: (un)register
+  // Shared while region memory is read or written (and while checking ranges); unique to
+  // (un)register, which therefore waits for the message in flight.
+  mutable std::shared_mutex regions_mu_;
   std::map<uint64_t, Region> regions_by_addr_;
   RegionId next_region_id_ = 1;
 

@@ -28,16 +28,16 @@ struct Admission {
   std::shared_lock<std::shared_mutex> regions_guard;
 };
 
-// What a backend reports to the engine. Every method is thread-safe and non-blocking (no method waits
-// for another transfer), so backends may call them from their I/O threads.
+// What a backend reports to the engine. Every method is thread-safe and non-blocking (no method
+// waits for another transfer), so backends may call them from their I/O threads.
 class TransportHost {
  public:
   virtual ~TransportHost() = default;
 
   // Receiver: may this message (pieces totalling nbytes, from peer, for request_id) be written?
-  // Checks that the request is expected and pending, that nbytes fits in what is still expected, and
-  // that every piece lies inside one registered region. A refused message must be consumed without
-  // writing; a refusal of a pending request fails that request.
+  // Checks that the request is expected and pending, that nbytes fits in what is still expected,
+  // and that every piece lies inside one registered region. A refused message must be consumed
+  // without writing; a refusal of a pending request fails that request.
   virtual Admission admit(const std::string& request_id, const std::string& peer,
                           const WirePiece* pieces, size_t num_pieces, uint64_t nbytes) = 0;
   // Receiver: the admitted payload was written (written == true) or the connection broke mid-way.
@@ -50,7 +50,8 @@ class TransportHost {
   // Sender: a batch ended (kDone once acknowledged) and the backend no longer reads its memory.
   virtual void batch_done(Ticket ticket, Status status, const std::string& error) = 0;
 
-  // Either side: the peer aborted request_id. Fails the local receive of it and cancels local sends.
+  // Either side: the peer aborted request_id. Fails the local receive of it and cancels local
+  // sends.
   virtual void remote_abort(const std::string& request_id, const std::string& reason) = 0;
 
   // Sender: hold while reading local registered memory so that it cannot be unregistered meanwhile.
@@ -80,9 +81,10 @@ struct TransportConfig {
 // How the planned backends fit (no change to the engine or to Python):
 // - nccl: connect() exchanges an ncclUniqueId over a TCP control channel (tcp_wire.h framing) and
 //   creates a 2-rank communicator per peer. submit() sends the piece table as a control frame, then
-//   enqueues ncclSend of each piece on options.stream after cudaStreamWaitEvent(options.ready_event);
-//   the receiver admit()s the table, enqueues the matching ncclRecv calls on its stream and calls
-//   landed() when an event recorded after them completes; the ACK returns on the control channel.
+//   enqueues ncclSend of each piece on options.stream after
+//   cudaStreamWaitEvent(options.ready_event); the receiver admit()s the table, enqueues the
+//   matching ncclRecv calls on its stream and calls landed() when an event recorded after them
+//   completes; the ACK returns on the control channel.
 // - cuda_ipc (P and D on one GPU): connect() fetches the peer's registered regions as
 //   cudaIpcMemHandle_t and opens them; submit() asks the receiver to admit() the pieces (control
 //   frame), cudaMemcpyAsync()s into the opened handles on options.stream, and reports landed once
@@ -119,6 +121,7 @@ class Transport {
 };
 
 // Creates a backend by name ("tcp"); throws std::invalid_argument for unknown names.
-std::unique_ptr<Transport> make_transport(const std::string& backend, const TransportConfig& config);
+std::unique_ptr<Transport> make_transport(const std::string& backend,
+                                          const TransportConfig& config);
 
 }  // namespace pdserve::transfer

@@ -1,5 +1,6 @@
 // Plain value types of the transfer engine's public API, shared by every backend (TCP now, NCCL and
-// CUDA IPC later). Addresses are raw integers and sizes are bytes: nothing here knows about tensors.
+// CUDA IPC later). Addresses are raw integers and sizes are bytes: nothing here knows about
+// tensors.
 #pragma once
 
 #include <cstdint>
@@ -30,9 +31,9 @@ enum class Status : uint8_t { kPending = 0, kDone = 1, kTimedOut = 2, kAborted =
 const char* status_name(Status status);
 
 // Per-send options. The GPU slot (stream, ready_event) is for device-memory backends: NCCL enqueues
-// its send on `stream` after `ready_event` (a cudaEvent_t recorded when the layer's KV was written);
-// CUDA IPC does its memcpy likewise. 0 means none. The TCP backend moves host memory only and
-// rejects non-zero values.
+// its send on `stream` after `ready_event` (a cudaEvent_t recorded when the layer's KV was
+// written); CUDA IPC does its memcpy likewise. 0 means none. The TCP backend moves host memory only
+// and rejects non-zero values.
 struct SendOptions {
   double timeout_s = 0.0;    // 0: no deadline; else the ticket ends kTimedOut past it
   uint64_t stream = 0;       // cudaStream_t, or 0
@@ -52,7 +53,8 @@ struct SendResult {
 };
 
 // Outcome of one expect(). Terminal statuses are reported only once no write into the receiver's
-// memory for that request is in flight, so the caller may release its blocks as soon as it sees one.
+// memory for that request is in flight, so the caller may release its blocks as soon as it sees
+// one.
 struct RecvResult {
   std::string request_id;
   Status status = Status::kPending;
