@@ -5,7 +5,6 @@ again under a new incarnation and the scheduler relinks it)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import urllib.error
@@ -199,7 +198,7 @@ def test_decode_instance_killed_mid_stream_then_restarted(cluster):
                 continue
             events.append(line)
             if len(events) == 3:
-                os.kill(cluster["decode_child"].proc.pid, signal.SIGKILL)
+                cluster["group"].stop(cluster["decode_child"], signal.SIGKILL)
     assert events[-1] == "data: [DONE]"
     assert '"error"' in events[-2]  # reported in-band: the headers were already out
     assert_nothing_held(p)  # P unpinned when D acknowledged the KV; nothing left behind

@@ -248,8 +248,7 @@ def test_seed_recipe_on_its_own_ports_in_both_orders():
         out = run_cli(*args)  # no --url: the scheduler's default address
         assert out.returncode == 0 and "8 / 8" in out.stdout, out.stdout + out.stderr
         # instances first, then the scheduler: a manual-mode scheduler with no URLs uses 8082/8084
-        sched.proc.send_signal(signal.SIGTERM)
-        sched.proc.wait(30)
+        group.stop(sched)
         sched = group.start("scheduler-manual", ["scheduler", "--model", "tiny", "--manual"])
         group.wait_healthy(sched, url, timeout=90, ready_key="ready")
         deadline = time.monotonic() + 30

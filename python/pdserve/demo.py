@@ -52,9 +52,22 @@ def _device(requested: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    rc = _run_on(args, device)
+    if rc not in (0, 130) and device == "cuda" and args.device == "auto":
+        # The GPU is optional for the demo: a failure there (driver, memory, ...) falls back to the CPU.
+        print(
+            "pdserve demo: the run on the GPU failed (see above); running on the CPU instead",
+            flush=True,
+        )
+        rc = _run_on(args, "cpu")
+    return rc
+
+
+def _run_on(args: argparse.Namespace, device: str) -> int:
+    """One cluster on `device`, one workload; 0 when every request succeeded. Stops every process."""
     from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
-    device = _device(args.device)
     group = ProcessGroup()
     t0 = time.perf_counter()
     try:

@@ -83,10 +83,11 @@ class ProcessGroup:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            if child.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{child.name} exited with code {child.proc.returncode}; its log:\n{child.log_tail()}"
-                )
+            for other in self.children:  # any process of the group dying ends the wait
+                if other.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{other.name} exited with code {other.proc.returncode}; its log:\n{other.log_tail()}"
+                    )
             try:
                 health = http_json(f"{url}/health", timeout=5)
                 if ready_key is None or health.get(ready_key):
@@ -98,6 +99,21 @@ class ProcessGroup:
         raise TimeoutError(
             f"{child.name} at {url} not healthy after {timeout}s ({last}); log:\n{child.log_tail()}"
         )
+
+    def stop(self, child: Child, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Stops one process (SIGKILL after `timeout`) and drops it from the group; returns its exit code."""
+        if child.proc.poll() is None:
+            try:
+                os.killpg(child.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                child.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+        self.children = [c for c in self.children if c is not child]
+        return child.proc.returncode
 
     def close(self, timeout: float = 10.0) -> None:
         for child in self.children:
