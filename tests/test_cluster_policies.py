@@ -92,6 +92,30 @@ def cluster():
         group.close()
 
 
+@pytest.fixture(autouse=True)
+def _nothing_held_after_each_test(cluster):
+    yield
+    urls = cluster["urls"]["prefill"] + cluster["urls"]["decode"]
+    deadline = time.monotonic() + 15
+    while True:
+        stats = [http_json(f"{u}/internal/v1/stats") for u in urls]
+        held = [
+            (
+                s["instance_id"],
+                s["invariant_error"],
+                s["num_reservations"],
+                s["num_pinned_prefills"],
+                s["num_used_blocks"],
+                s["num_reserved_blocks"],
+            )
+            for s in stats
+        ]
+        if not any(any(h[1:]) for h in held):
+            return
+        assert time.monotonic() < deadline, held
+        time.sleep(0.2)
+
+
 def send(url, prompt, max_tokens=4):
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     return http_json(f"{url}/v1/completions", body)

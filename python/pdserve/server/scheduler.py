@@ -32,6 +32,7 @@ from pdserve.server.protocol import (
 )
 
 log = logging.getLogger("pdserve.scheduler")
+PREFILL_TIMEOUT_S = 600.0  # a prefill may wait behind a long queue on a loaded P
 
 
 class ClusterError(RuntimeError):
@@ -348,9 +349,11 @@ class GlobalScheduler:
             raise ClusterError(_message(data, resp.status), resp.status)
         return data
 
-    async def _post(self, url: str, payload: dict) -> dict:
+    async def _post(self, url: str, payload: dict, timeout: float | None = None) -> dict:
+        """POST JSON; `timeout` overrides the session's 60 s (a prefill may queue behind others)."""
+        kw = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
         try:
-            async with self._session.post(url, json=payload) as resp:
+            async with self._session.post(url, json=payload, **kw) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise ClusterError(f"{url}: {exc!r}", 502) from exc
@@ -586,6 +589,7 @@ class GlobalScheduler:
                         "peer_block_ids": res["block_ids"],
                         "layerwise": layerwise,
                     },
+                    timeout=PREFILL_TIMEOUT_S,
                 )
             except ClusterError:
                 p_pinned = False  # P released on its own failure path
