@@ -33,6 +33,7 @@ from pdserve.server.protocol import (
 
 log = logging.getLogger("pdserve.scheduler")
 PREFILL_TIMEOUT_S = 600.0  # a prefill may wait behind a long queue on a loaded P
+STATS_TIMEOUT_S = 5.0  # a stats pull slower than this marks the instance unhealthy
 
 
 class ClusterError(RuntimeError):
@@ -41,6 +42,13 @@ class ClusterError(RuntimeError):
     def __init__(self, message: str, status: int = 503):
         super().__init__(message)
         self.status = status
+
+
+class InstanceRestarted(ClusterError):
+    """The instance at a known address is a new process (another incarnation)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 502)
 
 
 @dataclass
@@ -238,9 +246,11 @@ class GlobalScheduler:
     async def _refresh(self, rec: InstanceRecord) -> None:
         """Pull stats and new cache events from one instance (in order: one pull at a time)."""
         async with rec.refresh_lock:
-            s = await self._get(f"{rec.url}/internal/v1/stats?events_since={rec.event_seq}")
+            s = await self._get(
+                f"{rec.url}/internal/v1/stats?events_since={rec.event_seq}", timeout=STATS_TIMEOUT_S
+            )
             if s.get("incarnation") != rec.info.get("incarnation"):
-                raise ClusterError(f"instance {rec.instance_id} restarted")
+                raise InstanceRestarted(f"instance {rec.instance_id} restarted")
             events = s.pop("events", [])
             first = s.pop("events_first_seq", rec.event_seq)
             if first > rec.event_seq:
@@ -258,15 +268,24 @@ class GlobalScheduler:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.poll_interval)
-            for rec in list(self.instances.values()):
-                try:
-                    await self._refresh(rec)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
+            recs = list(self.instances.values())
+            results = await asyncio.gather(
+                *(self._refresh(r) for r in recs), return_exceptions=True
+            )
+            for rec, result in zip(recs, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, InstanceRestarted):
+                    # same address, new process: its tree is empty and its links are gone; take it anew
+                    try:
+                        info = await self._get(f"{rec.url}/internal/v1/info")
+                        await self._add_instance(rec.url, info, registered=rec.registered)
+                    except Exception:  # noqa: BLE001 - retried on the next poll
+                        rec.healthy = False
+                elif isinstance(result, Exception):
                     rec.healthy = False
                     if time.monotonic() - rec.last_seen > self.config.instance_timeout:
-                        log.warning("instance %s gone (%s)", rec.instance_id, exc)
+                        log.warning("instance %s gone (%s)", rec.instance_id, result)
                         self.instances.pop(rec.instance_id, None)
                         self.index.remove_instance(rec.instance_id)
                         self.linked = {pr for pr in self.linked if rec.instance_id not in pr}
@@ -339,9 +358,10 @@ class GlobalScheduler:
         )
 
     # ----------------------------------------------------------------- HTTP helpers
-    async def _get(self, url: str) -> dict:
+    async def _get(self, url: str, timeout: float | None = None) -> dict:
+        kw = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout)}
         try:
-            async with self._session.get(url) as resp:
+            async with self._session.get(url, **kw) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise ClusterError(f"{url}: {exc!r}", 502) from exc
