@@ -221,3 +221,30 @@ def test_decode_instance_killed_mid_stream_then_restarted(cluster):
             time.sleep(0.3)
     assert len(out["choices"][0]["token_ids"]) == 2
     assert_nothing_held(p, cluster["decode"])
+
+
+def test_scheduler_restart_instances_register_again_and_mirrors_refill(cluster):
+    group, url = cluster["group"], cluster["url"]
+    http_json(
+        f"{url}/v1/completions",
+        {"prompt": list(range(200, 240)), "max_tokens": 3, "ignore_eos": True},
+    )
+    group.stop(cluster["sched"])
+    port = url.rsplit(":", 1)[1]
+    sched = group.start(
+        "scheduler-2", ["scheduler", "--model", "tiny", "--port", port, "--poll-interval", "0.2"]
+    )
+    cluster["sched"] = sched
+    wait_linked(group, sched, url)
+    http_json(f"{url}/internal/v1/refresh", {})
+    mirrored = {
+        i["role"]: i["num_mirrored_blocks"]
+        for i in http_json(f"{url}/internal/v1/cluster")["instances"]
+    }
+    assert mirrored["prefill"] > 0 and mirrored["decode"] > 0  # the instances' event logs replayed
+    out = http_json(
+        f"{url}/v1/completions",
+        {"prompt": list(range(200, 250)), "max_tokens": 3, "ignore_eos": True},
+    )
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert_nothing_held(cluster["prefill"], cluster["decode"])
