@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _link(prefill: str, decode: str, timeout: float) -> None:
     import aiohttp
 
-    from pdserve.server.scheduler import link_pair
+    from pdserve.server.scheduler_cluster import link_pair
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         await link_pair(session, prefill, decode)
