@@ -306,6 +306,14 @@ def test_transfer_skips_blocks_decode_already_holds(cluster):
     assert (
         sent2 - sent1 == 1 * block_nbytes
     )  # D keeps the 4 whole blocks: only the partial one moves
+    # a prompt of whole blocks that D holds entirely: nothing crosses, the output is still right
+    exact = [(i * 17 + 3) % 250 for i in range(64)]
+    first = complete(lay.url, exact, max_tokens=8)["choices"][0]["token_ids"]
+    settle_and_check(lay.instances)
+    sent3 = stats(lay.prefill)["kv_bytes_sent"]
+    again = complete(lay.url, exact, max_tokens=8)["choices"][0]["token_ids"]
+    settle_and_check(lay.instances)
+    assert stats(lay.prefill)["kv_bytes_sent"] == sent3 and again == first
     # without caching on D, the same prompt moves every block every time
     whole = cluster["whole"]
     w0 = stats(whole.prefill)["kv_bytes_sent"]
