@@ -103,7 +103,7 @@ def cluster():
             group, "layer", ["--enable-layer", "--enable-radix-caching", "--enable-dcache"]
         )
         whole, whole_sched = _start_cluster(
-            group, "whole", ["--use-agg-block", "--kv-staging", "on"]
+            group, "whole", ["--use-agg-block", "--kv-staging", "on", "--staging-gb", "0.01"]
         )
         colo_url = f"http://127.0.0.1:{cp}"
         csp = free_port()

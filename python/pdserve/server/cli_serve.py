@@ -178,7 +178,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="copy KV through pinned host slots (auto: when the KV is on a GPU and --enable-direct is off)",
     )
     c.add_argument(
-        "--staging-gb", type=_positive_float, default=0.5, help="size of the host staging arena"
+        "--staging-gb",
+        type=_positive_float,
+        default=4.0,
+        help="size of the pinned host staging arena (a request holds slots for its prompt's blocks)",
     )
     c.add_argument(
         "--transfer-port", type=int, default=0, help="KV transfer listening port (0: any free port)"
@@ -233,7 +236,7 @@ class ServeConfig:
     use_agg_block: bool = False
     enable_radix_evictor: bool = False
     kv_staging: str = "auto"
-    staging_gb: float = 0.5
+    staging_gb: float = 4.0
     transfer_port: int = 0
     transfer_timeout: float = 60.0
     tensor_parallel_size: int = 1
