@@ -106,7 +106,7 @@ def _run_on(args: argparse.Namespace, device: str) -> int:
         if device == "cpu":
             common += ["--kv-cache-gb", "0.05"]
         else:  # both instances share the GPU: each takes a slice of its memory
-            common += ["--gpu-memory-utilization", "0.3"]
+            common += ["--gpu-memory-utilization", "0.3", "--staging-gb", "0.25"]
         group.start("prefill", ["serve", "--role", "prefill", "--port", str(p_port), *common])
         group.start("decode", ["serve", "--role", "decode", "--port", str(d_port), *common])
         print(
