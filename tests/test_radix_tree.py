@@ -215,8 +215,13 @@ def test_concurrent_threads_keep_invariants() -> None:
         try:
             for _ in range(400):
                 tokens = np.array([rng.randrange(3) for _ in range(rng.randrange(40))], np.int32)
-                m = tree.match_prefix(tokens)
-                handle = tree.lock(m.node)
+                while True:  # match -> lock is two calls: another thread may evict in between
+                    m = tree.match_prefix(tokens)
+                    try:
+                        handle = tree.lock(m.node)
+                        break
+                    except ValueError:
+                        continue
                 n = len(tokens) // BS - len(m.block_ids)
                 try:
                     ids = tree.gpu_pool.allocate(n)
@@ -224,10 +229,7 @@ def test_concurrent_threads_keep_invariants() -> None:
                     tree.evict(n, Tier.GPU)
                     ids = None
                 if ids is not None:
-                    try:
-                        tree.insert(tokens, m.block_ids + ids)
-                    except ValueError:  # prefix now partly on HOST / changed: drop our blocks
-                        pass
+                    tree.insert(tokens, m.block_ids + ids)
                     tree.gpu_pool.decref(ids)
                 tree.unlock(handle)
                 if rng.random() < 0.2:

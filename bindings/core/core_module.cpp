@@ -211,7 +211,16 @@ py::list tier_list(const std::vector<Tier>& tiers) {
   return py::reinterpret_steal<py::list>(list);
 }
 
-Tier to_tier(int tier) {
+// Accepts 0 / 1 or a pdserve.cache.Tier (an IntEnum) without going through Python-level __index__.
+Tier to_tier(py::handle obj) {
+  long tier = -1;
+  if (PyLong_Check(obj.ptr())) {
+    tier = PyLong_AsLong(obj.ptr());
+    if (tier == -1 && PyErr_Occurred()) throw py::error_already_set();
+  } else {
+    throw py::type_error(std::string("tier must be a Tier or an int, got ") +
+                         Py_TYPE(obj.ptr())->tp_name);
+  }
   if (tier != 0 && tier != 1) {
     throw py::value_error("tier must be 0 (GPU) or 1 (HOST), got " + std::to_string(tier));
   }
@@ -291,7 +300,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("tokens"), py::arg("block_size"), py::arg("parent_hash") = 0);
 
   py::class_<BlockPool, std::shared_ptr<BlockPool>>(m, "BlockPool")
-      .def(py::init([](int num_blocks, int tier) {
+      .def(py::init([](int num_blocks, py::handle tier) {
              return std::make_shared<BlockPool>(num_blocks, to_tier(tier));
            }),
            py::arg("num_blocks"), py::arg("tier") = 0)
@@ -397,7 +406,7 @@ PYBIND11_MODULE(_core, m) {
            py::call_guard<py::gil_scoped_release>())
       .def(
           "evict",
-          [](RadixTree& t, int num_blocks, int tier) {
+          [](RadixTree& t, int num_blocks, py::handle tier) {
             std::vector<BlockId> out;
             Tier tr = to_tier(tier);
             {
@@ -451,7 +460,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_nodes", &RadixTree::num_nodes)
       .def(
           "num_tree_blocks",
-          [](const RadixTree& t, int tier) { return t.num_tree_blocks(to_tier(tier)); },
+          [](const RadixTree& t, py::handle tier) { return t.num_tree_blocks(to_tier(tier)); },
           py::arg("tier") = 0)
       .def_property_readonly("num_pending_demote_blocks", &RadixTree::num_pending_demote_blocks)
       .def_property_readonly("num_locks", &RadixTree::num_locks)

@@ -95,7 +95,9 @@ class RadixTree {
   InsertResult insert(const std::vector<int32_t>& tokens, const std::vector<BlockId>& block_ids);
 
   // Pins the root->node path (see class comment). Returns a handle for unlock(). Throws for an
-  // unknown or evicted node. Locking the root (0) is allowed and pins nothing.
+  // unknown or evicted node. Locking the root (0) is allowed and pins nothing. match_prefix() then
+  // lock() are two calls: with other threads evicting, the node may be gone in between (lock
+  // throws std::invalid_argument; match again).
   LockHandle lock(NodeHandle node);
   // Releases a lock. Throws for an unknown or already released handle.
   void unlock(LockHandle handle);

@@ -419,13 +419,12 @@ void RadixTree::Impl::evict(int32_t num_blocks, Tier tier, std::vector<BlockId>*
   int32_t freed = 0;
   while (freed < num_blocks && !set.empty()) {
     Node* n = *set.begin();
-    if (!p.all_unreferenced(n->block_ids.data(), n->num_blocks())) {
+    if (!p.disown_if_unreferenced(n->block_ids.data(), n->num_blocks())) {
       unlist(n);  // in use outside the tree: not evictable now
       skipped_.push_back(n);
       continue;
     }
     log_event(CacheEventKind::kEvicted, tier, n, false);
-    p.disown(n->block_ids.data(), n->num_blocks());
     out->insert(out->end(), n->block_ids.begin(), n->block_ids.end());
     freed += static_cast<int32_t>(n->num_blocks());
     remove_node(n);
