@@ -248,3 +248,23 @@ def test_concurrent_threads_keep_invariants() -> None:
     assert errors == []
     assert tree.num_locks == 0
     tree.check_invariants()
+
+
+def test_dropping_the_tree_gives_blocks_back_to_the_pools() -> None:
+    import gc
+
+    gpu, host = BlockPool(16), BlockPool(8, Tier.HOST)
+    tree = RadixTree(BS, gpu, host)
+    put(tree, [1] * 8)
+    put(tree, [2] * 8)
+    tree.lock(tree.match_prefix([1] * 8).node)
+    tree.begin_demote(2)  # left open
+    held = gpu.allocate(1)
+    tree.insert([3] * 4, held)  # still referenced by the caller when the tree goes
+    del tree
+    gc.collect()
+    assert gpu.num_free == 15 and host.num_free == 8
+    gpu.decref(held)
+    assert gpu.num_free == 16
+    gpu.check_invariants()
+    host.check_invariants()

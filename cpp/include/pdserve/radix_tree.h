@@ -68,6 +68,8 @@ class RadixTree {
   // HOST; the tree shares ownership of both. record_events=false skips hashing and the event log.
   RadixTree(int32_t block_size, std::shared_ptr<BlockPool> gpu_pool,
             std::shared_ptr<BlockPool> host_pool = nullptr, bool record_events = true);
+  // Releases every lock, fails every open ticket and disowns all cached blocks, so the pools
+  // (which may outlive the tree) get their blocks back.
   ~RadixTree();
   RadixTree(const RadixTree&) = delete;
   RadixTree& operator=(const RadixTree&) = delete;
