@@ -327,7 +327,8 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "allocate",
           [](BlockPool& p, int num_blocks) {
-            std::vector<BlockId> out;
+            thread_local std::vector<BlockId> out;  // reused: no heap traffic per call
+            out.clear();
             {
               py::gil_scoped_release release;
               p.allocate_into(num_blocks, &out);
@@ -430,7 +431,8 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "evict",
           [](RadixTree& t, int num_blocks, py::handle tier) {
-            std::vector<BlockId> out;
+            thread_local std::vector<BlockId> out;  // reused: no heap traffic per call
+            out.clear();
             Tier tr = to_tier(tier);
             {
               py::gil_scoped_release release;

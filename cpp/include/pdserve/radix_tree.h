@@ -57,6 +57,8 @@ struct Ticket {
 // Tickets pin their nodes (not evictable, not demotable again) until commit(); the nodes stay
 // matchable in their source tier meanwhile. A commit that fails leaves the tree as before.
 // A demote commit skips nodes that were locked after begin_demote (their copies are dropped).
+// Tiers may interleave along a path (GPU blocks inserted below a demoted prefix stay on the GPU),
+// which is why MatchResult carries a tier per block.
 //
 // Thread safety: every public method takes the tree's mutex, then calls the pools (lock order
 // tree -> pool). The pools may be used directly from other threads at the same time.
