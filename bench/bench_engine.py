@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     use_hf = args.hf == "on" or (args.hf == "auto" and device.type == "cuda")
     hf = hf_from_engine(engine) if use_hf else None
     for b in batch_sizes:
+        bench_ours(engine, b, args.input_len, 2, args.seed + 1)  # warm-up at this shape
+        if hf is not None:
+            bench_hf(
+                hf, device, engine.model_config.vocab_size, b, args.input_len, 2, args.seed + 1
+            )
         row = {
             "batch_size": b,
             "ours": bench_ours(engine, b, args.input_len, args.output_len, args.seed),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pdserve import LLM, SamplingParams
 from pdserve.engine import LLMEngine
-from tiny_models import LLAMA3_ROPE_SCALING, make_tiny_llama
+from tiny_models import LLAMA3_ROPE_SCALING, assert_greedy_equal, make_tiny_llama
 
 pytestmark = pytest.mark.gpu
 
@@ -124,7 +124,8 @@ def test_fp32_gpu_paths_equal_transformers(ckpt):
     ):
         llm = LLM(ckpt, device="cuda", dtype="float32", **kw)
         for _ in range(2):  # the second round hits the prefix cache when it is on
-            assert [o.token_ids for o in llm.generate(PROMPTS, params)] == refs, kw
+            for prompt, out, ref in zip(PROMPTS, llm.generate(PROMPTS, params), refs, strict=True):
+                assert_greedy_equal(hf32, prompt, out.token_ids, ref)
         llm.engine.check_invariants()
         assert llm.engine.stats().num_used_blocks == 0
 

@@ -215,8 +215,13 @@ def test_concurrent_threads_keep_invariants() -> None:
         try:
             for _ in range(400):
                 tokens = np.array([rng.randrange(3) for _ in range(rng.randrange(40))], np.int32)
-                m = tree.match_prefix(tokens)
-                handle = tree.lock(m.node)
+                while True:  # match -> lock is two calls: another thread may evict in between
+                    m = tree.match_prefix(tokens)
+                    try:
+                        handle = tree.lock(m.node)
+                        break
+                    except ValueError:
+                        continue
                 n = len(tokens) // BS - len(m.block_ids)
                 try:
                     ids = tree.gpu_pool.allocate(n)
@@ -224,10 +229,7 @@ def test_concurrent_threads_keep_invariants() -> None:
                     tree.evict(n, Tier.GPU)
                     ids = None
                 if ids is not None:
-                    try:
-                        tree.insert(tokens, m.block_ids + ids)
-                    except ValueError:  # prefix now partly on HOST / changed: drop our blocks
-                        pass
+                    tree.insert(tokens, m.block_ids + ids)
                     tree.gpu_pool.decref(ids)
                 tree.unlock(handle)
                 if rng.random() < 0.2:
@@ -246,3 +248,23 @@ def test_concurrent_threads_keep_invariants() -> None:
     assert errors == []
     assert tree.num_locks == 0
     tree.check_invariants()
+
+
+def test_dropping_the_tree_gives_blocks_back_to_the_pools() -> None:
+    import gc
+
+    gpu, host = BlockPool(16), BlockPool(8, Tier.HOST)
+    tree = RadixTree(BS, gpu, host)
+    put(tree, [1] * 8)
+    put(tree, [2] * 8)
+    tree.lock(tree.match_prefix([1] * 8).node)
+    tree.begin_demote(2)  # left open
+    held = gpu.allocate(1)
+    tree.insert([3] * 4, held)  # still referenced by the caller when the tree goes
+    del tree
+    gc.collect()
+    assert gpu.num_free == 15 and host.num_free == 8
+    gpu.decref(held)
+    assert gpu.num_free == 16
+    gpu.check_invariants()
+    host.check_invariants()

@@ -152,23 +152,34 @@ std::vector<int32_t>& scratch(int slot) {
 }
 
 // Python ints for block ids, created once and shared (ints are immutable): turning a result of
-// hundreds of block ids into a list then costs one reference increment per id.
+// hundreds of block ids into a list then costs one reference increment per id. BlockPool's
+// constructor creates them in id order, so neighbouring ids share cache lines.
+constexpr long long kMaxCachedInt = 1 << 20;
+std::vector<PyObject*>& int_cache() {
+  static auto* cache = new std::vector<PyObject*>();  // only touched with the GIL held; leaked
+  return *cache;
+}
+
+void prefill_int_cache(long long count) {
+  std::vector<PyObject*>& cache = int_cache();
+  count = std::min(count, kMaxCachedInt);
+  if (count <= static_cast<long long>(cache.size())) return;
+  size_t old = cache.size();
+  cache.resize(static_cast<size_t>(count), nullptr);
+  for (size_t i = old; i < cache.size(); ++i) {
+    cache[i] = PyLong_FromLongLong(static_cast<long long>(i));
+    if (cache[i] == nullptr) throw py::error_already_set();
+  }
+}
+
 PyObject* small_int(long long value) {
-  constexpr long long kMaxCached = 1 << 20;
-  static std::vector<PyObject*> cache;  // only touched with the GIL held
-  if (value < 0 || value >= kMaxCached) return PyLong_FromLongLong(value);
-  if (static_cast<size_t>(value) >= cache.size()) {
-    size_t old = cache.size();
-    cache.resize(std::max<size_t>(static_cast<size_t>(value) + 1, 2 * old));
-    for (size_t i = old; i < cache.size(); ++i) cache[i] = nullptr;
+  std::vector<PyObject*>& cache = int_cache();
+  if (value < 0 || value >= static_cast<long long>(cache.size())) {
+    return PyLong_FromLongLong(value);
   }
-  PyObject*& slot = cache[static_cast<size_t>(value)];
-  if (slot == nullptr) {
-    slot = PyLong_FromLongLong(value);
-    if (slot == nullptr) return nullptr;
-  }
-  Py_INCREF(slot);
-  return slot;
+  PyObject* item = cache[static_cast<size_t>(value)];
+  Py_INCREF(item);
+  return item;
 }
 
 template <typename T>
@@ -211,7 +222,16 @@ py::list tier_list(const std::vector<Tier>& tiers) {
   return py::reinterpret_steal<py::list>(list);
 }
 
-Tier to_tier(int tier) {
+// Accepts 0 / 1 or a pdserve.cache.Tier (an IntEnum) without going through Python-level __index__.
+Tier to_tier(py::handle obj) {
+  long tier = -1;
+  if (PyLong_Check(obj.ptr())) {
+    tier = PyLong_AsLong(obj.ptr());
+    if (tier == -1 && PyErr_Occurred()) throw py::error_already_set();
+  } else {
+    throw py::type_error(std::string("tier must be a Tier or an int, got ") +
+                         Py_TYPE(obj.ptr())->tp_name);
+  }
   if (tier != 0 && tier != 1) {
     throw py::value_error("tier must be 0 (GPU) or 1 (HOST), got " + std::to_string(tier));
   }
@@ -291,8 +311,10 @@ PYBIND11_MODULE(_core, m) {
       py::arg("tokens"), py::arg("block_size"), py::arg("parent_hash") = 0);
 
   py::class_<BlockPool, std::shared_ptr<BlockPool>>(m, "BlockPool")
-      .def(py::init([](int num_blocks, int tier) {
-             return std::make_shared<BlockPool>(num_blocks, to_tier(tier));
+      .def(py::init([](int num_blocks, py::handle tier) {
+             auto pool = std::make_shared<BlockPool>(num_blocks, to_tier(tier));
+             prefill_int_cache(std::max(num_blocks, 2));
+             return pool;
            }),
            py::arg("num_blocks"), py::arg("tier") = 0)
       .def_property_readonly("tier", [](const BlockPool& p) { return tier_object(p.tier()); })
@@ -305,7 +327,8 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "allocate",
           [](BlockPool& p, int num_blocks) {
-            std::vector<BlockId> out;
+            thread_local std::vector<BlockId> out;  // reused: no heap traffic per call
+            out.clear();
             {
               py::gil_scoped_release release;
               p.allocate_into(num_blocks, &out);
@@ -387,9 +410,19 @@ PYBIND11_MODULE(_core, m) {
               py::gil_scoped_release release;
               t.insert(tv.data, tv.size, bv.data, bv.size, &result);
             }
-            return construct<3>(types().insert_result,
-                                {py::int_(result.num_adopted), to_list(result.adopted_block_ids),
-                                 to_list(result.duplicate_block_ids)});
+            // The adopted ids are block_ids[whole - num_adopted : whole]: for a list argument,
+            // hand back a slice of the caller's own (cache-hot) int objects.
+            py::object adopted;
+            const Py_ssize_t whole = static_cast<Py_ssize_t>(tv.size / t.block_size());
+            if (PyList_CheckExact(block_ids.ptr()) && result.num_adopted > 0) {
+              PyObject* slice = PyList_GetSlice(block_ids.ptr(), whole - result.num_adopted, whole);
+              if (slice == nullptr) throw py::error_already_set();
+              adopted = py::reinterpret_steal<py::object>(slice);
+            } else {
+              adopted = to_list(result.adopted_block_ids);
+            }
+            return construct<3>(types().insert_result, {py::int_(result.num_adopted), adopted,
+                                                        to_list(result.duplicate_block_ids)});
           },
           py::arg("tokens"), py::arg("block_ids"))
       .def("lock", &RadixTree::lock, py::arg("node"), py::call_guard<py::gil_scoped_release>())
@@ -397,8 +430,9 @@ PYBIND11_MODULE(_core, m) {
            py::call_guard<py::gil_scoped_release>())
       .def(
           "evict",
-          [](RadixTree& t, int num_blocks, int tier) {
-            std::vector<BlockId> out;
+          [](RadixTree& t, int num_blocks, py::handle tier) {
+            thread_local std::vector<BlockId> out;  // reused: no heap traffic per call
+            out.clear();
             Tier tr = to_tier(tier);
             {
               py::gil_scoped_release release;
@@ -451,7 +485,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_nodes", &RadixTree::num_nodes)
       .def(
           "num_tree_blocks",
-          [](const RadixTree& t, int tier) { return t.num_tree_blocks(to_tier(tier)); },
+          [](const RadixTree& t, py::handle tier) { return t.num_tree_blocks(to_tier(tier)); },
           py::arg("tier") = 0)
       .def_property_readonly("num_pending_demote_blocks", &RadixTree::num_pending_demote_blocks)
       .def_property_readonly("num_locks", &RadixTree::num_locks)

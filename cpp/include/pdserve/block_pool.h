@@ -99,6 +99,9 @@ class BlockPool {
   void disown(const BlockId* block_ids, size_t num_blocks);
   // True when every listed block has ref_count 0 (no one but the tree holds it).
   bool all_unreferenced(const BlockId* block_ids, size_t num_blocks) const;
+  // all_unreferenced() then disown(), under one lock: frees the blocks and returns true, or changes
+  // nothing and returns false when one of them is still referenced.
+  bool disown_if_unreferenced(const BlockId* block_ids, size_t num_blocks);
 
  private:
   struct BlockState {

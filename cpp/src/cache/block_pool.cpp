@@ -277,6 +277,25 @@ bool BlockPool::all_unreferenced(const BlockId* block_ids, size_t num_blocks) co
   return true;
 }
 
+bool BlockPool::disown_if_unreferenced(const BlockId* block_ids, size_t num_blocks) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (size_t i = 0; i < num_blocks; ++i) {
+    check_id_locked(block_ids[i], "disown");
+    const BlockState& b = blocks_[block_ids[i]];
+    if (b.ref_count != 0) return false;
+    if (!b.owned) {
+      throw std::runtime_error("disown: block " + std::to_string(block_ids[i]) + " of the " +
+                               pool_name(tier_) + " is not owned by the radix tree");
+    }
+  }
+  for (size_t i = 0; i < num_blocks; ++i) {
+    blocks_[block_ids[i]].owned = false;
+    free_stack_.push_back(block_ids[i]);
+  }
+  num_cached_ -= static_cast<int32_t>(num_blocks);
+  return true;
+}
+
 void BlockPool::check_invariants() const {
   std::lock_guard<std::mutex> lock(mutex_);
   int32_t free = 0, cached = 0, in_use = 0, reserved = 0;

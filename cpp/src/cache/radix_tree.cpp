@@ -419,13 +419,12 @@ void RadixTree::Impl::evict(int32_t num_blocks, Tier tier, std::vector<BlockId>*
   int32_t freed = 0;
   while (freed < num_blocks && !set.empty()) {
     Node* n = *set.begin();
-    if (!p.all_unreferenced(n->block_ids.data(), n->num_blocks())) {
+    if (!p.disown_if_unreferenced(n->block_ids.data(), n->num_blocks())) {
       unlist(n);  // in use outside the tree: not evictable now
       skipped_.push_back(n);
       continue;
     }
     log_event(CacheEventKind::kEvicted, tier, n, false);
-    p.disown(n->block_ids.data(), n->num_blocks());
     out->insert(out->end(), n->block_ids.begin(), n->block_ids.end());
     freed += static_cast<int32_t>(n->num_blocks());
     remove_node(n);
@@ -438,7 +437,26 @@ RadixTree::RadixTree(int32_t block_size, std::shared_ptr<BlockPool> gpu_pool,
                      std::shared_ptr<BlockPool> host_pool, bool record_events)
     : impl_(std::make_unique<Impl>(block_size, std::move(gpu_pool), std::move(host_pool),
                                    record_events)) {}
-RadixTree::~RadixTree() = default;
+// The pools may outlive the tree: give back every reference the tree holds (locks, open tickets,
+// ownership) so that its blocks return to the free lists.
+RadixTree::~RadixTree() {
+  Impl& impl = *impl_;
+  std::lock_guard<std::mutex> lock(impl.mutex_);
+  try {
+    std::vector<LockHandle> handles;
+    for (const auto& kv : impl.locks_) handles.push_back(kv.first);
+    for (LockHandle h : handles) impl.unlock(h);
+    std::vector<TicketId> tickets;
+    for (const auto& kv : impl.tickets_) tickets.push_back(kv.first);
+    for (TicketId t : tickets) impl.commit(t, false);
+    for (const auto& kv : impl.live_) {
+      Node* n = kv.second;
+      if (n != impl.root_) impl.pool(n->tier).disown(n->block_ids.data(), n->num_blocks());
+    }
+  } catch (...) {
+    // Never throw from a destructor; a failure here leaves blocks marked as cached.
+  }
+}
 
 int32_t RadixTree::block_size() const { return impl_->bs_; }
 bool RadixTree::has_host_tier() const { return impl_->host_pool_ != nullptr; }

@@ -28,6 +28,7 @@ class AttentionMetadata:
     context_lens_host: list[int]  # B host ints
     block_size: int
     is_decode_only: bool  # every sequence has exactly one new token
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_ctx] bool, built by the first layer
 
 
 def write_kv(
@@ -110,12 +111,14 @@ class TorchPagedAttention:
         kv = pieces.permute(2, 0, 4, 1, 3, 5).reshape(
             2, num_seqs, self.num_kv_heads, -1, self.head_dim
         )
-        mask = torch.arange(kv.shape[3], device=q.device)[None, :] < meta.context_lens[:, None]
+        if meta.decode_mask is None:  # the same for every layer of the step
+            keys = torch.arange(kv.shape[3], device=q.device)
+            meta.decode_mask = (keys[None, :] < meta.context_lens[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [B, H, 1, D]
             kv[0],
             kv[1],
-            attn_mask=mask[:, None, None, :],
+            attn_mask=meta.decode_mask,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )

@@ -58,11 +58,11 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(cos_sin, q, k)
+        qkv = self.qkv_proj(hidden)
+        # q and k rotated together: one set of RoPE kernels for both
+        qk = self.rotary(cos_sin, qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if kv_layer is None:  # profiling run without a cache: one causal sequence
             out = causal_attention_no_cache(q, k, v, self.attn.scale)
         else:

@@ -73,6 +73,10 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            # cuDNN's SDPA builds a plan per new shape (hundreds of ms each); every prompt length is
+            # a new shape here, so use the flash / memory-efficient kernels, which need no plans
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.dtype = resolve_dtype(config.dtype, self.device, model_config)
         self.block_size = config.block_size
         with torch.device(self.device), _default_dtype(self.dtype):
