@@ -98,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--role",
         type=_role,
+        metavar="{prefill,decode,both}",
         default=None,
         help="prefill (alias prompt), decode (alias decoder) or both (colocated; the default)",
     )
