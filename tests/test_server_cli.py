@@ -102,6 +102,11 @@ def test_defaults_and_our_spellings():
         ]
     )
     assert c.host == "0.0.0.0" and c.port == 9000 and c.use_agg_block and c.enable_layer
+    assert (
+        c.advertise_host == "127.0.0.1"
+    )  # a wildcard bind is reached through loopback unless told
+    c = parse(["--model", "tiny", "--host", "0.0.0.0", "--advertise-host", "10.0.0.7"])
+    assert c.advertise_host == "10.0.0.7"
 
 
 @pytest.mark.parametrize(

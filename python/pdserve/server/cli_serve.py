@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--host", "--local_host", dest="host", default="127.0.0.1", help="address to bind"
     )
     g.add_argument(
+        "--advertise-host",
+        default=None,
+        help="address peers and the scheduler use to reach this instance (default: --host, or 127.0.0.1 "
+        "when --host is a wildcard such as 0.0.0.0)",
+    )
+    g.add_argument(
         "--port",
         "--local_port",
         dest="port",
@@ -223,6 +229,7 @@ class ServeConfig:
     served_model_name: str
     host: str
     port: int
+    advertise_host: str
     role: str  # prefill | decode | both
     scheduler_url: str | None
     scheduler_is_default: bool
@@ -339,6 +346,8 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
         served_model_name=args.served_model_name or args.model,
         host=args.host,
         port=port,
+        advertise_host=args.advertise_host
+        or ("127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host),
         role=role,
         scheduler_url=sched.rstrip("/") if sched else None,
         scheduler_is_default=is_default,

@@ -41,7 +41,7 @@ class InstanceServer(PDHandlersMixin):
     def __init__(self, config: ServeConfig):
         self.config = config
         self.incarnation = uuid.uuid4().hex[:8]
-        host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+        host = config.advertise_host
         self.url = f"http://{host}:{config.port}"
         self.instance_id = f"{config.role}@{host}:{config.port}"
         self.metrics = ServerMetrics("instance")
@@ -81,11 +81,11 @@ class InstanceServer(PDHandlersMixin):
                 ea.kv_tensor(self.engine), self.config.use_agg_block, self._num_staging_slots()
             )
         if self.config.role != "both":
-            host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
             try:
                 self.transport = KVLinks(
                     loop,
-                    host,
+                    self.config.host,
+                    self.config.advertise_host,
                     self.config.transfer_port,
                     self.arena.layout if self.arena is not None else self.layout,
                     self.instance_id,

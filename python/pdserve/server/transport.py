@@ -46,7 +46,8 @@ class KVLinks:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        host: str,
+        bind_host: str,
+        advertise_host: str,
         port: int,
         layout: KVLayout,
         instance_id: str,
@@ -60,9 +61,14 @@ class KVLinks:
         self._loop = loop
         self.layout = layout
         self.timeout_s = timeout_s
-        self.engine = TransferEngine("tcp", host=host, port=port)
+        self.engine = TransferEngine("tcp", host=bind_host, port=port)
         self.engine.register_memory(layout.base_addr, layout.nbytes, -1)
-        self.local = Endpoint.local(self.engine, layout, instance_id=instance_id)
+        local = Endpoint.local(self.engine, layout, instance_id=instance_id)
+        # peers connect to the advertised host (the bound one may be a wildcard such as 0.0.0.0)
+        port_str = local.address.rsplit(":", 1)[1]
+        self.local = Endpoint(
+            local.backend, f"{advertise_host}:{port_str}", layout, local.rank, instance_id
+        )
         self._domains: dict[str, CommDomain] = {}  # peer instance id -> domain
         self._recv_peer: dict[
             str, str
