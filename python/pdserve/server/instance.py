@@ -51,13 +51,11 @@ class InstanceServer(PDHandlersMixin):
         self.layout: KVLayout | None = None
         self.transport: KVLinks | None = None  # None on a colocated instance
         self.arena: StagingArena | None = None  # host staging of GPU KV (no --enable-direct)
-        self.staged: dict[
-            str, tuple[list[int], list[int]]
-        ] = {}  # key -> (KV block ids, their slots)
+        # staged receives: request key -> (KV block ids, the staging slots their bytes land in)
+        self.staged: dict[str, tuple[list[int], list[int]]] = {}
         self.peers: dict[str, Peer] = {}
-        self.prefills: dict[
-            str, PrefillState
-        ] = {}  # written on the event loop, read by the layer hook
+        # prefill side: written on the event loop, read by the layer hook on the engine thread
+        self.prefills: dict[str, PrefillState] = {}
         self.reservations: dict[str, asyncio.TimerHandle] = {}  # decode side: request id -> expiry
         # prefill side, back-transfer: request id -> (cached block ids, new block ids receiving D's KV)
         self.dcache_reservations: dict[str, tuple[list[int], list[int]]] = {}
@@ -111,7 +109,7 @@ class InstanceServer(PDHandlersMixin):
             await self._session.close()
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30)
+        app = web.Application(client_max_size=64 << 20)
         app.on_startup.append(self.start)
         app.on_cleanup.append(self.stop)
         r = app.router
