@@ -207,6 +207,17 @@ def test_greedy_outputs_identical_colocated_layerwise_whole(cluster):
     assert got["token_ids"] == ref["token_ids"] and got["text"] == ref["text"]
 
 
+def test_layerwise_sends_each_layer_as_it_is_done(cluster):
+    """Layer-wise: one send per layer, queued from the layer hook during the forward pass; whole: one."""
+    prompt = [(i * 3 + 7) % 250 for i in range(40)]  # one prefill step
+    num_layers = http_json(f"{cluster['layer'].prefill}/internal/v1/info")["layout"]["num_layers"]
+    for name, expected in (("layer", num_layers), ("whole", 1)):
+        p = cluster[name].prefill
+        before = stats(p)["kv_num_sends"]
+        complete(cluster[name].url, prompt + [len(name)], max_tokens=2)
+        assert stats(p)["kv_num_sends"] - before == expected, name
+
+
 def test_max_tokens_one_ends_at_prefill(cluster):
     for name in ("layer", "whole"):
         out = complete(cluster[name].url, list(range(50, 90)), max_tokens=1)

@@ -191,6 +191,7 @@ class InstanceServer(PDHandlersMixin):
                 "num_staging_slots": self.arena.layout.num_blocks if self.arena else 0,
                 "num_pending_transfers": t.num_pending() if t else 0,
                 "kv_bytes_sent": t.bytes_sent if t else 0,
+                "kv_num_sends": t.num_sends if t else 0,
                 "kv_bytes_received": t.bytes_received if t else 0,
                 "kv_seconds_receiving": t.seconds_receiving if t else 0.0,
                 "num_prefill_computed_tokens": self.num_prefill_computed_tokens,

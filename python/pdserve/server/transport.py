@@ -75,6 +75,9 @@ class KVLinks:
         ] = {}  # request id -> peer it expects KV from (event loop only)
         self._lock = threading.Lock()
         self.bytes_sent = 0
+        self.num_sends = (
+            0  # batches queued (layer-wise: one per layer and step; whole: one per request)
+        )
         self.bytes_received = 0
         self.seconds_receiving = 0.0
 
@@ -162,6 +165,7 @@ class KVLinks:
         nbytes = num_pieces * self.layout.piece_nbytes
         with self._lock:
             self.bytes_sent += nbytes
+            self.num_sends += num_pieces > 0
         return nbytes
 
     async def flush(self, peer_id: str, request_id: str) -> None:
