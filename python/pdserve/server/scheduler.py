@@ -10,6 +10,7 @@ Membership (registration, polling, links) lives in scheduler_cluster.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -34,12 +35,14 @@ from pdserve.server.protocol import (
 from pdserve.server.scheduler_cluster import (
     ClusterError,
     ClusterMembershipMixin,
+    InstanceLost,
     InstanceRecord,
     _message,
     link_pair,  # noqa: F401 - part of this module's API (pdserve link)
 )
 
 log = logging.getLogger("pdserve.scheduler")
+MAX_MIGRATIONS = 2  # times one request may move to another instance pair after losing one
 PREFILL_TIMEOUT_S = 600.0  # a prefill may wait behind a long queue on a loaded P
 
 
@@ -245,27 +248,60 @@ class GlobalScheduler(ClusterMembershipMixin):
     async def generate(
         self, request_id: str, token_ids: list[int], req: GenerateRequest
     ) -> AsyncIterator[TokenDelta]:
-        p, d = self.route(token_ids)
-        self.route_log.append((request_id, p.instance_id, d.instance_id if d else None))
-        del self.route_log[:-1000]
+        """The request's tokens. When an instance is lost on the way, the request migrates: the prompt plus
+        the tokens already streamed are prefilled on another pair and the stream goes on (SPEC §7)."""
+        emitted: list[int] = []
+        for attempt in range(MAX_MIGRATIONS + 1):
+            prompt = list(token_ids) + emitted
+            sub_req = req
+            if emitted:
+                left = req.sampling.max_tokens - len(emitted)
+                sub_req = dataclasses.replace(
+                    req, sampling=dataclasses.replace(req.sampling, max_tokens=left)
+                )
+            sub_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
+            p, d = self.route(prompt)
+            self.route_log.append((sub_id, p.instance_id, d.instance_id if d else None))
+            del self.route_log[:-1000]
+            steps = (
+                self._colocated(p, sub_id, prompt, sub_req)
+                if d is None
+                else self._disaggregated(p, d, sub_id, prompt, sub_req)
+            )
+            try:
+                async for delta in steps:
+                    if attempt:
+                        delta.num_cached_tokens = (
+                            None  # usage reports the first attempt's cache hit
+                        )
+                    emitted.extend(delta.new_token_ids)
+                    yield delta
+                return
+            except InstanceLost as exc:
+                lost = self.instances.get(exc.instance_id)
+                if lost is not None:
+                    lost.healthy = False  # not routed to until a stats pull succeeds
+                if attempt == MAX_MIGRATIONS:
+                    raise
+                log.warning(
+                    "request %s lost %s after %d tokens (%s); migrating",
+                    request_id,
+                    exc.instance_id,
+                    len(emitted),
+                    exc,
+                )
+            finally:
+                await steps.aclose()
+
+    async def _call(
+        self, rec: InstanceRecord, url: str, payload: dict, timeout: float | None = None
+    ) -> dict:
+        """`_post` to one instance; a transport failure becomes InstanceLost(that instance)."""
         try:
-            if d is None:
-                async for delta in self._colocated(p, request_id, token_ids, req):
-                    yield delta
-            else:
-                async for delta in self._disaggregated(p, d, request_id, token_ids, req):
-                    yield delta
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            # an instance went away mid-request (its blocks were released on the way out)
-            for rec in (p, d):
-                if rec is not None:
-                    rec.healthy = False
-            raise ClusterError(f"request {request_id} lost an instance: {exc!r}", 502) from exc
+            return await self._post(url, payload, timeout=timeout)
         except ClusterError as exc:
-            if exc.status == 502:
-                for rec in (p, d):
-                    if rec is not None:
-                        rec.healthy = False
+            if isinstance(exc.__cause__, (aiohttp.ClientError, asyncio.TimeoutError)):
+                raise InstanceLost(rec.instance_id, str(exc)) from exc
             raise
 
     async def _ndjson_lines(self, resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
@@ -297,6 +333,11 @@ class GlobalScheduler(ClusterMembershipMixin):
                     )
                     if line.get("finish_reason"):
                         return
+            raise InstanceLost(
+                rec.instance_id, f"{rec.instance_id} closed the stream of {request_id} early"
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise InstanceLost(rec.instance_id, f"stream of {request_id}: {exc!r}") from exc
         finally:
             if counted:
                 rec.inflight_prefill_tokens -= len(token_ids)
@@ -312,7 +353,8 @@ class GlobalScheduler(ClusterMembershipMixin):
         all_tokens = list(token_ids)
         try:
             try:
-                res = await self._post(
+                res = await self._call(
+                    d,
                     f"{d.url}/internal/v1/reserve",
                     {
                         "request_id": request_id,
@@ -333,7 +375,8 @@ class GlobalScheduler(ClusterMembershipMixin):
                 layerwise = bool(p.info.get("flags", {}).get("enable_layer", False))
             p_pinned = True
             try:
-                pre = await self._post(
+                pre = await self._call(
+                    p,
                     f"{p.url}/internal/v1/prefill",
                     {
                         "request_id": request_id,
@@ -365,24 +408,29 @@ class GlobalScheduler(ClusterMembershipMixin):
                 "sampling": req.sampling.to_dict(),
                 "first_token_id": first,
             }
-            async with self._stream_session.post(
-                f"{d.url}/internal/v1/decode", json=decode_body
-            ) as resp:
-                if resp.status != 200:
-                    raise ClusterError(_message(await resp.json(), resp.status), resp.status)
-                async for line in self._ndjson_lines(resp):
-                    if line.get("kv_ready"):
-                        d_reserved = False  # D's request owns the blocks now
-                        await self._release(p, request_id)  # D has the KV: unpin P
-                        p_pinned = False
-                        continue
-                    all_tokens.extend(line["token_ids"])
-                    yield TokenDelta(line["token_ids"], line.get("finish_reason"))
-                    if line.get("finish_reason"):
-                        finished = True
-                        return
-            raise ClusterError(
-                f"decode instance {d.instance_id} closed the stream of {request_id} early", 502
+            try:
+                async with self._stream_session.post(
+                    f"{d.url}/internal/v1/decode", json=decode_body
+                ) as resp:
+                    if resp.status != 200:
+                        raise ClusterError(_message(await resp.json(), resp.status), resp.status)
+                    async for line in self._ndjson_lines(resp):
+                        if line.get("kv_ready"):
+                            d_reserved = False  # D's request owns the blocks now
+                            await self._release(p, request_id)  # D has the KV: unpin P
+                            p_pinned = False
+                            continue
+                        all_tokens.extend(line["token_ids"])
+                        yield TokenDelta(line["token_ids"], line.get("finish_reason"))
+                        if line.get("finish_reason"):
+                            finished = True
+                            return
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise InstanceLost(
+                    d.instance_id, f"decode stream of {request_id}: {exc!r}"
+                ) from exc
+            raise InstanceLost(
+                d.instance_id, f"{d.instance_id} closed the stream of {request_id} early"
             )
         finally:
             # Every way out releases what is still held; release is idempotent on the instances.

@@ -30,6 +30,14 @@ class ClusterError(RuntimeError):
         self.status = status
 
 
+class InstanceLost(ClusterError):
+    """A call to one instance failed at the transport level (process gone, connection cut)."""
+
+    def __init__(self, instance_id: str, message: str):
+        super().__init__(message, 502)
+        self.instance_id = instance_id
+
+
 class InstanceRestarted(ClusterError):
     """The instance at a known address is a new process (another incarnation)."""
 
