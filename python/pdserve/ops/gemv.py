@@ -90,9 +90,15 @@ def _pick_config(num_rows_out: int, k: int, num_sms: int) -> tuple[int, int, int
     return block_n, block_k, split_k, 4
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
     """y = x @ weight.T for a small batch. x: [M, K] with M ≤ 16; weight: [N, K], last dim contiguous,
-    same dtype (bf16/fp16) and CUDA device. Returns y [M, N] (written into `out` when given)."""
+    same dtype (bf16/fp16) and CUDA device. Returns y [M, N] (written into `out` when given).
+    `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) overrides the heuristic (benchmarks)."""
     if triton is None:
         raise RuntimeError("gemv needs Triton, which is not installed")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -108,7 +114,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    block_n, block_k, split_k, num_warps = _pick_config(n, k, num_sms)
+    if config is None:
+        block_n, block_k, split_k, num_warps = _pick_config(n, k, num_sms)
+        num_stages = 4
+    else:
+        block_n, block_k, split_k, num_warps, num_stages = config
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     target = (
         out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
@@ -129,7 +139,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None)
         BLOCK_K=block_k,
         SPLIT_K=split_k,
         num_warps=num_warps,
-        num_stages=4,
+        num_stages=num_stages,
     )
     if split_k > 1:
         torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(
