@@ -205,11 +205,15 @@ void dispatch(const char* op, const PieceCopyParams& p, uint64_t stream_handle, 
 }
 
 // Shared checks of the three entry points; returns the launch description.
+// A null ids name means that side is packed (ids 0..num_pieces-1, no id array).
 PieceCopyParams make_params(const char* op, uint64_t src_addr, int64_t src_stride_nbytes,
                             int64_t src_num_blocks, uint64_t dst_addr, int64_t dst_stride_nbytes,
-                            int64_t dst_num_blocks, uint64_t src_ids_addr, bool has_src_ids,
-                            uint64_t dst_ids_addr, bool has_dst_ids, int64_t num_pieces,
-                            int64_t piece_nbytes, int device) {
+                            int64_t dst_num_blocks, const char* src_ids_name,
+                            uint64_t src_ids_addr, const char* dst_ids_name,
+                            uint64_t dst_ids_addr, int64_t num_pieces, int64_t piece_nbytes,
+                            int device) {
+  const bool has_src_ids = src_ids_name != nullptr;
+  const bool has_dst_ids = dst_ids_name != nullptr;
   if (piece_nbytes <= 0) {
     fail_argument(op, "piece_nbytes=" + std::to_string(piece_nbytes) + " must be positive");
   }
@@ -229,13 +233,17 @@ PieceCopyParams make_params(const char* op, uint64_t src_addr, int64_t src_strid
   p.dst_base = reinterpret_cast<char*>(device_accessible(op, "dst", dst_addr, device, true));
   if (num_pieces > 0 && has_src_ids) {
     p.src_ids = reinterpret_cast<const int32_t*>(
-        device_accessible(op, "src_ids", src_ids_addr, device, false));
-    if (src_ids_addr % alignof(int32_t) != 0) fail_argument(op, "src_ids is not 4-byte aligned");
+        device_accessible(op, src_ids_name, src_ids_addr, device, false));
+    if (src_ids_addr % alignof(int32_t) != 0) {
+      fail_argument(op, std::string(src_ids_name) + " is not 4-byte aligned");
+    }
   }
   if (num_pieces > 0 && has_dst_ids) {
     p.dst_ids = reinterpret_cast<const int32_t*>(
-        device_accessible(op, "dst_ids", dst_ids_addr, device, false));
-    if (dst_ids_addr % alignof(int32_t) != 0) fail_argument(op, "dst_ids is not 4-byte aligned");
+        device_accessible(op, dst_ids_name, dst_ids_addr, device, false));
+    if (dst_ids_addr % alignof(int32_t) != 0) {
+      fail_argument(op, std::string(dst_ids_name) + " is not 4-byte aligned");
+    }
   }
   p.src_stride_nbytes = src_stride_nbytes;
   p.dst_stride_nbytes = dst_stride_nbytes;
@@ -275,7 +283,7 @@ void gather_blocks(uint64_t src_addr, int64_t block_stride_nbytes, int64_t src_n
   // The packed side is [num_ids, piece_nbytes]; at least one row so its checks stay meaningful.
   const int64_t packed_rows = std::max<int64_t>(num_ids, 1);
   PieceCopyParams p = make_params(op, src_addr, block_stride_nbytes, src_num_blocks, dst_addr,
-                                  piece_nbytes, packed_rows, block_ids_addr, true, 0, false,
+                                  piece_nbytes, packed_rows, "block_ids", block_ids_addr, nullptr, 0,
                                   num_ids, piece_nbytes, device);
   dispatch(op, p, stream, version, device);
 }
@@ -287,8 +295,8 @@ void scatter_blocks(uint64_t src_addr, uint64_t block_ids_addr, int64_t num_ids,
   const int device = current_device(op);
   const int64_t packed_rows = std::max<int64_t>(num_ids, 1);
   PieceCopyParams p = make_params(op, src_addr, piece_nbytes, packed_rows, dst_addr,
-                                  block_stride_nbytes, dst_num_blocks, 0, false, block_ids_addr,
-                                  true, num_ids, piece_nbytes, device);
+                                  block_stride_nbytes, dst_num_blocks, nullptr, 0, "block_ids",
+                                  block_ids_addr, num_ids, piece_nbytes, device);
   dispatch(op, p, stream, version, device);
 }
 
@@ -299,8 +307,8 @@ void copy_blocks(uint64_t src_addr, int64_t src_stride_nbytes, int64_t src_num_b
   const char* op = "copy_blocks";
   const int device = current_device(op);
   PieceCopyParams p = make_params(op, src_addr, src_stride_nbytes, src_num_blocks, dst_addr,
-                                  dst_stride_nbytes, dst_num_blocks, src_ids_addr, true,
-                                  dst_ids_addr, true, num_pairs, piece_nbytes, device);
+                                  dst_stride_nbytes, dst_num_blocks, "src_ids", src_ids_addr,
+                                  "dst_ids", dst_ids_addr, num_pairs, piece_nbytes, device);
   dispatch(op, p, stream, version, device);
 }
 
