@@ -154,7 +154,7 @@ def bench_device(piece_nbytes: int, num_blocks: int, args: argparse.Namespace) -
     if not torch.equal(outs[0], pools[0][ids_long[0]]):
         raise SystemExit(f"gather result is wrong at piece {piece_nbytes} B x {num_blocks}")
     if args.versions:
-        for version in range(1, 5):
+        for version in range(1, kernels._cuda.NUM_KERNEL_VERSIONS):
             name = f"v{version}:{kernels._cuda.kernel_version_name(version)}"
             rows.append(
                 run(
@@ -209,7 +209,7 @@ def bench_host(piece_nbytes: int, num_blocks: int, args: argparse.Namespace) -> 
         ),
     ]
     if args.versions:
-        for version in (1, 3):
+        for version in (2, 3):
             name = f"d2h v{version}:{kernels._cuda.kernel_version_name(version)}"
             rows.append(
                 run(
@@ -240,6 +240,31 @@ def bench_host(piece_nbytes: int, num_blocks: int, args: argparse.Namespace) -> 
     return rows
 
 
+def host_overhead_us(num_calls: int = 300) -> dict:
+    """Host microseconds per call to enqueue a small gather: typed wrapper vs raw extension."""
+    pool = torch.empty(128, 8192, dtype=torch.bfloat16, device="cuda").normal_()
+    ids = torch.randperm(128, device="cuda")[:64].to(torch.int32)
+    out = torch.empty(64, 8192, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    piece = 8192 * 2
+    calls = {
+        "wrapper": lambda: kernels.gather_blocks(pool, ids, out, check_ids=False),
+        "raw": lambda: kernels._cuda.gather_blocks(
+            pool.data_ptr(), piece, 128, ids.data_ptr(), 64, out.data_ptr(), piece, stream
+        ),
+    }
+    result = {}
+    for name, fn in calls.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(num_calls):
+            fn()
+        result[name] = (time.perf_counter() - t0) / num_calls * 1e6
+        torch.cuda.synchronize()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not kernels.is_available():
@@ -254,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             device_rows += bench_device(piece_kib * KIB, num_blocks, args)
             torch.cuda.empty_cache()
+    overhead = host_overhead_us()
     host_rows: list[dict] = []
     for spec in [s for s in args.host.split(",") if s.strip()]:
         piece_kib, num_blocks = (int(x) for x in spec.split("x"))
@@ -282,12 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         "copy_peak_gbps": copy_gbps,
         "d2h_min_frac": min(fracs(host_rows, "copy_blocks d2h"), default=float("nan")),
         "h2d_min_frac": min(fracs(host_rows, "copy_blocks h2d"), default=float("nan")),
+        "host_us_per_call_wrapper": overhead["wrapper"],
+        "host_us_per_call_raw": overhead["raw"],
     }
     print(
         f"\nsummary: gather/scatter reach {summary['gather_scatter_min_frac']:.1%} (min) / "
         f"{summary['gather_scatter_median_frac']:.1%} (median) of device-to-device copy bandwidth "
         f"(copy peak {copy_gbps:.0f} GB/s, same run); copy_blocks GPU->pinned "
-        f"{summary['d2h_min_frac']:.1%}, pinned->GPU {summary['h2d_min_frac']:.1%} of torch pinned copies (min)"
+        f"{summary['d2h_min_frac']:.1%}, pinned->GPU {summary['h2d_min_frac']:.1%} of torch pinned copies (min); host cost per call "
+        f"{overhead['wrapper']:.1f} us (wrapper), {overhead['raw']:.1f} us (raw)"
     )
     if args.json:
         report = {

@@ -167,13 +167,9 @@ void dispatch(const char* op, const PieceCopyParams& p, uint64_t stream_handle, 
   if (p.num_pieces == 0) return;
   const int vec = vector_nbytes(p);
   if (version == kAuto) {
-    if (vec < 16) {
-      version = kNarrow;
-    } else {
-      // Small copies: 4 KiB tiles spread the work over more SMs than 16 KiB tiles would.
-      const bool fills_gpu = tiles_for(p, 16, 4) >= 2LL * sm_count(op, device);
-      version = fills_gpu ? kVec16Unroll4 : kVec16Unroll1;
-    }
+    // Measured (H100, 1 MiB .. 2 GiB per call): streaming hints win most at small sizes (the
+    // copy is latency-bound there) and tie elsewhere; smaller tiles for small copies did not help.
+    version = vec < 16 ? kNarrow : kVec16Unroll4Stream;
   } else if (version != kNarrow && vec < 16) {
     fail_argument(op, "kernel version " + kernel_version_name(version) +
                           " needs 16-byte aligned addresses, strides and piece_nbytes; the "
@@ -190,6 +186,8 @@ void dispatch(const char* op, const PieceCopyParams& p, uint64_t stream_handle, 
       return launch<uint4, 8, CacheHint::kDefault>(op, p, stream, device);
     case kVec16Unroll4Stream:
       return launch<uint4, 4, CacheHint::kStreaming>(op, p, stream, device);
+    case kVec16Unroll8Stream:
+      return launch<uint4, 8, CacheHint::kStreaming>(op, p, stream, device);
     default:  // kNarrow
       switch (std::min(vec, 8)) {
         case 8:
@@ -270,6 +268,8 @@ std::string kernel_version_name(int version) {
       return "vec16x4-stream";
     case kNarrow:
       return "narrow";
+    case kVec16Unroll8Stream:
+      return "vec16x8-stream";
     default:
       throw std::invalid_argument("unknown kernel version " + std::to_string(version));
   }

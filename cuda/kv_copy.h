@@ -8,7 +8,9 @@
 namespace pdserve {
 namespace cuda {
 
-// Kernel versions, side by side for the benchmark. kAuto picks the fastest one the alignment allows.
+// Kernel versions, side by side for the benchmark (bench/bench_kernels.py). kAuto picks
+// kVec16Unroll4Stream when everything is 16-byte aligned (fastest or tied in every configuration
+// measured on an H100, docs/PERFORMANCE.md), kNarrow otherwise.
 enum KernelVersion : int {
   kAuto = 0,
   kVec16Unroll1 = 1,        // 16-byte vectors, 1 per thread per tile (4 KiB tiles)
@@ -16,7 +18,8 @@ enum KernelVersion : int {
   kVec16Unroll8 = 3,        // 16-byte vectors, 8 in flight per thread (32 KiB tiles)
   kVec16Unroll4Stream = 4,  // as kVec16Unroll4 with evict-first (streaming) cache hints
   kNarrow = 5,              // widest vector the alignment allows below 16 bytes (the fallback)
-  kNumKernelVersions = 6,
+  kVec16Unroll8Stream = 6,  // as kVec16Unroll8 with streaming cache hints
+  kNumKernelVersions = 7,
 };
 
 // Human-readable name of a kernel version ("vec16x4", ...); throws std::invalid_argument if unknown.

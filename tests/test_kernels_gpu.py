@@ -142,7 +142,7 @@ def test_copy_blocks_between_tiers(dtype, block_size, direction, whole_block):
     _assert_same_bytes(dst_pool, expected)
 
 
-@pytest.mark.parametrize("version", range(1, 6))
+@pytest.mark.parametrize("version", range(1, 7))
 def test_every_kernel_version_is_exact(version):
     kv = _make_kv("block-major", 200, 16, torch.bfloat16)
     layer = kv[:, 1]
@@ -259,3 +259,16 @@ def test_raw_extension_rejects_bad_pointers():
         _cuda.gather_blocks(
             pool.data_ptr(), piece, 16, ids.data_ptr(), 4, out.data_ptr(), piece, stream, 9
         )
+
+
+@pytest.mark.parametrize("piece_numel", [1, 2, 4, 12])
+def test_narrow_vector_widths(piece_numel):
+    # fp16 pieces of 2, 4, 8 and 24 bytes: the 2-, 4- and 8-byte instances of the fallback.
+    pool = torch.randn(50, piece_numel, device="cuda").to(torch.float16)
+    ids = torch.randperm(50)[:37]
+    out = _poison(torch.empty(37, piece_numel, dtype=torch.float16, device="cuda"))
+    kernels.gather_blocks(pool, ids, out)
+    _assert_same_bytes(out, pool[ids.cuda()])
+    dst = _poison(torch.empty_like(pool))
+    kernels.scatter_blocks(out, ids, dst)
+    _assert_same_bytes(dst[ids.cuda()], out)

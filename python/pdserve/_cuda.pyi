@@ -11,7 +11,7 @@ forced 16-byte `version`) and RuntimeError for CUDA errors. Use `pdserve.cache.k
 """
 
 NUM_KERNEL_VERSIONS: int
-"""Versions are 0 (auto), 1 vec16x1, 2 vec16x4, 3 vec16x8, 4 vec16x4-stream, 5 narrow."""
+"""Versions: 0 auto, 1 vec16x1, 2 vec16x4, 3 vec16x8, 4 vec16x4-stream, 5 narrow, 6 vec16x8-stream."""
 
 def gather_blocks(
     src_addr: int,
