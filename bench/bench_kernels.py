@@ -55,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--rotate-mib", type=float, default=256, help="distinct MiB touched before reuse"
     )
-    p.add_argument("--versions", action="store_true", default=True, help="time each kernel version")
-    p.add_argument("--no-versions", dest="versions", action="store_false")
+    p.add_argument(
+        "--no-versions", dest="versions", action="store_false", help="skip the per-version rows"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--json", type=Path, default=None, help="write all results to this JSON file")
