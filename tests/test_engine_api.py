@@ -16,7 +16,7 @@ def llm(tmp_path_factory):
     path = make_tiny_llama(
         str(tmp_path_factory.mktemp("api")), num_kv_heads=2, max_position_embeddings=128
     )
-    return LLM(path, num_kv_blocks=32, max_num_seqs=4)
+    return LLM(path, device="cpu", num_kv_blocks=32, max_num_seqs=4)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def test_bad_prompts_raise_and_take_nothing(llm):
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[1, 2, 99999]])
     with pytest.raises(ValueError, match="whole cache"):
-        LLM(llm.engine.config.model, num_kv_blocks=2).generate([[1] * 40])
+        LLM(llm.engine.config.model, device="cpu", num_kv_blocks=2).generate([[1] * 40])
     # a good prompt next to a bad one: nothing is queued
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[1, 2, 3], []])
@@ -144,7 +144,7 @@ def test_text_prompts_chat_template_and_outputs(llm):
 
 
 def test_tiny_preset_is_fast():
-    llm = LLM("tiny", kv_cache_gb=0.01)
+    llm = LLM("tiny", device="cpu", kv_cache_gb=0.01)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     llm.generate("warm up", params)
     start = time.perf_counter()

@@ -17,21 +17,26 @@ def _naive(q, k, v, scale):
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
 
 
+MIXED = [(7, 0), (7, 0), (5, 0), (13, 8), (9, 8), (6, 5), (10, 9)]  # fresh, chunks, decodes
+DECODES = [(6, 5), (10, 9), (17, 16), (1, 0)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("seqs", [MIXED, DECODES], ids=["mixed", "decodes"])
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (4, 1), (8, 2)])
 @pytest.mark.parametrize("layout", ["layer-major", "block-major"])
-def test_paged_attention_matches_naive(num_heads, num_kv_heads, layout):
+def test_paged_attention_matches_naive(num_heads, num_kv_heads, layout, seqs, device):
+    """seqs: (total length, tokens already cached) per sequence."""
     torch.manual_seed(0)
     head_dim, block_size, num_blocks, num_layers = 8, 4, 40, 2
     shape = (2, block_size, num_kv_heads, head_dim)
     if layout == "layer-major":
-        kv = torch.zeros(num_layers, num_blocks, *shape)
+        kv = torch.zeros(num_layers, num_blocks, *shape, device=device)
         kv_layer = kv[1]
     else:
-        kv = torch.zeros(num_blocks, num_layers, *shape)
+        kv = torch.zeros(num_blocks, num_layers, *shape, device=device)
         kv_layer = kv[:, 1]
     attn = TorchPagedAttention(num_heads, num_kv_heads, head_dim)
-    # (total length, already cached): two fresh of equal length, one ragged, two with cached prefixes
-    seqs = [(7, 0), (7, 0), (5, 0), (13, 8), (9, 8)]
     full = [
         (
             torch.randn(n, num_heads, head_dim),
@@ -63,9 +68,14 @@ def test_paged_attention_matches_naive(num_heads, num_kv_heads, layout):
         query_start_loc=starts,
         context_lens_host=[n for n, _ in seqs],
         block_size=block_size,
-        is_decode_only=False,
+        is_decode_only=all(n - cached == 1 for n, cached in seqs),
     )
-    out = attn.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), kv_layer, meta)
+    dev = torch.device(device)
+    for name in ("slot_block_ids", "slot_offsets", "block_tables", "context_lens"):
+        setattr(meta, name, getattr(meta, name).to(dev))
+    out = attn.forward(
+        torch.cat(qs).to(dev), torch.cat(ks).to(dev), torch.cat(vs).to(dev), kv_layer, meta
+    ).cpu()
     for i, ((n, cached), (q, k, v)) in enumerate(zip(seqs, full, strict=True)):
         expected = _naive(q, k, v, attn.scale)[cached:].reshape(n - cached, -1)
         torch.testing.assert_close(out[starts[i] : starts[i + 1]], expected, rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ def ckpt(tmp_path_factory):
 
 
 def _engine(ckpt, **kw) -> LLMEngine:
-    return LLMEngine(model=ckpt, num_kv_blocks=kw.pop("num_kv_blocks", 40), **kw)
+    return LLMEngine(model=ckpt, device="cpu", num_kv_blocks=kw.pop("num_kv_blocks", 40), **kw)
 
 
 def _run(engine: LLMEngine) -> dict[str, list[int]]:

@@ -51,7 +51,7 @@ def _assert_clean(llm: LLM) -> None:
 
 def test_single_prompts_equal_transformers(checkpoint):
     path = checkpoint[0]
-    llm = LLM(path, num_kv_blocks=64)
+    llm = LLM(path, device="cpu", num_kv_blocks=64)
     outs = [llm.generate([prompt], GREEDY)[0] for prompt in _prompts()]
     _check(checkpoint, outs)
     for prompt, out in zip(_prompts(), outs, strict=True):
@@ -62,7 +62,7 @@ def test_single_prompts_equal_transformers(checkpoint):
 
 def test_mixed_batch_equals_transformers(checkpoint):
     path = checkpoint[0]
-    llm = LLM(path, num_kv_blocks=64, kv_layout="block-major")
+    llm = LLM(path, device="cpu", num_kv_blocks=64, kv_layout="block-major")
     outs = llm.generate(_prompts(), GREEDY)
     _check(checkpoint, outs)
     _assert_clean(llm)
@@ -71,7 +71,7 @@ def test_mixed_batch_equals_transformers(checkpoint):
 def test_chunked_prefill_equals_transformers(checkpoint):
     path = checkpoint[0]
     # 20-token budget: the 40- and 71-token prompts take several chunks, mixed with decodes
-    llm = LLM(path, num_kv_blocks=64, max_num_batched_tokens=20, block_size=8)
+    llm = LLM(path, device="cpu", num_kv_blocks=64, max_num_batched_tokens=20, block_size=8)
     outs = llm.generate(_prompts(), GREEDY)
     _check(checkpoint, outs)
     _assert_clean(llm)
@@ -79,7 +79,7 @@ def test_chunked_prefill_equals_transformers(checkpoint):
 
 def test_prefix_cache_hits_equal_transformers(checkpoint):
     path = checkpoint[0]
-    llm = LLM(path, num_kv_blocks=64, enable_radix_caching=True)
+    llm = LLM(path, device="cpu", num_kv_blocks=64, enable_radix_caching=True)
     first = llm.generate(_prompts(), GREEDY)
     second = llm.generate(_prompts(), GREEDY)  # same prompts: whole blocks come from the tree
     _check(checkpoint, first)
@@ -98,7 +98,7 @@ def test_preemption_by_recompute_equals_transformers(checkpoint):
     path = checkpoint[0]
     # 12 blocks of 8 tokens cannot hold all four sequences at once (they need 1+3+8+12 blocks at the end)
     for caching in (False, True):
-        llm = LLM(path, num_kv_blocks=14, block_size=8, enable_radix_caching=caching)
+        llm = LLM(path, device="cpu", num_kv_blocks=14, block_size=8, enable_radix_caching=caching)
         outs = llm.generate(_prompts(), GREEDY)
         _check(checkpoint, outs)
         assert llm.engine.stats().num_preemptions > 0
@@ -109,6 +109,7 @@ def test_host_tier_demote_and_promote_equal_transformers(checkpoint):
     path = checkpoint[0]
     llm = LLM(
         path,
+        device="cpu",
         num_kv_blocks=16,
         block_size=8,
         enable_radix_caching=True,

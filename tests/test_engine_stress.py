@@ -30,6 +30,7 @@ def test_random_add_abort_step(ckpt, seed):
     }
     engine = LLMEngine(
         model=ckpt,
+        device="cpu",
         num_kv_blocks=18,
         block_size=4,
         max_num_seqs=5,
@@ -66,7 +67,7 @@ def test_random_add_abort_step(ckpt, seed):
     assert stats.num_used_blocks == 0 and stats.num_reserved_blocks == 0
     assert done and stats.num_preemptions > 0 and stats.num_hit_tokens > 0
     assert stats.num_demoted_blocks > 0 if seed == 0 else stats.num_evicted_blocks > 0
-    solo = LLMEngine(model=ckpt, num_kv_blocks=64)
+    solo = LLMEngine(model=ckpt, device="cpu", num_kv_blocks=64)
     for rid in sorted(done):
         solo.add_request(rid, prompts[rid], PARAMS)
         tokens = []

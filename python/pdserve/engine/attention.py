@@ -28,7 +28,17 @@ class AttentionMetadata:
     context_lens_host: list[int]  # B host ints
     block_size: int
     is_decode_only: bool  # every sequence has exactly one new token
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_ctx] bool, built by the first layer
+    decode_plan: DecodePlan | None = None  # GPU: built by the first layer, shared by all layers
+
+
+@dataclass
+class DecodePlan:
+    """The sequences of a step that have one new token and earlier context (GPU batched path)."""
+
+    seq_indices: list[int]  # which sequences of the batch
+    rows: torch.Tensor  # [B'] int64: their token rows in q
+    block_tables: torch.Tensor  # [B', num_blocks] int64, num_blocks covering the longest context
+    mask: torch.Tensor  # [B', 1, 1, num_blocks * block_size] bool: key position < context length
 
 
 def write_kv(
@@ -65,8 +75,16 @@ class TorchPagedAttention:
         """q [T, H, D], k/v [T, KVH, D] -> [T, H * D]; writes k/v into kv_layer first."""
         write_kv(kv_layer, k, v, meta)
         gqa = self.num_heads != self.num_kv_heads
-        if meta.is_decode_only and q.is_cuda:
-            return self._decode_padded(q, kv_layer, meta)
+        plan = None
+        if (
+            q.is_cuda
+        ):  # one padded call for every single-token sequence (cache zeroed: padding is finite)
+            if meta.decode_plan is None:
+                meta.decode_plan = self._decode_plan(meta, q.device)
+            plan = meta.decode_plan
+            if meta.is_decode_only:
+                return self._decode_padded(q, kv_layer, plan)
+        batched = set(plan.seq_indices) if plan is not None else set()
         out = torch.empty_like(q)
         # sequences with no cached prefix attend to their fresh k/v (no gather), equal lengths in one call
         fresh: dict[int, list[int]] = {}
@@ -75,6 +93,8 @@ class TorchPagedAttention:
             q_len = end - start
             if q_len == ctx:
                 fresh.setdefault(q_len, []).append(start)
+                continue
+            if i in batched:
                 continue
             num_blocks = -(-ctx // meta.block_size)
             kv = _gather_seq(kv_layer, meta.block_tables[i, :num_blocks], ctx)
@@ -98,27 +118,41 @@ class TorchPagedAttention:
                 qg, kg, vg, is_causal=True, scale=self.scale, enable_gqa=gqa
             )
             out.index_copy_(0, rows, og.transpose(1, 2).reshape(-1, *q.shape[1:]))
+        if batched:
+            dec = self._decode_padded(q.index_select(0, plan.rows), kv_layer, plan)
+            out.index_copy_(0, plan.rows, dec.view(-1, *q.shape[1:]))
         return out.reshape(q.shape[0], -1)
 
+    @staticmethod
+    def _decode_plan(meta: AttentionMetadata, device: torch.device) -> DecodePlan:
+        qsl, ctx_host = meta.query_start_loc, meta.context_lens_host
+        idx = [i for i, ctx in enumerate(ctx_host) if qsl[i + 1] - qsl[i] == 1 and ctx > 1]
+        if meta.is_decode_only:
+            idx = list(range(len(ctx_host)))
+        if not idx:
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            return DecodePlan([], empty, empty, empty)
+        num_blocks = -(-max(ctx_host[i] for i in idx) // meta.block_size)
+        host = torch.tensor([[qsl[i] for i in idx], idx], dtype=torch.long).to(device)
+        tables = meta.block_tables.index_select(0, host[1])[:, :num_blocks]
+        ctx = meta.context_lens.index_select(0, host[1])
+        keys = torch.arange(num_blocks * meta.block_size, device=device)
+        return DecodePlan(idx, host[0], tables, (keys[None, :] < ctx[:, None])[:, None, None, :])
+
     def _decode_padded(
-        self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, kv_layer: torch.Tensor, plan: DecodePlan
     ) -> torch.Tensor:
-        # one query per sequence; keys padded to the longest context and masked (cache is zero-initialised
-        # on GPU, so padding reads finite values)
+        """q [B', H, D] (one query per sequence) -> [B', H * D]; keys padded to the longest context."""
         num_seqs = q.shape[0]
-        max_blocks = -(-max(meta.context_lens_host) // meta.block_size)
-        pieces = kv_layer[meta.block_tables[:, :max_blocks]]  # [B, nb, 2, bs, KVH, D]
+        pieces = kv_layer[plan.block_tables]  # [B', nb, 2, bs, KVH, D]
         kv = pieces.permute(2, 0, 4, 1, 3, 5).reshape(
             2, num_seqs, self.num_kv_heads, -1, self.head_dim
         )
-        if meta.decode_mask is None:  # the same for every layer of the step
-            keys = torch.arange(kv.shape[3], device=q.device)
-            meta.decode_mask = (keys[None, :] < meta.context_lens[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B, H, 1, D]
+            q.unsqueeze(2),  # [B', H, 1, D]
             kv[0],
             kv[1],
-            attn_mask=meta.decode_mask,
+            attn_mask=plan.mask,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
