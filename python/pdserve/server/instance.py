@@ -97,6 +97,16 @@ class InstanceServer(PDHandlersMixin):
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         if self.config.scheduler_url:
             self._bg_tasks.append(asyncio.create_task(self._register_loop()))
+        transfer = f", KV transfer {self.transport.local.address}" if self.transport else ""
+        staging = f" via {self.arena.layout.num_blocks} host staging slots" if self.arena else ""
+        sched = self.config.scheduler_url or "no scheduler"
+        print(
+            f"pdserve serve: {self.instance_id} ready at {self.url} ({self.config.served_model_name}, "
+            f"{self.layout.num_blocks} KV blocks on {self.layout.device}{transfer}{staging}; "
+            f"offering itself to {sched})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     async def stop(self, app: web.Application) -> None:
         for t in self._bg_tasks:

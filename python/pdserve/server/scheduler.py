@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -122,6 +123,16 @@ class GlobalScheduler(ClusterMembershipMixin):
             for url in urls:
                 self._tasks.append(asyncio.create_task(self._adopt_fixed(url.rstrip("/"), role)))
         self._tasks.append(asyncio.create_task(self._poll_loop()))
+        fixed = self.config.prefill_urls + self.config.decode_urls + self.config.colocated_urls
+        print(
+            f"pdserve scheduler: listening on http://{self.config.host}:{self.config.port} "
+            f"(ep-policy {self.config.ep_policy}, ed-policy {self.config.ed_policy}; "
+            + (
+                f"fixed instances {' '.join(fixed)})" if fixed else "instances register themselves)"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
 
     async def stop(self, app) -> None:
         for t in [*self._tasks, *self._after_tasks]:
