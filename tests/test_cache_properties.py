@@ -37,6 +37,7 @@ def build(num_gpu: int, num_host: int | None, cpp: bool) -> Side:
     gpu = RefBlockPool(num_gpu)
     host = None if num_host is None else RefBlockPool(num_host, Tier.HOST)
     tree = RefRadixTree(BS, gpu, host)
+    tree.compare_whole_runs = num_host is None  # both key comparisons of the model, one each
     return Side(tree, RefEvictor(tree, 0.75, 0.5, 0.8, 0.4))
 
 

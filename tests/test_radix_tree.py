@@ -200,3 +200,71 @@ def test_bad_token_inputs() -> None:
         tree.match_prefix(np.zeros(4, dtype=np.float32))
     with pytest.raises(ValueError, match="block_size must be > 0, got 0"):
         RadixTree(0, BlockPool(4))
+
+
+def test_concurrent_threads_keep_invariants() -> None:
+    """Calls release the GIL, so threads really interleave inside the tree and pools."""
+    import random
+    import threading
+
+    tree = make(num_gpu=256, num_host=64)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(400):
+                tokens = np.array([rng.randrange(3) for _ in range(rng.randrange(40))], np.int32)
+                while True:  # match -> lock is two calls: another thread may evict in between
+                    m = tree.match_prefix(tokens)
+                    try:
+                        handle = tree.lock(m.node)
+                        break
+                    except ValueError:
+                        continue
+                n = len(tokens) // BS - len(m.block_ids)
+                try:
+                    ids = tree.gpu_pool.allocate(n)
+                except ValueError:  # another thread took the last blocks: evict and move on
+                    tree.evict(n, Tier.GPU)
+                    ids = None
+                if ids is not None:
+                    tree.insert(tokens, m.block_ids + ids)
+                    tree.gpu_pool.decref(ids)
+                tree.unlock(handle)
+                if rng.random() < 0.2:
+                    ticket = tree.begin_demote(rng.randrange(4))
+                    tree.commit(ticket, rng.random() < 0.8)
+                if rng.random() < 0.2:
+                    tree.evict(rng.randrange(4), rng.choice([Tier.GPU, Tier.HOST]))
+        except BaseException as exc:  # surfaced in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert tree.num_locks == 0
+    tree.check_invariants()
+
+
+def test_dropping_the_tree_gives_blocks_back_to_the_pools() -> None:
+    import gc
+
+    gpu, host = BlockPool(16), BlockPool(8, Tier.HOST)
+    tree = RadixTree(BS, gpu, host)
+    put(tree, [1] * 8)
+    put(tree, [2] * 8)
+    tree.lock(tree.match_prefix([1] * 8).node)
+    tree.begin_demote(2)  # left open
+    held = gpu.allocate(1)
+    tree.insert([3] * 4, held)  # still referenced by the caller when the tree goes
+    del tree
+    gc.collect()
+    assert gpu.num_free == 15 and host.num_free == 8
+    gpu.decref(held)
+    assert gpu.num_free == 16
+    gpu.check_invariants()
+    host.check_invariants()

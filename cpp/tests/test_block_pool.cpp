@@ -1,11 +1,10 @@
 // Unit tests of BlockPool without Python: allocation order, ref counts, reservations, errors and
 // the free + cached + in_use == total invariant.
-#include "pdserve/block_pool.h"
-
 #include <stdexcept>
 #include <vector>
 
 #include "check.h"
+#include "pdserve/block_pool.h"
 
 using pdserve::BlockId;
 using pdserve::BlockPool;

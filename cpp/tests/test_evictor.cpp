@@ -1,11 +1,10 @@
 // Unit tests of the watermark Evictor without Python.
-#include "pdserve/evictor.h"
-
 #include <memory>
 #include <stdexcept>
 #include <vector>
 
 #include "check.h"
+#include "pdserve/evictor.h"
 
 using namespace pdserve;
 

@@ -1,7 +1,5 @@
 // Unit tests of RadixTree without Python: match/insert/split, LRU eviction order, locks, tickets,
 // events, and a randomized stress run that checks every invariant after each operation.
-#include "pdserve/radix_tree.h"
-
 #include <memory>
 #include <random>
 #include <stdexcept>
@@ -9,6 +7,7 @@
 
 #include "check.h"
 #include "pdserve/block_hash.h"
+#include "pdserve/radix_tree.h"
 
 using namespace pdserve;
 
@@ -45,8 +44,7 @@ static void test_match_insert_split() {
   CHECK_EQ(r.num_adopted, 1);
   CHECK_EQ(r.duplicate_block_ids, (std::vector<BlockId>{ids[0], ids[1]}));
   gpu->decref(ids);
-  CHECK_THROWS(tree.insert(other, std::vector<BlockId>{0}), std::invalid_argument,
-               "expected 3");
+  CHECK_THROWS(tree.insert(other, std::vector<BlockId>{0}), std::invalid_argument, "expected 3");
   tree.check_invariants();
 }
 

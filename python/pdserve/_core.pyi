@@ -1,6 +1,7 @@
 """Type stub of `pdserve._core`, the pybind11 extension of the C++ cache core (cpp/, bindings/core/).
 
-Use the typed wrappers in `pdserve.cache` instead of this module directly. Token and block id
+Use the typed wrappers in `pdserve.cache` (subclasses of these classes) instead of this module
+directly. Results are the dataclasses of `pdserve.cache.types`, built in C++. Token and block id
 arguments accept lists/tuples of ints or 1-D numpy int32/int64 arrays (contiguous int32 is read
 in place). Every call that walks or mutates a structure releases the GIL. C++ errors arrive as
 ValueError (bad value, named in the message) or RuntimeError (broken invariant); a non-int
@@ -10,9 +11,16 @@ element raises TypeError.
 from collections.abc import Sequence
 from typing import Any
 
+from pdserve.cache.types import (
+    CacheEvent,
+    EvictionPlan,
+    InsertResult,
+    MatchResult,
+    Ticket,
+    Tier,
+)
+
 TokenIds = Sequence[int] | Any  # or a 1-D numpy integer array
-# (ticket_id, kind 0=demote/1=promote, src_tier, dst_tier, src_block_ids, dst_block_ids)
-TicketTuple = tuple[int, int, int, int, list[int], list[int]]
 
 TIER_GPU: int  # 0
 TIER_HOST: int  # 1
@@ -26,7 +34,7 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, tier: int = 0) -> None: ...
     @property
-    def tier(self) -> int: ...
+    def tier(self) -> Tier: ...
     @property
     def num_total(self) -> int: ...
     @property
@@ -66,20 +74,22 @@ class RadixTree:
     def block_size(self) -> int: ...
     @property
     def has_host_tier(self) -> bool: ...
-    def match_prefix(self, tokens: TokenIds) -> tuple[int, list[int], list[int], int]:
-        """(num_tokens, block_ids, tiers, node handle); touches the path (LRU)."""
-    def insert(self, tokens: TokenIds, block_ids: TokenIds) -> tuple[int, list[int], list[int]]:
-        """(num_adopted, adopted_block_ids, duplicate_block_ids); all or nothing."""
+    def match_prefix(self, tokens: TokenIds) -> MatchResult:
+        """Longest cached whole-block prefix; touches the path (LRU); splits a node the match
+        ends inside so that `node` names exactly the matched prefix."""
+    def insert(self, tokens: TokenIds, block_ids: TokenIds) -> InsertResult:
+        """Caches the whole blocks; all or nothing. The caller keeps its references."""
     def lock(self, node: int) -> int: ...
     def unlock(self, handle: int) -> None: ...
     def evict(self, num_blocks: int, tier: int = 0) -> list[int]:
         """Freed block ids in eviction order (LRU unlocked unreferenced leaves first)."""
-    def begin_demote(self, num_blocks: int) -> TicketTuple: ...
-    def begin_promote(self, node: int) -> TicketTuple: ...
+    def begin_demote(self, num_blocks: int) -> Ticket:
+        """LRU demote candidates covering num_blocks GPU blocks; HOST copies allocated."""
+    def begin_promote(self, node: int) -> Ticket:
+        """GPU blocks for the HOST nodes on the root->node path; ValueError if short."""
     def commit(self, ticket_id: int, ok: bool) -> None: ...
-    def drain_events(self) -> list[tuple[int, int, int, list[int], list[int]]]:
-        """[(kind 0=inserted/1=evicted/2=demoted/3=promoted, tier, parent_hash, block_hashes,
-        token_ids)] since the last call."""
+    def drain_events(self) -> list[CacheEvent]:
+        """Events since the last call, in order."""
     @property
     def num_nodes(self) -> int: ...
     def num_tree_blocks(self, tier: int = 0) -> int: ...
@@ -100,5 +110,5 @@ class Evictor:
         host_high: float | None = None,
         host_low: float | None = None,
     ) -> None: ...
-    def plan(self) -> tuple[TicketTuple | None, list[int], list[int]]:
-        """(demote ticket or None, freed GPU block ids, freed HOST block ids)."""
+    def plan(self) -> EvictionPlan:
+        """Applies frees, opens at most one demote ticket (see pdserve.cache.Evictor)."""

@@ -99,6 +99,9 @@ class BlockPool {
   void disown(const BlockId* block_ids, size_t num_blocks);
   // True when every listed block has ref_count 0 (no one but the tree holds it).
   bool all_unreferenced(const BlockId* block_ids, size_t num_blocks) const;
+  // all_unreferenced() then disown(), under one lock: frees the blocks and returns true, or changes
+  // nothing and returns false when one of them is still referenced.
+  bool disown_if_unreferenced(const BlockId* block_ids, size_t num_blocks);
 
  private:
   struct BlockState {
@@ -107,7 +110,10 @@ class BlockPool {
     bool reserved = false;  // held by a reservation (which holds one of ref_count)
   };
 
-  void check_id_locked(BlockId block_id, const char* what) const;
+  void check_id_locked(BlockId block_id, const char* what) const {
+    if (block_id < 0 || block_id >= num_total_) throw_unknown_id(block_id, what);
+  }
+  [[noreturn]] void throw_unknown_id(BlockId block_id, const char* what) const;
   void allocate_locked(int32_t num_blocks, std::vector<BlockId>* out);
   void check_can_allocate_locked(int32_t num_blocks) const;
   void decref_one_locked(BlockId block_id);
@@ -115,11 +121,11 @@ class BlockPool {
   const Tier tier_;
   const int32_t num_total_;
   mutable std::mutex mutex_;
-  std::vector<BlockState> blocks_;     // indexed by block id
-  std::vector<BlockId> free_stack_;    // top = back()
-  int32_t num_in_use_ = 0;             // blocks with ref_count > 0
-  int32_t num_cached_ = 0;             // owned blocks with ref_count == 0
-  int32_t num_reserved_ = 0;           // sum of reservation sizes
+  std::vector<BlockState> blocks_;   // indexed by block id
+  std::vector<BlockId> free_stack_;  // top = back()
+  int32_t num_in_use_ = 0;           // blocks with ref_count > 0
+  int32_t num_cached_ = 0;           // owned blocks with ref_count == 0
+  int32_t num_reserved_ = 0;         // sum of reservation sizes
   std::unordered_map<std::string, std::vector<BlockId>> reservations_;
 };
 

@@ -57,6 +57,8 @@ struct Ticket {
 // Tickets pin their nodes (not evictable, not demotable again) until commit(); the nodes stay
 // matchable in their source tier meanwhile. A commit that fails leaves the tree as before.
 // A demote commit skips nodes that were locked after begin_demote (their copies are dropped).
+// Tiers may interleave along a path (GPU blocks inserted below a demoted prefix stay on the GPU),
+// which is why MatchResult carries a tier per block.
 //
 // Thread safety: every public method takes the tree's mutex, then calls the pools (lock order
 // tree -> pool). The pools may be used directly from other threads at the same time.
@@ -68,6 +70,8 @@ class RadixTree {
   // HOST; the tree shares ownership of both. record_events=false skips hashing and the event log.
   RadixTree(int32_t block_size, std::shared_ptr<BlockPool> gpu_pool,
             std::shared_ptr<BlockPool> host_pool = nullptr, bool record_events = true);
+  // Releases every lock, fails every open ticket and disowns all cached blocks, so the pools
+  // (which may outlive the tree) get their blocks back.
   ~RadixTree();
   RadixTree(const RadixTree&) = delete;
   RadixTree& operator=(const RadixTree&) = delete;
@@ -95,7 +99,9 @@ class RadixTree {
   InsertResult insert(const std::vector<int32_t>& tokens, const std::vector<BlockId>& block_ids);
 
   // Pins the root->node path (see class comment). Returns a handle for unlock(). Throws for an
-  // unknown or evicted node. Locking the root (0) is allowed and pins nothing.
+  // unknown or evicted node. Locking the root (0) is allowed and pins nothing. match_prefix() then
+  // lock() are two calls: with other threads evicting, the node may be gone in between (lock
+  // throws std::invalid_argument; match again).
   LockHandle lock(NodeHandle node);
   // Releases a lock. Throws for an unknown or already released handle.
   void unlock(LockHandle handle);
@@ -119,10 +125,10 @@ class RadixTree {
   // Returns and clears the events logged since the last call (empty if record_events=false).
   std::vector<CacheEvent> drain_events();
 
-  int32_t num_nodes() const;                      // excluding the root
-  int32_t num_tree_blocks(Tier tier) const;       // blocks the tree owns in that tier
-  int32_t num_pending_demote_blocks() const;      // GPU blocks in open demote tickets
-  int32_t num_locks() const;                      // live lock handles
+  int32_t num_nodes() const;                  // excluding the root
+  int32_t num_tree_blocks(Tier tier) const;   // blocks the tree owns in that tier
+  int32_t num_pending_demote_blocks() const;  // GPU blocks in open demote tickets
+  int32_t num_locks() const;                  // live lock handles
 
   // Checks the tree's structure, lock counts, candidate sets and the ownership flags in both
   // pools, then both pools' invariants. Throws std::runtime_error describing the first problem.

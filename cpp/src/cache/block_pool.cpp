@@ -39,13 +39,11 @@ int32_t BlockPool::num_reserved() const {
   return num_reserved_;
 }
 
-void BlockPool::check_id_locked(BlockId block_id, const char* what) const {
-  if (block_id < 0 || block_id >= num_total_) {
-    std::ostringstream msg;
-    msg << what << ": unknown block id " << block_id << " (" << pool_name(tier_) << " has ids 0.."
-        << num_total_ - 1 << ")";
-    throw std::invalid_argument(msg.str());
-  }
+void BlockPool::throw_unknown_id(BlockId block_id, const char* what) const {
+  std::ostringstream msg;
+  msg << what << ": unknown block id " << block_id << " (" << pool_name(tier_) << " has ids 0.."
+      << num_total_ - 1 << ")";
+  throw std::invalid_argument(msg.str());
 }
 
 bool BlockPool::can_allocate(int32_t num_blocks) const {
@@ -153,8 +151,7 @@ void BlockPool::decref(const BlockId* block_ids, size_t num_blocks) {
       check_id_locked(id, "decref");
       if (error[0] == 'd') {
         throw std::invalid_argument("decref: double free of block " + std::to_string(id) +
-                                    " in the " + pool_name(tier_) +
-                                    " (ref_count is already 0)");
+                                    " in the " + pool_name(tier_) + " (ref_count is already 0)");
       }
       throw std::invalid_argument("decref: block " + std::to_string(id) + " of the " +
                                   pool_name(tier_) +
@@ -280,6 +277,25 @@ bool BlockPool::all_unreferenced(const BlockId* block_ids, size_t num_blocks) co
   return true;
 }
 
+bool BlockPool::disown_if_unreferenced(const BlockId* block_ids, size_t num_blocks) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (size_t i = 0; i < num_blocks; ++i) {
+    check_id_locked(block_ids[i], "disown");
+    const BlockState& b = blocks_[block_ids[i]];
+    if (b.ref_count != 0) return false;
+    if (!b.owned) {
+      throw std::runtime_error("disown: block " + std::to_string(block_ids[i]) + " of the " +
+                               pool_name(tier_) + " is not owned by the radix tree");
+    }
+  }
+  for (size_t i = 0; i < num_blocks; ++i) {
+    blocks_[block_ids[i]].owned = false;
+    free_stack_.push_back(block_ids[i]);
+  }
+  num_cached_ -= static_cast<int32_t>(num_blocks);
+  return true;
+}
+
 void BlockPool::check_invariants() const {
   std::lock_guard<std::mutex> lock(mutex_);
   int32_t free = 0, cached = 0, in_use = 0, reserved = 0;
@@ -294,15 +310,14 @@ void BlockPool::check_invariants() const {
   for (BlockId id = 0; id < num_total_; ++id) {
     const BlockState& b = blocks_[id];
     if (b.ref_count < 0) {
-      throw std::runtime_error("check_invariants: block " + std::to_string(id) +
-                               " has ref_count " + std::to_string(b.ref_count));
+      throw std::runtime_error("check_invariants: block " + std::to_string(id) + " has ref_count " +
+                               std::to_string(b.ref_count));
     }
     bool should_be_free = b.ref_count == 0 && !b.owned;
     if (should_be_free != static_cast<bool>(on_free_list[id])) {
       throw std::runtime_error("check_invariants: block " + std::to_string(id) + " of the " +
-                               pool_name(tier_) + " has ref_count " +
-                               std::to_string(b.ref_count) + ", owned " +
-                               std::to_string(b.owned) + " but on_free_list " +
+                               pool_name(tier_) + " has ref_count " + std::to_string(b.ref_count) +
+                               ", owned " + std::to_string(b.owned) + " but on_free_list " +
                                std::to_string(on_free_list[id]));
     }
     if (b.ref_count > 0) {
@@ -322,9 +337,9 @@ void BlockPool::check_invariants() const {
     std::ostringstream msg;
     msg << "check_invariants failed for the " << pool_name(tier_) << ": free " << free
         << " + cached " << cached << " + in_use " << in_use << " = " << free + cached + in_use
-        << " (total " << num_total_ << "); counters say free " << free_stack_.size()
-        << ", cached " << num_cached_ << ", in_use " << num_in_use_ << ", reserved "
-        << num_reserved_ << " (flags " << reserved << ", listed " << reserved_listed << ")";
+        << " (total " << num_total_ << "); counters say free " << free_stack_.size() << ", cached "
+        << num_cached_ << ", in_use " << num_in_use_ << ", reserved " << num_reserved_ << " (flags "
+        << reserved << ", listed " << reserved_listed << ")";
     throw std::runtime_error(msg.str());
   }
 }

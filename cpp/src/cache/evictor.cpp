@@ -25,8 +25,8 @@ int32_t blocks_over(int32_t used, int32_t total, double high, double low) {
 
 }  // namespace
 
-Evictor::Evictor(std::shared_ptr<RadixTree> tree, double gpu_high, double gpu_low,
-                 double host_high, double host_low)
+Evictor::Evictor(std::shared_ptr<RadixTree> tree, double gpu_high, double gpu_low, double host_high,
+                 double host_low)
     : tree_(std::move(tree)),
       gpu_high_(gpu_high),
       gpu_low_(gpu_low),
@@ -42,8 +42,8 @@ EvictionPlan Evictor::plan() {
   EvictionPlan plan;
   const std::shared_ptr<BlockPool>& host = tree_->host_pool();
   if (host) {
-    int32_t need = blocks_over(host->num_total() - host->num_free(), host->num_total(),
-                               host_high_, host_low_);
+    int32_t need =
+        blocks_over(host->num_total() - host->num_free(), host->num_total(), host_high_, host_low_);
     if (need > 0) tree_->evict(need, Tier::kHost, &plan.freed_host_block_ids);
   }
   const std::shared_ptr<BlockPool>& gpu = tree_->gpu_pool();

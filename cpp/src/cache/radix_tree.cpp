@@ -1,729 +1,462 @@
-// RadixTree implementation. Nodes live in a recycled arena; children are found by a linear scan
-// of a small vector (the common case) or, past kIndexThreshold children, through a hash index on
-// the first block's tokens. Eviction and demotion candidates are kept in ordered sets so that a
-// victim is found in O(log n), not by scanning the tree.
+// RadixTree implementation: node structure (recycled arena; children found by a linear scan of a
+// small vector or, past kIndexThreshold children, a hash index on the first block's tokens),
+// match / insert / locks / eviction, and the public API's forwarding under the tree's mutex.
+// Eviction and demotion candidates live in ordered sets, so a victim is found in O(log n).
 #include "pdserve/radix_tree.h"
 
 #include <algorithm>
 #include <cstring>
 #include <mutex>
-#include <set>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 
 #include "pdserve/block_hash.h"
+#include "radix_tree_impl.h"
 
 namespace pdserve {
-namespace {
+using detail::handle_error;
+using detail::kIndexThreshold;
 
-constexpr size_t kIndexThreshold = 8;
-
-struct Node;
-
-// Orders candidates: least recently used first, then insertion order, then creation order.
-struct NodeLess {
-  bool operator()(const Node* a, const Node* b) const;
-};
-using CandidateSet = std::set<Node*, NodeLess>;
-
-struct Node {
-  uint64_t id = 0;           // unique, never reused; the NodeHandle
-  uint64_t seq = 0;          // insertion order (both halves of a split keep it)
-  uint64_t last_access = 0;  // logical clock
-  Node* parent = nullptr;
-  size_t index_in_parent = 0;
-  Tier tier = Tier::kGpu;
-  int32_t lock_count = 0;
-  TicketId ticket_id = 0;
-  int32_t num_gpu_children = 0;
-  std::vector<int32_t> tokens;  // num_blocks() * block_size
-  std::vector<BlockId> block_ids;
-  std::vector<BlockId> pending_block_ids;  // ticket destination blocks, parallel to block_ids
-  std::vector<uint64_t> block_hashes;      // chained hashes (when recording events)
-  std::vector<Node*> children;
-  std::unique_ptr<std::unordered_multimap<uint64_t, Node*>> child_index;
-  // Membership in the candidate sets (at most one evict set plus the demote set).
-  bool in_evict_set = false;
-  bool in_demote_set = false;
-  CandidateSet::iterator evict_it;
-  CandidateSet::iterator demote_it;
-
-  size_t num_blocks() const { return block_ids.size(); }
-};
-
-bool NodeLess::operator()(const Node* a, const Node* b) const {
-  if (a->last_access != b->last_access) return a->last_access < b->last_access;
-  if (a->seq != b->seq) return a->seq < b->seq;
-  return a->id < b->id;
+RadixTree::Impl::Impl(int32_t block_size, std::shared_ptr<BlockPool> gpu_pool,
+                      std::shared_ptr<BlockPool> host_pool, bool record_events)
+    : bs_(block_size),
+      gpu_pool_(std::move(gpu_pool)),
+      host_pool_(std::move(host_pool)),
+      record_events_(record_events) {
+  if (block_size <= 0) {
+    throw std::invalid_argument("block_size must be > 0, got " + std::to_string(block_size));
+  }
+  if (!gpu_pool_) throw std::invalid_argument("gpu_pool must not be null");
+  if (gpu_pool_->tier() != Tier::kGpu) {
+    throw std::invalid_argument("gpu_pool has tier HOST; expected a GPU pool");
+  }
+  if (host_pool_ && host_pool_->tier() != Tier::kHost) {
+    throw std::invalid_argument("host_pool has tier GPU; expected a HOST pool");
+  }
+  root_ = new_node();
+  root_->id = 0;
+  live_.clear();
+  live_[0] = root_;
+  next_node_id_ = 1;
 }
 
-struct TicketState {
-  TicketKind kind;
-  std::vector<Node*> nodes;  // nodes pinned by this ticket (split halves are appended)
-};
-
-std::string handle_error(const char* what, uint64_t handle) {
-  return std::string(what) + " " + std::to_string(handle);
+Node* RadixTree::Impl::new_node() {
+  Node* n;
+  if (!spare_.empty()) {
+    n = spare_.back();
+    spare_.pop_back();
+  } else {
+    arena_.push_back(std::make_unique<Node>());
+    n = arena_.back().get();
+  }
+  n->id = next_node_id_++;
+  live_[n->id] = n;
+  return n;
 }
 
-}  // namespace
+void RadixTree::Impl::recycle(Node* n) {
+  live_.erase(n->id);
+  n->parent = nullptr;
+  n->lock_count = 0;
+  n->ticket_id = 0;
+  n->num_gpu_children = 0;
+  n->tokens.clear();
+  n->block_ids.clear();
+  n->pending_block_ids.clear();
+  n->block_hashes.clear();
+  n->children.clear();
+  n->child_index.reset();
+  spare_.push_back(n);
+}
 
-class RadixTree::Impl {
- public:
-  Impl(int32_t block_size, std::shared_ptr<BlockPool> gpu_pool, std::shared_ptr<BlockPool> host_pool,
-       bool record_events)
-      : bs_(block_size),
-        gpu_pool_(std::move(gpu_pool)),
-        host_pool_(std::move(host_pool)),
-        record_events_(record_events) {
-    if (block_size <= 0) {
-      throw std::invalid_argument("block_size must be > 0, got " + std::to_string(block_size));
-    }
-    if (!gpu_pool_) throw std::invalid_argument("gpu_pool must not be null");
-    if (gpu_pool_->tier() != Tier::kGpu) {
-      throw std::invalid_argument("gpu_pool has tier HOST; expected a GPU pool");
-    }
-    if (host_pool_ && host_pool_->tier() != Tier::kHost) {
-      throw std::invalid_argument("host_pool has tier GPU; expected a HOST pool");
-    }
-    root_ = new_node();
-    root_->id = 0;
-    live_.clear();
-    live_[0] = root_;
-    next_node_id_ = 1;
+uint64_t RadixTree::Impl::content_key(const int32_t* block) const {
+  uint64_t a = 0x243F6A8885A308D3ULL, b = 0x13198A2E03707344ULL;
+  int32_t i = 0;
+  for (; i + 1 < bs_; i += 2) {
+    a = (a ^ static_cast<uint32_t>(block[i])) * 0x9E3779B97F4A7C15ULL;
+    b = (b ^ static_cast<uint32_t>(block[i + 1])) * 0xC2B2AE3D27D4EB4FULL;
   }
+  if (i < bs_) a = (a ^ static_cast<uint32_t>(block[i])) * 0x9E3779B97F4A7C15ULL;
+  uint64_t h = a ^ ((b << 31) | (b >> 33));
+  return h ^ (h >> 29);
+}
 
-  // ---------------------------------------------------------------- helpers
-  BlockPool& pool(Tier tier) { return tier == Tier::kGpu ? *gpu_pool_ : *host_pool_; }
-  const BlockPool& pool(Tier tier) const { return tier == Tier::kGpu ? *gpu_pool_ : *host_pool_; }
-
-  Node* new_node() {
-    Node* n;
-    if (!spare_.empty()) {
-      n = spare_.back();
-      spare_.pop_back();
-    } else {
-      arena_.push_back(std::make_unique<Node>());
-      n = arena_.back().get();
-    }
-    n->id = next_node_id_++;
-    live_[n->id] = n;
-    return n;
-  }
-
-  void recycle(Node* n) {
-    live_.erase(n->id);
-    n->parent = nullptr;
-    n->lock_count = 0;
-    n->ticket_id = 0;
-    n->num_gpu_children = 0;
-    n->tokens.clear();
-    n->block_ids.clear();
-    n->pending_block_ids.clear();
-    n->block_hashes.clear();
-    n->children.clear();
-    n->child_index.reset();
-    spare_.push_back(n);
-  }
-
-  const int32_t* first_block(const Node* n) const { return n->tokens.data(); }
-
-  uint64_t content_key(const int32_t* block) const {
-    return hash_block(0, block, static_cast<size_t>(bs_));
-  }
-
-  Node* find_child(const Node* n, const int32_t* block) const {
-    const size_t nbytes = sizeof(int32_t) * bs_;
-    if (n->child_index) {
-      auto range = n->child_index->equal_range(content_key(block));
-      for (auto it = range.first; it != range.second; ++it) {
-        if (std::memcmp(first_block(it->second), block, nbytes) == 0) return it->second;
-      }
-      return nullptr;
-    }
-    for (Node* c : n->children) {
-      if (c->tokens[0] == block[0] && std::memcmp(first_block(c), block, nbytes) == 0) return c;
+Node* RadixTree::Impl::find_child(const Node* n, const int32_t* block) const {
+  const size_t nbytes = sizeof(int32_t) * bs_;
+  if (n->child_index) {
+    auto range = n->child_index->equal_range(content_key(block));
+    for (auto it = range.first; it != range.second; ++it) {
+      if (std::memcmp(first_block(it->second), block, nbytes) == 0) return it->second;
     }
     return nullptr;
   }
+  for (Node* c : n->children) {
+    if (c->tokens[0] == block[0] && std::memcmp(first_block(c), block, nbytes) == 0) return c;
+  }
+  return nullptr;
+}
 
-  void add_child(Node* parent, Node* child) {
-    child->parent = parent;
-    child->index_in_parent = parent->children.size();
-    parent->children.push_back(child);
-    if (child->tier == Tier::kGpu) ++parent->num_gpu_children;
-    if (parent->child_index) {
-      parent->child_index->emplace(content_key(first_block(child)), child);
-    } else if (parent->children.size() > kIndexThreshold) {
-      parent->child_index = std::make_unique<std::unordered_multimap<uint64_t, Node*>>();
-      for (Node* c : parent->children) {
-        parent->child_index->emplace(content_key(first_block(c)), c);
-      }
+void RadixTree::Impl::add_child(Node* parent, Node* child) {
+  child->parent = parent;
+  child->child_key = content_key(first_block(child));
+  child->index_in_parent = parent->children.size();
+  parent->children.push_back(child);
+  if (child->tier == Tier::kGpu) ++parent->num_gpu_children;
+  if (parent->child_index) {
+    parent->child_index->emplace(child->child_key, child);
+  } else if (parent->children.size() > kIndexThreshold) {
+    parent->child_index = std::make_unique<std::unordered_multimap<uint64_t, Node*>>();
+    for (Node* c : parent->children) {
+      parent->child_index->emplace(c->child_key, c);
     }
   }
+}
 
-  void erase_from_index(Node* parent, Node* child) {
-    auto range = parent->child_index->equal_range(content_key(first_block(child)));
+void RadixTree::Impl::erase_from_index(Node* parent, Node* child) {
+  auto range = parent->child_index->equal_range(child->child_key);
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second == child) {
+      parent->child_index->erase(it);
+      return;
+    }
+  }
+}
+
+void RadixTree::Impl::remove_child(Node* parent, Node* child) {
+  size_t i = child->index_in_parent;
+  Node* last = parent->children.back();
+  parent->children[i] = last;
+  last->index_in_parent = i;
+  parent->children.pop_back();
+  if (child->tier == Tier::kGpu) --parent->num_gpu_children;
+  if (parent->child_index) erase_from_index(parent, child);
+}
+
+void RadixTree::Impl::unlist(Node* n) {
+  if (n->in_evict_set) {
+    evict_sets_[static_cast<int>(n->tier)].erase(n->evict_it);
+    n->in_evict_set = false;
+  }
+  if (n->in_demote_set) {
+    demote_set_.erase(n->demote_it);
+    n->in_demote_set = false;
+  }
+}
+
+void RadixTree::Impl::relist(Node* n) {
+  unlist(n);
+  if (n == root_ || n->lock_count > 0 || n->ticket_id != 0) return;
+  if (n->children.empty()) {
+    n->evict_it = evict_sets_[static_cast<int>(n->tier)].insert(n).first;
+    n->in_evict_set = true;
+  }
+  if (host_pool_ && n->tier == Tier::kGpu && n->num_gpu_children == 0) {
+    n->demote_it = demote_set_.insert(n).first;
+    n->in_demote_set = true;
+  }
+}
+
+void RadixTree::Impl::touch(Node* n, uint64_t now) {
+  if (n->last_access == now) return;
+  if (!n->in_evict_set && !n->in_demote_set) {
+    n->last_access = now;
+    return;
+  }
+  CandidateSet& evict_set = evict_sets_[static_cast<int>(n->tier)];
+  CandidateSet::node_type evict_handle, demote_handle;
+  if (n->in_evict_set) evict_handle = evict_set.extract(n->evict_it);
+  if (n->in_demote_set) demote_handle = demote_set_.extract(n->demote_it);
+  n->last_access = now;
+  if (n->in_evict_set) n->evict_it = evict_set.insert(std::move(evict_handle)).position;
+  if (n->in_demote_set) n->demote_it = demote_set_.insert(std::move(demote_handle)).position;
+}
+
+Node* RadixTree::Impl::split(Node* n, size_t k) {
+  Node* upper = new_node();
+  upper->seq = n->seq;
+  upper->last_access = n->last_access;
+  upper->tier = n->tier;
+  upper->lock_count = n->lock_count;
+  upper->ticket_id = n->ticket_id;
+  const size_t ntok = k * bs_;
+  upper->tokens.assign(n->tokens.begin(), n->tokens.begin() + ntok);
+  n->tokens.erase(n->tokens.begin(), n->tokens.begin() + ntok);
+  upper->block_ids.assign(n->block_ids.begin(), n->block_ids.begin() + k);
+  n->block_ids.erase(n->block_ids.begin(), n->block_ids.begin() + k);
+  if (!n->pending_block_ids.empty()) {
+    upper->pending_block_ids.assign(n->pending_block_ids.begin(), n->pending_block_ids.begin() + k);
+    n->pending_block_ids.erase(n->pending_block_ids.begin(), n->pending_block_ids.begin() + k);
+  }
+  if (!n->block_hashes.empty()) {
+    upper->block_hashes.assign(n->block_hashes.begin(), n->block_hashes.begin() + k);
+    n->block_hashes.erase(n->block_hashes.begin(), n->block_hashes.begin() + k);
+  }
+  // upper takes n's place in the parent (same first block, same index key).
+  Node* parent = n->parent;
+  upper->parent = parent;
+  upper->index_in_parent = n->index_in_parent;
+  upper->child_key = n->child_key;
+  parent->children[n->index_in_parent] = upper;
+  if (parent->child_index) {
+    auto range = parent->child_index->equal_range(upper->child_key);
     for (auto it = range.first; it != range.second; ++it) {
-      if (it->second == child) {
-        parent->child_index->erase(it);
-        return;
+      if (it->second == n) it->second = upper;
+    }
+  }
+  add_child(upper, n);
+  if (n->ticket_id != 0) tickets_.at(n->ticket_id).nodes.push_back(upper);
+  return upper;
+}
+
+size_t RadixTree::Impl::walk(const int32_t* tokens, size_t num_blocks, Node** partial,
+                             size_t* partial_blocks) {
+  path_.clear();
+  *partial = nullptr;
+  *partial_blocks = 0;
+  Node* n = root_;
+  size_t pos = 0;
+  const size_t nbytes_block = sizeof(int32_t) * bs_;
+  while (pos < num_blocks) {
+    Node* c = find_child(n, tokens + pos * bs_);
+    if (c == nullptr) break;
+    size_t avail = std::min(c->num_blocks(), num_blocks - pos);
+    size_t k;
+    if (std::memcmp(c->tokens.data(), tokens + pos * bs_, avail * nbytes_block) == 0) {
+      k = avail;
+    } else {
+      k = 1;  // the first block matched in find_child
+      while (k < avail &&
+             std::memcmp(c->tokens.data() + k * bs_, tokens + (pos + k) * bs_, nbytes_block) == 0) {
+        ++k;
+      }
+    }
+    pos += k;
+    if (k < c->num_blocks()) {
+      *partial = c;
+      *partial_blocks = k;
+      break;
+    }
+    path_.push_back(c);
+    n = c;
+  }
+  return pos;
+}
+
+void RadixTree::Impl::log_event(CacheEventKind kind, Tier tier, const Node* n, bool with_tokens) {
+  if (!record_events_) return;
+  CacheEvent ev;
+  ev.kind = kind;
+  ev.tier = tier;
+  ev.parent_hash = parent_hash(n);
+  ev.block_hashes = n->block_hashes;
+  if (with_tokens) ev.token_ids = n->tokens;
+  events_.push_back(std::move(ev));
+}
+
+uint64_t RadixTree::Impl::parent_hash(const Node* n) const {
+  const Node* p = n->parent;
+  return (p == nullptr || p == root_) ? 0 : p->block_hashes.back();
+}
+
+void RadixTree::Impl::match_prefix(const int32_t* tokens, size_t num_tokens, MatchResult* out) {
+  out->num_tokens = 0;
+  out->block_ids.clear();
+  out->tiers.clear();
+  out->node = 0;
+  const size_t num_blocks = num_tokens / bs_;
+  const uint64_t now = ++clock_;
+  Node* partial;
+  size_t partial_blocks;
+  size_t matched = walk(tokens, num_blocks, &partial, &partial_blocks);
+  if (partial != nullptr) path_.push_back(split(partial, partial_blocks));
+  out->block_ids.reserve(matched);
+  out->tiers.reserve(matched);
+  for (Node* n : path_) {
+    touch(n, now);
+    out->block_ids.insert(out->block_ids.end(), n->block_ids.begin(), n->block_ids.end());
+    out->tiers.insert(out->tiers.end(), n->num_blocks(), n->tier);
+  }
+  out->num_tokens = static_cast<int32_t>(matched * bs_);
+  out->node = path_.empty() ? 0 : path_.back()->id;
+}
+
+void RadixTree::Impl::insert(const int32_t* tokens, size_t num_tokens, const BlockId* block_ids,
+                             size_t num_block_ids, InsertResult* out) {
+  out->num_adopted = 0;
+  out->adopted_block_ids.clear();
+  out->duplicate_block_ids.clear();
+  const size_t num_blocks = num_tokens / bs_;
+  const size_t ceil_blocks = (num_tokens + bs_ - 1) / bs_;
+  if (num_block_ids != num_blocks && num_block_ids != ceil_blocks) {
+    throw std::invalid_argument(
+        "insert: got " + std::to_string(num_block_ids) + " block ids for " +
+        std::to_string(num_tokens) + " tokens at block_size " + std::to_string(bs_) +
+        "; expected " + std::to_string(num_blocks) +
+        (ceil_blocks != num_blocks ? " or " + std::to_string(ceil_blocks) : std::string()));
+  }
+  for (size_t i = 0; i < num_blocks; ++i) {
+    if (block_ids[i] < 0 || block_ids[i] >= gpu_pool_->num_total()) {
+      throw std::invalid_argument("insert: unknown block id " + std::to_string(block_ids[i]) +
+                                  " at position " + std::to_string(i) + " (GPU pool has ids 0.." +
+                                  std::to_string(gpu_pool_->num_total() - 1) + ")");
+    }
+  }
+  Node* partial;
+  size_t partial_blocks;
+  size_t matched = walk(tokens, num_blocks, &partial, &partial_blocks);
+  // Check-then-act: adopting the new blocks validates them (allocated, not owned, no repeats)
+  // before the tree changes at all.
+  if (matched < num_blocks) gpu_pool_->adopt(block_ids + matched, num_blocks - matched);
+  const uint64_t now = ++clock_;
+  // Duplicates along the matched prefix.
+  size_t pos = 0;
+  for (Node* n : path_) {
+    for (size_t j = 0; j < n->num_blocks(); ++j, ++pos) {
+      if (n->tier != Tier::kGpu || n->block_ids[j] != block_ids[pos]) {
+        out->duplicate_block_ids.push_back(block_ids[pos]);
       }
     }
   }
-
-  void remove_child(Node* parent, Node* child) {
-    size_t i = child->index_in_parent;
-    Node* last = parent->children.back();
-    parent->children[i] = last;
-    last->index_in_parent = i;
-    parent->children.pop_back();
-    if (child->tier == Tier::kGpu) --parent->num_gpu_children;
-    if (parent->child_index) erase_from_index(parent, child);
-  }
-
-  // Candidate-set bookkeeping. A node's set key must not change while it is listed: callers
-  // unlist() before changing last_access, or call relist() after any other state change
-  // (erasing by iterator never compares keys).
-  void unlist(Node* n) {
-    if (n->in_evict_set) {
-      evict_sets_[static_cast<int>(n->tier)].erase(n->evict_it);
-      n->in_evict_set = false;
-    }
-    if (n->in_demote_set) {
-      demote_set_.erase(n->demote_it);
-      n->in_demote_set = false;
-    }
-  }
-
-  void relist(Node* n) {
-    unlist(n);
-    if (n == root_ || n->lock_count > 0 || n->ticket_id != 0) return;
-    if (n->children.empty()) {
-      n->evict_it = evict_sets_[static_cast<int>(n->tier)].insert(n).first;
-      n->in_evict_set = true;
-    }
-    if (host_pool_ && n->tier == Tier::kGpu && n->num_gpu_children == 0) {
-      n->demote_it = demote_set_.insert(n).first;
-      n->in_demote_set = true;
-    }
-  }
-
-  void touch(Node* n, uint64_t now) {
-    if (n->last_access == now) return;
-    bool listed = n->in_evict_set || n->in_demote_set;
-    if (listed) unlist(n);
-    n->last_access = now;
-    if (listed) relist(n);
-  }
-
-  // Splits n after its first k blocks; returns the new upper node (n keeps the rest). Neither
-  // half changes candidacy: the upper one has n as its child and the same tier.
-  Node* split(Node* n, size_t k) {
-    Node* upper = new_node();
-    upper->seq = n->seq;
-    upper->last_access = n->last_access;
-    upper->tier = n->tier;
-    upper->lock_count = n->lock_count;
-    upper->ticket_id = n->ticket_id;
-    const size_t ntok = k * bs_;
-    upper->tokens.assign(n->tokens.begin(), n->tokens.begin() + ntok);
-    n->tokens.erase(n->tokens.begin(), n->tokens.begin() + ntok);
-    upper->block_ids.assign(n->block_ids.begin(), n->block_ids.begin() + k);
-    n->block_ids.erase(n->block_ids.begin(), n->block_ids.begin() + k);
-    if (!n->pending_block_ids.empty()) {
-      upper->pending_block_ids.assign(n->pending_block_ids.begin(),
-                                      n->pending_block_ids.begin() + k);
-      n->pending_block_ids.erase(n->pending_block_ids.begin(), n->pending_block_ids.begin() + k);
-    }
-    if (!n->block_hashes.empty()) {
-      upper->block_hashes.assign(n->block_hashes.begin(), n->block_hashes.begin() + k);
-      n->block_hashes.erase(n->block_hashes.begin(), n->block_hashes.begin() + k);
-    }
-    // upper takes n's place in the parent (same first block, same index key).
-    Node* parent = n->parent;
-    upper->parent = parent;
-    upper->index_in_parent = n->index_in_parent;
-    parent->children[n->index_in_parent] = upper;
-    if (parent->child_index) {
-      auto range = parent->child_index->equal_range(content_key(first_block(upper)));
-      for (auto it = range.first; it != range.second; ++it) {
-        if (it->second == n) it->second = upper;
+  if (partial != nullptr) {
+    for (size_t j = 0; j < partial_blocks; ++j, ++pos) {
+      if (partial->tier != Tier::kGpu || partial->block_ids[j] != block_ids[pos]) {
+        out->duplicate_block_ids.push_back(block_ids[pos]);
       }
     }
-    add_child(upper, n);
-    if (n->ticket_id != 0) tickets_.at(n->ticket_id).nodes.push_back(upper);
-    return upper;
+    if (matched < num_blocks) {
+      path_.push_back(split(partial, partial_blocks));
+    } else {
+      path_.push_back(partial);  // the sequence ends inside this node: touch it whole
+    }
   }
+  for (Node* n : path_) touch(n, now);
+  if (matched == num_blocks) return;
 
-  // Read-only walk: fills path_ with the fully matched nodes and returns the number of matched
-  // blocks; *partial / *partial_blocks describe a node matched only in its first blocks.
-  size_t walk(const int32_t* tokens, size_t num_blocks, Node** partial, size_t* partial_blocks) {
-    path_.clear();
-    *partial = nullptr;
-    *partial_blocks = 0;
-    Node* n = root_;
-    size_t pos = 0;
-    const size_t nbytes_block = sizeof(int32_t) * bs_;
-    while (pos < num_blocks) {
-      Node* c = find_child(n, tokens + pos * bs_);
-      if (c == nullptr) break;
-      size_t avail = std::min(c->num_blocks(), num_blocks - pos);
-      size_t k;
-      if (std::memcmp(c->tokens.data(), tokens + pos * bs_, avail * nbytes_block) == 0) {
-        k = avail;
-      } else {
-        k = 1;  // the first block matched in find_child
-        while (k < avail && std::memcmp(c->tokens.data() + k * bs_, tokens + (pos + k) * bs_,
-                                        nbytes_block) == 0) {
-          ++k;
-        }
-      }
-      pos += k;
-      if (k < c->num_blocks()) {
-        *partial = c;
-        *partial_blocks = k;
-        break;
-      }
-      path_.push_back(c);
-      n = c;
-    }
-    return pos;
+  Node* parent = path_.empty() ? root_ : path_.back();
+  Node* n = new_node();
+  n->seq = ++seq_;
+  n->last_access = now;
+  n->tier = Tier::kGpu;
+  n->tokens.assign(tokens + matched * bs_, tokens + num_blocks * bs_);
+  n->block_ids.assign(block_ids + matched, block_ids + num_blocks);
+  if (record_events_) {
+    hash_blocks(n->tokens.data(), n->tokens.size(), bs_, parent_hash_of(parent), &n->block_hashes);
   }
+  Node* old_parent_state = parent;
+  add_child(parent, n);
+  relist(old_parent_state);
+  relist(n);
+  out->num_adopted = static_cast<int32_t>(num_blocks - matched);
+  out->adopted_block_ids.assign(n->block_ids.begin(), n->block_ids.end());
+  log_event(CacheEventKind::kInserted, Tier::kGpu, n, true);
+}
 
-  void log_event(CacheEventKind kind, Tier tier, const Node* n, bool with_tokens) {
-    if (!record_events_) return;
-    CacheEvent ev;
-    ev.kind = kind;
-    ev.tier = tier;
-    ev.parent_hash = parent_hash(n);
-    ev.block_hashes = n->block_hashes;
-    if (with_tokens) ev.token_ids = n->tokens;
-    events_.push_back(std::move(ev));
+uint64_t RadixTree::Impl::parent_hash_of(const Node* parent) const {
+  return parent == root_ ? 0 : parent->block_hashes.back();
+}
+
+Node* RadixTree::Impl::node_or_throw(NodeHandle handle, const char* what) {
+  auto it = live_.find(handle);
+  if (it == live_.end()) {
+    throw std::invalid_argument(std::string(what) + ": unknown or evicted node handle " +
+                                std::to_string(handle));
   }
+  return it->second;
+}
 
-  uint64_t parent_hash(const Node* n) const {
-    const Node* p = n->parent;
-    return (p == nullptr || p == root_) ? 0 : p->block_hashes.back();
-  }
-
-  // ---------------------------------------------------------------- operations
-  void match_prefix(const int32_t* tokens, size_t num_tokens, MatchResult* out) {
-    out->num_tokens = 0;
-    out->block_ids.clear();
-    out->tiers.clear();
-    out->node = 0;
-    const size_t num_blocks = num_tokens / bs_;
-    const uint64_t now = ++clock_;
-    Node* partial;
-    size_t partial_blocks;
-    size_t matched = walk(tokens, num_blocks, &partial, &partial_blocks);
-    if (partial != nullptr) path_.push_back(split(partial, partial_blocks));
-    out->block_ids.reserve(matched);
-    out->tiers.reserve(matched);
-    for (Node* n : path_) {
-      touch(n, now);
-      out->block_ids.insert(out->block_ids.end(), n->block_ids.begin(), n->block_ids.end());
-      out->tiers.insert(out->tiers.end(), n->num_blocks(), n->tier);
-    }
-    out->num_tokens = static_cast<int32_t>(matched * bs_);
-    out->node = path_.empty() ? 0 : path_.back()->id;
-  }
-
-  void insert(const int32_t* tokens, size_t num_tokens, const BlockId* block_ids,
-              size_t num_block_ids, InsertResult* out) {
-    out->num_adopted = 0;
-    out->adopted_block_ids.clear();
-    out->duplicate_block_ids.clear();
-    const size_t num_blocks = num_tokens / bs_;
-    const size_t ceil_blocks = (num_tokens + bs_ - 1) / bs_;
-    if (num_block_ids != num_blocks && num_block_ids != ceil_blocks) {
-      throw std::invalid_argument(
-          "insert: got " + std::to_string(num_block_ids) + " block ids for " +
-          std::to_string(num_tokens) + " tokens at block_size " + std::to_string(bs_) +
-          "; expected " + std::to_string(num_blocks) +
-          (ceil_blocks != num_blocks ? " or " + std::to_string(ceil_blocks) : std::string()));
-    }
-    for (size_t i = 0; i < num_blocks; ++i) {
-      if (block_ids[i] < 0 || block_ids[i] >= gpu_pool_->num_total()) {
-        throw std::invalid_argument("insert: unknown block id " + std::to_string(block_ids[i]) +
-                                    " at position " + std::to_string(i) + " (GPU pool has ids 0.." +
-                                    std::to_string(gpu_pool_->num_total() - 1) + ")");
-      }
-    }
-    Node* partial;
-    size_t partial_blocks;
-    size_t matched = walk(tokens, num_blocks, &partial, &partial_blocks);
-    // Check-then-act: adopting the new blocks validates them (allocated, not owned, no repeats)
-    // before the tree changes at all.
-    if (matched < num_blocks) gpu_pool_->adopt(block_ids + matched, num_blocks - matched);
-    const uint64_t now = ++clock_;
-    // Duplicates along the matched prefix.
-    size_t pos = 0;
-    for (Node* n : path_) {
-      for (size_t j = 0; j < n->num_blocks(); ++j, ++pos) {
-        if (n->tier != Tier::kGpu || n->block_ids[j] != block_ids[pos]) {
-          out->duplicate_block_ids.push_back(block_ids[pos]);
-        }
-      }
-    }
-    if (partial != nullptr) {
-      for (size_t j = 0; j < partial_blocks; ++j, ++pos) {
-        if (partial->tier != Tier::kGpu || partial->block_ids[j] != block_ids[pos]) {
-          out->duplicate_block_ids.push_back(block_ids[pos]);
-        }
-      }
-      if (matched < num_blocks) {
-        path_.push_back(split(partial, partial_blocks));
-      } else {
-        path_.push_back(partial);  // the sequence ends inside this node: touch it whole
-      }
-    }
-    for (Node* n : path_) touch(n, now);
-    if (matched == num_blocks) return;
-
-    Node* parent = path_.empty() ? root_ : path_.back();
-    Node* n = new_node();
-    n->seq = ++seq_;
-    n->last_access = now;
-    n->tier = Tier::kGpu;
-    n->tokens.assign(tokens + matched * bs_, tokens + num_blocks * bs_);
-    n->block_ids.assign(block_ids + matched, block_ids + num_blocks);
-    if (record_events_) {
-      hash_blocks(n->tokens.data(), n->tokens.size(), bs_, parent_hash_of(parent),
-                  &n->block_hashes);
-    }
-    Node* old_parent_state = parent;
-    add_child(parent, n);
-    relist(old_parent_state);
+LockHandle RadixTree::Impl::lock(NodeHandle handle) {
+  Node* target = node_or_throw(handle, "lock");
+  for (Node* n = target; n != root_; n = n->parent) {
+    pool(n->tier).incref(n->block_ids.data(), n->num_blocks());
+    ++n->lock_count;
     relist(n);
-    out->num_adopted = static_cast<int32_t>(num_blocks - matched);
-    out->adopted_block_ids.assign(n->block_ids.begin(), n->block_ids.end());
-    log_event(CacheEventKind::kInserted, Tier::kGpu, n, true);
   }
+  LockHandle h = next_lock_id_++;
+  locks_[h] = target;
+  return h;
+}
 
-  uint64_t parent_hash_of(const Node* parent) const {
-    return parent == root_ ? 0 : parent->block_hashes.back();
+void RadixTree::Impl::unlock(LockHandle handle) {
+  auto it = locks_.find(handle);
+  if (it == locks_.end()) {
+    throw std::invalid_argument(
+        handle_error("unlock: unknown or already released lock handle", handle));
   }
-
-  Node* node_or_throw(NodeHandle handle, const char* what) {
-    auto it = live_.find(handle);
-    if (it == live_.end()) {
-      throw std::invalid_argument(std::string(what) + ": unknown or evicted node handle " +
-                                  std::to_string(handle));
-    }
-    return it->second;
+  Node* target = it->second;
+  locks_.erase(it);
+  for (Node* n = target; n != root_; n = n->parent) {
+    pool(n->tier).decref(n->block_ids.data(), n->num_blocks());
+    --n->lock_count;
+    relist(n);
   }
+}
 
-  LockHandle lock(NodeHandle handle) {
-    Node* target = node_or_throw(handle, "lock");
-    for (Node* n = target; n != root_; n = n->parent) {
-      pool(n->tier).incref(n->block_ids.data(), n->num_blocks());
-      ++n->lock_count;
-      relist(n);
-    }
-    LockHandle h = next_lock_id_++;
-    locks_[h] = target;
-    return h;
+void RadixTree::Impl::remove_node(Node* n) {
+  unlist(n);
+  Node* parent = n->parent;
+  remove_child(parent, n);
+  relist(parent);
+  recycle(n);
+}
+
+void RadixTree::Impl::check_tier(Tier tier, const char* what) const {
+  if (tier == Tier::kHost && !host_pool_) {
+    throw std::invalid_argument(std::string(what) +
+                                ": tier HOST requested but the tree has no "
+                                "host pool");
   }
+}
 
-  void unlock(LockHandle handle) {
-    auto it = locks_.find(handle);
-    if (it == locks_.end()) {
-      throw std::invalid_argument(handle_error("unlock: unknown or already released lock handle",
-                                               handle));
-    }
-    Node* target = it->second;
-    locks_.erase(it);
-    for (Node* n = target; n != root_; n = n->parent) {
-      pool(n->tier).decref(n->block_ids.data(), n->num_blocks());
-      --n->lock_count;
-      relist(n);
-    }
+void RadixTree::Impl::evict(int32_t num_blocks, Tier tier, std::vector<BlockId>* out) {
+  check_tier(tier, "evict");
+  if (num_blocks < 0) {
+    throw std::invalid_argument("evict: num_blocks must be >= 0, got " +
+                                std::to_string(num_blocks));
   }
-
-  void remove_node(Node* n) {
-    unlist(n);
-    Node* parent = n->parent;
-    remove_child(parent, n);
-    relist(parent);
-    recycle(n);
+  CandidateSet& set = evict_sets_[static_cast<int>(tier)];
+  BlockPool& p = pool(tier);
+  skipped_.clear();
+  int32_t freed = 0;
+  while (freed < num_blocks && !set.empty()) {
+    Node* n = *set.begin();
+    if (!p.disown_if_unreferenced(n->block_ids.data(), n->num_blocks())) {
+      unlist(n);  // in use outside the tree: not evictable now
+      skipped_.push_back(n);
+      continue;
+    }
+    log_event(CacheEventKind::kEvicted, tier, n, false);
+    out->insert(out->end(), n->block_ids.begin(), n->block_ids.end());
+    freed += static_cast<int32_t>(n->num_blocks());
+    remove_node(n);
   }
-
-  void check_tier(Tier tier, const char* what) const {
-    if (tier == Tier::kHost && !host_pool_) {
-      throw std::invalid_argument(std::string(what) + ": tier HOST requested but the tree has no "
-                                  "host pool");
-    }
-  }
-
-  void evict(int32_t num_blocks, Tier tier, std::vector<BlockId>* out) {
-    check_tier(tier, "evict");
-    if (num_blocks < 0) {
-      throw std::invalid_argument("evict: num_blocks must be >= 0, got " +
-                                  std::to_string(num_blocks));
-    }
-    CandidateSet& set = evict_sets_[static_cast<int>(tier)];
-    BlockPool& p = pool(tier);
-    skipped_.clear();
-    int32_t freed = 0;
-    while (freed < num_blocks && !set.empty()) {
-      Node* n = *set.begin();
-      if (!p.all_unreferenced(n->block_ids.data(), n->num_blocks())) {
-        unlist(n);  // in use outside the tree: not evictable now
-        skipped_.push_back(n);
-        continue;
-      }
-      log_event(CacheEventKind::kEvicted, tier, n, false);
-      p.disown(n->block_ids.data(), n->num_blocks());
-      out->insert(out->end(), n->block_ids.begin(), n->block_ids.end());
-      freed += static_cast<int32_t>(n->num_blocks());
-      remove_node(n);
-    }
-    for (Node* n : skipped_) relist(n);
-  }
-
-  Ticket begin_demote(int32_t num_blocks) {
-    if (!host_pool_) {
-      throw std::invalid_argument("begin_demote: the tree has no host pool to demote into");
-    }
-    if (num_blocks < 0) {
-      throw std::invalid_argument("begin_demote: num_blocks must be >= 0, got " +
-                                  std::to_string(num_blocks));
-    }
-    Ticket t;
-    t.ticket_id = next_ticket_id_++;
-    t.kind = TicketKind::kDemote;
-    t.src_tier = Tier::kGpu;
-    t.dst_tier = Tier::kHost;
-    TicketState& state = tickets_[t.ticket_id];
-    state.kind = TicketKind::kDemote;
-    skipped_.clear();
-    int32_t taken = 0;
-    while (taken < num_blocks && !demote_set_.empty()) {
-      Node* n = *demote_set_.begin();
-      if (!gpu_pool_->all_unreferenced(n->block_ids.data(), n->num_blocks())) {
-        unlist(n);
-        skipped_.push_back(n);
-        continue;
-      }
-      if (!host_pool_->can_allocate(static_cast<int32_t>(n->num_blocks()))) break;
-      host_pool_->allocate_into(static_cast<int32_t>(n->num_blocks()), &n->pending_block_ids);
-      n->ticket_id = t.ticket_id;
-      unlist(n);
-      state.nodes.push_back(n);
-      t.src_block_ids.insert(t.src_block_ids.end(), n->block_ids.begin(), n->block_ids.end());
-      t.dst_block_ids.insert(t.dst_block_ids.end(), n->pending_block_ids.begin(),
-                             n->pending_block_ids.end());
-      taken += static_cast<int32_t>(n->num_blocks());
-    }
-    for (Node* n : skipped_) relist(n);
-    pending_demote_blocks_ += taken;
-    return t;
-  }
-
-  Ticket begin_promote(NodeHandle handle) {
-    Node* target = node_or_throw(handle, "begin_promote");
-    std::vector<Node*> todo;
-    int32_t need = 0;
-    for (Node* n = target; n != root_; n = n->parent) {
-      if (n->tier == Tier::kHost && n->ticket_id == 0) {
-        todo.push_back(n);
-        need += static_cast<int32_t>(n->num_blocks());
-      }
-    }
-    std::reverse(todo.begin(), todo.end());  // root side first
-    if (!gpu_pool_->can_allocate(need)) {
-      throw std::invalid_argument("begin_promote: need " + std::to_string(need) +
-                                  " free GPU blocks, only " +
-                                  std::to_string(gpu_pool_->num_free()) + " free; evict first");
-    }
-    Ticket t;
-    t.ticket_id = next_ticket_id_++;
-    t.kind = TicketKind::kPromote;
-    t.src_tier = Tier::kHost;
-    t.dst_tier = Tier::kGpu;
-    TicketState& state = tickets_[t.ticket_id];
-    state.kind = TicketKind::kPromote;
-    for (Node* n : todo) {
-      gpu_pool_->allocate_into(static_cast<int32_t>(n->num_blocks()), &n->pending_block_ids);
-      n->ticket_id = t.ticket_id;
-      unlist(n);
-      state.nodes.push_back(n);
-      t.src_block_ids.insert(t.src_block_ids.end(), n->block_ids.begin(), n->block_ids.end());
-      t.dst_block_ids.insert(t.dst_block_ids.end(), n->pending_block_ids.begin(),
-                             n->pending_block_ids.end());
-    }
-    return t;
-  }
-
-  void set_tier(Node* n, Tier tier) {
-    if (n->tier == tier) return;
-    Node* parent = n->parent;
-    if (n->tier == Tier::kGpu) --parent->num_gpu_children;
-    n->tier = tier;
-    if (tier == Tier::kGpu) ++parent->num_gpu_children;
-    relist(parent);
-  }
-
-  void commit(TicketId ticket_id, bool ok) {
-    auto it = tickets_.find(ticket_id);
-    if (it == tickets_.end()) {
-      throw std::invalid_argument(handle_error("commit: unknown or already committed ticket id",
-                                               ticket_id));
-    }
-    TicketState state = std::move(it->second);
-    tickets_.erase(it);
-    const bool demote = state.kind == TicketKind::kDemote;
-    const Tier src = demote ? Tier::kGpu : Tier::kHost;
-    const Tier dst = demote ? Tier::kHost : Tier::kGpu;
-    BlockPool& src_pool = pool(src);
-    BlockPool& dst_pool = pool(dst);
-    for (Node* n : state.nodes) {
-      n->ticket_id = 0;
-      if (demote) pending_demote_blocks_ -= static_cast<int32_t>(n->num_blocks());
-      const bool apply = ok && !(demote && n->lock_count > 0);
-      if (apply) {
-        // Locks taken on the node move with its blocks, so unlock() drops the right ones.
-        for (int32_t i = 0; i < n->lock_count; ++i) {
-          dst_pool.incref(n->pending_block_ids.data(), n->num_blocks());
-          src_pool.decref(n->block_ids.data(), n->num_blocks());
-        }
-        dst_pool.adopt(n->pending_block_ids.data(), n->num_blocks());
-        dst_pool.decref(n->pending_block_ids.data(), n->num_blocks());
-        src_pool.disown(n->block_ids.data(), n->num_blocks());
-        n->block_ids.swap(n->pending_block_ids);
-        unlist(n);
-        set_tier(n, dst);
-        log_event(demote ? CacheEventKind::kDemoted : CacheEventKind::kPromoted, dst, n, false);
-      } else {
-        dst_pool.decref(n->pending_block_ids.data(), n->num_blocks());
-      }
-      n->pending_block_ids.clear();
-      relist(n);
-    }
-  }
-
-  // ---------------------------------------------------------------- checks
-  [[noreturn]] void fail(const std::string& msg) const {
-    throw std::runtime_error("RadixTree::check_invariants: " + msg);
-  }
-
-  void check_invariants() const {
-    std::unordered_map<const Node*, int32_t> expected_locks;
-    for (const auto& kv : locks_) {
-      for (const Node* n = kv.second; n != root_; n = n->parent) ++expected_locks[n];
-    }
-    int32_t pending_demote = 0;
-    std::vector<const Node*> stack = {root_};
-    size_t count = 0;
-    while (!stack.empty()) {
-      const Node* n = stack.back();
-      stack.pop_back();
-      int32_t gpu_children = 0;
-      for (size_t i = 0; i < n->children.size(); ++i) {
-        const Node* c = n->children[i];
-        if (c->parent != n || c->index_in_parent != i) fail("broken parent link at node " +
-                                                            std::to_string(c->id));
-        if (c->tier == Tier::kGpu) ++gpu_children;
-        if (c->last_access > n->last_access && n != root_) {
-          fail("node " + std::to_string(c->id) + " is more recent than its parent");
-        }
-        stack.push_back(c);
-      }
-      if (gpu_children != n->num_gpu_children) {
-        fail("node " + std::to_string(n->id) + " counts " + std::to_string(n->num_gpu_children) +
-             " GPU children, has " + std::to_string(gpu_children));
-      }
-      if (n->child_index && n->child_index->size() != n->children.size()) {
-        fail("child index of node " + std::to_string(n->id) + " is out of date");
-      }
-      if (n == root_) continue;
-      ++count;
-      if (n->block_ids.empty() || n->tokens.size() != n->block_ids.size() * bs_) {
-        fail("node " + std::to_string(n->id) + " has " + std::to_string(n->tokens.size()) +
-             " tokens for " + std::to_string(n->block_ids.size()) + " blocks");
-      }
-      if (record_events_ && n->block_hashes.size() != n->block_ids.size()) {
-        fail("node " + std::to_string(n->id) + " lacks block hashes");
-      }
-      auto lk = expected_locks.find(n);
-      int32_t want = lk == expected_locks.end() ? 0 : lk->second;
-      if (want != n->lock_count) {
-        fail("node " + std::to_string(n->id) + " lock_count " + std::to_string(n->lock_count) +
-             ", live locks through it " + std::to_string(want));
-      }
-      const BlockPool& p = pool(n->tier);
-      for (BlockId id : n->block_ids) {
-        if (!p.is_owned(id)) fail("block " + std::to_string(id) + " is not marked owned");
-        if (p.ref_count(id) < n->lock_count) fail("block " + std::to_string(id) +
-                                                  " has fewer refs than locks");
-      }
-      if (n->ticket_id != 0) {
-        if (tickets_.count(n->ticket_id) == 0) fail("node in a committed ticket");
-        if (n->pending_block_ids.size() != n->block_ids.size()) fail("pending size mismatch");
-        if (tickets_.at(n->ticket_id).kind == TicketKind::kDemote) {
-          pending_demote += static_cast<int32_t>(n->num_blocks());
-        }
-      } else if (!n->pending_block_ids.empty()) {
-        fail("node " + std::to_string(n->id) + " has pending blocks without a ticket");
-      }
-      bool free_of_pins = n->lock_count == 0 && n->ticket_id == 0;
-      bool want_evict = free_of_pins && n->children.empty();
-      bool want_demote = free_of_pins && host_pool_ && n->tier == Tier::kGpu &&
-                         n->num_gpu_children == 0;
-      if (want_evict != n->in_evict_set || want_demote != n->in_demote_set) {
-        fail("node " + std::to_string(n->id) + " candidate-set membership is stale");
-      }
-    }
-    if (count != live_.size() - 1) fail("live node map size mismatch");
-    if (pending_demote != pending_demote_blocks_) fail("pending demote count mismatch");
-    gpu_pool_->check_invariants();
-    if (host_pool_) host_pool_->check_invariants();
-  }
-
-  int32_t num_tree_blocks(Tier tier) const {
-    int32_t total = 0;
-    for (const auto& kv : live_) {
-      if (kv.second != root_ && kv.second->tier == tier) {
-        total += static_cast<int32_t>(kv.second->num_blocks());
-      }
-    }
-    return total;
-  }
-
-  // ---------------------------------------------------------------- state
-  const int32_t bs_;
-  std::shared_ptr<BlockPool> gpu_pool_;
-  std::shared_ptr<BlockPool> host_pool_;
-  const bool record_events_;
-  mutable std::mutex mutex_;
-  std::vector<std::unique_ptr<Node>> arena_;
-  std::vector<Node*> spare_;
-  std::unordered_map<uint64_t, Node*> live_;  // NodeHandle -> node (root is 0)
-  Node* root_ = nullptr;
-  uint64_t next_node_id_ = 0;
-  uint64_t seq_ = 0;
-  uint64_t clock_ = 0;
-  CandidateSet evict_sets_[2];
-  CandidateSet demote_set_;
-  std::unordered_map<LockHandle, Node*> locks_;
-  LockHandle next_lock_id_ = 1;
-  std::unordered_map<TicketId, TicketState> tickets_;
-  TicketId next_ticket_id_ = 1;
-  int32_t pending_demote_blocks_ = 0;
-  std::vector<CacheEvent> events_;
-  std::vector<Node*> path_;     // scratch, reused across calls
-  std::vector<Node*> skipped_;  // scratch
-};
+  for (Node* n : skipped_) relist(n);
+}
 
 // -------------------------------------------------------------------- public API
 RadixTree::RadixTree(int32_t block_size, std::shared_ptr<BlockPool> gpu_pool,
                      std::shared_ptr<BlockPool> host_pool, bool record_events)
     : impl_(std::make_unique<Impl>(block_size, std::move(gpu_pool), std::move(host_pool),
                                    record_events)) {}
-RadixTree::~RadixTree() = default;
+// The pools may outlive the tree: give back every reference the tree holds (locks, open tickets,
+// ownership) so that its blocks return to the free lists.
+RadixTree::~RadixTree() {
+  Impl& impl = *impl_;
+  std::lock_guard<std::mutex> lock(impl.mutex_);
+  try {
+    std::vector<LockHandle> handles;
+    for (const auto& kv : impl.locks_) handles.push_back(kv.first);
+    for (LockHandle h : handles) impl.unlock(h);
+    std::vector<TicketId> tickets;
+    for (const auto& kv : impl.tickets_) tickets.push_back(kv.first);
+    for (TicketId t : tickets) impl.commit(t, false);
+    for (const auto& kv : impl.live_) {
+      Node* n = kv.second;
+      if (n != impl.root_) impl.pool(n->tier).disown(n->block_ids.data(), n->num_blocks());
+    }
+  } catch (...) {
+    // Never throw from a destructor; a failure here leaves blocks marked as cached.
+  }
+}
 
 int32_t RadixTree::block_size() const { return impl_->bs_; }
 bool RadixTree::has_host_tier() const { return impl_->host_pool_ != nullptr; }

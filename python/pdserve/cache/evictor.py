@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pdserve import _core
-from pdserve.cache.radix import RadixTree, ticket_from_tuple
-from pdserve.cache.types import EvictionPlan
+from pdserve.cache.radix import RadixTree
 
 
-class Evictor:
+class Evictor(_core.Evictor):
     """Keeps each tier's used fraction under its high watermark (fractions of the pool).
 
-    `plan()` frees LRU HOST leaves above the host high watermark, then brings the GPU tier down to
-    its low watermark: one demote ticket when a host tier exists (copy the blocks, then
-    `tree.commit(ticket, ok)`), freeing GPU leaves for what demotion cannot cover.
-    Host watermarks default to the GPU ones.
+    `plan() -> EvictionPlan(demote_ticket, freed_gpu_block_ids, freed_host_block_ids)` frees LRU
+    HOST leaves above the host high watermark, then brings the GPU tier down to its low watermark:
+    one demote ticket when a host tier exists (copy the blocks, then `tree.commit(ticket, ok)`),
+    freeing GPU leaves for what demotion cannot cover. GPU blocks in open demote tickets count as
+    already gone. Host watermarks default to the GPU ones. Thread-safe.
     """
 
     def __init__(
@@ -24,11 +24,5 @@ class Evictor:
         host_high: float | None = None,
         host_low: float | None = None,
     ) -> None:
+        super().__init__(tree, gpu_high, gpu_low, host_high, host_low)
         self.tree = tree
-        self._evictor = _core.Evictor(tree.native, gpu_high, gpu_low, host_high, host_low)
-
-    def plan(self) -> EvictionPlan:
-        ticket, freed_gpu, freed_host = self._evictor.plan()
-        return EvictionPlan(
-            None if ticket is None else ticket_from_tuple(ticket), freed_gpu, freed_host
-        )

@@ -219,6 +219,8 @@ class _Node:
 class RefRadixTree:
     """The C++ RadixTree's semantics in plain Python (see radix_tree.h for the rules)."""
 
+    compare_whole_runs = False  # True: one slice comparison per node before the block loop
+
     def __init__(
         self,
         block_size: int,
@@ -284,7 +286,11 @@ class RefRadixTree:
         return upper
 
     def _walk(self, tokens: list[int]) -> tuple[list[_Node], int, _Node | None, int]:
-        """Fully matched path, matched token count, and a partially matched node + its blocks."""
+        """Fully matched path, matched token count, and a partially matched node + its blocks.
+
+        Compares block by block (as SGLang's Python RadixCache does for pages); with
+        `compare_whole_runs` it first tries one slice comparison of the whole overlap.
+        """
         bs = self.block_size
         end = len(tokens) // bs * bs
         node, pos, path = self.root, 0, []
@@ -294,10 +300,10 @@ class RefRadixTree:
                 break
             ctoks = child.tokens
             avail = min(len(ctoks), end - pos)
-            if tokens[pos : pos + avail] == ctoks[:avail]:
+            if self.compare_whole_runs and tokens[pos : pos + avail] == ctoks[:avail]:
                 k = avail // bs
             else:
-                k = 1
+                k = 1  # the first block matched the child's key
                 while k * bs < avail and (
                     tokens[pos + k * bs : pos + (k + 1) * bs] == ctoks[k * bs : (k + 1) * bs]
                 ):

@@ -1,0 +1,407 @@
+// The TCP backend, sender side and lifecycle: one connection per (sender, receiver) pair, opened by
+// the sender, with a writer thread (batches -> framed messages, gathered from local memory with
+// sendmsg) and a reply thread (ACK / NACK / ABORT). The receiver side is in tcp_receiver.cpp.
+#include "tcp_transport.h"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "backends.h"
+
+namespace pdserve::transfer {
+namespace tcp {
+
+void TcpTransport::start(TransportHost* host) {
+  host_ = host;
+  int port = 0;
+  listen_fd_ = listen_on(config_.host, config_.port, &port);
+  std::string advertised =
+      config_.host.empty() || config_.host == "0.0.0.0" ? "127.0.0.1" : config_.host;
+  address_ = advertised + ":" + std::to_string(port);
+  acceptor_ = std::thread([this] { accept_loop(); });
+}
+
+void TcpTransport::connect(const std::string& peer, double timeout_s) {
+  std::lock_guard<std::mutex> connecting(connect_mu_);
+  std::shared_ptr<OutConn> old;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stop_) throw TransferError("transfer engine is closed");
+    auto it = out_.find(peer);
+    if (it != out_.end()) {
+      std::lock_guard<std::mutex> clk(it->second->mu);
+      if (!it->second->dead) return;
+      old = it->second;
+    }
+  }
+  std::string host;
+  int port = 0;
+  split_address(peer, &host, &port);
+  int fd = connect_to(host, port, timeout_s);
+  IoResult r = write_control_frame(fd, FrameType::kHello, 0, "", address_, timeout_s, stop_);
+  FrameHeader header;
+  std::string rid, text;
+  if (r.ok) r = read_frame_head(fd, &header, &rid, &text, timeout_s, stop_, false);
+  if (r.ok && header.type != static_cast<uint8_t>(FrameType::kHelloAck)) {
+    r = {false, "protocol error: expected HELLO_ACK"};
+  }
+  if (!r.ok) {
+    ::close(fd);
+    throw TransferError("handshake with peer " + peer + " failed: " + r.error);
+  }
+  auto conn = std::make_shared<OutConn>();
+  conn->peer = peer;
+  conn->fd = fd;
+  conn->writer = std::thread([this, conn] { writer_loop(conn); });
+  conn->replier = std::thread([this, conn] { reply_loop(conn); });
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    out_[peer] = conn;
+    all_out_.push_back(conn);
+  }
+  if (old) join_out(old);
+}
+
+bool TcpTransport::connected(const std::string& peer) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = out_.find(peer);
+  if (it == out_.end()) return false;
+  std::lock_guard<std::mutex> clk(it->second->mu);
+  return !it->second->dead;
+}
+
+void TcpTransport::submit(const std::string& peer, SendBatch batch) {
+  std::shared_ptr<OutConn> conn = find_out(peer);
+  Ticket ticket = batch.ticket;
+  std::string error = "not connected to peer " + peer + " (call connect first)";
+  if (conn) {
+    std::lock_guard<std::mutex> lk(conn->mu);
+    if (!conn->dead) {
+      auto b = std::make_shared<OutBatch>();
+      b->batch = std::move(batch);
+      conn->queue.push_back(b);
+      conn->batches[ticket] = b;
+      conn->cv.notify_all();
+      return;
+    }
+    error = "connection to peer " + peer + " is lost: " + conn->dead_reason;
+  }
+  host_->batch_done(ticket, Status::kFailed, error);
+}
+
+void TcpTransport::cancel(const std::string& request_id, Ticket ticket, Status status,
+                          const std::string& reason, bool wait) {
+  auto matches = [&](const OutBatch& b) {
+    return ticket != 0 ? b.batch.ticket == ticket : b.batch.request_id == request_id;
+  };
+  for (const auto& conn : live_and_dead_out()) {
+    std::vector<std::shared_ptr<OutBatch>> finished;
+    {
+      std::unique_lock<std::mutex> lk(conn->mu);
+      std::vector<std::shared_ptr<OutBatch>> written;  // fully sent, awaiting the reply
+      for (auto& [t, b] : conn->batches) {
+        if (!matches(*b)) continue;
+        b->cancelled = true;
+        b->set_outcome(status, reason);
+        if (b->writing_done) written.push_back(b);
+      }
+      for (auto& b : written) {
+        if (try_finish_locked(*conn, b)) finished.push_back(b);
+      }
+      // Batches not being written right now leave the queue at once.
+      for (auto it = conn->queue.begin(); it != conn->queue.end();) {
+        OutBatch* b = it->get();
+        if (matches(*b) && b != conn->writing) {
+          b->writing_done = true;
+          if (try_finish_locked(*conn, *it)) finished.push_back(*it);
+          it = conn->queue.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (wait) {
+        conn->cv.wait(lk, [&] { return conn->writing == nullptr || !matches(*conn->writing); });
+      }
+    }
+    report(finished);
+  }
+}
+
+void TcpTransport::broadcast_abort(const std::string& request_id, const std::string& reason) {
+  std::vector<std::shared_ptr<OutConn>> outs;
+  std::vector<std::shared_ptr<InConn>> ins;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& [peer, conn] : out_) outs.push_back(conn);
+    ins = in_;
+  }
+  for (auto& conn : outs) {
+    std::lock_guard<std::mutex> lk(conn->mu);
+    if (conn->dead) continue;
+    conn->aborts.emplace_back(request_id, reason);
+    conn->cv.notify_all();
+  }
+  for (auto& conn : ins) {
+    if (conn->dead) continue;
+    std::lock_guard<std::mutex> wlk(conn->write_mu);
+    // Best effort: a failure here is noticed by the connection's reader.
+    write_control_frame(conn->fd, FrameType::kAbort, 0, request_id, reason, config_.stall_timeout_s,
+                        stop_);
+  }
+}
+
+void TcpTransport::shutdown() {
+  if (stop_.exchange(true)) return;
+  if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
+  if (acceptor_.joinable()) acceptor_.join();
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  listen_fd_ = -1;
+  std::vector<std::shared_ptr<OutConn>> outs;
+  std::vector<std::shared_ptr<InConn>> ins;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    outs = all_out_;
+    ins = all_in_;
+  }
+  for (auto& conn : outs) kill_out(*conn, "transfer engine closed");
+  for (auto& conn : ins) ::shutdown(conn->fd, SHUT_RDWR);
+  for (auto& conn : outs) join_out(conn);
+  for (auto& conn : ins) {
+    if (conn->reader.joinable()) conn->reader.join();
+    ::close(conn->fd);
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  out_.clear();
+  in_.clear();
+  all_out_.clear();
+  all_in_.clear();
+}
+
+std::shared_ptr<OutConn> TcpTransport::find_out(const std::string& peer) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = out_.find(peer);
+  return it == out_.end() ? nullptr : it->second;
+}
+
+std::vector<std::shared_ptr<OutConn>> TcpTransport::live_and_dead_out() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return all_out_;
+}
+
+void TcpTransport::join_out(const std::shared_ptr<OutConn>& conn) {
+  if (conn->writer.joinable()) conn->writer.join();
+  if (conn->replier.joinable()) conn->replier.join();
+  std::lock_guard<std::mutex> lk(mu_);
+  if (conn->fd >= 0) ::close(conn->fd);
+  conn->fd = -1;
+  all_out_.erase(std::remove(all_out_.begin(), all_out_.end(), conn), all_out_.end());
+}
+
+bool TcpTransport::try_finish_locked(OutConn& conn, const std::shared_ptr<OutBatch>& b) {
+  if (b->finished || !b->writing_done) return false;
+  if (!b->replied && !b->cancelled && !conn.dead) return false;
+  if (b->status == Status::kPending) {
+    b->set_outcome(Status::kFailed,
+                   "connection to peer " + conn.peer + " lost: " + conn.dead_reason);
+  }
+  b->finished = true;
+  conn.batches.erase(b->batch.ticket);
+  return true;
+}
+
+void TcpTransport::report(const std::vector<std::shared_ptr<OutBatch>>& finished) {
+  for (const auto& b : finished) host_->batch_done(b->batch.ticket, b->status, b->error);
+}
+
+void TcpTransport::kill_out(OutConn& conn, const std::string& reason) {
+  std::vector<std::shared_ptr<OutBatch>> finished;
+  {
+    std::lock_guard<std::mutex> lk(conn.mu);
+    if (conn.dead) return;
+    conn.dead = true;
+    conn.dead_reason = reason;
+    for (auto& [t, b] : conn.batches) {
+      b->set_outcome(Status::kFailed, "connection to peer " + conn.peer + " lost: " + reason);
+      b->cancelled = true;
+      if (b.get() != conn.writing) b->writing_done = true;
+    }
+    conn.queue.clear();
+    std::vector<std::shared_ptr<OutBatch>> all;
+    for (auto& [t, b] : conn.batches) all.push_back(b);
+    for (auto& b : all) {
+      if (try_finish_locked(conn, b)) finished.push_back(b);
+    }
+    conn.aborts.clear();
+    ::shutdown(conn.fd, SHUT_RDWR);
+    conn.cv.notify_all();
+  }
+  report(finished);
+}
+
+void TcpTransport::writer_loop(std::shared_ptr<OutConn> conn) {
+  std::vector<char> head;
+  std::vector<WirePiece> table;
+  std::vector<iovec> iov;
+  while (true) {
+    std::shared_ptr<OutBatch> b;
+    std::pair<std::string, std::string> abort_msg;
+    bool have_abort = false;
+    std::vector<std::shared_ptr<OutBatch>> finished;
+    {
+      std::unique_lock<std::mutex> lk(conn->mu);
+      conn->cv.wait(lk,
+                    [&] { return conn->dead || !conn->aborts.empty() || !conn->queue.empty(); });
+      if (conn->dead) return;
+      if (!conn->aborts.empty()) {
+        abort_msg = std::move(conn->aborts.front());
+        conn->aborts.pop_front();
+        have_abort = true;
+      } else {
+        b = conn->queue.front();
+        if (b->cancelled) {
+          conn->queue.pop_front();
+          b->writing_done = true;
+          if (try_finish_locked(*conn, b)) finished.push_back(b);
+          b = nullptr;
+        } else {
+          conn->writing = b.get();
+        }
+      }
+    }
+    report(finished);
+    finished.clear();
+    if (have_abort) {
+      IoResult r = write_control_frame(conn->fd, FrameType::kAbort, 0, abort_msg.first,
+                                       abort_msg.second, config_.stall_timeout_s, stop_);
+      if (!r.ok) {
+        kill_out(*conn, r.error);
+        return;
+      }
+      continue;
+    }
+    if (!b) continue;
+
+    // One message: up to kMaxPiecesPerMessage pieces and max_message_nbytes payload bytes, taken
+    // from the batch's cursor; a large piece spans several messages.
+    const auto& pieces = b->batch.pieces;
+    size_t piece_idx = b->next_piece;
+    uint64_t offset = b->next_offset;
+    uint64_t payload = 0;
+    table.clear();
+    iov.assign(2, iovec{});
+    while (piece_idx < pieces.size() && table.size() < kMaxPiecesPerMessage &&
+           payload < config_.max_message_nbytes) {
+      const Piece& p = pieces[piece_idx];
+      uint64_t take = std::min(p.nbytes - offset, config_.max_message_nbytes - payload);
+      table.push_back({p.remote_addr + offset, take});
+      iov.push_back({reinterpret_cast<void*>(p.local_addr + offset), take});
+      payload += take;
+      offset += take;
+      if (offset == p.nbytes) {
+        ++piece_idx;
+        offset = 0;
+      }
+    }
+    bool last = piece_idx == pieces.size();
+    FrameHeader header;
+    header.type = static_cast<uint8_t>(FrameType::kData);
+    header.flags = last ? kFlagLast : 0;
+    header.request_id_len = static_cast<uint16_t>(b->batch.request_id.size());
+    header.num_pieces = static_cast<uint32_t>(table.size());
+    header.ticket = b->batch.ticket;
+    header.payload_nbytes = payload;
+    head.resize(sizeof(header) + b->batch.request_id.size());
+    std::memcpy(head.data(), &header, sizeof(header));
+    std::memcpy(head.data() + sizeof(header), b->batch.request_id.data(),
+                b->batch.request_id.size());
+    iov[0] = {head.data(), head.size()};
+    iov[1] = {table.data(), table.size() * sizeof(WirePiece)};
+    IoResult r;
+    {
+      auto guard = host_->local_memory_guard();
+      r = write_all(conn->fd, iov.data(), static_cast<int>(iov.size()), config_.stall_timeout_s,
+                    stop_);
+    }
+    if (!r.ok) kill_out(*conn, "send to peer failed: " + r.error);
+    {
+      std::lock_guard<std::mutex> lk(conn->mu);
+      conn->writing = nullptr;
+      b->next_piece = piece_idx;
+      b->next_offset = offset;
+      if (last || b->cancelled || conn->dead) {
+        auto it = std::find(conn->queue.begin(), conn->queue.end(), b);
+        if (it != conn->queue.end()) conn->queue.erase(it);
+        b->writing_done = true;
+        if (try_finish_locked(*conn, b)) finished.push_back(b);
+      } else {
+        // Fairness across requests: after one message of a long batch, the other requests'
+        // batches go first (a whole-request push must not hold up another request's layer).
+        // Batches of one request keep their order.
+        const std::string& rid = b->batch.request_id;
+        std::stable_partition(conn->queue.begin(), conn->queue.end(),
+                              [&](const auto& x) { return x->batch.request_id != rid; });
+      }
+      conn->cv.notify_all();
+    }
+    report(finished);
+    if (!r.ok) return;
+  }
+}
+
+void TcpTransport::reply_loop(std::shared_ptr<OutConn> conn) {
+  while (true) {
+    FrameHeader header;
+    std::string rid, text;
+    IoResult r =
+        read_frame_head(conn->fd, &header, &rid, &text, config_.stall_timeout_s, stop_, true);
+    if (r.ok && (header.num_pieces != 0 || header.payload_nbytes != 0)) {
+      r = {false, "protocol error: reply frame with payload"};
+    }
+    if (!r.ok) {
+      kill_out(*conn, r.error);
+      return;
+    }
+    auto type = static_cast<FrameType>(header.type);
+    if (type == FrameType::kAbort) {
+      host_->remote_abort(rid, text);
+      continue;
+    }
+    if (type != FrameType::kAck && type != FrameType::kNack) {
+      kill_out(*conn, "protocol error: unexpected frame type " + std::to_string(header.type));
+      return;
+    }
+    std::vector<std::shared_ptr<OutBatch>> finished;
+    {
+      std::lock_guard<std::mutex> lk(conn->mu);
+      auto it = conn->batches.find(header.ticket);
+      if (it != conn->batches.end()) {
+        auto b = it->second;
+        b->replied = true;
+        if (type == FrameType::kAck) {
+          b->set_outcome(Status::kDone, "");
+        } else {
+          b->set_outcome(Status::kFailed, "peer " + conn->peer + " refused the data: " + text);
+          b->cancelled = true;
+          if (b.get() != conn->writing) {
+            auto q = std::find(conn->queue.begin(), conn->queue.end(), b);
+            if (q != conn->queue.end()) conn->queue.erase(q);
+            b->writing_done = true;
+          }
+        }
+        if (try_finish_locked(*conn, b)) finished.push_back(b);
+      }
+    }
+    report(finished);
+  }
+}
+
+}  // namespace tcp
+
+std::unique_ptr<Transport> make_tcp_transport(const TransportConfig& config) {
+  return std::make_unique<tcp::TcpTransport>(config);
+}
+
+}  // namespace pdserve::transfer

@@ -1,0 +1,133 @@
+// The TCP backend's connection state and threads (private to the transfer library): the sender
+// side lives in tcp_transport.cpp, the receiver side (listener, one reader per inbound connection)
+// in tcp_receiver.cpp.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "pdserve/transfer/transport.h"
+#include "tcp_wire.h"
+
+namespace pdserve::transfer::tcp {
+
+// One batch on the sender side. Lives in OutConn::batches until finished.
+struct OutBatch {
+  SendBatch batch;
+  size_t next_piece = 0;  // cursor: the next byte to send is pieces[next_piece] + next_offset
+  uint64_t next_offset = 0;
+  bool writing_done = false;         // the writer thread will not read this batch's memory any more
+  bool replied = false;              // ACK or NACK arrived
+  bool cancelled = false;            // stop sending the rest (NACK, cancel, abort, timeout)
+  bool finished = false;             // reported through batch_done
+  Status status = Status::kPending;  // first cause wins
+  std::string error;
+
+  void set_outcome(Status s, const std::string& e) {
+    if (status != Status::kPending) return;
+    status = s;
+    error = e;
+  }
+};
+
+// A connection we opened to a receiver. Invariant (under mu): every unfinished batch is in
+// `batches`; those not fully written are also in `queue` (round-robin across requests, submission
+// order within one request); `writing` is the batch whose bytes the writer thread is sending right
+// now (outside mu), or null.
+struct OutConn {
+  std::string peer;
+  int fd = -1;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::shared_ptr<OutBatch>> queue;
+  std::unordered_map<Ticket, std::shared_ptr<OutBatch>> batches;
+  std::deque<std::pair<std::string, std::string>> aborts;  // (request id, reason) to send first
+  OutBatch* writing = nullptr;
+  bool dead = false;
+  std::string dead_reason;
+  std::thread writer;
+  std::thread replier;
+};
+
+// A connection a sender opened to us.
+struct InConn {
+  std::string peer;  // the sender's own listening address, from its HELLO
+  int fd = -1;
+  std::mutex write_mu;  // ACK / NACK from the reader thread, ABORT from user threads
+  std::atomic<bool> dead{false};
+  std::thread reader;
+};
+
+class TcpTransport final : public Transport {
+ public:
+  explicit TcpTransport(const TransportConfig& config) : config_(config) {
+    if (config_.max_message_nbytes == 0) {
+      throw std::invalid_argument("max_message_nbytes must be > 0");
+    }
+  }
+
+  ~TcpTransport() override { shutdown(); }
+
+  // Transport (see transport.h for what each call promises).
+  std::string name() const override { return "tcp"; }
+  std::string address() const override { return address_; }
+  bool supports_device_memory() const override { return false; }
+  bool supports_streams() const override { return false; }
+  void start(TransportHost* host) override;
+  void connect(const std::string& peer, double timeout_s) override;
+  bool connected(const std::string& peer) const override;
+  void submit(const std::string& peer, SendBatch batch) override;
+  void cancel(const std::string& request_id, Ticket ticket, Status status,
+              const std::string& reason, bool wait) override;
+  void broadcast_abort(const std::string& request_id, const std::string& reason) override;
+  void shutdown() override;
+
+ private:
+  // ---- sender side (tcp_transport.cpp) ----
+  std::shared_ptr<OutConn> find_out(const std::string& peer) const;
+  std::vector<std::shared_ptr<OutConn>> live_and_dead_out() const;
+  void join_out(const std::shared_ptr<OutConn>& conn);
+  // A batch is reported once the writer let go of it and its outcome is known. Caller holds
+  // conn.mu.
+  static bool try_finish_locked(OutConn& conn, const std::shared_ptr<OutBatch>& b);
+  // Calls host_->batch_done for each; never under a connection's lock.
+  void report(const std::vector<std::shared_ptr<OutBatch>>& finished);
+  // Marks the connection dead and fails every batch on it; the batch being written finishes when
+  // the writer notices (its send fails once the socket is shut down).
+  void kill_out(OutConn& conn, const std::string& reason);
+  void writer_loop(std::shared_ptr<OutConn> conn);
+  void reply_loop(std::shared_ptr<OutConn> conn);
+
+  // ---- receiver side (tcp_receiver.cpp) ----
+  void accept_loop();
+  // Joins readers whose connection ended. Caller holds mu_.
+  void reap_dead_in_locked();
+  // Writes ACK / NACK / HELLO_ACK on an inbound connection (under its write_mu).
+  IoResult reply(InConn& conn, FrameType type, uint64_t ticket, const std::string& text);
+  void reader_loop(std::shared_ptr<InConn> conn);
+
+  TransportConfig config_;
+  TransportHost* host_ = nullptr;
+  std::string address_;
+  int listen_fd_ = -1;
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+
+  std::mutex connect_mu_;  // serialises connect() so one peer gets one connection
+  mutable std::mutex mu_;  // guards the maps below; never held while calling host_
+  std::unordered_map<std::string, std::shared_ptr<OutConn>>
+      out_;                                        // live or last connection per peer
+  std::vector<std::shared_ptr<OutConn>> all_out_;  // every connection not joined yet
+  std::vector<std::shared_ptr<InConn>> in_;        // handshaken, not dead
+  std::vector<std::shared_ptr<InConn>> all_in_;    // every reader not joined yet
+};
+
+}  // namespace pdserve::transfer::tcp

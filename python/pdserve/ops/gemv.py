@@ -1,0 +1,149 @@
+"""Small-batch linear layer (y = x @ W^T) in Triton for decode: reading W once at HBM speed.
+
+Why: at batch 1–16 a decode step is a stream over the weights; cuBLAS picks GEMM tilings that leave a
+sizeable share of the bandwidth unused at these shapes. Each program here owns BLOCK_N output features
+and streams their rows of W with wide coalesced loads, multiplying by the (padded) batch on the tensor
+cores, which are otherwise idle; SPLIT_K programs share a long reduction when N alone gives too few
+programs to fill the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+MAX_ROWS = 16  # largest batch served here; bigger batches go to cuBLAS
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,  # [M, K]
+        w_ptr,  # [N, K] row-major (nn.Linear weight)
+        y_ptr,  # [M, N] (or fp32 [SPLIT_K, M, N] partials when SPLIT_K > 1)
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_ym,
+        k_per_split,
+        BLOCK_M: tl.constexpr,  # 16: the batch padded for tl.dot
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < k_end
+            w = tl.load(
+                w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                mask=mask_n[:, None] & mask_k[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+            xt = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                mask=mask_m[None, :] & mask_k[:, None],
+                other=0.0,
+            )
+            acc += tl.dot(w, xt)
+        if SPLIT_K == 1:
+            tl.store(
+                y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
+                acc.to(y_ptr.dtype.element_ty),
+                mask=mask_m[None, :] & mask_n[:, None],
+            )
+        else:
+            part = y_ptr + pid_k * M * N
+            tl.store(
+                part + offs_m[None, :] * N + offs_n[:, None],
+                acc,
+                mask=mask_m[None, :] & mask_n[:, None],
+            )
+
+
+def _pick_config(num_rows_out: int, k: int, num_sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps). 64x256 tiles won a sweep on an H100 for every 13B layer
+    shape (docs/PERFORMANCE.md); split the reduction only when N alone gives under one program per SM."""
+    block_n, block_k = 64, 256
+    num_programs = triton.cdiv(num_rows_out, block_n)
+    split_k = 1
+    while num_programs * split_k < num_sms and k // (split_k * 2) >= 4 * block_k:
+        split_k *= 2
+    return block_n, block_k, split_k, 4
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """y = x @ weight.T for a small batch. x: [M, K] with M ≤ 16; weight: [N, K], last dim contiguous,
+    same dtype (bf16/fp16) and CUDA device. Returns y [M, N] (written into `out` when given).
+    `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) overrides the heuristic (benchmarks)."""
+    if triton is None:
+        raise RuntimeError("gemv needs Triton, which is not installed")
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}"
+        )
+    m, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"gemv serves 1..{MAX_ROWS} rows, got {m}")
+    if x.dtype != weight.dtype or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight must share a dtype and have a contiguous last dimension")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    if config is None:
+        block_n, block_k, split_k, num_warps = _pick_config(n, k, num_sms)
+        num_stages = 4
+    else:
+        block_n, block_k, split_k, num_warps, num_stages = config
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    target = (
+        out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    )
+    _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+        x,
+        weight,
+        target,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        k_per_split,
+        BLOCK_M=16,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if split_k > 1:
+        torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(
+            target.sum(0)
+        )
+    return out

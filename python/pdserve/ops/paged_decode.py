@@ -1,0 +1,316 @@
+"""Paged decode attention (flash-decoding) in Triton: one query token per sequence reads K/V straight
+from the paged KV cache through its block table, split over the context so long sequences fill the GPU.
+
+Why split-K: at batch 1 a single program per (sequence, KV head) would leave most SMs idle; splitting the
+context into partitions and reducing the partial softmax states in a second kernel keeps the read rate
+near HBM bandwidth from 1 to 128 sequences and from 1k to 32k tokens.
+
+Layout (docs/DESIGN.md §2): the K cache of one layer is a strided view `[num_blocks, block_size,
+num_kv_heads, head_dim]` (V the same shape); only the last dimension must be contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton is optional: CPU installs run the torch reference path instead.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+
+
+def paged_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Plain torch paged decode attention (the correctness reference; any device).
+
+    q: [num_seqs, num_q_heads, head_dim]; k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
+    block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32.
+    Returns a new tensor shaped like q, computed in float32 and cast to q's dtype.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for i in range(num_seqs):
+        seq_len = int(seq_lens[i])
+        num_blocks = (seq_len + block_size - 1) // block_size
+        ids = block_tables[i, :num_blocks].long()
+        k = k_cache[ids].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        v = v_cache[ids].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        k = k.repeat_interleave(group, dim=1)  # [seq_len, num_q_heads, head_dim]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,thd->ht", q[i].float(), k) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out[i] = torch.einsum("ht,thd->hd", probs, v).to(q.dtype)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_partial_kernel(
+        q_ptr,  # [num_seqs, num_q_heads, HEAD_DIM]
+        k_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM] (strided)
+        v_ptr,  # same shape and strides as k
+        block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+        seq_lens_ptr,  # [num_seqs] int32
+        part_out_ptr,  # [num_seqs, num_q_heads, num_splits, HEAD_DIM] fp32
+        part_max_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
+        part_sum_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
+        scale,
+        stride_q_seq,
+        stride_q_head,
+        stride_kv_block,
+        stride_kv_token,
+        stride_kv_head,
+        stride_bt_seq,
+        num_splits,
+        tokens_per_split,
+        GROUP: tl.constexpr,  # q heads per kv head
+        GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 for tl.dot
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,  # tokens per KV block
+        TILE_N: tl.constexpr,  # tokens per inner iteration (a multiple of BLOCK_SIZE)
+    ):
+        seq_idx = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split_idx = tl.program_id(2)
+
+        seq_len = tl.load(seq_lens_ptr + seq_idx)
+        split_start = split_idx * tokens_per_split
+        split_end = tl.minimum(split_start + tokens_per_split, seq_len)
+
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, TILE_N)
+        mask_g = offs_g < GROUP
+        q_heads = kv_head * GROUP + offs_g
+        q = tl.load(
+            q_ptr + seq_idx * stride_q_seq + q_heads[:, None] * stride_q_head + offs_d[None, :],
+            mask=mask_g[:, None],
+            other=0.0,
+        )
+        q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+
+        for tile_start in range(split_start, split_end, TILE_N):
+            tok = tile_start + offs_n
+            mask_n = tok < split_end
+            block_idx = tok // BLOCK_SIZE
+            block_ids = tl.load(
+                block_tables_ptr + seq_idx * stride_bt_seq + block_idx, mask=mask_n, other=0
+            )
+            kv_offs = (
+                block_ids.to(tl.int64)[:, None] * stride_kv_block
+                + (tok % BLOCK_SIZE)[:, None] * stride_kv_token
+                + kv_head * stride_kv_head
+                + offs_d[None, :]
+            )
+            k = tl.load(k_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k))  # [GROUP_PAD, TILE_N]
+            scores = tl.where(mask_n[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        part_idx = (seq_idx * (GROUP * tl.num_programs(1)) + q_heads) * num_splits + split_idx
+        tl.store(part_max_ptr + part_idx, m_i, mask=mask_g)
+        tl.store(part_sum_ptr + part_idx, l_i, mask=mask_g)
+        tl.store(
+            part_out_ptr + part_idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None]
+        )
+
+    @triton.jit
+    def _paged_decode_reduce_kernel(
+        part_out_ptr,  # [num_seqs, num_q_heads, num_splits, HEAD_DIM] fp32
+        part_max_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
+        part_sum_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
+        out_ptr,  # [num_seqs, num_q_heads, HEAD_DIM]
+        seq_lens_ptr,
+        stride_out_seq,
+        stride_out_head,
+        num_q_heads,
+        num_splits,
+        tokens_per_split,
+        HEAD_DIM: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
+    ):
+        seq_idx = tl.program_id(0)
+        head = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + seq_idx)
+        num_used = tl.cdiv(seq_len, tokens_per_split)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        mask_s = offs_s < num_used
+        base = (seq_idx * num_q_heads + head) * num_splits
+        m = tl.load(part_max_ptr + base + offs_s, mask=mask_s, other=float("-inf"))
+        s = tl.load(part_sum_ptr + base + offs_s, mask=mask_s, other=0.0)
+        m_all = tl.max(m, axis=0)
+        w = tl.where(mask_s, tl.exp(m - m_all), 0.0)
+        denom = tl.sum(w * s, axis=0)
+        o = tl.load(
+            part_out_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=mask_s[:, None],
+            other=0.0,
+        )
+        out = tl.sum(o * w[:, None], axis=0) / denom
+        tl.store(
+            out_ptr + seq_idx * stride_out_seq + head * stride_out_head + offs_d,
+            out.to(out_ptr.dtype.element_ty),
+        )
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_seqs, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k/v strides differ: {k_cache.stride()} vs {v_cache.stride()}")
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, kv_head_dim = k_cache.shape
+    if kv_head_dim != head_dim:
+        raise ValueError(f"head_dim mismatch: q has {head_dim}, cache has {kv_head_dim}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+        )
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim={head_dim} not supported; allowed: 16, 32, 64, 128, 256")
+    if block_size < 1 or (block_size & (block_size - 1)):
+        raise ValueError(f"block_size={block_size} must be a power of two")
+    if k_cache.stride(3) != 1 or q.stride(2) != 1:
+        raise ValueError("the last dimension of q and of the KV cache must be contiguous")
+    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError(
+            f"block_tables and seq_lens must be int32, got {block_tables.dtype}, {seq_lens.dtype}"
+        )
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError(
+            f"block_tables must be [num_seqs={num_seqs}, max_blocks], got {tuple(block_tables.shape)}"
+        )
+    if seq_lens.shape != (num_seqs,):
+        raise ValueError(f"seq_lens must be [{num_seqs}], got {tuple(seq_lens.shape)}")
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, seq_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,
+    num_sms: int | None = None,
+) -> torch.Tensor:
+    """Decode attention over the paged KV cache (Triton; CUDA tensors, or CPU under TRITON_INTERPRET=1).
+
+    q: [num_seqs, num_q_heads, head_dim] (bf16/fp16/fp32); k_cache, v_cache: [num_blocks, block_size,
+    num_kv_heads, head_dim] strided views of one layer of the cache; block_tables: [num_seqs, max_blocks]
+    int32; seq_lens: [num_seqs] int32, each ≥ 1 and ≤ max_seq_len. `max_seq_len` is a host-side bound used
+    to size the context split (no device sync). Writes into `out` (shaped like q) when given; returns it.
+    """
+    if triton is None:
+        raise RuntimeError("paged_decode_attention needs Triton, which is not installed")
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+
+    tile_n = max(32, block_size) if head_dim <= 128 else max(16, block_size)
+    # Enough programs to cover the SMs about 4 times; each split at least 4 tiles long.
+    sms = num_sms or (
+        torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    )
+    wanted_splits = max(1, (4 * sms) // max(1, num_seqs * num_kv_heads))
+    max_splits = max(1, math.ceil(max_seq_len / (4 * tile_n)))
+    num_splits = min(wanted_splits, max_splits, 128)
+    tokens_per_split = math.ceil(max(1, max_seq_len) / num_splits)
+    tokens_per_split = math.ceil(tokens_per_split / tile_n) * tile_n
+    num_splits = math.ceil(max(1, max_seq_len) / tokens_per_split)
+
+    part_out = torch.empty(
+        (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+    )
+    part_max = torch.empty(
+        (num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device
+    )
+    part_sum = torch.empty_like(part_max)
+    _paged_decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        part_out,
+        part_max,
+        part_sum,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        num_splits,
+        tokens_per_split,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE_N=tile_n,
+        num_warps=4,
+        num_stages=2,
+    )
+    _paged_decode_reduce_kernel[(num_seqs, num_q_heads)](
+        part_out,
+        part_max,
+        part_sum,
+        out,
+        seq_lens,
+        out.stride(0),
+        out.stride(1),
+        num_q_heads,
+        num_splits,
+        tokens_per_split,
+        HEAD_DIM=head_dim,
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,362 @@
+"""KV-cache transfer orchestration over a memory layout (DESIGN §2): which bytes of which blocks
+go where, per layer (layer-wise push) or for all layers at once (whole-request push).
+
+Pure arithmetic on `KVLayout` plus thin sender/receiver helpers; it does not know the engine's
+tensors, only base addresses and strides, so P and D may use different layouts and block ids.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pdserve.transfer.engine import DONE, PENDING, RecvResult, SendResult, TransferEngine
+
+LAYER_MAJOR = "layer-major"
+BLOCK_MAJOR = "block-major"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Where the KV piece of (layer l, block b) lives: `base_addr + l * layer_stride_nbytes +
+    b * block_stride_nbytes`, `piece_nbytes` contiguous bytes (K then V of one block in one layer).
+
+    layer-major `[L, B, 2, bs, h, d]`: layer_stride = B * piece, block_stride = piece.
+    block-major `[B, L, 2, bs, h, d]`: layer_stride = piece, block_stride = L * piece.
+    """
+
+    base_addr: int
+    nbytes: int
+    num_layers: int
+    num_blocks: int
+    piece_nbytes: int
+    layer_stride_nbytes: int
+    block_stride_nbytes: int
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("base_addr", "nbytes", "num_layers", "num_blocks", "piece_nbytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"KVLayout.{name} must be > 0, got {getattr(self, name)}")
+        if self.layer_stride_nbytes < 0 or self.block_stride_nbytes < 0:
+            raise ValueError("KVLayout strides must be >= 0")
+        end = (
+            (self.num_layers - 1) * self.layer_stride_nbytes
+            + (self.num_blocks - 1) * self.block_stride_nbytes
+            + self.piece_nbytes
+        )
+        if end > self.nbytes:
+            raise ValueError(
+                f"KVLayout: the last piece ends at byte {end}, past nbytes={self.nbytes}"
+            )
+
+    @classmethod
+    def layer_major(
+        cls,
+        base_addr: int,
+        num_layers: int,
+        num_blocks: int,
+        piece_nbytes: int,
+        device: str = "cpu",
+    ) -> KVLayout:
+        nbytes = num_layers * num_blocks * piece_nbytes
+        return cls(
+            base_addr, nbytes, num_layers, num_blocks, piece_nbytes,
+            num_blocks * piece_nbytes, piece_nbytes, device,
+        )  # fmt: skip
+
+    @classmethod
+    def block_major(
+        cls,
+        base_addr: int,
+        num_layers: int,
+        num_blocks: int,
+        piece_nbytes: int,
+        device: str = "cpu",
+    ) -> KVLayout:
+        nbytes = num_layers * num_blocks * piece_nbytes
+        return cls(
+            base_addr, nbytes, num_layers, num_blocks, piece_nbytes,
+            piece_nbytes, num_layers * piece_nbytes, device,
+        )  # fmt: skip
+
+    @classmethod
+    def from_tensor(cls, kv: Any, layout: str = LAYER_MAJOR) -> KVLayout:
+        """Layout of a contiguous KV tensor shaped `[L, B, ...]` (layer-major) or `[B, L, ...]`
+        (block-major); duck-typed on torch.Tensor / numpy.ndarray."""
+        if layout not in (LAYER_MAJOR, BLOCK_MAJOR):
+            raise ValueError(f"layout must be {LAYER_MAJOR!r} or {BLOCK_MAJOR!r}, got {layout!r}")
+        if hasattr(kv, "data_ptr"):
+            if not kv.is_contiguous():
+                raise ValueError("KVLayout.from_tensor: tensor must be contiguous")
+            addr, itemsize, device = kv.data_ptr(), kv.element_size(), str(kv.device)
+        else:
+            if not kv.flags.c_contiguous:
+                raise ValueError("KVLayout.from_tensor: array must be C-contiguous")
+            addr, itemsize, device = kv.ctypes.data, kv.itemsize, "cpu"
+        shape = tuple(kv.shape)
+        if len(shape) < 3:
+            raise ValueError(f"KVLayout.from_tensor: need >= 3 dims, got shape {shape}")
+        piece_nbytes = int(np.prod(shape[2:])) * itemsize
+        if layout == LAYER_MAJOR:
+            return cls.layer_major(addr, shape[0], shape[1], piece_nbytes, device)
+        return cls.block_major(addr, shape[1], shape[0], piece_nbytes, device)
+
+    def piece_addr(self, layer_idx: int, block_id: int) -> int:
+        return (
+            self.base_addr
+            + layer_idx * self.layer_stride_nbytes
+            + block_id * self.block_stride_nbytes
+        )
+
+    def request_nbytes(self, num_blocks: int) -> int:
+        """Bytes of `num_blocks` blocks over all layers."""
+        return self.num_layers * num_blocks * self.piece_nbytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVLayout:
+        return cls(**d)
+
+
+def check_compatible(src: KVLayout, dst: KVLayout) -> None:
+    """Raises ValueError unless blocks of `src` can be copied piece by piece into `dst`."""
+    if src.num_layers != dst.num_layers or src.piece_nbytes != dst.piece_nbytes:
+        raise ValueError(
+            f"KV layouts differ: source has {src.num_layers} layers of {src.piece_nbytes} B "
+            f"pieces, destination {dst.num_layers} layers of {dst.piece_nbytes} B pieces"
+        )
+
+
+def _block_array(block_ids: Sequence[int], layout: KVLayout, what: str) -> np.ndarray:
+    ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= layout.num_blocks):
+        bad = int(ids[(ids < 0) | (ids >= layout.num_blocks)][0])
+        raise ValueError(f"{what} block id {bad} outside [0, {layout.num_blocks})")
+    return ids
+
+
+def merge_pieces(pieces: np.ndarray) -> np.ndarray:
+    """Sorts rows (local_addr, remote_addr, nbytes) by local address and merges rows that continue
+    each other on both sides into one run. Returns a new (M, 3) uint64 array, M <= N."""
+    if len(pieces) <= 1:
+        return pieces.astype(np.uint64, copy=True)
+    p = pieces[np.argsort(pieces[:, 0], kind="stable")].astype(np.uint64)
+    local, remote, n = p[:, 0], p[:, 1], p[:, 2]
+    starts = np.ones(len(p), dtype=bool)
+    starts[1:] = (local[1:] != local[:-1] + n[:-1]) | (remote[1:] != remote[:-1] + n[:-1])
+    idx = np.flatnonzero(starts)
+    out = np.empty((len(idx), 3), dtype=np.uint64)
+    out[:, 0] = local[idx]
+    out[:, 1] = remote[idx]
+    out[:, 2] = np.add.reduceat(n, idx)
+    return out
+
+
+def build_pieces(
+    src: KVLayout,
+    dst: KVLayout,
+    src_block_ids: Sequence[int],
+    dst_block_ids: Sequence[int],
+    layer_ids: Sequence[int],
+) -> np.ndarray:
+    """Pieces copying `src_block_ids[i]` of `src` into `dst_block_ids[i]` of `dst` for the given
+    layers, merged into the fewest contiguous runs. Returns an (N, 3) uint64 array."""
+    check_compatible(src, dst)
+    s = _block_array(src_block_ids, src, "source")
+    d = _block_array(dst_block_ids, dst, "destination")
+    if s.size != d.size:
+        raise ValueError(f"{s.size} source blocks but {d.size} destination blocks")
+    layers = np.asarray(layer_ids, dtype=np.int64).reshape(-1)
+    if layers.size and (layers.min() < 0 or layers.max() >= src.num_layers):
+        raise ValueError(f"layer ids must lie in [0, {src.num_layers}), got {layers.tolist()}")
+    if s.size == 0 or layers.size == 0:
+        return np.empty((0, 3), dtype=np.uint64)
+    lay = layers[:, None]
+    pieces = np.empty((layers.size * s.size, 3), dtype=np.uint64)
+    pieces[:, 0] = (
+        src.base_addr + lay * src.layer_stride_nbytes + s * src.block_stride_nbytes
+    ).ravel()
+    pieces[:, 1] = (
+        dst.base_addr + lay * dst.layer_stride_nbytes + d * dst.block_stride_nbytes
+    ).ravel()
+    pieces[:, 2] = src.piece_nbytes
+    return merge_pieces(pieces)
+
+
+def layer_pieces(
+    src: KVLayout,
+    dst: KVLayout,
+    layer_idx: int,
+    src_block_ids: Sequence[int],
+    dst_block_ids: Sequence[int],
+) -> np.ndarray:
+    """Pieces of one layer (layer-wise push)."""
+    return build_pieces(src, dst, src_block_ids, dst_block_ids, [layer_idx])
+
+
+def request_pieces(
+    src: KVLayout, dst: KVLayout, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+) -> np.ndarray:
+    """Pieces of all layers (whole-request push); with block-major layouts each run of consecutive
+    blocks becomes one piece."""
+    return build_pieces(src, dst, src_block_ids, dst_block_ids, range(src.num_layers))
+
+
+def _combine(request_id: str, peer: str, results: list[SendResult]) -> SendResult:
+    # "pending" wins over failures: the blocks may be released only once nothing reads them.
+    pending = [r for r in results if r.status == PENDING]
+    failed = [r for r in results if r.status not in (DONE, PENDING)]
+    first = pending[0] if pending else failed[0] if failed else None
+    return SendResult(
+        ticket=results[-1].ticket if results else 0,
+        request_id=request_id,
+        peer=peer,
+        status=first.status if first else DONE,
+        nbytes=sum(r.nbytes for r in results),
+        seconds=max((r.seconds for r in results), default=0.0),
+        error=first.error if first else "",
+    )
+
+
+class KVSender:
+    """The pushing side of one link (P → D for prefill KV, D → P for dcache): turns block ids into
+    pieces and sends them, tracking every ticket of a request until `wait` / `wait_async`.
+
+    `push_layer` / `push_request` never block (safe from the engine's layer hook); `wait` blocks.
+    """
+
+    def __init__(
+        self,
+        engine: TransferEngine,
+        peer: str,
+        src_layout: KVLayout,
+        dst_layout: KVLayout,
+        *,
+        timeout_s: float | None = None,
+    ) -> None:
+        check_compatible(src_layout, dst_layout)
+        self.engine = engine
+        self.peer = peer
+        self.src_layout = src_layout
+        self.dst_layout = dst_layout
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._tickets: dict[str, list[int]] = {}
+
+    def _send(self, request_id: str, pieces: np.ndarray) -> int | None:
+        if len(pieces) == 0:
+            return None
+        ticket = self.engine.send(self.peer, request_id, pieces, timeout_s=self.timeout_s)
+        with self._lock:
+            self._tickets.setdefault(request_id, []).append(ticket)
+        return ticket
+
+    def push_layer(
+        self,
+        request_id: str,
+        layer_idx: int,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
+    ) -> int | None:
+        """Sends layer `layer_idx` of the given blocks; returns the ticket (None if no blocks)."""
+        pieces = layer_pieces(
+            self.src_layout, self.dst_layout, layer_idx, src_block_ids, dst_block_ids
+        )
+        return self._send(request_id, pieces)
+
+    def push_request(
+        self, request_id: str, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> int | None:
+        """Sends every layer of the given blocks in one batch; returns the ticket (None if none)."""
+        pieces = request_pieces(self.src_layout, self.dst_layout, src_block_ids, dst_block_ids)
+        return self._send(request_id, pieces)
+
+    def _take(self, request_id: str) -> list[int]:
+        with self._lock:
+            return self._tickets.pop(request_id, [])
+
+    def wait(self, request_id: str, timeout_s: float | None = None) -> SendResult:
+        """Blocks until every ticket pushed so far for the request is terminal; returns the
+        combined result ("done" only if all are, also when nothing was pushed; else the first
+        failure) and forgets those tickets. The source blocks may be released after this returns.
+        With `timeout_s` (for all tickets together), a request still pending stays tracked."""
+        tickets = self._take(request_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results = []
+        for t in tickets:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            results.append(self.engine.wait(t, left))
+        combined = _combine(request_id, self.peer, results)
+        if combined.status == PENDING:
+            with self._lock:
+                self._tickets.setdefault(request_id, [])[:0] = tickets
+        return combined
+
+    async def wait_async(self, request_id: str) -> SendResult:
+        """`wait` for asyncio code: awaits completions without blocking the loop."""
+        tickets = self._take(request_id)
+        results = [await self.engine.wait_async(t) for t in tickets]
+        return _combine(request_id, self.peer, results)
+
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        """Aborts the request's sends here and its receive at the peer; blocks until no transfer
+        reads the source blocks, then forgets the request."""
+        self._take(request_id)
+        self.engine.abort(request_id, reason)
+
+
+class KVReceiver:
+    """The receiving side of one link: expects the bytes of a request's destination blocks.
+
+    `expect` never blocks (call it before answering the peer's reservation, so data never arrives
+    unexpected); `wait` blocks; `wait_async` awaits.
+    """
+
+    def __init__(self, engine: TransferEngine, layout: KVLayout, peer: str | None = None) -> None:
+        self.engine = engine
+        self.layout = layout
+        self.peer = peer
+        self._empty: set[str] = set()
+        self._lock = threading.Lock()
+
+    def expect(self, request_id: str, num_blocks: int, timeout_s: float) -> int:
+        """Expects `num_blocks` blocks of every layer; returns the byte count (0: nothing to
+        receive, and `wait` then returns "done" at once)."""
+        if num_blocks < 0:
+            raise ValueError(f"expect: num_blocks must be >= 0, got {num_blocks}")
+        nbytes = self.layout.request_nbytes(num_blocks)
+        if nbytes == 0:
+            with self._lock:
+                self._empty.add(request_id)
+            return 0
+        self.engine.expect(request_id, nbytes, timeout_s, from_peer=self.peer)
+        return nbytes
+
+    def _empty_result(self, request_id: str) -> RecvResult | None:
+        with self._lock:
+            if request_id in self._empty:
+                self._empty.discard(request_id)
+                return RecvResult(request_id, DONE, 0, 0, 0.0)
+        return None
+
+    def wait(self, request_id: str, timeout_s: float | None = None) -> RecvResult:
+        """Blocks until the receive is terminal; on "done" every byte landed."""
+        return self._empty_result(request_id) or self.engine.wait_recv(request_id, timeout_s)
+
+    async def wait_async(self, request_id: str) -> RecvResult:
+        empty = self._empty_result(request_id)
+        return empty if empty is not None else await self.engine.wait_recv_async(request_id)
+
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        """Aborts the receive (and the peer's sends); blocks until no write lands in its blocks."""
+        with self._lock:
+            self._empty.discard(request_id)
+        self.engine.abort(request_id, reason)

@@ -1,0 +1,70 @@
+"""Small-batch GEMV (Triton) against torch matmul: GPU (marker gpu) and the Triton interpreter on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+SHAPES = [(1, 100, 300), (3, 64, 2048), (16, 50, 5000), (8, 1000, 8192), (2, 33, 17)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", SHAPES + [(1, 15360, 5120), (4, 5120, 13824), (16, 27648, 5120)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_matches_matmul_gpu(m, n, k, dtype):
+    from pdserve.ops.gemv import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(m * n + k)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.05).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    gemv(x, w, out=out)
+    ref = x.double() @ w.double().T
+    assert not torch.isnan(out).any()
+    # bf16 operands, fp32 accumulation: ~1e-3 relative; bound 1e-2.
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_gemv_rejects_bad_shapes():
+    from pdserve.ops import gemv as mod
+
+    if mod.triton is None:
+        pytest.skip("Triton is not installed")
+    with pytest.raises(ValueError, match="1..16 rows"):
+        mod.gemv(torch.zeros(17, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="expected x"):
+        mod.gemv(torch.zeros(2, 8), torch.zeros(4, 9))
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from pdserve.ops.gemv import gemv
+    for m, n, k in {shapes!r}:
+        g = torch.Generator().manual_seed(k)
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        ref = x.double() @ w.double().T
+        err = float((gemv(x, w).double() - ref).norm() / ref.norm())
+        assert err < 1e-5, (m, n, k, err)
+    print("OK")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_gemv_triton_interpreter_cpu():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT.format(shapes=SHAPES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
