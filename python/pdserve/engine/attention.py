@@ -148,13 +148,15 @@ class TorchPagedAttention:
         kv = pieces.permute(2, 0, 4, 1, 3, 5).reshape(
             2, num_seqs, self.num_kv_heads, -1, self.head_dim
         )
+        # GQA without expanding K/V: the G = H / KVH query heads sharing a kv head become G queries
+        # of that head (head h uses kv head h // G), so SDPA keeps its fused kernels
+        group = self.num_heads // self.num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B', H, 1, D]
+            q.reshape(num_seqs, self.num_kv_heads, group, self.head_dim),  # [B', KVH, G, D]
             kv[0],
             kv[1],
             attn_mask=plan.mask,
             scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return out.reshape(num_seqs, -1)
 

@@ -240,6 +240,14 @@ class BlockManager:
     def has_reservation(self, request_id: str) -> bool:
         return request_id in self._reservations
 
+    def get_reservation(self, request_id: str) -> Reservation | None:
+        """The open reservation of request_id (still held by the pool), or None."""
+        return self._reservations.get(request_id)
+
+    @property
+    def num_reservations(self) -> int:
+        return len(self._reservations)
+
     def take_reservation(self, request_id: str) -> Reservation:
         """Ends the reservation; the caller now owns one reference on every id in .block_ids."""
         reservation = self._reservations.pop(request_id)

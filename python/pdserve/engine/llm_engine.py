@@ -207,7 +207,7 @@ class LLMEngine:
                 f"got {first_token_id!r}"
             )
         tokens = [int(t) for t in prompt_token_ids]
-        reserved = self.block_manager._reservations[request_id]
+        reserved = self.block_manager.get_reservation(request_id)
         if tokens != reserved.prompt_token_ids:
             raise ValueError(
                 f"request {request_id!r}: prompt differs from the one given to reserve()"
@@ -357,7 +357,7 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
             num_pinned=sum(1 for s in self._seqs.values() if s.status is SequenceStatus.PINNED),
-            num_reserved_requests=len(self.block_manager._reservations),
+            num_reserved_requests=self.block_manager.num_reservations,
             num_total_blocks=pool.num_total,
             num_free_blocks=pool.num_free,
             num_cached_blocks=pool.num_cached,
