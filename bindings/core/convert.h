@@ -299,8 +299,11 @@ class SlotsMaker {
     py::object fields = py::module_::import("dataclasses").attr("fields")(cls_);
     if (py::hasattr(cls_, "__post_init__")) return;
     auto* type = reinterpret_cast<PyTypeObject*>(cls_.ptr());
+    py::object own_attrs = cls_.attr("__dict__");
     for (py::handle f : fields) {
-      py::object descr = cls_.attr("__dict__")[f.attr("name")];
+      py::object name = f.attr("name");
+      if (!own_attrs.contains(name)) return;  // a slot of a base class: keep calling the class
+      py::object descr = own_attrs[name];
       if (Py_TYPE(descr.ptr()) != &PyMemberDescr_Type) return;
       const PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(descr.ptr())->d_member;
       if (m->type != T_OBJECT_EX || (m->flags & READONLY) != 0) return;
@@ -309,7 +312,7 @@ class SlotsMaker {
     direct_ = type->tp_alloc != nullptr && !offsets_.empty();
   }
 
-  // cls(*args); steals nothing (args stay owned by the caller's py::objects).
+  // cls(*args), taking the arguments (passed by value).
   template <size_t N>
   py::object operator()(std::array<py::object, N> args) const {
     PyObject* out;
