@@ -66,12 +66,20 @@ void BlockPool::check_can_allocate_locked(int32_t num_blocks) const {
 }
 
 void BlockPool::allocate_locked(int32_t num_blocks, std::vector<BlockId>* out) {
-  for (int32_t i = 0; i < num_blocks; ++i) {
-    BlockId id = free_stack_.back();
-    free_stack_.pop_back();
-    blocks_[id].ref_count = 1;
-    out->push_back(id);
+  // Pops the top num_blocks ids in stack order (last pushed first) in one copy; the caller has
+  // checked that there are enough.
+  const size_t n = static_cast<size_t>(num_blocks);
+  const size_t first = out->size();
+  out->resize(first + n);
+  BlockId* dst = out->data() + first;
+  const BlockId* top = free_stack_.data() + free_stack_.size();
+  BlockState* blocks = blocks_.data();
+  for (size_t i = 0; i < n; ++i) {
+    const BlockId id = top[-1 - static_cast<ptrdiff_t>(i)];
+    blocks[id].ref_count = 1;
+    dst[i] = id;
   }
+  free_stack_.resize(free_stack_.size() - n);
   num_in_use_ += num_blocks;
 }
 
@@ -90,23 +98,27 @@ void BlockPool::allocate_into(int32_t num_blocks, std::vector<BlockId>* out) {
 
 void BlockPool::incref(const BlockId* block_ids, size_t num_blocks) {
   std::lock_guard<std::mutex> lock(mutex_);
+  // Local copies of the pointer, bound and counters: stores to ref_count (int32) could otherwise
+  // alias the int32 members and force reloads on every block.
+  BlockState* blocks = blocks_.data();
+  const uint32_t total = static_cast<uint32_t>(num_total_);
   for (size_t i = 0; i < num_blocks; ++i) {
-    BlockId id = block_ids[i];
-    check_id_locked(id, "incref");
-    const BlockState& b = blocks_[id];
+    const BlockId id = block_ids[i];
+    if (static_cast<uint32_t>(id) >= total) throw_unknown_id(id, "incref");
+    const BlockState& b = blocks[id];
     if (b.ref_count == 0 && !b.owned) {
       throw std::invalid_argument("incref: block " + std::to_string(id) + " of the " +
                                   pool_name(tier_) + " is free (allocate it first)");
     }
   }
+  int32_t revived = 0;  // cached -> in_use
   for (size_t i = 0; i < num_blocks; ++i) {
-    BlockState& b = blocks_[block_ids[i]];
-    if (b.ref_count == 0) {  // cached -> in_use
-      --num_cached_;
-      ++num_in_use_;
-    }
+    BlockState& b = blocks[block_ids[i]];
+    revived += b.ref_count == 0;
     ++b.ref_count;
   }
+  num_cached_ -= revived;
+  num_in_use_ += revived;
 }
 
 void BlockPool::decref_one_locked(BlockId id) {
@@ -125,40 +137,61 @@ void BlockPool::decref(const BlockId* block_ids, size_t num_blocks) {
   std::lock_guard<std::mutex> lock(mutex_);
   // Apply one by one and undo on the first bad entry, so that a repeated id is checked against
   // the count left by its earlier occurrences without a side table (no allocation per call).
+  // The fast loop keeps the counters in locals (see incref) and stops at the first bad entry.
+  BlockState* blocks = blocks_.data();
+  const uint32_t total = static_cast<uint32_t>(num_total_);
+  int32_t dropped = 0, cached = 0;
+  size_t bad = num_blocks;
   for (size_t i = 0; i < num_blocks; ++i) {
-    BlockId id = block_ids[i];
-    const char* error = nullptr;
-    if (id < 0 || id >= num_total_) {
-      error = "unknown";
-    } else if (blocks_[id].ref_count == 0) {
-      error = "double free";
-    } else if (blocks_[id].ref_count == 1 && blocks_[id].reserved) {
-      error = "reserved";
+    const BlockId id = block_ids[i];
+    if (static_cast<uint32_t>(id) >= total) {
+      bad = i;
+      break;
     }
-    if (error != nullptr) {
-      for (size_t j = i; j-- > 0;) {  // undo in reverse so pushed free blocks pop off the top
-        BlockState& b = blocks_[block_ids[j]];
-        if (b.ref_count == 0) {
-          if (b.owned) {
-            --num_cached_;
-          } else {
-            free_stack_.pop_back();
-          }
-          ++num_in_use_;
-        }
-        ++b.ref_count;
-      }
-      check_id_locked(id, "decref");
-      if (error[0] == 'd') {
-        throw std::invalid_argument("decref: double free of block " + std::to_string(id) +
-                                    " in the " + pool_name(tier_) + " (ref_count is already 0)");
-      }
-      throw std::invalid_argument("decref: block " + std::to_string(id) + " of the " +
-                                  pool_name(tier_) +
-                                  " is held by a reservation; use release_reservation()");
+    BlockState& b = blocks[id];
+    const int32_t rc = b.ref_count;
+    if (rc <= 1 && (rc == 0 || b.reserved)) {
+      bad = i;
+      break;
     }
-    decref_one_locked(id);
+    b.ref_count = rc - 1;
+    if (rc == 1) {
+      ++dropped;
+      if (b.owned) {
+        ++cached;
+      } else {
+        free_stack_.push_back(id);
+      }
+    }
   }
+  num_in_use_ -= dropped;
+  num_cached_ += cached;
+  if (bad == num_blocks) return;
+  // block_ids[bad] is bad: undo the applied prefix in reverse (so pushed free blocks pop off the
+  // top), then report it.
+  const BlockId id = block_ids[bad];
+  const bool unknown = static_cast<uint32_t>(id) >= total;
+  const bool double_free = !unknown && blocks[id].ref_count == 0;
+  for (size_t j = bad; j-- > 0;) {
+    BlockState& b = blocks[block_ids[j]];
+    if (b.ref_count == 0) {
+      if (b.owned) {
+        --num_cached_;
+      } else {
+        free_stack_.pop_back();
+      }
+      ++num_in_use_;
+    }
+    ++b.ref_count;
+  }
+  check_id_locked(id, "decref");
+  if (double_free) {
+    throw std::invalid_argument("decref: double free of block " + std::to_string(id) + " in the " +
+                                pool_name(tier_) + " (ref_count is already 0)");
+  }
+  throw std::invalid_argument("decref: block " + std::to_string(id) + " of the " +
+                              pool_name(tier_) +
+                              " is held by a reservation; use release_reservation()");
 }
 
 int32_t BlockPool::ref_count(BlockId block_id) const {
@@ -224,10 +257,12 @@ std::vector<BlockId> BlockPool::transfer_reservation(const std::string& request_
 
 void BlockPool::adopt(const BlockId* block_ids, size_t num_blocks) {
   std::lock_guard<std::mutex> lock(mutex_);
+  BlockState* blocks = blocks_.data();
+  const uint32_t total = static_cast<uint32_t>(num_total_);
   for (size_t i = 0; i < num_blocks; ++i) {
-    BlockId id = block_ids[i];
-    check_id_locked(id, "insert");
-    const BlockState& b = blocks_[id];
+    const BlockId id = block_ids[i];
+    if (static_cast<uint32_t>(id) >= total) throw_unknown_id(id, "insert");
+    const BlockState& b = blocks[id];
     if (b.owned) {
       throw std::invalid_argument("insert: block " + std::to_string(id) + " of the " +
                                   pool_name(tier_) +
@@ -239,12 +274,13 @@ void BlockPool::adopt(const BlockId* block_ids, size_t num_blocks) {
     }
   }
   for (size_t i = 0; i < num_blocks; ++i) {
-    if (blocks_[block_ids[i]].owned) {  // repeated id: undo this call's marks, then report
-      for (size_t j = 0; j < i; ++j) blocks_[block_ids[j]].owned = false;
+    BlockState& b = blocks[block_ids[i]];
+    if (b.owned) {  // repeated id: undo this call's marks, then report
+      for (size_t j = 0; j < i; ++j) blocks[block_ids[j]].owned = false;
       throw std::invalid_argument("insert: block " + std::to_string(block_ids[i]) +
                                   " appears twice in block_ids");
     }
-    blocks_[block_ids[i]].owned = true;
+    b.owned = true;
   }
 }
 
@@ -279,19 +315,19 @@ bool BlockPool::all_unreferenced(const BlockId* block_ids, size_t num_blocks) co
 
 bool BlockPool::disown_if_unreferenced(const BlockId* block_ids, size_t num_blocks) {
   std::lock_guard<std::mutex> lock(mutex_);
+  BlockState* blocks = blocks_.data();
+  const uint32_t total = static_cast<uint32_t>(num_total_);
   for (size_t i = 0; i < num_blocks; ++i) {
-    check_id_locked(block_ids[i], "disown");
-    const BlockState& b = blocks_[block_ids[i]];
+    if (static_cast<uint32_t>(block_ids[i]) >= total) throw_unknown_id(block_ids[i], "disown");
+    const BlockState& b = blocks[block_ids[i]];
     if (b.ref_count != 0) return false;
     if (!b.owned) {
       throw std::runtime_error("disown: block " + std::to_string(block_ids[i]) + " of the " +
                                pool_name(tier_) + " is not owned by the radix tree");
     }
   }
-  for (size_t i = 0; i < num_blocks; ++i) {
-    blocks_[block_ids[i]].owned = false;
-    free_stack_.push_back(block_ids[i]);
-  }
+  for (size_t i = 0; i < num_blocks; ++i) blocks[block_ids[i]].owned = false;
+  free_stack_.insert(free_stack_.end(), block_ids, block_ids + num_blocks);
   num_cached_ -= static_cast<int32_t>(num_blocks);
   return true;
 }

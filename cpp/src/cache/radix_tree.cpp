@@ -1,7 +1,7 @@
 // RadixTree implementation: node structure (recycled arena; children found by a linear scan of a
 // small vector or, past kIndexThreshold children, a hash index on the first block's tokens),
-// match / insert / locks / eviction, and the public API's forwarding under the tree's mutex.
-// Eviction and demotion candidates live in ordered sets, so a victim is found in O(log n).
+// match / insert / locks / eviction. The public API (radix_tree_api.cpp) forwards here under the
+// tree's mutex. Eviction and demotion candidates live in ordered sets (O(log n) per victim).
 #include "pdserve/radix_tree.h"
 
 #include <algorithm>
@@ -36,7 +36,7 @@ RadixTree::Impl::Impl(int32_t block_size, std::shared_ptr<BlockPool> gpu_pool,
   root_ = new_node();
   root_->id = 0;
   live_.clear();
-  live_[0] = root_;
+  live_.insert(0, root_);
   next_node_id_ = 1;
 }
 
@@ -50,12 +50,12 @@ Node* RadixTree::Impl::new_node() {
     n = arena_.back().get();
   }
   n->id = next_node_id_++;
-  live_[n->id] = n;
+  live_.insert(n->id, n);
   return n;
 }
 
 void RadixTree::Impl::recycle(Node* n) {
-  live_.erase(n->id);
+  live_.take(n->id);
   n->parent = nullptr;
   n->lock_count = 0;
   n->ticket_id = 0;
@@ -79,60 +79,6 @@ uint64_t RadixTree::Impl::content_key(const int32_t* block) const {
   if (i < bs_) a = (a ^ static_cast<uint32_t>(block[i])) * 0x9E3779B97F4A7C15ULL;
   uint64_t h = a ^ ((b << 31) | (b >> 33));
   return h ^ (h >> 29);
-}
-
-void detail::ChildIndex::insert(uint64_t key, Node* child) {
-  if ((used_ + 1) * 2 > slots_.size()) rehash(std::max<size_t>(16, (size_ + 1) * 4));
-  size_t i = home(key);
-  while (slots_[i].node != nullptr) i = (i + 1) & mask_;
-  if (!slots_[i].erased) ++used_;
-  slots_[i] = Slot{key, child, false};
-  ++size_;
-}
-
-void detail::ChildIndex::erase(uint64_t key, const Node* child) {
-  if (slots_.empty()) return;
-  for (size_t i = home(key);; i = (i + 1) & mask_) {
-    Slot& s = slots_[i];
-    if (s.node == nullptr && !s.erased) return;
-    if (s.node == child) {
-      s.node = nullptr;
-      s.erased = true;
-      --size_;
-      return;
-    }
-  }
-}
-
-void detail::ChildIndex::replace(uint64_t key, const Node* from, Node* to) {
-  if (slots_.empty()) return;
-  for (size_t i = home(key);; i = (i + 1) & mask_) {
-    Slot& s = slots_[i];
-    if (s.node == nullptr && !s.erased) return;
-    if (s.node == from) {
-      s.node = to;
-      return;
-    }
-  }
-}
-
-void detail::ChildIndex::rehash(size_t capacity) {
-  size_t cap = 16;
-  int bits = 4;
-  while (cap < capacity) {
-    cap <<= 1;
-    ++bits;
-  }
-  std::vector<Slot> old;
-  old.swap(slots_);
-  slots_.assign(cap, Slot{});
-  mask_ = cap - 1;
-  shift_ = 64 - bits;
-  size_ = 0;
-  used_ = 0;
-  for (const Slot& s : old) {
-    if (s.node != nullptr) insert(s.key, s.node);
-  }
 }
 
 Node* RadixTree::Impl::find_child(const Node* n, const int32_t* block) const {
@@ -397,12 +343,12 @@ uint64_t RadixTree::Impl::parent_hash_of(const Node* parent) const {
 }
 
 Node* RadixTree::Impl::node_or_throw(NodeHandle handle, const char* what) {
-  auto it = live_.find(handle);
-  if (it == live_.end()) {
+  Node* n = live_.find(handle);
+  if (n == nullptr) {
     throw std::invalid_argument(std::string(what) + ": unknown or evicted node handle " +
                                 std::to_string(handle));
   }
-  return it->second;
+  return n;
 }
 
 LockHandle RadixTree::Impl::lock(NodeHandle handle) {
@@ -413,18 +359,16 @@ LockHandle RadixTree::Impl::lock(NodeHandle handle) {
     relist(n);
   }
   LockHandle h = next_lock_id_++;
-  locks_[h] = target;
+  locks_.insert(h, target);
   return h;
 }
 
 void RadixTree::Impl::unlock(LockHandle handle) {
-  auto it = locks_.find(handle);
-  if (it == locks_.end()) {
+  Node* target = locks_.take(handle);
+  if (target == nullptr) {
     throw std::invalid_argument(
         handle_error("unlock: unknown or already released lock handle", handle));
   }
-  Node* target = it->second;
-  locks_.erase(it);
   for (Node* n = target; n != root_; n = n->parent) {
     pool(n->tier).decref(n->block_ids.data(), n->num_blocks());
     --n->lock_count;
@@ -471,119 +415,6 @@ void RadixTree::Impl::evict(int32_t num_blocks, Tier tier, std::vector<BlockId>*
     remove_node(n);
   }
   for (Node* n : skipped_) relist(n);
-}
-
-// -------------------------------------------------------------------- public API
-RadixTree::RadixTree(int32_t block_size, std::shared_ptr<BlockPool> gpu_pool,
-                     std::shared_ptr<BlockPool> host_pool, bool record_events)
-    : impl_(std::make_unique<Impl>(block_size, std::move(gpu_pool), std::move(host_pool),
-                                   record_events)) {}
-// The pools may outlive the tree: give back every reference the tree holds (locks, open tickets,
-// ownership) so that its blocks return to the free lists.
-RadixTree::~RadixTree() {
-  Impl& impl = *impl_;
-  std::lock_guard<std::mutex> lock(impl.mutex_);
-  try {
-    std::vector<LockHandle> handles;
-    for (const auto& kv : impl.locks_) handles.push_back(kv.first);
-    for (LockHandle h : handles) impl.unlock(h);
-    std::vector<TicketId> tickets;
-    for (const auto& kv : impl.tickets_) tickets.push_back(kv.first);
-    for (TicketId t : tickets) impl.commit(t, false);
-    for (const auto& kv : impl.live_) {
-      Node* n = kv.second;
-      if (n != impl.root_) impl.pool(n->tier).disown(n->block_ids.data(), n->num_blocks());
-    }
-  } catch (...) {
-    // Never throw from a destructor; a failure here leaves blocks marked as cached.
-  }
-}
-
-int32_t RadixTree::block_size() const { return impl_->bs_; }
-bool RadixTree::has_host_tier() const { return impl_->host_pool_ != nullptr; }
-const std::shared_ptr<BlockPool>& RadixTree::gpu_pool() const { return impl_->gpu_pool_; }
-const std::shared_ptr<BlockPool>& RadixTree::host_pool() const { return impl_->host_pool_; }
-
-void RadixTree::match_prefix(const int32_t* tokens, size_t num_tokens, MatchResult* out) {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  impl_->match_prefix(tokens, num_tokens, out);
-}
-MatchResult RadixTree::match_prefix(const std::vector<int32_t>& tokens) {
-  MatchResult out;
-  match_prefix(tokens.data(), tokens.size(), &out);
-  return out;
-}
-
-void RadixTree::insert(const int32_t* tokens, size_t num_tokens, const BlockId* block_ids,
-                       size_t num_block_ids, InsertResult* out) {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  impl_->insert(tokens, num_tokens, block_ids, num_block_ids, out);
-}
-InsertResult RadixTree::insert(const std::vector<int32_t>& tokens,
-                               const std::vector<BlockId>& block_ids) {
-  InsertResult out;
-  insert(tokens.data(), tokens.size(), block_ids.data(), block_ids.size(), &out);
-  return out;
-}
-
-LockHandle RadixTree::lock(NodeHandle node) {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  return impl_->lock(node);
-}
-void RadixTree::unlock(LockHandle handle) {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  impl_->unlock(handle);
-}
-
-void RadixTree::evict(int32_t num_blocks, Tier tier, std::vector<BlockId>* out) {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  impl_->evict(num_blocks, tier, out);
-}
-std::vector<BlockId> RadixTree::evict(int32_t num_blocks, Tier tier) {
-  std::vector<BlockId> out;
-  evict(num_blocks, tier, &out);
-  return out;
-}
-
-Ticket RadixTree::begin_demote(int32_t num_blocks) {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  return impl_->begin_demote(num_blocks);
-}
-Ticket RadixTree::begin_promote(NodeHandle node) {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  return impl_->begin_promote(node);
-}
-void RadixTree::commit(TicketId ticket_id, bool ok) {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  impl_->commit(ticket_id, ok);
-}
-
-std::vector<CacheEvent> RadixTree::drain_events() {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  std::vector<CacheEvent> out;
-  out.swap(impl_->events_);
-  return out;
-}
-
-int32_t RadixTree::num_nodes() const {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  return static_cast<int32_t>(impl_->live_.size()) - 1;
-}
-int32_t RadixTree::num_tree_blocks(Tier tier) const {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  return impl_->num_tree_blocks(tier);
-}
-int32_t RadixTree::num_pending_demote_blocks() const {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  return impl_->pending_demote_blocks_;
-}
-int32_t RadixTree::num_locks() const {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  return static_cast<int32_t>(impl_->locks_.size());
-}
-void RadixTree::check_invariants() const {
-  std::lock_guard<std::mutex> lock(impl_->mutex_);
-  impl_->check_invariants();
 }
 
 }  // namespace pdserve

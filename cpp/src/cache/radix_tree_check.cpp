@@ -15,9 +15,9 @@ void RadixTree::Impl::fail(const std::string& msg) const {
 
 void RadixTree::Impl::check_invariants() const {
   std::unordered_map<const Node*, int32_t> expected_locks;
-  for (const auto& kv : locks_) {
-    for (const Node* n = kv.second; n != root_; n = n->parent) ++expected_locks[n];
-  }
+  locks_.for_each([&](uint64_t, const Node* target) {
+    for (const Node* n = target; n != root_; n = n->parent) ++expected_locks[n];
+  });
   int32_t pending_demote = 0;
   std::vector<const Node*> stack = {root_};
   size_t count = 0;
@@ -88,11 +88,9 @@ void RadixTree::Impl::check_invariants() const {
 
 int32_t RadixTree::Impl::num_tree_blocks(Tier tier) const {
   int32_t total = 0;
-  for (const auto& kv : live_) {
-    if (kv.second != root_ && kv.second->tier == tier) {
-      total += static_cast<int32_t>(kv.second->num_blocks());
-    }
-  }
+  live_.for_each([&](uint64_t, const Node* n) {
+    if (n != root_ && n->tier == tier) total += static_cast<int32_t>(n->num_blocks());
+  });
   return total;
 }
 

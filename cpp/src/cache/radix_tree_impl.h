@@ -1,6 +1,7 @@
 // Internal to the cache library: the node type and the RadixTree::Impl class shared by
-// radix_tree.cpp (structure, match, insert, locks, eviction), radix_tree_tiers.cpp (demote /
-// promote tickets) and radix_tree_check.cpp (invariants). Not installed, not part of the API.
+// radix_tree.cpp (structure, match, insert, locks, eviction), radix_tree_index.cpp (hash indexes),
+// radix_tree_tiers.cpp (demote / promote tickets), radix_tree_check.cpp (invariants) and
+// radix_tree_api.cpp (the public methods). Not installed, not part of the API.
 #pragma once
 
 #include <cstddef>
@@ -55,6 +56,51 @@ class ChildIndex {
     uint64_t key = 0;
     Node* node = nullptr;  // nullptr: empty, or erased when `erased`
     bool erased = false;
+  };
+  size_t home(uint64_t key) const { return (key * 0x9E3779B97F4A7C15ULL) >> shift_; }
+  void rehash(size_t capacity);
+
+  std::vector<Slot> slots_;
+  size_t mask_ = 0;
+  int shift_ = 64;
+  size_t size_ = 0;  // live entries
+  size_t used_ = 0;  // live + erased slots
+};
+
+// Map from unique 64-bit ids (node handles, lock handles) to nodes: open addressing with linear
+// probing over a power-of-two table kept at most half full (tombstones included). Unlike
+// std::unordered_map it allocates nothing per entry, so a lock / unlock or a node's creation /
+// removal costs a multiply and a probe or two instead of a malloc / free pair. Keys are never
+// inserted twice (ids are not reused); iteration order is unspecified.
+class IdMap {
+ public:
+  size_t size() const { return size_; }
+  Node* find(uint64_t key) const {
+    if (slots_.empty()) return nullptr;
+    for (size_t i = home(key);; i = (i + 1) & mask_) {
+      const Slot& s = slots_[i];
+      if (s.state == kEmpty) return nullptr;
+      if (s.state == kLive && s.key == key) return s.node;
+    }
+  }
+  // Adds key -> node; key must be absent.
+  void insert(uint64_t key, Node* node);
+  // Removes key and returns its node, or nullptr when absent.
+  Node* take(uint64_t key);
+  void clear();
+  template <typename F>
+  void for_each(F&& f) const {
+    for (const Slot& s : slots_) {
+      if (s.state == kLive) f(s.key, s.node);
+    }
+  }
+
+ private:
+  enum : uint8_t { kEmpty = 0, kLive = 1, kErased = 2 };
+  struct Slot {
+    uint64_t key = 0;
+    Node* node = nullptr;
+    uint8_t state = kEmpty;
   };
   size_t home(uint64_t key) const { return (key * 0x9E3779B97F4A7C15ULL) >> shift_; }
   void rehash(size_t capacity);
@@ -181,14 +227,14 @@ class RadixTree::Impl {
   mutable std::mutex mutex_;
   std::vector<std::unique_ptr<Node>> arena_;
   std::vector<Node*> spare_;
-  std::unordered_map<uint64_t, Node*> live_;  // NodeHandle -> node (root is 0)
+  detail::IdMap live_;  // NodeHandle -> node (root is 0)
   Node* root_ = nullptr;
   uint64_t next_node_id_ = 0;
   uint64_t seq_ = 0;
   uint64_t clock_ = 0;
   CandidateSet evict_sets_[2];
   CandidateSet demote_set_;
-  std::unordered_map<LockHandle, Node*> locks_;
+  detail::IdMap locks_;  // LockHandle -> locked node
   LockHandle next_lock_id_ = 1;
   std::unordered_map<TicketId, TicketState> tickets_;
   TicketId next_ticket_id_ = 1;
