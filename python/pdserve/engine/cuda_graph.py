@@ -47,9 +47,11 @@ class DecodeGraphs:
         n, dev = self.max_batch_size, device
         # static device inputs; pinned host mirrors filled by `prepare` (one copy per tensor)
         self.tokens = torch.zeros((3, n), dtype=torch.long, device=dev)  # ids, positions, slots
-        self.tables = torch.zeros((n, self.max_blocks + 1), dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)  # contiguous: kernels index it
+        self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
         self.host_tokens = torch.zeros((3, n), dtype=torch.long).pin_memory()
-        self.host_tables = torch.zeros((n, self.max_blocks + 1), dtype=torch.int32).pin_memory()
+        self.host_seq_lens = torch.ones(n, dtype=torch.int32).pin_memory()
+        self.host_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32).pin_memory()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] fp32, written by each replay
         self._capture_all()
@@ -58,15 +60,15 @@ class DecodeGraphs:
     def _meta(self, bs: int) -> AttentionMetadata:
         kernel = KernelInputs(
             slot_mapping=self.tokens[2, :bs],
-            block_tables=self.tables[:bs, 1:],
-            seq_lens=self.tables[:bs, 0],
+            block_tables=self.tables[:bs],
+            seq_lens=self.seq_lens[:bs],
             max_seq_len=self.max_model_len,
         )
         return AttentionMetadata(
             slot_block_ids=None,
             slot_offsets=None,
-            block_tables=self.tables[:bs, 1:],
-            context_lens=self.tables[:bs, 0],
+            block_tables=self.tables[:bs],
+            context_lens=self.seq_lens[:bs],
             query_start_loc=list(range(bs + 1)),
             context_lens_host=[self.max_model_len] * bs,
             block_size=self.block_size,
@@ -102,9 +104,10 @@ class DecodeGraphs:
         """Rows from `start` on become padding: token 0 at position 0, not stored, length 1, block 0."""
         self.host_tokens[:2, start:] = 0
         self.host_tokens[2, start:] = -1
+        self.host_seq_lens[start:] = 1
         self.host_tables[start:] = 0
-        self.host_tables[start:, 0] = 1
         self.tokens.copy_(self.host_tokens)
+        self.seq_lens.copy_(self.host_seq_lens)
         self.tables.copy_(self.host_tables)
 
     # ---- replay ---------------------------------------------------------------------------------
@@ -118,6 +121,7 @@ class DecodeGraphs:
         bs = next(s for s in self.batch_sizes if s >= num_seqs)
         bsz = self.block_size
         toks = self.host_tokens.numpy()
+        lens = self.host_seq_lens.numpy()
         tables = self.host_tables.numpy()
         max_cols = 1
         for i, seq in enumerate(batch.seqs):
@@ -126,15 +130,16 @@ class DecodeGraphs:
             toks[1, i] = pos
             toks[2, i] = seq.block_ids[pos // bsz] * bsz + pos % bsz
             num_blocks = pos // bsz + 1
-            tables[i, 0] = pos + 1
-            tables[i, 1 : 1 + num_blocks] = seq.block_ids[:num_blocks]
-            max_cols = max(max_cols, 1 + num_blocks)
+            lens[i] = pos + 1
+            tables[i, :num_blocks] = seq.block_ids[:num_blocks]
+            max_cols = max(max_cols, num_blocks)
         toks[:2, num_seqs:bs] = 0
         toks[2, num_seqs:bs] = -1
-        tables[num_seqs:bs, 0] = 1
-        tables[num_seqs:bs, 1] = 0
+        lens[num_seqs:bs] = 1
+        tables[num_seqs:bs, 0] = 0
         # padding rows read block 0 only; columns past each sequence's blocks are never read
         self.tokens[:, :bs].copy_(self.host_tokens[:, :bs], non_blocking=True)
+        self.seq_lens[:bs].copy_(self.host_seq_lens[:bs], non_blocking=True)
         self.tables[:bs, :max_cols].copy_(self.host_tables[:bs, :max_cols], non_blocking=True)
         return bs
 
