@@ -258,9 +258,9 @@ class TritonPagedAttention(TorchPagedAttention):
             s0, s1 = qsl[i], qsl[i + 1]
             # contiguous [1, heads, len, D]: rows of the fused qkv tensor would send SDPA to its
             # unfused math kernel (seen: prefill 2.3x slower)
-            qi, ki, vi = (x[s0:s1].contiguous().unsqueeze(0).transpose(1, 2) for x in (q, k, v))
+            qf, kf, vf = (x[s0:s1].contiguous().unsqueeze(0).transpose(1, 2) for x in (q, k, v))
             o = F.scaled_dot_product_attention(
-                qi, ki, vi, is_causal=True, scale=self.scale, enable_gqa=gqa
+                qf, kf, vf, is_causal=True, scale=self.scale, enable_gqa=gqa
             )
             out[s0:s1] = o[0].transpose(0, 1)
         if decode:
