@@ -32,6 +32,7 @@ from pdserve.engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from pdserve.ops.linear import linear_partials
 
 
 class _RopeTable:
@@ -77,6 +78,9 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads * config.head_dim, config.hidden_size, tp_size, tp_rank
         )
         self.rotary = rotary
+        # set by a fused decoder layer: o_proj may return unreduced split-K partials (tp_size 1 only:
+        # with tensor parallelism the all-reduce needs the reduced sum)
+        self.partial_out = False
         if rope_table is not None:
             self.attn = TritonPagedAttention(
                 self.num_heads, self.num_kv_heads, self.head_dim, rope_table
@@ -98,7 +102,7 @@ class LlamaAttention(nn.Module):
             q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
             v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-            return self.o_proj(self.attn.forward(q, k, v, kv_layer, meta))
+            return self._o_proj(self.attn.forward(q, k, v, kv_layer, meta))
         # q and k rotated together: one set of RoPE kernels for both
         qk = self.rotary(cos_sin, qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim))
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -107,13 +111,19 @@ class LlamaAttention(nn.Module):
             out = causal_attention_no_cache(q, k, v, self.attn.scale)
         else:
             out = self.attn.forward(q, k, v, kv_layer, meta)
-        return self.o_proj(out)
+        return self._o_proj(out)
+
+    def _o_proj(self, x: torch.Tensor) -> torch.Tensor:
+        if self.partial_out:  # split-K partials go unreduced to the next add+RMSNorm kernel
+            return linear_partials(x, self.o_proj.weight)
+        return self.o_proj(x)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, tp_size: int, tp_rank: int, fused_ops: bool = False):
         super().__init__()
         self.fused_ops = fused_ops
+        self.partial_out = False  # see LlamaAttention.partial_out
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [inter, inter], tp_size, tp_rank
@@ -124,7 +134,10 @@ class LlamaMLP(nn.Module):
         if self.fused_ops:
             from pdserve.ops.fused import silu_and_mul
 
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+            act = silu_and_mul(self.gate_up_proj(x))
+            if self.partial_out:
+                return linear_partials(act, self.down_proj.weight)
+            return self.down_proj(act)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
@@ -145,6 +158,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, rotary, tp_size, tp_rank, rope_table)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp_size, tp_rank, fused_ops)
+        if fused_ops and tp_size == 1:
+            self.self_attn.partial_out = self.mlp.partial_out = True
 
     def forward(self, cos_sin, hidden, kv_layer, meta) -> torch.Tensor:
         hidden = hidden + self.self_attn(cos_sin, self.input_layernorm(hidden), kv_layer, meta)

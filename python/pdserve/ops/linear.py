@@ -38,3 +38,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
         return gemv(x, weight)
     return F.linear(x, weight)
+
+
+def linear_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Like `linear`, but when the GEMV splits its reduction, returns the fp32 partial sums
+    [SPLIT_K, rows, N] unreduced (for `ops.fused.add_rms_norm`, which adds them while reading)."""
+    if (
+        _state["gemv"]
+        and x.is_cuda
+        and x.dim() == 2
+        and 1 <= x.shape[0] <= 16
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.stride(1) == 1
+    ):
+        from pdserve.ops.gemv import gemv
+
+        return gemv(x, weight, reduce=False)
+    return F.linear(x, weight)
