@@ -32,7 +32,7 @@ from pdserve.engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from pdserve.ops.linear import linear_partials, linear_swiglu
+from pdserve.ops.linear import linear_partials
 
 
 class _RopeTable:
@@ -132,9 +132,9 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_ops:
-            # this rank's gate_up weight is [gate; up] (column-parallel: no collective to skip), so
-            # small batches run GEMV + SwiGLU as one kernel, larger ones GEMM + silu_and_mul
-            act = linear_swiglu(x, self.gate_up_proj.weight)
+            from pdserve.ops.fused import silu_and_mul
+
+            act = silu_and_mul(self.gate_up_proj(x))
             if self.partial_out:
                 return linear_partials(act, self.down_proj.weight)
             return self.down_proj(act)

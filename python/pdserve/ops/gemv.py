@@ -39,7 +39,6 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
-        SWIGLU: tl.constexpr = False,  # W = [gate; up] ([2N, K]); y = silu(x gate^T) * (x up^T), [M, N]
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -49,7 +48,6 @@ if triton is not None:
         mask_n = offs_n < N
         mask_m = offs_m < M
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         k_begin = pid_k * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, K)
         for k0 in range(k_begin, k_end, BLOCK_K):
@@ -67,16 +65,6 @@ if triton is not None:
                 other=0.0,
             )
             acc += tl.dot(w, xt)
-            if SWIGLU:  # the matching rows of the up half, N rows further down
-                w_up = tl.load(
-                    w_ptr + (offs_n[:, None].to(tl.int64) + N) * stride_wn + kk[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0,
-                    eviction_policy="evict_first",
-                )
-                acc_up += tl.dot(w_up, xt)
-        if SWIGLU:
-            acc = acc * tl.sigmoid(acc) * acc_up
         if SPLIT_K == 1:
             tl.store(
                 y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
@@ -101,48 +89,6 @@ def _pick_config(num_rows_out: int, k: int, num_sms: int) -> tuple[int, int, int
     while num_programs * split_k < num_sms and k // (split_k * 2) >= 4 * block_k:
         split_k *= 2
     return block_n, block_k, split_k, 4
-
-
-def gemv_swiglu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
-    """silu(x @ gate^T) * (x @ up^T) in one pass over the weight, for gate_up_weight = [gate; up] of shape
-    [2 * inter, K] (the fused gate_up projection). x: [M, K], M ≤ 16, same dtype and CUDA device.
-    Returns [M, inter] in x's dtype; the product is formed in fp32 before the single rounding."""
-    if triton is None:
-        raise RuntimeError("gemv_swiglu needs Triton, which is not installed")
-    if x.dim() != 2 or gate_up_weight.dim() != 2 or x.shape[1] != gate_up_weight.shape[1]:
-        raise ValueError(
-            f"expected x [M, K] and weight [2*inter, K]; got {tuple(x.shape)}, "
-            f"{tuple(gate_up_weight.shape)}"
-        )
-    m, k = x.shape
-    if not 1 <= m <= MAX_ROWS or gate_up_weight.shape[0] % 2:
-        raise ValueError(f"gemv_swiglu serves 1..{MAX_ROWS} rows and an even weight height")
-    if x.dtype != gate_up_weight.dtype or x.stride(1) != 1 or gate_up_weight.stride(1) != 1:
-        raise ValueError("x and weight must share a dtype and have a contiguous last dimension")
-    inter = gate_up_weight.shape[0] // 2
-    out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
-    # two weight tiles per step: half the rows per program keeps registers as in the plain GEMV
-    block_n, block_k = 32, 256
-    _gemv_kernel[(triton.cdiv(inter, block_n), 1)](
-        x,
-        gate_up_weight,
-        out,
-        m,
-        inter,
-        k,
-        x.stride(0),
-        gate_up_weight.stride(0),
-        out.stride(0),
-        triton.cdiv(k, block_k) * block_k,
-        BLOCK_M=16,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        SPLIT_K=1,
-        SWIGLU=True,
-        num_warps=4,
-        num_stages=4,
-    )
-    return out
 
 
 def gemv(

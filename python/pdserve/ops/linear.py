@@ -40,29 +40,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def _gemv_route(x: torch.Tensor) -> bool:
-    return (
-        _state["gemv"]
-        and x.is_cuda
-        and x.dim() == 2
-        and 1 <= x.shape[0] <= 16
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and x.stride(1) == 1
-    )
-
-
-def linear_swiglu(x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
-    """silu(x gate^T) * (x up^T) for gate_up_weight = [gate; up]: one GEMV pass with the activation in
-    its epilogue on the small-batch route, else the projection followed by `ops.fused.silu_and_mul`."""
-    if _gemv_route(x):
-        from pdserve.ops.gemv import gemv_swiglu
-
-        return gemv_swiglu(x, gate_up_weight)
-    from pdserve.ops.fused import silu_and_mul
-
-    return silu_and_mul(F.linear(x, gate_up_weight))
-
-
 def linear_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Like `linear`, but when the GEMV splits its reduction, returns the fp32 partial sums
     [SPLIT_K, rows, N] unreduced (for `ops.fused.add_rms_norm`, which adds them while reading)."""
