@@ -30,8 +30,6 @@ import torch
 VARIANTS = {
     # name: engine options
     "fast": dict(),
-    # the o/down GEMVs split for one program per SM instead of two (their partials go unreduced)
-    "fast-split1": dict(_gemv_partials_per_sm=1),
     "no-gemv": dict(small_batch_gemv=False),
     "no-fused": dict(fused_ops=False),
     "eager-triton": dict(enforce_eager=True),
@@ -182,9 +180,6 @@ def bench_prefill(engine, num_tokens: int, repeats: int, seed: int) -> dict:
 
 def make_engine(args, **options):
     from pdserve.engine import LLMEngine
-    from pdserve.ops import gemv
-
-    gemv.PARTIALS_PROGRAMS_PER_SM = options.pop("_gemv_partials_per_sm", 2)
 
     return LLMEngine(
         model=args.model,
@@ -254,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({row['tokens_per_s']:8.0f} tok/s), floor {floor_ms:6.2f} ms -> gpu x{row['gpu_vs_floor']:.3f}",
                 flush=True,
             )
-        entry: dict = {"decode": rows, "options": dict(VARIANTS[name])}
+        entry: dict = {"decode": rows, "options": VARIANTS[name]}
         if name in ("fast", "eager-torch"):
             pre = bench_prefill(engine, args.prefill_len, args.prefill_repeats, args.seed)
             fl = prefill_flops(engine, args.prefill_len)

@@ -80,21 +80,13 @@ if triton is not None:
             )
 
 
-# Programs per SM wanted when the caller takes unreduced partials (`reduce=False`): more splits cost
-# no extra launch there. 1 = the plain rule.
-PARTIALS_PROGRAMS_PER_SM = 2
-
-
-def _pick_config(
-    num_rows_out: int, k: int, num_sms: int, programs_per_sm: int = 1
-) -> tuple[int, int, int, int]:
+def _pick_config(num_rows_out: int, k: int, num_sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps). 64x256 tiles won a sweep on an H100 for every 13B layer
-    shape (docs/PERFORMANCE.md); split the reduction only when N alone gives under `programs_per_sm`
-    programs per SM."""
+    shape (docs/PERFORMANCE.md); split the reduction only when N alone gives under one program per SM."""
     block_n, block_k = 64, 256
     num_programs = triton.cdiv(num_rows_out, block_n)
     split_k = 1
-    while num_programs * split_k < programs_per_sm * num_sms and k // (split_k * 2) >= 4 * block_k:
+    while num_programs * split_k < num_sms and k // (split_k * 2) >= 4 * block_k:
         split_k *= 2
     return block_n, block_k, split_k, 4
 
@@ -127,8 +119,7 @@ def gemv(
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     if config is None:
-        per_sm = 1 if reduce else PARTIALS_PROGRAMS_PER_SM
-        block_n, block_k, split_k, num_warps = _pick_config(n, k, num_sms, per_sm)
+        block_n, block_k, split_k, num_warps = _pick_config(n, k, num_sms)
         num_stages = 4
     else:
         block_n, block_k, split_k, num_warps, num_stages = config
