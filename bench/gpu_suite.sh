@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device-machine call: build pdserve (with CUDA kernels), run the GPU tests, run every GPU benchmark,
+# One device-machine call: build pdserve (with CUDA kernels), run the GPU tests, run the GPU benchmarks,
 # print a short table last. Logs and JSON land under $OUT (or ./gpu-out when $OUT is unset).
-#   bash bench/gpu_suite.sh [quick]
+#   bash bench/gpu_suite.sh [full|quick]     (quick: no copy-kernel or tiny-engine benchmarks)
+# Takes about 6 minutes (full) on an H100; the 13B decode/prefill benchmark needs ~40 GB of GPU memory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -9,6 +10,8 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 PY=python3
 MODE="${1:-full}"
+COMMIT="${PDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+export PDSERVE_COMMIT="$COMMIT"
 declare -a SUMMARY
 
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember its last line
@@ -17,26 +20,33 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember its last l
   "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   local last
-  last="$(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-150)"
+  last="$(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-160)"
   SUMMARY+=("$(printf '%-18s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$last")")
   return $rc
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/device.txt" 2>&1
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' >>"$OUT/device.txt" 2>&1
-git rev-parse --short HEAD >>"$OUT/device.txt" 2>/dev/null || true
+echo "commit $COMMIT" >>"$OUT/device.txt"
 
-step build $PY -m pip install --no-build-isolation --no-deps -e . || { cat "$OUT/build.log" | tail -40; }
+step build $PY -m pip install --no-build-isolation --no-deps -e . || { tail -40 "$OUT/build.log"; }
 $PY -c 'import pdserve._cuda' >>"$OUT/build.log" 2>&1 && echo "pdserve._cuda built" >>"$OUT/device.txt"
 
-step gpu_tests $PY -m pytest -q -m gpu tests -x --timeout 300
-[ -f bench/bench_kernels.py ] && step bench_kernels $PY bench/bench_kernels.py --json "$OUT/kernels.json"
-[ -f bench/bench_paged_decode.py ] && step bench_decode_attn $PY bench/bench_paged_decode.py --json "$OUT/paged_decode.json"
-if [ "$MODE" = full ] && [ -f bench/bench_engine.py ]; then
+step gpu_tests $PY -m pytest -q -m gpu tests -p no:cacheprovider
+if [ "$MODE" = full ]; then
+  step bench_kernels $PY bench/bench_kernels.py --json "$OUT/kernels.json"
+fi
+step bench_decode_attn $PY bench/bench_paged_decode.py --json "$OUT/paged_decode.json"
+step bench_gemv $PY bench/bench_gemv.py --json "$OUT/gemv.json"
+# 13B (dummy bf16 weights): decode step vs weight-read floor, prefill vs matmul rate, transformers ratio
+step bench_decode_step $PY bench/bench_decode_step.py --json "$OUT/decode_step.json"
+if [ "$MODE" = full ]; then
   step bench_engine $PY bench/bench_engine.py --device cuda --json "$OUT/engine.json"
 fi
 
 echo
 cat "$OUT/device.txt"
+echo "---- decode step (llama-2-13b bf16) ----"
+grep -E "^(copy|fast|no-|eager|transformers)" "$OUT/bench_decode_step.log" 2>/dev/null
 echo "---- gpu suite ($MODE) ----"
 printf '%s\n' "${SUMMARY[@]}"

@@ -59,8 +59,10 @@ def test_bf16_logits_close_to_transformers(ckpt):
 
 
 def test_bf16_greedy_equals_transformers_on_short_runs(ckpt):
-    """The first token must be equal; later tokens equal too, except where transformers itself sees a
-    near-tie: its top logit beats ours by less than 2x its own bf16 error there (bf16 noise decides)."""
+    """Every token equal to transformers' bf16 greedy choice, except where transformers itself sees a
+    near-tie: its top logit beats ours by less than 2x its own bf16 error there (bf16 noise decides).
+    (The first token was once required to be exact; the GPU fast path — fused residual add, Triton
+    attention — rounds differently from transformers and flipped one such near-tie on an H100.)"""
     hf32, hf16 = _hf(ckpt, torch.float32), _hf(ckpt, torch.bfloat16)
     llm = LLM(ckpt, device="cuda", dtype="bfloat16", num_kv_blocks=64)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
@@ -71,7 +73,6 @@ def test_bf16_greedy_equals_transformers_on_short_runs(ckpt):
             l16 = hf16(ids).logits[0, len(prompt) - 1 :].float()
             l32 = hf32(ids).logits[0, len(prompt) - 1 :].float()
         noise = (l16 - l32).abs().max(dim=-1).values
-        assert out.token_ids[0] == int(l16[0].argmax())
         for i, token in enumerate(out.token_ids):
             gap = (l16[i].max() - l16[i, token]).item()
             assert gap <= 2 * noise[i].item(), (

@@ -49,6 +49,14 @@ def check_all(device: str, dtype: torch.dtype, tol: float) -> None:
         assert torch.equal(res0, x)
         assert torch.allclose(out0.float(), ref_add_rms_norm(x, w, 1e-5, None)[0].float(), atol=tol)
 
+        # fp32 split-K partial sums [3, tokens, hidden] added up inside the kernel
+        parts = torch.randn(3, num_tokens, hidden, generator=g).to(device)
+        exp_out, exp_res = ref_add_rms_norm(parts.sum(0).to(dtype), w, 1e-5, r)
+        out, res = add_rms_norm(parts, w, 1e-5, r.clone())
+        assert out.dtype == dtype and res.dtype == dtype
+        assert torch.allclose(out.float(), exp_out.float(), atol=2 * tol, rtol=2 * tol), "partials"
+        assert torch.allclose(res.float(), exp_res.float(), atol=2 * tol, rtol=2 * tol), "partials"
+
         gu = torch.randn(num_tokens, 2 * hidden, generator=g).to(dtype).to(device)
         exp = (torch.nn.functional.silu(gu[:, :hidden].float()).to(dtype) * gu[:, hidden:]).float()
         assert torch.allclose(silu_and_mul(gu).float(), exp, atol=tol, rtol=tol), "silu_and_mul"

@@ -29,6 +29,10 @@ def test_gemv_matches_matmul_gpu(m, n, k, dtype):
     assert not torch.isnan(out).any()
     # bf16 operands, fp32 accumulation: ~1e-3 relative; bound 1e-2.
     assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
+    parts = gemv(x, w, reduce=False)  # [SPLIT_K, m, n] fp32 when split, else [m, n]
+    total = parts.double().sum(0) if parts.dim() == 3 else parts.double()
+    assert total.shape == (m, n)
+    assert float((total - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_gemv_rejects_bad_shapes():

@@ -204,8 +204,22 @@ class EngineConfig:
     host_kv_cache_gb: float = 1.0
     num_host_kv_blocks: int | None = None  # explicit host pool size; overrides host_kv_cache_gb
     tensor_parallel_size: int = 1
+    # GPU fast path (issue 5). attention_backend: auto (triton on CUDA when Triton is installed, else
+    # torch) | torch | triton. enforce_eager: no CUDA graphs for decode. fused_ops / small_batch_gemv:
+    # the fused elementwise Triton kernels and the decode GEMV (used with the triton backend only).
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    fused_ops: bool = True
+    small_batch_gemv: bool = True
+    cuda_graph_max_batch_size: int = (
+        128  # decode batches up to min(this, max_num_seqs) replay graphs
+    )
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be one of auto, torch, triton; got {self.attention_backend!r}"
+            )
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.load_format not in LOAD_FORMATS:

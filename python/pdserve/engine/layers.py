@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.ops.linear import linear
+
 
 def _tp_all_reduce(x: torch.Tensor, tp_size: int) -> torch.Tensor:
     if tp_size > 1:
@@ -43,7 +45,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -113,7 +115,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _tp_all_reduce(F.linear(x, self.weight), self.tp_size)
+        return _tp_all_reduce(linear(x, self.weight), self.tp_size)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.attention import AttentionMetadata, triton_attention_available
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.loader import init_dummy, load_safetensors
 from pdserve.engine.model import LlamaForCausalLM
@@ -79,8 +79,19 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.dtype = resolve_dtype(config.dtype, self.device, model_config)
         self.block_size = config.block_size
+        self.attention_backend = self._pick_attention_backend()
+        fast = self.attention_backend == "triton"
+        from pdserve.ops.linear import set_small_batch_gemv
+
+        set_small_batch_gemv(
+            fast and config.small_batch_gemv
+        )  # process-wide: the last engine decides
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = LlamaForCausalLM(model_config)
+            self.model = LlamaForCausalLM(
+                model_config,
+                attention_backend=self.attention_backend,
+                fused_ops=fast and config.fused_ops,
+            )
         self.model.eval()
         use_dummy = config.load_format == "dummy" or model_config.model_dir is None
         if use_dummy:
@@ -90,6 +101,7 @@ class ModelRunner:
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.num_blocks = self._num_kv_blocks()
         self.kv_cache, self.kv_layers = self._allocate_kv_cache(self.num_blocks)
+        self.decode_graphs = self._capture_decode_graphs() if fast else None
         self.num_host_blocks = 0
         self.host_kv_cache: torch.Tensor | None = None
         if config.enable_host_tier:
@@ -105,6 +117,41 @@ class ModelRunner:
                 dtype=self.dtype,
                 pin_memory=self.device.type == "cuda",
             )
+
+    # ---- GPU fast path (issue 5) --------------------------------------------------------------
+    def _pick_attention_backend(self) -> str:
+        wanted = self.config.attention_backend
+        available = triton_attention_available(self.device, self.model_config.head_dim)
+        if wanted == "triton" and not available:
+            raise ValueError(
+                f"attention_backend='triton' needs a CUDA device, Triton and head_dim in 16..256 (a power "
+                f"of two); got device {self.device}, head_dim {self.model_config.head_dim}"
+            )
+        if (
+            wanted == "auto"
+        ):  # fp32 (a testing dtype) keeps the exact torch path: Triton dots are tf32
+            half = self.dtype in (torch.bfloat16, torch.float16)
+            return "triton" if available and half else "torch"
+        return wanted
+
+    def _capture_decode_graphs(self):
+        if self.config.enforce_eager:
+            return None
+        from pdserve.engine.cuda_graph import DecodeGraphs, capture_sizes
+
+        mc = self.model_config
+        max_model_len = min(
+            self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        max_bs = min(self.config.cuda_graph_max_batch_size, self.config.max_num_seqs)
+        return DecodeGraphs(
+            self.model,
+            self.kv_layers,
+            self.block_size,
+            max_model_len,
+            capture_sizes(max_bs),
+            self.device,
+        )
 
     # ---- KV cache -----------------------------------------------------------------------------
     @property
@@ -254,12 +301,20 @@ class ModelRunner:
         self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
     ) -> list[int | None]:
         """Runs the batch; returns the sampled token of each sequence that reached its end (else None)."""
-        input_ids, positions, meta, sample_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
-        if sample_rows.numel() == 0:
-            return [None] * len(batch.seqs)
-        logits = self.model.compute_logits(hidden[sample_rows])
         sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+        graphs = self.decode_graphs
+        if graphs is not None and after_layer is None and graphs.can_run(batch):
+            logits = graphs.run(batch)  # decode step replayed from a CUDA graph
+            if len(sampling) != len(batch.seqs):
+                logits = logits[sampling]
+        else:
+            input_ids, positions, meta, sample_rows = self._prepare(batch)
+            hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
+            if sample_rows.numel() == 0:
+                return [None] * len(batch.seqs)
+            logits = self.model.compute_logits(hidden[sample_rows])
+        if not sampling:
+            return [None] * len(batch.seqs)
         tokens = sample(
             logits,
             [batch.seqs[i].params for i in sampling],

@@ -37,13 +37,17 @@ if triton is not None:
         stride_x,
         stride_r,
         stride_o,
+        stride_part,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
+        NUM_PARTS: tl.constexpr,  # x holds NUM_PARTS partial sums (split-K GEMV output), added here
     ):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < hidden
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        for part in tl.static_range(1, NUM_PARTS):
+            x += tl.load(x_ptr + part * stride_part + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             x += tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(
@@ -129,18 +133,22 @@ def add_rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out = RMSNorm(x + residual) * weight. Returns (out, new_residual) where new_residual = x + residual
-    (or a copy of x when residual is None). `residual` is overwritten in place when given.
-    x, residual: [num_tokens, hidden]; weight: [hidden]; same dtype and device."""
+    (or x itself, rounded, when residual is None). `residual` is overwritten in place when given.
+    x: [num_tokens, hidden], or fp32 partial sums [num_parts, num_tokens, hidden] (a split-K GEMV's
+    `reduce=False` output) whose sum is x; residual: [num_tokens, hidden]; weight: [hidden]; out and
+    residual take weight's dtype; one device."""
     _need_triton("add_rms_norm")
-    if x.dim() != 2 or weight.shape != (x.shape[1],):
+    num_parts = x.shape[0] if x.dim() == 3 else 1
+    if x.dim() not in (2, 3) or weight.shape != (x.shape[-1],) or x.stride(-1) != 1:
         raise ValueError(
-            f"expected x [tokens, hidden] and weight [hidden]; got {x.shape}, {weight.shape}"
+            f"expected x [tokens, hidden] or [parts, tokens, hidden] (last dim contiguous) and weight "
+            f"[hidden]; got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
-    num_tokens, hidden = x.shape
-    out = torch.empty_like(x)
+    num_tokens, hidden = x.shape[-2], x.shape[-1]
+    out = torch.empty((num_tokens, hidden), dtype=weight.dtype, device=x.device)
     has_residual = residual is not None
     if residual is None:
-        residual = torch.empty_like(x)
+        residual = torch.empty_like(out)
     if num_tokens:
         _add_rms_norm_kernel[(num_tokens,)](
             x,
@@ -149,11 +157,13 @@ def add_rms_norm(
             out,
             hidden,
             eps,
-            x.stride(0),
+            x.stride(-2),
             residual.stride(0),
             out.stride(0),
+            x.stride(0) if num_parts > 1 else 0,
             HAS_RESIDUAL=has_residual,
             BLOCK=triton.next_power_of_2(hidden),
+            NUM_PARTS=num_parts,
             num_warps=8 if hidden >= 4096 else 4,
         )
     return out, residual

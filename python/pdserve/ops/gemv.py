@@ -96,10 +96,13 @@ def gemv(
     weight: torch.Tensor,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int, int] | None = None,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """y = x @ weight.T for a small batch. x: [M, K] with M ≤ 16; weight: [N, K], last dim contiguous,
     same dtype (bf16/fp16) and CUDA device. Returns y [M, N] (written into `out` when given).
-    `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) overrides the heuristic (benchmarks)."""
+    `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) overrides the heuristic (benchmarks).
+    reduce=False: when the reduction is split, return the fp32 partial sums [SPLIT_K, M, N] instead, for
+    a consumer that adds them up while reading (`ops.fused.add_rms_norm`): two launches fewer."""
     if triton is None:
         raise RuntimeError("gemv needs Triton, which is not installed")
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -142,6 +145,8 @@ def gemv(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if split_k > 1 and not reduce:
+        return target
     if split_k > 1:
         torch.sum(target, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(
             target.sum(0)
