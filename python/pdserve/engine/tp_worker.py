@@ -321,6 +321,11 @@ class TensorParallelRunner:
                 return
             time.sleep(0.5)
 
+    @property
+    def worker_pids(self) -> list[int | None]:
+        """Process ids of ranks 1..N-1 (None for a Ray task)."""
+        return [getattr(getattr(w, "proc", None), "pid", None) for w in self._workers]
+
     # ---- what the engine calls -------------------------------------------------------------------
     def prepare_inputs(self, batch: ScheduledBatch) -> StepInputs:
         return self.runner.prepare_inputs(batch)
