@@ -224,3 +224,59 @@ def test_hook_error_keeps_ranks_in_lockstep(gqa_ckpt):
     assert len(_run(engine)["c"]) == GREEDY.max_tokens  # the group still works
     _assert_clean(engine)
     _assert_stopped(engine)
+
+
+_DRIVER_SCRIPT = """
+import signal, sys
+from pdserve import SamplingParams
+from pdserve.engine import LLMEngine
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    engine = LLMEngine(model="tiny", device="cpu", num_kv_blocks=20, tensor_parallel_size=2)
+    print(*engine.runner.worker_pids, flush=True)
+    i = 0
+    while i < 3 or sys.argv[1] != "exit":  # never shut down: exit, Ctrl-C or a kill ends the worker
+        if not engine.has_unfinished():
+            engine.add_request(str(i), [256, 1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+            i += 1
+        engine.step()
+"""
+
+
+@pytest.mark.parametrize(
+    "sig", [None, signal.SIGINT, signal.SIGKILL], ids=["exit", "ctrl-c", "kill"]
+)
+def test_driver_interrupt_or_death_leaves_no_worker(tmp_path, sig):
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "exit" if sig is None else "loop"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        (pid,) = map(int, proc.stdout.readline().split())
+        if sig is not None:
+            time.sleep(0.3)  # mid-loop
+            proc.send_signal(sig)
+        proc.wait(timeout=30)
+        if sig is None:
+            assert proc.returncode == 0, proc.stderr.read()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"worker {pid} outlived its driver")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -300,8 +300,9 @@ class TensorParallelRunner:
         try:
             return fn(*args)
         except BaseException as exc:
-            # let a dying worker finish writing its error before reading it
-            deadline = time.monotonic() + 2.0
+            # let a dying worker finish writing its error before reading it (gloo reports a peer's
+            # death as a RuntimeError; an interruption on the driver needs no wait)
+            deadline = time.monotonic() + (2.0 if isinstance(exc, RuntimeError) else 0.0)
             while time.monotonic() < deadline and all(w.is_alive() for w in self._workers):
                 if any(self._worker_error(w.rank) for w in self._workers):
                     break
