@@ -123,8 +123,9 @@ class ModelRunner:
         self.model.eval()
         use_dummy = config.load_format == "dummy" or model_config.model_dir is None
         if use_dummy and self.tp_size > 1:
+            # the unsharded model's shapes (meta: no memory); each rank slices the same random weights
             with torch.device("meta"), _default_dtype(self.dtype):
-                full_model = LlamaForCausalLM(model_config)  # shapes only: each rank slices the same weights
+                full_model = LlamaForCausalLM(model_config)
             init_dummy_sharded(self.model, full_model, config.seed)
         elif use_dummy:
             init_dummy(self.model, config.seed)

@@ -234,6 +234,7 @@ class TensorParallelRunner:
             self.shutdown()
             raise
         self._watchdog = None
+        self._watchdog_fired = False
         if devices[0].type == "cuda":
             # a dead peer leaves NCCL kernels spinning: abort the group so the driver's wait fails
             self._watchdog = threading.Thread(
@@ -318,6 +319,8 @@ class TensorParallelRunner:
     def _watch(self) -> None:
         while self._failure is None and self.group is not None:
             if any(not w.is_alive() for w in self._workers):
+                # the step in flight may finish on garbage: run() checks this flag after it
+                self._watchdog_fired = True
                 self.group.abort()
                 return
             time.sleep(0.5)
@@ -353,6 +356,8 @@ class TensorParallelRunner:
                     hook_errors.append(exc)
 
         tokens = self._guard(self._execute, inputs, hook)
+        if self._watchdog_fired:
+            self._check_workers()
         if hook_errors:
             raise hook_errors[0]
         return tokens
