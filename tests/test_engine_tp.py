@@ -208,8 +208,9 @@ def test_worker_death_is_a_clear_error_not_a_hang(gqa_ckpt):
     assert multiprocessing.active_children() == []
 
 
-def test_hook_error_keeps_ranks_in_lockstep(gqa_ckpt):
-    engine = LLMEngine(model=gqa_ckpt, device="cpu", num_kv_blocks=20, tensor_parallel_size=2)
+def test_hook_error_keeps_ranks_in_lockstep():
+    # the "tiny" preset has random weights: each rank slices the same ones a single rank draws
+    engine = LLMEngine(model="tiny", device="cpu", num_kv_blocks=20, tensor_parallel_size=2)
 
     def hook(layer_idx, items):
         raise OSError("peer gone")
@@ -221,7 +222,9 @@ def test_hook_error_keeps_ranks_in_lockstep(gqa_ckpt):
     engine.release_request("p")
     engine.layer_hook = None
     engine.add_request("c", PROMPT, GREEDY)
-    assert len(_run(engine)["c"]) == GREEDY.max_tokens  # the group still works
+    single = LLMEngine(model="tiny", device="cpu", num_kv_blocks=20)
+    single.add_request("c", PROMPT, GREEDY)
+    assert _run(engine)["c"] == _run(single)["c"]  # the group still works
     _assert_clean(engine)
     _assert_stopped(engine)
 
