@@ -52,9 +52,19 @@ class _WorkerRunner(ModelRunner):
         numel = 1
         for n in shape:
             numel *= n
-        return torch.from_file(self._shm_path, shared=True, size=numel, dtype=self.dtype).view(
-            shape
-        )
+        nbytes = numel * torch.empty((), dtype=self.dtype).element_size()
+        stat = os.statvfs(os.path.dirname(self._shm_path))
+        free_nbytes = stat.f_bavail * stat.f_frsize
+        # tmpfs pages are committed on first touch: a too-small /dev/shm would kill the worker (SIGBUS)
+        # mid-step, so refuse now; every worker rank needs its own file
+        if free_nbytes < nbytes * (self.tp_size - 1):
+            raise ValueError(
+                f"{os.path.dirname(self._shm_path)} has {free_nbytes / 2**30:.2f} GiB free, but the "
+                f"{self.tp_size - 1} worker ranks' KV caches need {nbytes / 2**30:.2f} GiB each; lower "
+                "kv_cache_gb / num_kv_blocks or enlarge it (docker: --shm-size)"
+            )
+        kv = torch.from_file(self._shm_path, shared=True, size=numel, dtype=self.dtype)
+        return kv.view(shape)
 
     def describe_kv(self) -> dict[str, Any]:
         """How the driver maps this rank's KV: a shared-memory file (CPU) or a CUDA IPC handle."""
@@ -106,9 +116,10 @@ def worker_main(
                     break
                 else:
                     raise RuntimeError(f"unknown command {command!r} from the driver")
-    except BaseException:  # noqa: BLE001  (reported to the driver, then the process ends)
+    except BaseException as exc:  # noqa: BLE001  (reported to the driver, then the process ends)
         text = traceback.format_exc()
         with contextlib.suppress(Exception):
+            store.set(f"error_type/{rank}", type(exc).__name__)
             store.set(f"error/{rank}", text)
         print(f"pdserve tensor-parallel worker rank {rank} failed:\n{text}", flush=True)
         os._exit(1)
@@ -198,6 +209,7 @@ class TensorParallelRunner:
         self.config, self.model_config = config, model_config
         self.tp_size = tp_size
         self._failure: str | None = None
+        self._worker_value_error = False
         self._workers: list[Any] = []
         self._worker_kv: list[torch.Tensor] = []  # ranks 1.. KV caches mapped into this process
         self.group: TPGroup | None = None
@@ -230,6 +242,11 @@ class TensorParallelRunner:
                 self._guard(self.group.gather_objects, {"num_blocks": self.runner.num_blocks})
             if use_shm:
                 self._map_worker_kv_shm()
+        except WorkerFailure as exc:
+            self.shutdown()
+            if self._worker_value_error:  # a bad setting seen by a worker, e.g. /dev/shm too small
+                raise ValueError(str(exc)) from exc
+            raise
         except BaseException:
             self.shutdown()
             raise
@@ -285,6 +302,8 @@ class TensorParallelRunner:
         key = f"error/{rank}"
         with contextlib.suppress(Exception):
             if self._store is not None and self._store.check([key]):
+                kind = self._store.get(f"error_type/{rank}").decode(errors="replace")
+                self._worker_value_error |= kind == "ValueError"
                 return self._store.get(key).decode(errors="replace")
         return None
 
@@ -331,9 +350,6 @@ class TensorParallelRunner:
         return [getattr(getattr(w, "proc", None), "pid", None) for w in self._workers]
 
     # ---- what the engine calls -------------------------------------------------------------------
-    def prepare_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        return self.runner.prepare_inputs(batch)
-
     def run(
         self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
     ) -> list[int | None]:
