@@ -83,6 +83,42 @@ def test_tp2_equals_tp1_and_transformers(checkpoint):
     _assert_stopped(llm.engine)
 
 
+def test_control_group_objects_small_and_large():
+    """broadcast_object / gather_objects between two ranks (threads of this process, gloo)."""
+    import threading
+
+    import torch.distributed as dist
+    from pdserve.engine import distributed
+
+    store = dist.HashStore()
+    groups = [None, None]
+
+    def join(rank):
+        groups[rank] = distributed.init_group(store, rank, 2, torch.device("cpu"))
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    small, large = ("execute", [1, 2, 3]), list(range(100_000))  # one message; head + rest
+    got = [[], []]
+
+    def exchange(rank):
+        g = groups[rank]
+        for obj in (small, large):
+            got[rank].append(g.broadcast_object(obj if rank == 0 else None))
+        got[rank].append(g.gather_objects({"rank": rank, "pad": "x" * (70_000 * rank)}))
+        got[rank].append(g.min_int(10 - rank))
+
+    threads = [threading.Thread(target=exchange, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert got[1][:2] == [small, large]
+    assert [o["rank"] for o in got[0][2]] == [0, 1] and got[1][2] is None
+    assert got[0][3] == got[1][3] == 9
+    for g in groups:
+        g.shutdown()
+
+
 def _copy_blocks(src: LLMEngine, dst: LLMEngine, layer_idx: int, src_ids, dst_ids) -> None:
     """What the transfer engine does: rank i's pieces to the peer's rank i, by address only."""
     for s, d in zip(src.kv_layouts(), dst.kv_layouts(), strict=True):
@@ -210,7 +246,7 @@ def test_worker_death_is_a_clear_error_not_a_hang(gqa_ckpt):
 
 def test_hook_error_keeps_ranks_in_lockstep():
     # the "tiny" preset has random weights: each rank slices the same ones a single rank draws
-    engine = LLMEngine(model="tiny", device="cpu", num_kv_blocks=20, tensor_parallel_size=2)
+    engine = LLMEngine(model="tiny", device="cpu", num_kv_blocks=120, tensor_parallel_size=2)
 
     def hook(layer_idx, items):
         raise OSError("peer gone")
@@ -221,9 +257,10 @@ def test_hook_error_keeps_ranks_in_lockstep():
         engine.step()  # re-raised after every rank finished the step
     engine.release_request("p")
     engine.layer_hook = None
-    engine.add_request("c", PROMPT, GREEDY)
-    single = LLMEngine(model="tiny", device="cpu", num_kv_blocks=20)
-    single.add_request("c", PROMPT, GREEDY)
+    long_prompt = [256] + [(11 * i + 5) % 250 for i in range(1500)]
+    engine.add_request("c", long_prompt, GREEDY)
+    single = LLMEngine(model="tiny", device="cpu", num_kv_blocks=120)
+    single.add_request("c", long_prompt, GREEDY)
     assert _run(engine)["c"] == _run(single)["c"]  # the group still works
     _assert_clean(engine)
     _assert_stopped(engine)

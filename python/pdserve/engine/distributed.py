@@ -24,6 +24,8 @@ CONTROL_TIMEOUT = datetime.timedelta(days=365)
 COMPUTE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("PDSERVE_TP_TIMEOUT_S", "600")))
 # NVLink multicast (NVLS) stays off: it reserves memory per communicator and is not lent (KINDS.md).
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
+# The control group's first message per command: length + the start of the pickle
+_HEAD_NBYTES = 64 << 10
 
 
 class WorkerFailure(RuntimeError):
@@ -72,20 +74,31 @@ class TPGroup:
 
     # ---- control (gloo, host objects) ----------------------------------------------------------
     def broadcast_object(self, obj: object = None) -> object:
-        """Rank 0 sends obj (pickled) to every rank; every rank returns it."""
-        size = torch.zeros(1, dtype=torch.int64)
+        """Rank 0 sends obj (pickled) to every rank; every rank returns it. One collective when the
+        pickle fits the fixed-size first message (a step's inputs usually do), two otherwise."""
+        head = torch.empty(_HEAD_NBYTES, dtype=torch.uint8)
         data = b""
         if self.rank == 0:
             data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-            size[0] = len(data)
-        _broadcast(self.control_pg, size)
-        buf = (
-            torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if self.rank == 0
-            else torch.empty(int(size[0]), dtype=torch.uint8)
-        )
-        _broadcast(self.control_pg, buf)
-        return obj if self.rank == 0 else pickle.loads(buf.numpy().tobytes())
+            first = data[: _HEAD_NBYTES - 8]
+            head[:8] = torch.frombuffer(
+                bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8
+            )
+            head[8 : 8 + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        _broadcast(self.control_pg, head)
+        if self.rank == 0:
+            if len(data) > _HEAD_NBYTES - 8:
+                rest = torch.frombuffer(bytearray(data[_HEAD_NBYTES - 8 :]), dtype=torch.uint8)
+                _broadcast(self.control_pg, rest)
+            return obj
+        head_bytes = head.numpy().tobytes()
+        nbytes = int.from_bytes(head_bytes[:8], "little")
+        data = head_bytes[8 : 8 + nbytes]
+        if nbytes > _HEAD_NBYTES - 8:
+            rest = torch.empty(nbytes - (_HEAD_NBYTES - 8), dtype=torch.uint8)
+            _broadcast(self.control_pg, rest)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
 
     def gather_objects(self, obj: object) -> list[object] | None:
         """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
