@@ -227,14 +227,20 @@ def test_bad_sizes_fail_before_any_process_starts(gqa_ckpt):
     assert multiprocessing.active_children() == []
 
 
-def test_worker_death_is_a_clear_error_not_a_hang(gqa_ckpt):
+@pytest.mark.parametrize("how", ["killed", "raises"])
+def test_worker_death_is_a_clear_error_not_a_hang(gqa_ckpt, how):
     engine = LLMEngine(model=gqa_ckpt, device="cpu", num_kv_blocks=20, tensor_parallel_size=2)
     engine.add_request("a", PROMPT, GREEDY)
     engine.step()
     (pid,) = engine.runner.worker_pids
-    os.kill(pid, signal.SIGKILL)
+    if how == "killed":
+        os.kill(pid, signal.SIGKILL)
+        expected = "worker rank 1 .* died"
+    else:  # an error inside the worker: its traceback reaches the driver
+        engine.runner.group.broadcast_object(("no-such-command", ()))
+        expected = "(?s)worker rank 1 .* failed:.*unknown command 'no-such-command'"
     start = time.monotonic()
-    with pytest.raises(WorkerFailure, match="worker rank 1 .* died"):
+    with pytest.raises(WorkerFailure, match=expected):
         while engine.has_unfinished():
             engine.step()
     assert time.monotonic() - start < 10
