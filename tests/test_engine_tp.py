@@ -67,6 +67,8 @@ def test_tp2_equals_tp1_and_transformers(checkpoint):
     llm = LLM(path, **kw, enable_radix_caching=True, tensor_parallel_size=2)
     layouts = llm.engine.kv_layouts()
     assert len(layouts) == 2 and len({lay.base_addr for lay in layouts}) == 2
+    caches = llm.engine.kv_caches()
+    assert [c.data_ptr() for c in caches] == [lay.base_addr for lay in layouts]
     assert all(lay.num_kv_heads == max(1, num_kv_heads // 2) for lay in layouts)
     first = llm.generate(_prompts(), GREEDY)  # mixed lengths, chunked (40-token budget)
     second = llm.generate(_prompts(), GREEDY)  # whole blocks come from the radix tree

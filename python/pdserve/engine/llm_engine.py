@@ -366,6 +366,11 @@ class LLMEngine:
         sends rank i's pieces to the peer's rank i."""
         return self.runner.kv_layouts()
 
+    def kv_caches(self) -> list[Any]:
+        """Each rank's KV tensor (index = rank; torch tensors in kv_layout's shape, sharing the ranks'
+        memory), the tensor form of kv_layouts()."""
+        return self.runner.rank_kv_caches()
+
     def shutdown(self) -> None:
         """Stops tensor-parallel workers (no-op with one rank); the engine cannot step afterwards."""
         stop = getattr(self.runner, "shutdown", None)

@@ -229,6 +229,10 @@ class ModelRunner:
         """One layout per tensor-parallel rank; a single rank has one."""
         return [self.kv_layout()]
 
+    def rank_kv_caches(self) -> list[torch.Tensor]:
+        """One KV tensor per tensor-parallel rank; a single rank has one."""
+        return [self.kv_cache]
+
     def kv_layout(self) -> KVLayout:
         piece = self.piece_nbytes
         num_layers = self.model_config.num_hidden_layers
