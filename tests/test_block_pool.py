@@ -94,3 +94,58 @@ def test_bad_construction() -> None:
         BlockPool(-3)
     with pytest.raises(ValueError, match="tier must be 0 .GPU. or 1 .HOST., got 5"):
         BlockPool(3, 5)  # type: ignore[arg-type]
+
+
+def test_block_id_inputs_of_every_int_kind() -> None:
+    """The list fast path reads plain ints in place; other int kinds take the checked path."""
+
+    class MyInt(int):
+        pass
+
+    pool = BlockPool(8)
+    ids = pool.allocate(3)
+    pool.incref([MyInt(ids[0]), np.int64(ids[1]), True])  # True is block 1
+    assert [pool.ref_count(i) for i in ids] == [2, 3, 1]
+    pool.decref(np.array([ids[0], ids[1], ids[1]], dtype=np.int64))
+    pool.decref(np.array(ids[::-1], dtype=">i8").astype(np.int32))
+    assert pool.num_free == 8
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match=f"unknown block id {bad}"):
+            pool.decref([bad])
+    with pytest.raises(ValueError, match=r"block_ids\[1\] = 1099511627776 does not fit in int32"):
+        pool.decref([0, 2**40])
+    with pytest.raises(TypeError, match="native byte order"):
+        pool.decref(np.zeros(2, dtype=">i4"))
+    with pytest.raises(TypeError, match=r"block_ids\[0\] must be an int, got float"):
+        pool.decref([1.0])
+    pool.check_invariants()
+
+
+def test_fast_methods_take_keywords_and_index_ints() -> None:
+    pool = BlockPool(4)
+    assert pool.can_allocate(num_blocks=np.int64(4))
+    ids = pool.allocate(num_blocks=2)
+    pool.incref(block_ids=ids)
+    pool.decref(block_ids=ids)
+    pool.decref(ids)
+    with pytest.raises(TypeError, match="unexpected or repeated argument 'n'"):
+        pool.allocate(n=1)
+    with pytest.raises(TypeError, match="missing required argument 'num_blocks'"):
+        pool.allocate()
+    with pytest.raises(TypeError, match="num_blocks must be an int, got str"):
+        pool.allocate("1")
+    with pytest.raises(ValueError, match="num_blocks = 1099511627776 does not fit in int32"):
+        pool.can_allocate(2**40)
+    assert pool.num_free == 4
+
+
+def test_ids_beyond_the_shared_int_cache() -> None:
+    """Ids past the cache of shared ints (2**20) come back as fresh ints with the same values."""
+    n = (1 << 20) + 3
+    pool = BlockPool(n)
+    ids = pool.allocate(n)
+    assert ids[-3:] == [n - 3, n - 2, n - 1] and len(ids) == n
+    pool.decref(ids[-3:])
+    assert pool.allocate(3) == [n - 1, n - 2, n - 3]
+    pool.decref(ids[:-3] + [n - 1, n - 2, n - 3])
+    assert pool.num_free == n

@@ -268,3 +268,26 @@ def test_dropping_the_tree_gives_blocks_back_to_the_pools() -> None:
     assert gpu.num_free == 16
     gpu.check_invariants()
     host.check_invariants()
+
+
+def test_fast_methods_keywords_handles_and_foreign_objects() -> None:
+    from pdserve import _core
+
+    tree = make()
+    ids = tree.gpu_pool.allocate(2)
+    r = tree.insert(tokens=np.arange(8, dtype=np.int32), block_ids=ids)
+    assert (r.num_adopted, r.adopted_block_ids, r.duplicate_block_ids) == (2, ids, [])
+    tree.gpu_pool.decref(ids)
+    m = tree.match_prefix(tokens=list(range(8)))
+    handle = tree.lock(node=np.uint64(m.node))
+    tree.unlock(handle=handle)
+    assert tree.evict(num_blocks=1, tier=Tier.GPU) == ids  # the whole leaf goes
+    with pytest.raises(ValueError, match="node must be >= 0, got -1"):
+        tree.lock(-1)
+    with pytest.raises(TypeError, match="takes at most 2 arguments"):
+        tree.insert([1], [2], [3])
+    with pytest.raises(TypeError, match="doesn't apply to a 'BlockPool' object"):
+        _core.RadixTree.match_prefix(tree.gpu_pool, [1])
+    with pytest.raises(TypeError, match="native byte order"):
+        tree.match_prefix(np.arange(8, dtype=">i4"))
+    tree.check_invariants()

@@ -81,14 +81,66 @@ uint64_t RadixTree::Impl::content_key(const int32_t* block) const {
   return h ^ (h >> 29);
 }
 
+void detail::ChildIndex::insert(uint64_t key, Node* child) {
+  if ((used_ + 1) * 2 > slots_.size()) rehash(std::max<size_t>(16, (size_ + 1) * 4));
+  size_t i = home(key);
+  while (slots_[i].node != nullptr) i = (i + 1) & mask_;
+  if (!slots_[i].erased) ++used_;
+  slots_[i] = Slot{key, child, false};
+  ++size_;
+}
+
+void detail::ChildIndex::erase(uint64_t key, const Node* child) {
+  if (slots_.empty()) return;
+  for (size_t i = home(key);; i = (i + 1) & mask_) {
+    Slot& s = slots_[i];
+    if (s.node == nullptr && !s.erased) return;
+    if (s.node == child) {
+      s.node = nullptr;
+      s.erased = true;
+      --size_;
+      return;
+    }
+  }
+}
+
+void detail::ChildIndex::replace(uint64_t key, const Node* from, Node* to) {
+  if (slots_.empty()) return;
+  for (size_t i = home(key);; i = (i + 1) & mask_) {
+    Slot& s = slots_[i];
+    if (s.node == nullptr && !s.erased) return;
+    if (s.node == from) {
+      s.node = to;
+      return;
+    }
+  }
+}
+
+void detail::ChildIndex::rehash(size_t capacity) {
+  size_t cap = 16;
+  int bits = 4;
+  while (cap < capacity) {
+    cap <<= 1;
+    ++bits;
+  }
+  std::vector<Slot> old;
+  old.swap(slots_);
+  slots_.assign(cap, Slot{});
+  mask_ = cap - 1;
+  shift_ = 64 - bits;
+  size_ = 0;
+  used_ = 0;
+  for (const Slot& s : old) {
+    if (s.node != nullptr) insert(s.key, s.node);
+  }
+}
+
 Node* RadixTree::Impl::find_child(const Node* n, const int32_t* block) const {
   const size_t nbytes = sizeof(int32_t) * bs_;
   if (n->child_index) {
-    auto range = n->child_index->equal_range(content_key(block));
-    for (auto it = range.first; it != range.second; ++it) {
-      if (std::memcmp(first_block(it->second), block, nbytes) == 0) return it->second;
-    }
-    return nullptr;
+    return n->child_index->find(content_key(block), [&](const Node* c) {
+      return std::memcmp(first_block(c), block, nbytes) == 0;
+    });
   }
   for (Node* c : n->children) {
     if (c->tokens[0] == block[0] && std::memcmp(first_block(c), block, nbytes) == 0) return c;
@@ -103,23 +155,17 @@ void RadixTree::Impl::add_child(Node* parent, Node* child) {
   parent->children.push_back(child);
   if (child->tier == Tier::kGpu) ++parent->num_gpu_children;
   if (parent->child_index) {
-    parent->child_index->emplace(child->child_key, child);
+    parent->child_index->insert(child->child_key, child);
   } else if (parent->children.size() > kIndexThreshold) {
-    parent->child_index = std::make_unique<std::unordered_multimap<uint64_t, Node*>>();
+    parent->child_index = std::make_unique<detail::ChildIndex>();
     for (Node* c : parent->children) {
-      parent->child_index->emplace(c->child_key, c);
+      parent->child_index->insert(c->child_key, c);
     }
   }
 }
 
 void RadixTree::Impl::erase_from_index(Node* parent, Node* child) {
-  auto range = parent->child_index->equal_range(child->child_key);
-  for (auto it = range.first; it != range.second; ++it) {
-    if (it->second == child) {
-      parent->child_index->erase(it);
-      return;
-    }
-  }
+  parent->child_index->erase(child->child_key, child);
 }
 
 void RadixTree::Impl::remove_child(Node* parent, Node* child) {
@@ -197,12 +243,7 @@ Node* RadixTree::Impl::split(Node* n, size_t k) {
   upper->index_in_parent = n->index_in_parent;
   upper->child_key = n->child_key;
   parent->children[n->index_in_parent] = upper;
-  if (parent->child_index) {
-    auto range = parent->child_index->equal_range(upper->child_key);
-    for (auto it = range.first; it != range.second; ++it) {
-      if (it->second == n) it->second = upper;
-    }
-  }
+  if (parent->child_index) parent->child_index->replace(upper->child_key, n, upper);
   add_child(upper, n);
   if (n->ticket_id != 0) tickets_.at(n->ticket_id).nodes.push_back(upper);
   return upper;

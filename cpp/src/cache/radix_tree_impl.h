@@ -27,6 +27,45 @@ struct NodeLess {
 };
 using CandidateSet = std::set<Node*, NodeLess>;
 
+// Hash index of a node's children by child_key (content_key of the child's first block): open
+// addressing with linear probing over a power-of-two table kept at most half full (tombstones
+// included), so a lookup is one multiply, a shift and usually one probe, with no per-entry heap
+// node. Keys may repeat (content_key collisions): callers verify candidates with memcmp.
+class ChildIndex {
+ public:
+  size_t size() const { return size_; }
+  void insert(uint64_t key, Node* child);
+  // Removes the entry (key, child); no-op when absent.
+  void erase(uint64_t key, const Node* child);
+  // Points the entry (key, from) at `to`.
+  void replace(uint64_t key, const Node* from, Node* to);
+  // First entry with `key` for which matches(node) holds, or nullptr.
+  template <typename Matches>
+  Node* find(uint64_t key, Matches&& matches) const {
+    if (slots_.empty()) return nullptr;
+    for (size_t i = home(key);; i = (i + 1) & mask_) {
+      const Slot& s = slots_[i];
+      if (s.node == nullptr && !s.erased) return nullptr;
+      if (s.node != nullptr && s.key == key && matches(s.node)) return s.node;
+    }
+  }
+
+ private:
+  struct Slot {
+    uint64_t key = 0;
+    Node* node = nullptr;  // nullptr: empty, or erased when `erased`
+    bool erased = false;
+  };
+  size_t home(uint64_t key) const { return (key * 0x9E3779B97F4A7C15ULL) >> shift_; }
+  void rehash(size_t capacity);
+
+  std::vector<Slot> slots_;
+  size_t mask_ = 0;
+  int shift_ = 64;
+  size_t size_ = 0;  // live entries
+  size_t used_ = 0;  // live + erased slots
+};
+
 struct Node {
   uint64_t id = 0;           // unique, never reused; the NodeHandle
   uint64_t seq = 0;          // insertion order (both halves of a split keep it)
@@ -43,7 +82,7 @@ struct Node {
   std::vector<uint64_t> block_hashes;      // chained hashes (when recording events)
   std::vector<Node*> children;
   uint64_t child_key = 0;  // content_key() of the first block, the key in the parent's index
-  std::unique_ptr<std::unordered_multimap<uint64_t, Node*>> child_index;
+  std::unique_ptr<ChildIndex> child_index;
   // Membership in the candidate sets (at most one evict set plus the demote set).
   bool in_evict_set = false;
   bool in_demote_set = false;

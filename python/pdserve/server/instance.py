@@ -1,0 +1,486 @@
+"""The instance server: one engine (prefill, decode or both) behind the OpenAI API and the internal API.
+
+This file holds the lifecycle, the public API, stats/events and registration with the scheduler; the
+prefill/decode request path lives in instance_pd.py (a mixin over the same state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from pdserve.server import engine_adapter as ea
+from pdserve.server.cli_serve import ConfigError, ServeConfig
+from pdserve.server.engine_loop import ENGINE_DEAD, EngineLoop
+from pdserve.server.instance_pd import PDHandlersMixin, Peer, PrefillState, json_error
+from pdserve.server.kv_staging import StagingArena
+from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pdserve.server.openai_render import TokenDelta, render_response
+from pdserve.server.protocol import (
+    ProtocolError,
+    SamplingSpec,
+    models_json,
+    parse_chat,
+    parse_completion,
+)
+from pdserve.server.transport import KVLinks, transfer_layout
+from pdserve.transfer import KVLayout
+
+log = logging.getLogger("pdserve.instance")
+MAX_EVENT_LOG = 200_000
+
+
+class InstanceServer(PDHandlersMixin):
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.incarnation = uuid.uuid4().hex[:8]
+        host = config.advertise_host
+        self.url = f"http://{host}:{config.port}"
+        self.instance_id = f"{config.role}@{host}:{config.port}"
+        self.metrics = ServerMetrics("instance")
+        self.engine = None
+        self.loop_thread: EngineLoop | None = None
+        self.tokenizer = None
+        self.layout: KVLayout | None = None
+        self.transport: KVLinks | None = None  # None on a colocated instance
+        self.arena: StagingArena | None = None  # host staging of GPU KV (no --enable-direct)
+        # staged receives: request key -> (KV block ids, the staging slots their bytes land in)
+        self.staged: dict[str, tuple[list[int], list[int]]] = {}
+        self.peers: dict[str, Peer] = {}
+        # prefill side: written on the event loop, read by the layer hook on the engine thread
+        self.prefills: dict[str, PrefillState] = {}
+        self.reservations: dict[str, asyncio.TimerHandle] = {}  # decode side: request id -> expiry
+        # prefill side, back-transfer: request id -> (cached block ids, new block ids receiving D's KV)
+        self.dcache_reservations: dict[str, tuple[list[int], list[int]]] = {}
+        self.event_log: list[dict] = []
+        self.event_log_first_seq = 0  # seq of event_log[0]
+        self.num_prefill_computed_tokens = 0
+        self.num_requests_served = 0
+        self.started = time.time()
+        self.scheduler_state = "none" if not config.scheduler_url else "connecting"
+        self._session: aiohttp.ClientSession | None = None
+        self._bg_tasks: list[asyncio.Task] = []
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self, app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        self.engine = await loop.run_in_executor(None, ea.build_engine, self.config)
+        self.tokenizer = ea.engine_tokenizer(self.engine)
+        self.layout = transfer_layout(self.engine.kv_layout())
+        if self.config.role != "both" and self._use_staging():
+            self.arena = StagingArena(
+                ea.kv_tensor(self.engine), self.config.use_agg_block, self._num_staging_slots()
+            )
+        if self.config.role != "both":
+            try:
+                self.transport = KVLinks(
+                    loop,
+                    self.config.host,
+                    self.config.advertise_host,
+                    self.config.transfer_port,
+                    self.arena.layout if self.arena is not None else self.layout,
+                    self.instance_id,
+                    self.config.transfer_timeout,
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        ea.set_layer_hook(self.engine, self._layer_hook)
+        self.loop_thread = EngineLoop(self.engine, loop, ea.has_work)
+        self.loop_thread.start()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        if self.config.scheduler_url:
+            self._bg_tasks.append(asyncio.create_task(self._register_loop()))
+        transfer = f", KV transfer {self.transport.local.address}" if self.transport else ""
+        staging = f" via {self.arena.layout.num_blocks} host staging slots" if self.arena else ""
+        sched = self.config.scheduler_url or "no scheduler"
+        print(
+            f"pdserve serve: {self.instance_id} ready at {self.url} ({self.config.served_model_name}, "
+            f"{self.layout.num_blocks} KV blocks on {self.layout.device}{transfer}{staging}; "
+            f"offering itself to {sched})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def stop(self, app: web.Application) -> None:
+        for t in self._bg_tasks:
+            t.cancel()
+        if self.loop_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.loop_thread.stop)
+        if self.transport is not None:
+            await self.transport.aclose()
+        if self._session is not None:
+            await self._session.close()
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.on_startup.append(self.start)
+        app.on_cleanup.append(self.stop)
+        r = app.router
+        r.add_post("/v1/completions", self.h_completions)
+        r.add_post("/v1/chat/completions", self.h_chat)
+        r.add_get("/v1/models", self.h_models)
+        r.add_get("/health", self.h_health)
+        r.add_get("/metrics", self.h_metrics)
+        r.add_get("/internal/v1/info", self.h_info)
+        r.add_get("/internal/v1/stats", self.h_stats)
+        r.add_post("/internal/v1/tokenize", self.h_tokenize)
+        r.add_post("/internal/v1/generate", self.h_generate)
+        r.add_post("/internal/v1/reserve", self.h_reserve)
+        r.add_post("/internal/v1/prefill", self.h_prefill)
+        r.add_post("/internal/v1/decode", self.h_decode)
+        r.add_post("/internal/v1/release", self.h_release)
+        r.add_post("/internal/v1/link", self.h_link)
+        r.add_post("/internal/v1/dcache/reserve", self.h_dcache_reserve)
+        r.add_post("/internal/v1/dcache/send", self.h_dcache_send)
+        r.add_post("/internal/v1/dcache/commit", self.h_dcache_commit)
+        r.add_get("/internal/v1/cache_events", self.h_cache_events)
+        return app
+
+    def _use_staging(self) -> bool:
+        mode = self.config.kv_staging
+        return mode == "on" or (mode == "auto" and not self.layout.device.startswith("cpu"))
+
+    def _num_staging_slots(self) -> int:
+        block_nbytes = self.layout.num_layers * self.layout.piece_nbytes
+        return max(1, int(self.config.staging_gb * (1 << 30)) // block_nbytes)
+
+    # ----------------------------------------------------------------- helpers
+    async def call(self, fn):
+        return await self.loop_thread.call(fn)
+
+    def info(self) -> dict:
+        c = self.config
+        return {
+            "instance_id": self.instance_id,
+            "incarnation": self.incarnation,
+            "url": self.url,
+            "role": c.role,
+            "model": c.served_model_name,
+            "block_size": c.block_size,
+            "tensor_parallel_size": c.tensor_parallel_size,
+            "dtype": c.dtype,
+            "layout": self.layout.to_dict() if self.layout else None,
+            "transfer": self.transport.endpoint() if self.transport else None,
+            "num_total_blocks": self.layout.num_blocks if self.layout else 0,
+            "flags": {
+                "enable_radix_caching": c.enable_radix_caching,
+                "enable_layer": c.enable_layer,
+                "enable_dcache": c.enable_dcache,
+                "use_agg_block": c.use_agg_block,
+                "enable_trans_to_dram": c.enable_trans_to_dram,
+                "enable_radix_evictor": c.enable_radix_evictor,
+            },
+        }
+
+    async def stats(self, events_since: int | None = None) -> dict:
+        def collect(engine):
+            return ea.stats(engine), ea.check_invariants(engine), ea.drain_cache_events(engine)
+
+        engine_stats, invariant_error, events = await self.call(collect)
+        t = self.transport
+        self._append_events(events)
+        s = dict(engine_stats)
+        s.update(
+            {
+                "instance_id": self.instance_id,
+                "incarnation": self.incarnation,
+                "role": self.config.role,
+                "invariant_error": invariant_error,
+                "num_reservations": len(self.reservations),
+                "num_pinned_prefills": len(self.prefills),
+                "num_dcache_reservations": len(self.dcache_reservations),
+                "num_staged": len(self.staged),
+                "num_free_staging_slots": self.arena.num_free_slots if self.arena else 0,
+                "num_staging_slots": self.arena.layout.num_blocks if self.arena else 0,
+                "num_pending_transfers": t.num_pending() if t else 0,
+                "kv_bytes_sent": t.bytes_sent if t else 0,
+                "kv_num_sends": t.num_sends if t else 0,
+                "kv_bytes_received": t.bytes_received if t else 0,
+                "kv_seconds_receiving": t.seconds_receiving if t else 0.0,
+                "num_prefill_computed_tokens": self.num_prefill_computed_tokens,
+                "num_requests_served": self.num_requests_served,
+                "event_seq": self.event_log_first_seq + len(self.event_log),
+            }
+        )
+        s.setdefault("num_total_blocks", self.layout.num_blocks)
+        if events_since is not None:
+            s["events"], s["events_first_seq"] = self._events_since(events_since)
+        return s
+
+    def _append_events(self, events: list[dict]) -> None:
+        self.event_log.extend(events)
+        overflow = len(self.event_log) - MAX_EVENT_LOG
+        if overflow > 0:
+            del self.event_log[:overflow]
+            self.event_log_first_seq += overflow
+
+    def _events_since(self, seq: int) -> tuple[list[dict], int]:
+        start = max(seq, self.event_log_first_seq)
+        return self.event_log[start - self.event_log_first_seq :], start
+
+    def _check_role(self, *roles: str) -> None:
+        if self.config.role not in roles:
+            raise ProtocolError(
+                f"this is a {self.config.role} instance; this endpoint needs role {' or '.join(roles)}"
+                + (" (send public requests to the scheduler)" if "both" in roles else ""),
+                status=400,
+            )
+
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ProtocolError("request body is not valid JSON") from None
+
+    async def _engine_stream(self, request_id: str, add_fn, q=None):
+        """Adds a request through `add_fn(engine)` and yields TokenDeltas until it finishes.
+
+        On any early exit (client gone, error) the request is aborted and its blocks released.
+        """
+        q = q or self.loop_thread.open_stream(request_id)
+        finished = False
+        try:
+            await self.call(add_fn)
+            while True:
+                out = await q.get()
+                if out is ENGINE_DEAD:
+                    raise RuntimeError(f"engine thread died: {self.loop_thread.error!r}")
+                _, new_ids, finish, num_cached = ea.output_fields(out)
+                yield TokenDelta(new_ids, finish, num_cached)
+                if finish is not None:
+                    finished = True
+                    return
+        finally:
+            self.loop_thread.close_stream(request_id)
+            if not finished:
+                await self._abort_and_release(request_id)
+
+    async def _abort_and_release(self, request_id: str) -> None:
+        def both(engine):
+            try:
+                ea.abort(engine, request_id)
+            except (KeyError, ValueError):
+                pass
+            try:
+                ea.release(engine, request_id)
+            except (KeyError, ValueError):
+                pass
+
+        try:
+            await self.call(both)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            log.exception("releasing %s failed", request_id)
+
+    # ----------------------------------------------------------------- public API
+    async def _public(self, request: web.Request, parse) -> web.StreamResponse:
+        try:
+            self._check_role("both")
+            req = parse(await self._body(request))
+            token_ids = self._tokenize(req)
+        except ProtocolError as exc:
+            return web.json_response(exc.to_json(), status=exc.status)
+        request_id = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        spec = req.sampling
+        self.num_requests_served += 1
+        deltas = self._engine_stream(
+            request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
+        )
+        try:
+            return await render_response(
+                request,
+                req,
+                request_id,
+                self.config.served_model_name,
+                len(token_ids),
+                deltas,
+                self.tokenizer.decode,
+                self.metrics,
+            )
+        except ValueError as exc:  # the engine refused the request (too long, ...)
+            return json_error(400, str(exc))
+        finally:
+            await deltas.aclose()
+
+    def _tokenize(self, req) -> list[int]:
+        if req.prompt_token_ids is not None:
+            return req.prompt_token_ids
+        if req.messages is not None:
+            return list(self.tokenizer.encode_chat(req.messages))
+        return list(self.tokenizer.encode(req.prompt))
+
+    async def h_completions(self, request):
+        return await self._public(request, parse_completion)
+
+    async def h_chat(self, request):
+        return await self._public(request, parse_chat)
+
+    async def h_models(self, request):
+        return web.json_response(models_json(self.config.served_model_name, int(self.started)))
+
+    async def h_health(self, request):
+        if self.loop_thread is None or self.loop_thread.error is not None:
+            return web.json_response(
+                {"status": "error", "error": repr(self.loop_thread and self.loop_thread.error)},
+                status=503,
+            )
+        return web.json_response(
+            {
+                "status": "ok",
+                "role": self.config.role,
+                "instance_id": self.instance_id,
+                "scheduler": self.scheduler_state,
+            }
+        )
+
+    async def h_metrics(self, request):
+        s = await self.stats()
+        self.metrics.update_from_stats(s)
+        self.metrics.sync_transfer(
+            s["kv_bytes_sent"], s["kv_bytes_received"], s["kv_seconds_receiving"]
+        )
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    # ----------------------------------------------------------------- internal API
+    async def h_info(self, request):
+        return web.json_response(self.info())
+
+    async def h_stats(self, request):
+        since = request.query.get("events_since")
+        return web.json_response(await self.stats(int(since) if since is not None else None))
+
+    async def h_cache_events(self, request):
+        since = int(request.query.get("since", 0))
+        s = await self.stats(since)
+        return web.json_response(
+            {"events": s["events"], "first_seq": s["events_first_seq"], "next_seq": s["event_seq"]}
+        )
+
+    async def h_tokenize(self, request):
+        try:
+            body = await self._body(request)
+            if "messages" in body:
+                ids = list(self.tokenizer.encode_chat(body["messages"]))
+            else:
+                ids = list(self.tokenizer.encode(body["prompt"]))
+        except (ProtocolError, KeyError, TypeError) as exc:
+            return json_error(400, f"tokenize needs 'prompt' (string) or 'messages': {exc}")
+        return web.json_response({"token_ids": ids})
+
+    async def _ndjson(
+        self, request: web.Request, deltas, first: dict | None = None
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        try:
+            if first is not None:
+                await resp.write((json.dumps(first) + "\n").encode())
+            async for d in deltas:
+                line = {"token_ids": d.new_token_ids, "finish_reason": d.finish_reason}
+                if d.num_cached_tokens is not None:
+                    line["num_cached_tokens"] = d.num_cached_tokens
+                await resp.write((json.dumps(line) + "\n").encode())
+            await resp.write_eof()
+        except ConnectionResetError:
+            # the scheduler went away (its client left): the caller's `finally` aborts and releases
+            log.info("stream of %s closed by the peer", request.path)
+        return resp
+
+    async def h_generate(self, request):
+        """Colocated generation for the scheduler: NDJSON lines {token_ids, finish_reason}."""
+        try:
+            self._check_role("both")
+            body = await self._body(request)
+            request_id = str(body["request_id"])
+            token_ids = [int(t) for t in body["prompt_token_ids"]]
+            spec = SamplingSpec.from_dict(body.get("sampling", {}))
+        except ProtocolError as exc:
+            return web.json_response(exc.to_json(), status=exc.status)
+        except (KeyError, TypeError, ValueError) as exc:
+            return json_error(400, f"generate needs request_id and prompt_token_ids: {exc}")
+        self.num_requests_served += 1
+        deltas = self._engine_stream(
+            request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
+        )
+        try:
+            return await self._ndjson(request, deltas)
+        finally:
+            await deltas.aclose()
+
+    async def _get_json(self, url: str) -> dict:
+        async with self._session.get(url) as resp:
+            resp.raise_for_status()
+            return await resp.json()
+
+    async def _post_json(self, url: str, payload: dict) -> dict:
+        async with self._session.post(url, json=payload) as resp:
+            data = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(data.get("error", {}).get("message", f"HTTP {resp.status}"))
+            return data
+
+    async def _register_loop(self) -> None:
+        """Offer this instance to the scheduler and heartbeat; re-register whenever it forgets us."""
+        url = self.config.scheduler_url
+        warned = False
+        while True:
+            try:
+                await self._post_json(
+                    f"{url}/internal/v1/register", {"url": self.url, "info": self.info()}
+                )
+                self.scheduler_state = "registered"
+                log.info("registered with scheduler %s", url)
+                warned = False
+                while True:
+                    await asyncio.sleep(self.config.heartbeat_interval)
+                    s = await self.stats()
+                    reply = await self._post_json(
+                        f"{url}/internal/v1/heartbeat",
+                        {
+                            "instance_id": self.instance_id,
+                            "incarnation": self.incarnation,
+                            "stats": s,
+                        },
+                    )
+                    if not reply.get("known", False):
+                        break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the scheduler may not be up yet: retry
+                self.scheduler_state = "connecting"
+                if not warned:
+                    log.warning(
+                        "scheduler %s not reachable yet (%s); retrying in the background", url, exc
+                    )
+                    warned = True
+                await asyncio.sleep(min(1.0, self.config.heartbeat_interval))
+
+
+def serve_forever(config: ServeConfig) -> int:
+    server = InstanceServer(config)
+    try:
+        app = server.build_app()
+        web.run_app(
+            app,
+            host=config.host,
+            port=config.port,
+            print=None,
+            access_log=None,
+            handle_signals=True,
+        )
+    except ConfigError as exc:
+        print(f"pdserve serve: error: {exc}", flush=True, file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(
+            f"pdserve serve: error: cannot listen on {config.host}:{config.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,402 @@
+"""OpenAI-compatible request validation and response shapes, shared by instances and the scheduler.
+
+One schema source: `COMPLETION_FIELDS` / `CHAT_FIELDS` list every accepted field with its type and range;
+`parse_completion` / `parse_chat` check a JSON body against them and raise `ProtocolError` (HTTP 400) with a
+message naming the field, the value seen and what is accepted. Responses follow OpenAI's shapes, including
+`usage.prompt_tokens_details.cached_tokens` and SSE chunks ending with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ProtocolError(ValueError):
+    """A bad request: `status` is the HTTP status, the message is for people."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+    def to_json(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {
+            "error": {"message": str(self), "type": kind, "param": self.param, "code": self.status}
+        }
+
+
+@dataclass(frozen=True)
+class Field:
+    """One accepted request field: JSON types, inclusive numeric range, default."""
+
+    types: tuple[type, ...]
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    doc: str = ""
+
+
+_NUM = (int, float)
+# Sampling fields common to both endpoints (the engine's SamplingParams takes them by these names).
+_SAMPLING_FIELDS: dict[str, Field] = {
+    "model": Field(
+        (str,), None, doc="served model name; any value is accepted when one model is served"
+    ),
+    "max_tokens": Field((int,), 16, minimum=1, doc="new tokens to generate"),
+    "max_completion_tokens": Field((int,), None, minimum=1, doc="alias of max_tokens (chat)"),
+    "temperature": Field(_NUM, 1.0, minimum=0.0, maximum=2.0, doc="0 = greedy"),
+    "top_p": Field(_NUM, 1.0, minimum=0.0, maximum=1.0, exclusive_minimum=True),
+    "top_k": Field((int,), -1, minimum=-1, doc="-1 = off"),
+    "seed": Field((int,), None, doc="per-request sampling seed"),
+    "stream": Field((bool,), False),
+    "stream_options": Field((dict,), None, doc='{"include_usage": bool}'),
+    "stop_token_ids": Field((list,), None, doc="token ids that end the sequence"),
+    "ignore_eos": Field((bool,), False),
+    "n": Field((int,), 1, minimum=1, maximum=1, doc="one choice per request"),
+    "user": Field((str,), None),
+    "stop": Field((str, list), None, doc="not supported yet: use stop_token_ids"),
+    "logprobs": Field((bool, int), None, doc="not supported"),
+    "presence_penalty": Field(_NUM, 0.0, minimum=0.0, maximum=0.0, doc="only 0 is supported"),
+    "frequency_penalty": Field(_NUM, 0.0, minimum=0.0, maximum=0.0, doc="only 0 is supported"),
+}
+COMPLETION_FIELDS: dict[str, Field] = {
+    "prompt": Field(
+        (str, list), None, doc="a string or a list of token ids (one prompt per request)"
+    ),
+    "echo": Field((bool,), False, doc="only false is supported"),
+    **_SAMPLING_FIELDS,
+}
+CHAT_FIELDS: dict[str, Field] = {
+    "messages": Field(
+        (list,), None, doc='[{"role": "system"|"user"|"assistant", "content": str}, ...]'
+    ),
+    **_SAMPLING_FIELDS,
+}
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class SamplingSpec:
+    """The sampling part of a request, as plain data (travels to instances as JSON)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingSpec:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class GenerateRequest:
+    """A validated public request. Exactly one of `prompt` / `prompt_token_ids` / `messages` is set."""
+
+    kind: str  # "completion" | "chat"
+    sampling: SamplingSpec
+    model: str | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict] | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {
+        int: "integer",
+        float: "number",
+        str: "string",
+        bool: "boolean",
+        list: "array",
+        dict: "object",
+    }
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _check_fields(body: Any, fields: dict[str, Field]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise ProtocolError(
+            f"unknown field(s) {unknown}; accepted: {', '.join(sorted(fields))}", param=unknown[0]
+        )
+    values: dict[str, Any] = {}
+    for name, spec in fields.items():
+        value = body.get(name, None)
+        if value is None:
+            values[name] = spec.default
+            continue
+        # bool is an int in Python: accept it only where booleans are declared
+        ok = isinstance(value, spec.types) and not (
+            isinstance(value, bool) and bool not in spec.types
+        )
+        if not ok:
+            raise ProtocolError(
+                f"'{name}' must be {_type_names(spec.types)}, got {json.dumps(value)[:80]}",
+                param=name,
+            )
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low_bad = spec.minimum is not None and (
+                value <= spec.minimum if spec.exclusive_minimum else value < spec.minimum
+            )
+            high_bad = spec.maximum is not None and value > spec.maximum
+            if low_bad or high_bad:
+                lo = "-inf" if spec.minimum is None else spec.minimum
+                hi = "inf" if spec.maximum is None else spec.maximum
+                bracket = "(" if spec.exclusive_minimum else "["
+                raise ProtocolError(
+                    f"'{name}' must be in {bracket}{lo}, {hi}], got {value}"
+                    + (f" ({spec.doc})" if spec.doc else ""),
+                    param=name,
+                )
+        values[name] = value
+    return values
+
+
+def _sampling_from(values: dict[str, Any]) -> SamplingSpec:
+    for name in ("stop", "logprobs"):
+        if values.get(name) not in (None, False, [], ""):
+            raise ProtocolError(
+                f"'{name}' is not supported ({_SAMPLING_FIELDS[name].doc})", param=name
+            )
+    stop_ids = values["stop_token_ids"] or []
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
+        raise ProtocolError(
+            f"'stop_token_ids' must be non-negative integers, got {stop_ids}",
+            param="stop_token_ids",
+        )
+    top_k = values["top_k"]
+    if top_k == 0:
+        raise ProtocolError("'top_k' must be -1 (off) or >= 1, got 0", param="top_k")
+    max_tokens = values["max_completion_tokens"] or values["max_tokens"]
+    return SamplingSpec(
+        max_tokens=int(max_tokens),
+        temperature=float(values["temperature"]),
+        top_p=float(values["top_p"]),
+        top_k=int(top_k),
+        seed=values["seed"],
+        stop_token_ids=list(stop_ids),
+        ignore_eos=bool(values["ignore_eos"]),
+    )
+
+
+def _stream_flags(values: dict[str, Any]) -> tuple[bool, bool]:
+    opts = values["stream_options"] or {}
+    include_usage = opts.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ProtocolError(
+            "'stream_options.include_usage' must be a boolean", param="stream_options"
+        )
+    return bool(values["stream"]), include_usage
+
+
+def parse_completion(body: Any) -> GenerateRequest:
+    """Validate a `/v1/completions` body; raises ProtocolError naming the offending field."""
+    values = _check_fields(body, COMPLETION_FIELDS)
+    prompt = values["prompt"]
+    if prompt is None:
+        raise ProtocolError(
+            "'prompt' is required (a string or a list of token ids)", param="prompt"
+        )
+    if values["echo"]:
+        raise ProtocolError("'echo' is not supported (only false)", param="echo")
+    req = GenerateRequest(kind="completion", sampling=_sampling_from(values), model=values["model"])
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ProtocolError("'prompt' must not be empty", param="prompt")
+        req.prompt = prompt
+    else:
+        if not prompt:
+            raise ProtocolError("'prompt' must not be empty", param="prompt")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+            raise ProtocolError(
+                "'prompt' as a list must hold non-negative token ids (one prompt per request; "
+                "send several requests for a batch)",
+                param="prompt",
+            )
+        req.prompt_token_ids = list(prompt)
+    req.stream, req.include_usage = _stream_flags(values)
+    return req
+
+
+def parse_chat(body: Any) -> GenerateRequest:
+    """Validate a `/v1/chat/completions` body."""
+    values = _check_fields(body, CHAT_FIELDS)
+    messages = values["messages"]
+    if not messages:
+        raise ProtocolError("'messages' is required and must not be empty", param="messages")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in CHAT_ROLES
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ProtocolError(
+                f"messages[{i}] must be {{'role': one of {list(CHAT_ROLES)}, 'content': string}}, "
+                f"got {json.dumps(m)[:120]}",
+                param="messages",
+            )
+    req = GenerateRequest(kind="chat", sampling=_sampling_from(values), model=values["model"])
+    req.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    req.stream, req.include_usage = _stream_flags(values)
+    return req
+
+
+def render_chat_fallback(messages: list[dict]) -> str:
+    """A plain chat format for models without a chat template (presets)."""
+    lines = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
+    return "".join(lines) + "<|assistant|>\n"
+
+
+# ---------------------------------------------------------------- responses
+
+
+def usage_json(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": num_cached_tokens},
+    }
+
+
+def response_json(
+    kind: str,
+    request_id: str,
+    model: str,
+    text: str,
+    token_ids: list[int],
+    finish_reason: str | None,
+    usage: dict,
+    created: int | None = None,
+) -> dict:
+    """A whole (non-stream) completion or chat completion. `token_ids` is an extension field."""
+    created = int(time.time()) if created is None else created
+    if kind == "chat":
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+            "token_ids": token_ids,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {
+            "index": 0,
+            "text": text,
+            "finish_reason": finish_reason,
+            "token_ids": token_ids,
+            "logprobs": None,
+        }
+        obj = "text_completion"
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+def chunk_json(
+    kind: str,
+    request_id: str,
+    model: str,
+    text: str,
+    token_ids: list[int],
+    finish_reason: str | None,
+    created: int,
+    first: bool = False,
+) -> dict:
+    """One SSE chunk carrying new text."""
+    if kind == "chat":
+        delta: dict = {"content": text}
+        if first:
+            delta["role"] = "assistant"
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "finish_reason": finish_reason,
+            "token_ids": token_ids,
+        }
+        obj = "chat.completion.chunk"
+    else:
+        choice = {
+            "index": 0,
+            "text": text,
+            "finish_reason": finish_reason,
+            "token_ids": token_ids,
+            "logprobs": None,
+        }
+        obj = "text_completion"
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk_json(kind: str, request_id: str, model: str, created: int, usage: dict) -> dict:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
+
+
+def sse(obj: dict | str) -> bytes:
+    """`data: ...\\n\\n`; a str is sent as is (`[DONE]`)."""
+    payload = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def models_json(model: str, created: int) -> dict:
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": created, "owned_by": "pdserve"}],
+    }
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text deltas without splitting a multi-byte character."""
+
+    def __init__(self, decode):
+        self._decode = decode  # decode(list[int]) -> str
+        self._token_ids: list[int] = []
+        self._num_emitted_chars = 0
+
+    def add(self, new_token_ids: list[int], final: bool = False) -> str:
+        self._token_ids.extend(new_token_ids)
+        text = self._decode(self._token_ids)
+        if not final and text.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        delta = text[self._num_emitted_chars :]
+        self._num_emitted_chars = len(text)
+        return delta

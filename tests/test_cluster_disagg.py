@@ -1,0 +1,393 @@
+"""The disaggregated cluster end to end on the CPU (real processes on 127.0.0.1, `tiny` preset).
+
+One module-wide set of processes:
+  - `colo`: a colocated instance (--role both), asked directly;
+  - cluster L: scheduler + prefill + decode, layer-wise transfer, radix caching on both, dcache;
+  - cluster W: scheduler + prefill + decode, whole-request transfer, block-major (--use-agg-block), KV through
+    host staging slots (`--kv-staging on`, what a GPU instance without --enable-direct does), no caching;
+  - a scheduler in front of the colocated instance (`--colocated URL`).
+After every test, every instance's block invariant holds and nothing stays reserved or pinned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from pdserve.server.launcher import ProcessGroup, free_port, http_json
+from prometheus_client.parser import text_string_to_metric_families
+
+BS = 16
+COMMON = [
+    "--model",
+    "tiny",
+    "--device",
+    "cpu",
+    "--kv-cache-gb",
+    "0.02",
+    "--block-size",
+    str(BS),
+    "--heartbeat-interval",
+    "0.3",
+]
+
+
+class Cluster:
+    def __init__(self, scheduler_url: str, prefill_url: str, decode_url: str):
+        self.url = scheduler_url
+        self.prefill = prefill_url
+        self.decode = decode_url
+
+    @property
+    def instances(self) -> list[str]:
+        return [self.prefill, self.decode]
+
+
+def _start_cluster(group: ProcessGroup, name: str, flags: list[str]) -> tuple[Cluster, object]:
+    sp, pp, dp = free_port(), free_port(), free_port()
+    surl = f"http://127.0.0.1:{sp}"
+    # instances first: they keep offering themselves until the scheduler is up (the seed's order)
+    group.start(
+        f"{name}-prefill",
+        [
+            "serve",
+            "--role=prompt",
+            "--enable-separate",
+            "--local_port",
+            str(pp),
+            "--scheduler",
+            surl,
+            *COMMON,
+            *flags,
+        ],
+    )
+    group.start(
+        f"{name}-decode",
+        [
+            "serve",
+            "--role=decoder",
+            "--enable-separate",
+            "--local_port",
+            str(dp),
+            "--scheduler",
+            surl,
+            *COMMON,
+            *flags,
+        ],
+    )
+    sched = group.start(
+        f"{name}-scheduler",
+        ["scheduler", "--model", "tiny", "--port", str(sp), "--poll-interval", "0.2"],
+    )
+    return Cluster(surl, f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{dp}"), sched
+
+
+def _wait_linked(group, sched, url, timeout=90):
+    group.wait_healthy(sched, url, timeout=timeout, ready_key="ready")
+    deadline = time.monotonic() + timeout
+    while not http_json(f"{url}/internal/v1/cluster")["linked"]:
+        assert time.monotonic() < deadline, "scheduler never linked P and D"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    group = ProcessGroup()
+    try:
+        cp = free_port()
+        colo = group.start("colo", ["serve", "--port", str(cp), "--scheduler", "none", *COMMON])
+        lay, lay_sched = _start_cluster(
+            group, "layer", ["--enable-layer", "--enable-radix-caching", "--enable-dcache"]
+        )
+        whole, whole_sched = _start_cluster(
+            group, "whole", ["--use-agg-block", "--kv-staging", "on", "--staging-gb", "0.01"]
+        )
+        colo_url = f"http://127.0.0.1:{cp}"
+        csp = free_port()
+        colo_sched = group.start(
+            "colo-scheduler",
+            ["scheduler", "--model", "tiny", "--port", str(csp), "--colocated", colo_url],
+        )
+        group.wait_healthy(colo, colo_url, timeout=90)
+        group.wait_healthy(colo_sched, f"http://127.0.0.1:{csp}", timeout=90, ready_key="ready")
+        _wait_linked(group, lay_sched, lay.url)
+        _wait_linked(group, whole_sched, whole.url)
+        yield {
+            "colo": colo_url,
+            "layer": lay,
+            "whole": whole,
+            "colo_sched": f"http://127.0.0.1:{csp}",
+        }
+    finally:
+        group.close()
+
+
+def all_instances(c) -> list[str]:
+    return [c["colo"], *c["layer"].instances, *c["whole"].instances]
+
+
+def settle_and_check(urls: list[str], timeout: float = 10.0) -> None:
+    """Block invariant on every instance; nothing reserved, pinned or in flight (after background work)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        problems = []
+        for url in urls:
+            s = http_json(f"{url}/internal/v1/stats")
+            if s["invariant_error"]:
+                problems.append(f"{url}: invariant: {s['invariant_error']}")
+            if s["num_free_staging_slots"] != s["num_staging_slots"]:
+                problems.append(
+                    f"{url}: staging slots held: {s['num_staging_slots'] - s['num_free_staging_slots']}"
+                )
+            for key in (
+                "num_reservations",
+                "num_pinned_prefills",
+                "num_dcache_reservations",
+                "num_pending_transfers",
+                "num_staged",
+                "num_reserved_blocks",
+                "num_pinned",
+                "num_reserved_requests",
+                "num_running",
+                "num_waiting",
+                "num_used_blocks",
+            ):
+                if s.get(key, 0):
+                    problems.append(f"{url}: {key}={s[key]}")
+        if not problems:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("; ".join(problems))
+        time.sleep(0.2)
+
+
+@pytest.fixture(autouse=True)
+def _invariants_after_each_test(cluster):
+    yield
+    settle_and_check(all_instances(cluster))
+
+
+def complete(url: str, prompt, max_tokens: int = 12, **extra) -> dict:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
+    return http_json(f"{url}/v1/completions", body)
+
+
+def stats(url: str) -> dict:
+    return http_json(f"{url}/internal/v1/stats")
+
+
+PROMPTS = [
+    [7],  # one token
+    list(range(20, 36)),  # exactly one block
+    list(range(40, 73)),  # two blocks and a bit
+    [(i * 37) % 250 for i in range(100)],  # several blocks
+]
+
+
+def test_greedy_outputs_identical_colocated_layerwise_whole(cluster):
+    for prompt in PROMPTS:
+        ref = complete(cluster["colo"], prompt)["choices"][0]["token_ids"]
+        assert len(ref) == 12
+        for name in ("layer", "whole"):
+            got = complete(cluster[name].url, prompt)["choices"][0]["token_ids"]
+            assert got == ref, (name, prompt[:5])
+        assert complete(cluster["colo_sched"], prompt)["choices"][0]["token_ids"] == ref
+    text = "The quick brown fox jumps over the lazy dog. " * 2
+    ref = complete(cluster["colo"], text)["choices"][0]
+    got = complete(cluster["layer"].url, text)["choices"][0]
+    assert got["token_ids"] == ref["token_ids"] and got["text"] == ref["text"]
+
+
+def test_layerwise_sends_each_layer_as_it_is_done(cluster):
+    """Layer-wise: one send per layer, queued from the layer hook during the forward pass; whole: one."""
+    prompt = [(i * 3 + 7) % 250 for i in range(40)]  # one prefill step
+    num_layers = http_json(f"{cluster['layer'].prefill}/internal/v1/info")["layout"]["num_layers"]
+    for name, expected in (("layer", num_layers), ("whole", 1)):
+        p = cluster[name].prefill
+        before = stats(p)["kv_num_sends"]
+        complete(cluster[name].url, prompt + [len(name)], max_tokens=2)
+        assert stats(p)["kv_num_sends"] - before == expected, name
+
+
+def test_max_tokens_one_ends_at_prefill(cluster):
+    for name in ("layer", "whole"):
+        out = complete(cluster[name].url, list(range(50, 90)), max_tokens=1)
+        assert (
+            out["choices"][0]["finish_reason"] == "length"
+            and len(out["choices"][0]["token_ids"]) == 1
+        )
+
+
+def sse_events(url: str, body: dict) -> list:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    events = []
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line:
+                continue
+            assert line.startswith("data: ")
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_streaming_through_the_scheduler(cluster):
+    url = cluster["layer"].url
+    prompt = list(range(60, 100))
+    ref = complete(url, prompt, max_tokens=10)["choices"][0]["token_ids"]
+    body = {
+        "prompt": prompt,
+        "max_tokens": 10,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = sse_events(f"{url}/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]["usage"]
+    assert usage["completion_tokens"] == 10 and usage["prompt_tokens"] == len(prompt)
+    chunks = events[:-2]
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == ref
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # chat, streamed, through the scheduler
+    events = sse_events(
+        f"{url}/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    )
+    assert events[-1] == "[DONE]" and events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_second_turn_computes_only_new_tokens_with_dcache(cluster):
+    lay = cluster["layer"]
+    turn1 = [(i * 11 + 3) % 250 for i in range(45)]
+    out1 = complete(lay.url, turn1, max_tokens=20)["choices"][0]["token_ids"]
+    time.sleep(0.1)
+    settle_and_check(lay.instances)  # the back-transfer finished
+    turn2 = turn1 + out1 + [(i * 7 + 5) % 250 for i in range(30)]
+    before = stats(lay.prefill)["num_prefill_computed_tokens"]
+    resp = complete(lay.url, turn2, max_tokens=4)
+    computed = stats(lay.prefill)["num_prefill_computed_tokens"] - before
+    # D computed KV for every token but the last generated one; its whole blocks came back to P
+    num_back = (len(turn1) + len(out1) - 1) // BS * BS
+    assert computed == len(turn2) - num_back
+    assert computed < len(turn2) - len(turn1)  # less than even the new tokens + the answer
+    assert resp["usage"]["prompt_tokens_details"]["cached_tokens"] == num_back
+    # without caching and dcache (cluster W) the whole second turn is computed again
+    whole = cluster["whole"]
+    complete(whole.url, turn1, max_tokens=20)
+    before = stats(whole.prefill)["num_prefill_computed_tokens"]
+    complete(whole.url, turn2, max_tokens=4)
+    assert stats(whole.prefill)["num_prefill_computed_tokens"] - before == len(turn2)
+
+
+def test_transfer_skips_blocks_decode_already_holds(cluster):
+    lay = cluster["layer"]
+    info = http_json(f"{lay.prefill}/internal/v1/info")["layout"]
+    block_nbytes = info["num_layers"] * info["piece_nbytes"]
+    prompt = [(i * 13 + 1) % 250 for i in range(70)]  # 4 whole blocks + 6 tokens
+    sent0 = stats(lay.prefill)["kv_bytes_sent"]
+    complete(lay.url, prompt, max_tokens=8)
+    settle_and_check(lay.instances)
+    sent1 = stats(lay.prefill)["kv_bytes_sent"]
+    assert sent1 - sent0 == 5 * block_nbytes  # D held nothing: every prompt block
+    complete(lay.url, prompt, max_tokens=8)
+    settle_and_check(lay.instances)
+    sent2 = stats(lay.prefill)["kv_bytes_sent"]
+    assert (
+        sent2 - sent1 == 1 * block_nbytes
+    )  # D keeps the 4 whole blocks: only the partial one moves
+    # a prompt of whole blocks that D holds entirely: nothing crosses, the output is still right
+    exact = [(i * 17 + 3) % 250 for i in range(64)]
+    first = complete(lay.url, exact, max_tokens=8)["choices"][0]["token_ids"]
+    settle_and_check(lay.instances)
+    sent3 = stats(lay.prefill)["kv_bytes_sent"]
+    again = complete(lay.url, exact, max_tokens=8)["choices"][0]["token_ids"]
+    settle_and_check(lay.instances)
+    assert stats(lay.prefill)["kv_bytes_sent"] == sent3 and again == first
+    # without caching on D, the same prompt moves every block every time
+    whole = cluster["whole"]
+    w0 = stats(whole.prefill)["kv_bytes_sent"]
+    complete(whole.url, prompt, max_tokens=8)
+    complete(whole.url, prompt, max_tokens=8)
+    assert stats(whole.prefill)["kv_bytes_sent"] - w0 == 2 * 5 * block_nbytes
+
+
+def test_client_disconnect_mid_stream_releases_both_sides(cluster):
+    lay = cluster["layer"]
+    body = {
+        "prompt": list(range(10, 80)),
+        "max_tokens": 400,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    req = urllib.request.Request(
+        f"{lay.url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    resp = urllib.request.urlopen(req, timeout=60)
+    got = 0
+    for raw in resp:
+        if raw.strip():
+            got += 1
+        if got >= 3:
+            break
+    resp.close()  # the client leaves mid-stream
+    settle_and_check(lay.instances, timeout=15)
+
+
+def test_bad_requests_get_400_naming_the_field(cluster):
+    for url in (cluster["layer"].url, cluster["colo"]):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            http_json(f"{url}/v1/completions", {"prompt": "x", "temperature": -3})
+        assert info.value.code == 400
+        assert "temperature" in json.loads(info.value.read())["error"]["message"]
+    # a prefill-only instance refuses public requests with a pointer to the scheduler
+    with pytest.raises(urllib.error.HTTPError) as info:
+        http_json(f"{cluster['layer'].prefill}/v1/completions", {"prompt": "x"})
+    assert (
+        info.value.code == 400 and "scheduler" in json.loads(info.value.read())["error"]["message"]
+    )
+    # a prompt longer than the model's context
+    with pytest.raises(urllib.error.HTTPError) as info:
+        complete(cluster["layer"].url, [5] * 3000)
+    assert info.value.code == 400
+
+
+def test_models_health_and_metrics_parse(cluster):
+    lay = cluster["layer"]
+    complete(lay.url, "warm up", max_tokens=3)
+    assert http_json(f"{lay.url}/v1/models")["data"][0]["id"] == "tiny"
+    assert http_json(f"{lay.prefill}/health")["status"] == "ok"
+    for url, must in (
+        (lay.url, "pdserve_time_to_first_token_seconds"),
+        (lay.prefill, "pdserve_kv_transfer_bytes"),
+        (lay.decode, "pdserve_kv_blocks"),
+        (cluster["colo"], "pdserve_num_requests_running"),
+    ):
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert must in names, (url, sorted(names))

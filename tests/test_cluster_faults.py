@@ -1,0 +1,250 @@
+"""Failure paths release every block on both sides: abandoned reservations, a prefill that cannot
+deliver, KV that never arrives, and a decode instance killed mid-stream (then restarted: it registers
+again under a new incarnation and the scheduler relinks it)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from pdserve.server.launcher import ProcessGroup, free_port, http_json
+
+FLAGS = [
+    "--model",
+    "tiny",
+    "--device",
+    "cpu",
+    "--kv-cache-gb",
+    "0.02",
+    "--enable-radix-caching",
+    "--enable-layer",
+    "--transfer-timeout",
+    "2",
+    "--heartbeat-interval",
+    "0.3",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    group = ProcessGroup()
+    try:
+        sp, pp, dp = free_port(), free_port(), free_port()
+        surl = f"http://127.0.0.1:{sp}"
+        sched = group.start(
+            "scheduler",
+            ["scheduler", "--model", "tiny", "--port", str(sp), "--poll-interval", "0.2"],
+        )
+        p = group.start(
+            "prefill",
+            ["serve", "--role", "prefill", "--port", str(pp), "--scheduler", surl, *FLAGS],
+        )
+        d_args = ["serve", "--role", "decode", "--port", str(dp), "--scheduler", surl, *FLAGS]
+        d = group.start("decode", d_args)
+        purl, durl = f"http://127.0.0.1:{pp}", f"http://127.0.0.1:{dp}"
+        for child, url in ((p, purl), (d, durl)):
+            group.wait_healthy(child, url, timeout=90)
+        wait_linked(group, sched, surl)
+        yield {
+            "group": group,
+            "url": surl,
+            "prefill": purl,
+            "decode": durl,
+            "decode_args": d_args,
+            "decode_child": d,
+            "sched": sched,
+        }
+    finally:
+        group.close()
+
+
+def wait_linked(group, sched, url, timeout=60):
+    group.wait_healthy(sched, url, timeout=timeout, ready_key="ready")
+    deadline = time.monotonic() + timeout
+    while not http_json(f"{url}/internal/v1/cluster")["linked"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def held(url: str) -> dict:
+    s = http_json(f"{url}/internal/v1/stats")
+    keys = (
+        "num_reservations",
+        "num_pinned_prefills",
+        "num_pending_transfers",
+        "num_reserved_blocks",
+        "num_used_blocks",
+        "num_pinned",
+        "num_running",
+        "num_waiting",
+    )
+    out = {k: s[k] for k in keys if s.get(k)}
+    if s["invariant_error"]:
+        out["invariant_error"] = s["invariant_error"]
+    return out
+
+
+def assert_nothing_held(*urls, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        state = {u: held(u) for u in urls}
+        if not any(state.values()):
+            return
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+
+
+def post_error(url: str, body: dict) -> tuple[int, str]:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        http_json(url, body)
+    return info.value.code, json.loads(info.value.read())["error"]["message"]
+
+
+def pid(url: str) -> str:
+    return http_json(f"{url}/internal/v1/info")["instance_id"]
+
+
+def test_reservation_released_by_hand(cluster):
+    d = cluster["decode"]
+    p_id = pid(cluster["prefill"])
+    res = http_json(
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-res-1", "prompt_token_ids": list(range(40)), "peer_id": p_id},
+    )
+    assert len(res["block_ids"]) == 3 and res["num_expected_bytes"] > 0
+    assert held(d)["num_reservations"] == 1
+    code, msg = post_error(
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-res-1", "prompt_token_ids": [1, 2], "peer_id": p_id},
+    )
+    assert code == 409 and "already" in msg
+    assert http_json(f"{d}/internal/v1/release", {"request_id": "t-res-1"})["released"]
+    assert not http_json(f"{d}/internal/v1/release", {"request_id": "t-res-1"})[
+        "released"
+    ]  # idempotent
+    assert_nothing_held(d)
+
+
+def test_prefill_that_cannot_deliver_releases_both_sides(cluster):
+    p, d = cluster["prefill"], cluster["decode"]
+    peer_id = http_json(f"{d}/internal/v1/info")["instance_id"]
+    prompt = list(range(100, 150))
+    res = http_json(
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-pf-1", "prompt_token_ids": prompt, "peer_id": pid(p)},
+    )
+    body = {
+        "request_id": "t-pf-1",
+        "prompt_token_ids": prompt,
+        "sampling": {"max_tokens": 4, "temperature": 0},
+        "peer_id": peer_id,
+        "num_peer_cached_tokens": res["num_cached_tokens"],
+        "peer_block_ids": res["block_ids"][:-1],
+    }  # one block short: the hook cannot place the last one
+    code, msg = post_error(f"{p}/internal/v1/prefill", body)
+    assert code == 500 and "t-pf-1" in msg
+    http_json(
+        f"{d}/internal/v1/release", {"request_id": "t-pf-1", "abort": True}
+    )  # what the scheduler does
+    assert_nothing_held(p, d)
+
+
+def test_decode_gives_up_when_the_kv_never_comes(cluster):
+    d = cluster["decode"]
+    prompt = list(range(60, 90))
+    reserve = {
+        "request_id": "t-to-1",
+        "prompt_token_ids": prompt,
+        "peer_id": pid(cluster["prefill"]),
+    }
+    http_json(f"{d}/internal/v1/reserve", reserve)
+    t0 = time.monotonic()
+    code, msg = post_error(
+        f"{d}/internal/v1/decode",
+        {
+            "request_id": "t-to-1",
+            "prompt_token_ids": prompt,
+            "first_token_id": 5,
+            "sampling": {"max_tokens": 3},
+        },
+    )
+    assert code == 504 and time.monotonic() - t0 < 10
+    assert_nothing_held(d)
+
+
+def test_decode_instance_killed_mid_stream_then_restarted(cluster):
+    url, p = cluster["url"], cluster["prefill"]
+    body = {
+        "prompt": list(range(10, 60)),
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    req = urllib.request.Request(
+        f"{url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    events = []
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line:
+                continue
+            events.append(line)
+            if len(events) == 3:
+                cluster["group"].stop(cluster["decode_child"], signal.SIGKILL)
+    assert events[-1] == "data: [DONE]"
+    assert '"error"' in events[-2]  # reported in-band: the headers were already out
+    assert_nothing_held(p)  # P unpinned when D acknowledged the KV; nothing left behind
+    # no decode instance now: a clear 5xx, not a hang
+    code, _ = post_error(f"{url}/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})
+    assert code in (502, 503)
+    # restart D on the same port: it registers again (new incarnation) and the pair is relinked
+    group = cluster["group"]
+    d = group.start("decode-2", cluster["decode_args"])
+    group.wait_healthy(d, cluster["decode"], timeout=90)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            out = http_json(
+                f"{url}/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2, "ignore_eos": True}
+            )
+            break
+        except urllib.error.HTTPError as exc:
+            assert time.monotonic() < deadline, exc.read()
+            time.sleep(0.3)
+    assert len(out["choices"][0]["token_ids"]) == 2
+    assert_nothing_held(p, cluster["decode"])
+
+
+def test_scheduler_restart_instances_register_again_and_mirrors_refill(cluster):
+    group, url = cluster["group"], cluster["url"]
+    http_json(
+        f"{url}/v1/completions",
+        {"prompt": list(range(200, 240)), "max_tokens": 3, "ignore_eos": True},
+    )
+    group.stop(cluster["sched"])
+    port = url.rsplit(":", 1)[1]
+    sched = group.start(
+        "scheduler-2", ["scheduler", "--model", "tiny", "--port", port, "--poll-interval", "0.2"]
+    )
+    cluster["sched"] = sched
+    wait_linked(group, sched, url)
+    http_json(f"{url}/internal/v1/refresh", {})
+    mirrored = {
+        i["role"]: i["num_mirrored_blocks"]
+        for i in http_json(f"{url}/internal/v1/cluster")["instances"]
+    }
+    assert mirrored["prefill"] > 0 and mirrored["decode"] > 0  # the instances' event logs replayed
+    out = http_json(
+        f"{url}/v1/completions",
+        {"prompt": list(range(200, 250)), "max_tokens": 3, "ignore_eos": True},
+    )
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert_nothing_held(cluster["prefill"], cluster["decode"])
