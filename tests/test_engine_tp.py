@@ -328,3 +328,54 @@ def test_driver_interrupt_or_death_leaves_no_worker(tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class _FakeRay:
+    """Just enough of Ray's API for the worker_use_ray path: tasks run as spawned processes."""
+
+    def __init__(self):
+        self.options: list[dict] = []
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def remote(self, **options):
+        fake = self
+
+        def wrap(fn):
+            class _Remote:
+                def remote(self, *args):
+                    fake.options.append(options)
+                    ctx = multiprocessing.get_context("spawn")
+                    proc = ctx.Process(target=fn, args=args, daemon=True)
+                    proc.start()
+                    return proc
+
+            return _Remote()
+
+        return wrap
+
+    def wait(self, refs, timeout=None):
+        refs[0].join(timeout)
+        return ([], refs) if refs[0].is_alive() else (refs, [])
+
+    def cancel(self, ref, force=False):
+        ref.kill()
+        ref.join()
+
+
+def test_worker_use_ray_places_workers_through_ray(monkeypatch):
+    import sys
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    engine = LLMEngine(
+        model="tiny", device="cpu", num_kv_blocks=20, tensor_parallel_size=2, worker_use_ray=True
+    )
+    assert fake.options == [{"num_cpus": 1, "num_gpus": 0}]
+    single = LLMEngine(model="tiny", device="cpu", num_kv_blocks=20)
+    for e in (engine, single):
+        e.add_request("r", PROMPT, GREEDY)
+    assert _run(engine) == _run(single)
+    engine.shutdown()
+    assert multiprocessing.active_children() == []
