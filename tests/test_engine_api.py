@@ -71,7 +71,7 @@ def test_engine_config_validation():
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(block_size=12)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
-        EngineConfig(tensor_parallel_size=2)
+        EngineConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="neither a preset"):
         LLMEngine(model="/nonexistent/model")
 

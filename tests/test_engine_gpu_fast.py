@@ -143,7 +143,7 @@ def test_graph_logits_close_to_eager_torch_bf16(ckpt, num_seqs):
     with torch.device("cuda"):
         ref_model = LlamaForCausalLM(runner.model_config).to(torch.bfloat16)
     ref_model.load_state_dict(runner.model.state_dict())
-    ids, pos, meta, rows = runner._prepare(batch)
+    ids, pos, meta, rows = runner._prepare(runner.prepare_inputs(batch))
     from pdserve.ops.linear import set_small_batch_gemv
 
     set_small_batch_gemv(False)

@@ -1,7 +1,7 @@
 """The inference engine: Llama-family model, paged KV cache, batch scheduler, sampler, model runner.
 
 Entry points (DESIGN §3): `LLMEngine`, `EngineConfig`, `SamplingParams`, `RequestMode`, `Reservation`,
-`NoCapacity`, `RequestOutput`, `KVLayout`; the offline API is `LLM`. Imported lazily by callers that
+`NoCapacity`, `RequestOutput`, `KVLayout`, `WorkerFailure` (a tensor-parallel worker died); the offline API is `LLM`. Imported lazily by callers that
 need torch; this module itself stays light.
 """
 
@@ -23,6 +23,7 @@ _LAZY = {
     "KVLayout": "pdserve.engine.model_runner",
     "LLM": "pdserve.engine.llm",
     "Tokenizer": "pdserve.engine.tokenizer",
+    "WorkerFailure": "pdserve.engine.distributed",
 }
 
 

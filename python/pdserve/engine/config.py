@@ -203,6 +203,7 @@ class EngineConfig:
     enable_host_tier: bool = False
     host_kv_cache_gb: float = 1.0
     num_host_kv_blocks: int | None = None  # explicit host pool size; overrides host_kv_cache_gb
+    # --tensor-parallel-size: ranks (one process each; rank 0 in the engine's process), one GPU each on CUDA
     tensor_parallel_size: int = 1
     # GPU fast path (issue 5). attention_backend: auto (triton on CUDA when Triton is installed, else
     # torch) | torch | triton. enforce_eager: no CUDA graphs for decode. fused_ops / small_batch_gemv:
@@ -214,6 +215,8 @@ class EngineConfig:
     cuda_graph_max_batch_size: int = (
         128  # decode batches up to min(this, max_num_seqs) replay graphs
     )
+    # --worker-use-ray: start the workers as Ray tasks (Ray must be installed) instead of multiprocessing
+    worker_use_ray: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
@@ -252,7 +255,7 @@ class EngineConfig:
                 f"need 0 < evictor_low_watermark ({self.evictor_low_watermark}) < "
                 f"evictor_high_watermark ({self.evictor_high_watermark}) <= 1"
             )
-        if self.tensor_parallel_size != 1:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet (issue 5); use 1"
+                f"tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}"
             )

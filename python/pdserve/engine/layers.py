@@ -1,8 +1,9 @@
 """Building blocks of the Llama model: tensor-parallel linears and embeddings, RMSNorm, rotary embedding.
 
-Linears are written column/row-parallel from the start (tp_size=1 today) so tensor parallelism
-(issue 5) adds worker processes and an all-reduce, not a rewrite. Each parameter carries a
-`weight_loader(param, loaded_weight[, shard_id])` that copies this rank's slice of a checkpoint tensor.
+Linears are column/row-parallel: with tp_size > 1 each rank holds its slice, row-parallel outputs are
+all-reduced and the vocab-parallel logits gathered to rank 0, over the group the runner activated
+(`distributed.use_group`). Each parameter carries a `weight_loader(param, loaded_weight[, shard_id])`
+that copies this rank's slice of a checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.engine import distributed
 from pdserve.ops.linear import linear
 
 
 def _tp_all_reduce(x: torch.Tensor, tp_size: int) -> torch.Tensor:
     if tp_size > 1:
-        torch.distributed.all_reduce(x)
+        distributed.active_group().all_reduce(x)
     return x
 
 
@@ -144,7 +146,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits over the vocabulary; each rank computes its slice, gathered to full width on every rank."""
+    """Logits over the vocabulary; each rank computes its slice, gathered to full width on rank 0
+    (the rank that samples); other ranks get an empty [N, 0] tensor."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp_size: int = 1, tp_rank: int = 0):
         super().__init__(vocab_size, hidden_size, tp_size, tp_rank)
@@ -153,9 +156,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            torch.distributed.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+            logits = distributed.active_group().gather_last_dim(logits)
         return logits[..., : self.vocab_size]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pdserve.engine.block_manager import BlockManager, NoCapacity, Reservation
 from pdserve.engine.config import EngineConfig, ModelConfig
+from pdserve.engine.distributed import WorkerFailure
 from pdserve.engine.model_runner import KVLayout, ModelRunner
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -74,7 +75,13 @@ class LLMEngine:
             else Tokenizer.byte_level()
         )
         eos_ids = mc.eos_token_ids or self.tokenizer.eos_token_ids
-        self.runner = ModelRunner(cfg, mc)
+        if cfg.tensor_parallel_size > 1:
+            from pdserve.engine.tp_worker import TensorParallelRunner
+
+            # scheduling, blocks and the radix tree stay here; every rank runs each step on its shard
+            self.runner = TensorParallelRunner(cfg, mc)
+        else:
+            self.runner = ModelRunner(cfg, mc)
         self.block_manager = BlockManager(
             self.runner.num_blocks,
             cfg.block_size,
@@ -105,6 +112,8 @@ class LLMEngine:
             self.runner.copy_blocks(
                 ticket.src_block_ids, ticket.dst_block_ids, to_host=ticket.kind == "demote"
             )
+        except WorkerFailure:
+            raise
         except (RuntimeError, IndexError):
             return False
         return True
@@ -348,7 +357,31 @@ class LLMEngine:
 
     # ---- introspection ------------------------------------------------------------------------
     def kv_layout(self) -> KVLayout:
+        """Rank 0's KV cache (the whole cache when tensor_parallel_size is 1)."""
         return self.runner.kv_layout()
+
+    def kv_layouts(self) -> list[KVLayout]:
+        """One KVLayout per tensor-parallel rank (index = rank): rank i holds num_kv_heads / tp_size
+        heads of every block, under the same block ids; addresses are valid in this process. A transfer
+        sends rank i's pieces to the peer's rank i."""
+        return self.runner.kv_layouts()
+
+    def kv_caches(self) -> list[Any]:
+        """Each rank's KV tensor (index = rank; torch tensors in kv_layout's shape, sharing the ranks'
+        memory), the tensor form of kv_layouts()."""
+        return self.runner.rank_kv_caches()
+
+    def shutdown(self) -> None:
+        """Stops tensor-parallel workers (no-op with one rank); the engine cannot step afterwards."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def stats(self) -> EngineStats:
         pool = self.block_manager.pool

@@ -85,3 +85,37 @@ def init_dummy(model: nn.Module, seed: int, std: float = 0.02) -> None:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, std, generator=generator)
+
+
+def init_dummy_sharded(
+    model: nn.Module, full_model: nn.Module, seed: int, std: float = 0.02
+) -> None:
+    """This tensor-parallel rank's slice of exactly the weights init_dummy gives the unsharded model.
+
+    full_model: the tp_size=1 model (on the meta device: only names, shapes and order are read). Each
+    full tensor is drawn in init_dummy's order, then handed to the parameter's weight_loader.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    params = dict(model.named_parameters())
+    config = model.config
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    with torch.no_grad():
+        for name, full_param in full_model.named_parameters():
+            param = params[name]
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            full = torch.empty(full_param.shape, dtype=param.dtype, device=device)
+            full.normal_(0.0, std, generator=generator)
+            if name.endswith("qkv_proj.weight"):
+                for shard, part in zip("qkv", full.split([q_rows, kv_rows, kv_rows]), strict=True):
+                    param.weight_loader(param, part, shard)
+            elif name.endswith("gate_up_proj.weight"):
+                for shard, part in enumerate(full.chunk(2)):
+                    param.weight_loader(param, part, shard)
+            elif hasattr(param, "weight_loader"):
+                param.weight_loader(param, full)
+            else:
+                param.copy_(full)

@@ -1,5 +1,10 @@
 """Owns the device side of one engine rank: the model weights, the paged KV cache tensor (DESIGN §2),
-and one forward + sample per scheduled batch."""
+and one forward + sample per scheduled batch.
+
+A step is split in two so tensor parallelism can ship it: `prepare_inputs(batch)` turns the scheduled
+batch into host lists (StepInputs, picklable, built once by the driver) and `execute(inputs)` runs them
+on this rank; only rank 0 samples.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine import distributed
 from pdserve.engine.attention import AttentionMetadata, triton_attention_available
 from pdserve.engine.config import EngineConfig, ModelConfig
-from pdserve.engine.loader import init_dummy, load_safetensors
+from pdserve.engine.loader import init_dummy, init_dummy_sharded, load_safetensors
 from pdserve.engine.model import LlamaForCausalLM
 from pdserve.engine.sampler import sample
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,6 +44,28 @@ class KVLayout:
     num_kv_heads: int = 1
     head_dim: int = 1
     dtype: str = "float32"
+
+
+@dataclass
+class StepInputs:
+    """One step's batch as host lists: everything a rank needs to run it (the driver builds it once)."""
+
+    input_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    slot_blocks: list[int]  # [T] cache block of each new token
+    slot_offsets: list[int]  # [T] offset inside that block
+    context_lens: list[int]  # [B] KV length after this step
+    query_start_loc: list[int]  # [B + 1]
+    block_tables: list[list[int]]  # [B][max_blocks], padded with 0
+    sample_seq_indices: list[int]  # sequences that sample this step
+    sample_rows: list[int]  # their last token's row in the flattened batch
+    sampling_params: list[SamplingParams]  # per sampling sequence
+    output_positions: list[int]  # per sampling sequence: tokens it has generated so far
+    is_decode_only: bool
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,10 +98,20 @@ def _default_dtype(dtype: torch.dtype):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        tp_group: distributed.TPGroup | None = None,
+    ):
+        """tp_group: this rank's tensor-parallel group (None: one rank). With a group, the model holds
+        this rank's shard and its device is the group's; build it inside distributed.use_group(tp_group)."""
         self.config = config
         self.model_config = model_config
-        self.device = resolve_device(config.device)
+        self.tp_group = tp_group
+        self.tp_size = tp_group.world_size if tp_group is not None else 1
+        self.tp_rank = tp_group.rank if tp_group is not None else 0
+        self.device = tp_group.device if tp_group is not None else resolve_device(config.device)
         if self.device.type == "cuda":
             # cuDNN's SDPA builds a plan per new shape (hundreds of ms each); every prompt length is
             # a new shape here, so use the flash / memory-efficient kernels, which need no plans
@@ -89,19 +128,29 @@ class ModelRunner:
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(
                 model_config,
+                self.tp_size,
+                self.tp_rank,
                 attention_backend=self.attention_backend,
                 fused_ops=fast and config.fused_ops,
             )
         self.model.eval()
         use_dummy = config.load_format == "dummy" or model_config.model_dir is None
-        if use_dummy:
+        if use_dummy and self.tp_size > 1:
+            # the unsharded model's shapes (meta: no memory); each rank slices the same random weights
+            with torch.device("meta"), _default_dtype(self.dtype):
+                full_model = LlamaForCausalLM(model_config)
+            init_dummy_sharded(self.model, full_model, config.seed)
+        elif use_dummy:
             init_dummy(self.model, config.seed)
         else:
             load_safetensors(self.model, model_config.model_dir)
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         self.num_blocks = self._num_kv_blocks()
+        if tp_group is not None:  # every rank holds the same block ids: the smallest pool wins
+            self.num_blocks = tp_group.min_int(self.num_blocks)
         self.kv_cache, self.kv_layers = self._allocate_kv_cache(self.num_blocks)
-        self.decode_graphs = self._capture_decode_graphs() if fast else None
+        # CUDA graphs at TP 1 only: capturing NCCL collectives is not done (nor tested) yet
+        self.decode_graphs = self._capture_decode_graphs() if fast and self.tp_size == 1 else None
         self.num_host_blocks = 0
         self.host_kv_cache: torch.Tensor | None = None
         if config.enable_host_tier:
@@ -195,20 +244,20 @@ class ModelRunner:
             )
         return budget
 
+    def _new_kv_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The KV cache tensor (tensor-parallel workers override it to share it with the driver)."""
+        # zeroed on GPU so padded reads see finite values; on CPU untouched pages stay uncommitted
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        return alloc(shape, dtype=self.dtype, device=self.device)
+
     def _allocate_kv_cache(self, num_blocks: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         mc = self.model_config
         piece = (2, self.block_size, self.num_kv_heads, mc.head_dim)
-        # zeroed on GPU so padded reads see finite values; on CPU untouched pages stay uncommitted
-        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         if self.config.kv_layout == "layer-major":
-            kv = alloc(
-                (mc.num_hidden_layers, num_blocks, *piece), dtype=self.dtype, device=self.device
-            )
+            kv = self._new_kv_tensor((mc.num_hidden_layers, num_blocks, *piece))
             layers = [kv[layer] for layer in range(mc.num_hidden_layers)]
         else:
-            kv = alloc(
-                (num_blocks, mc.num_hidden_layers, *piece), dtype=self.dtype, device=self.device
-            )
+            kv = self._new_kv_tensor((num_blocks, mc.num_hidden_layers, *piece))
             layers = [kv[:, layer] for layer in range(mc.num_hidden_layers)]
         return kv, layers
 
@@ -225,6 +274,14 @@ class ModelRunner:
         dst.index_copy_(dim, dst_idx, src.index_select(dim, src_idx).to(dst.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def kv_layouts(self) -> list[KVLayout]:
+        """One layout per tensor-parallel rank; a single rank has one."""
+        return [self.kv_layout()]
+
+    def rank_kv_caches(self) -> list[torch.Tensor]:
+        """One KV tensor per tensor-parallel rank; a single rank has one."""
+        return [self.kv_cache]
 
     def kv_layout(self) -> KVLayout:
         piece = self.piece_nbytes
@@ -247,9 +304,8 @@ class ModelRunner:
         )
 
     # ---- one step -----------------------------------------------------------------------------
-    def _prepare(
-        self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def prepare_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """The batch as host lists (no torch): what execute() needs on every rank."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -258,6 +314,7 @@ class ModelRunner:
         query_start_loc = [0]
         context_lens: list[int] = []
         sample_rows: list[int] = []
+        sample_seq_indices: list[int] = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + n])
@@ -269,30 +326,57 @@ class ModelRunner:
             context_lens.append(start + n)
             if batch.samples(i):
                 sample_rows.append(query_start_loc[-1] - 1)
+                sample_seq_indices.append(i)
         max_blocks = max(-(-c // bs) for c in context_lens)
         tables = [
             seq.block_ids[:max_blocks] + [0] * (max_blocks - len(seq.block_ids[:max_blocks]))
             for seq in batch.seqs
         ]
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions,
+            slot_blocks=slot_blocks,
+            slot_offsets=slot_offsets,
+            context_lens=context_lens,
+            query_start_loc=query_start_loc,
+            block_tables=tables,
+            sample_seq_indices=sample_seq_indices,
+            sample_rows=sample_rows,
+            sampling_params=[batch.seqs[i].params for i in sample_seq_indices],
+            output_positions=[batch.seqs[i].num_output_tokens for i in sample_seq_indices],
+            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
+        )
+
+    def _prepare(
+        self, inputs: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         # one host->device copy for every index tensor of the step
-        num_tokens, num_seqs = len(input_ids), len(batch.seqs)
-        flat = input_ids + positions + slot_blocks + slot_offsets + context_lens + sample_rows
-        for row in tables:
+        num_tokens, num_seqs = len(inputs.input_ids), inputs.num_seqs
+        max_blocks = len(inputs.block_tables[0])
+        flat = (
+            inputs.input_ids
+            + inputs.positions
+            + inputs.slot_blocks
+            + inputs.slot_offsets
+            + inputs.context_lens
+            + inputs.sample_rows
+        )
+        for row in inputs.block_tables:
             flat.extend(row)
         packed = torch.tensor(flat, dtype=torch.long)
         if self.device.type == "cuda":
             packed = packed.pin_memory().to(self.device, non_blocking=True)
-        sizes = [num_tokens] * 4 + [num_seqs, len(sample_rows), num_seqs * max_blocks]
+        sizes = [num_tokens] * 4 + [num_seqs, len(inputs.sample_rows), num_seqs * max_blocks]
         ids_t, pos_t, blocks_t, offsets_t, ctx_t, rows_t, tables_t = packed.split(sizes)
         meta = AttentionMetadata(
             slot_block_ids=blocks_t,
             slot_offsets=offsets_t,
             block_tables=tables_t.view(num_seqs, max_blocks),
             context_lens=ctx_t,
-            query_start_loc=query_start_loc,
-            context_lens_host=context_lens,
-            block_size=bs,
-            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
+            query_start_loc=inputs.query_start_loc,
+            context_lens_host=inputs.context_lens,
+            block_size=self.block_size,
+            is_decode_only=inputs.is_decode_only,
         )
         return ids_t, pos_t, meta, rows_t
 
@@ -301,33 +385,52 @@ class ModelRunner:
         self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
     ) -> list[int | None]:
         """Runs the batch; returns the sampled token of each sequence that reached its end (else None)."""
-        sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
         graphs = self.decode_graphs
         if graphs is not None and after_layer is None and graphs.can_run(batch):
-            logits = graphs.run(batch)  # decode step replayed from a CUDA graph
-            if len(sampling) != len(batch.seqs):
-                logits = logits[sampling]
-        else:
-            input_ids, positions, meta, sample_rows = self._prepare(batch)
-            hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
-            if sample_rows.numel() == 0:
-                return [None] * len(batch.seqs)
-            logits = self.model.compute_logits(hidden[sample_rows])
+            return self._run_graph(graphs, batch)
+        return self.execute(self.prepare_inputs(batch), after_layer)
+
+    def _run_graph(self, graphs, batch: ScheduledBatch) -> list[int | None]:
+        """A decode-only batch replayed from a CUDA graph (single rank: graphs are captured only at
+        tensor-parallel size 1); samples on the host side as `execute` does."""
+        sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+        result: list[int | None] = [None] * len(batch.seqs)
         if not sampling:
-            return [None] * len(batch.seqs)
+            return result
+        logits = graphs.run(batch)
+        if len(sampling) != len(batch.seqs):
+            logits = logits[sampling]
         tokens = sample(
             logits,
             [batch.seqs[i].params for i in sampling],
             [batch.seqs[i].num_output_tokens for i in sampling],
         )
-        result: list[int | None] = [None] * len(batch.seqs)
         for i, token in zip(sampling, tokens, strict=True):
+            result[i] = token
+        return result
+
+    @torch.inference_mode()
+    def execute(
+        self, inputs: StepInputs, after_layer: Callable[[int], None] | None = None
+    ) -> list[int | None]:
+        """Runs prepared inputs on this rank. Rank 0 returns one token or None per sequence; other
+        tensor-parallel ranks take part in the collectives and return all None."""
+        input_ids, positions, meta, sample_rows = self._prepare(inputs)
+        hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
+        result: list[int | None] = [None] * inputs.num_seqs
+        if sample_rows.numel() == 0:
+            return result
+        logits = self.model.compute_logits(hidden[sample_rows])  # full width on rank 0 only
+        if self.tp_rank != 0:
+            return result
+        tokens = sample(logits, inputs.sampling_params, inputs.output_positions)
+        for i, token in zip(inputs.sample_seq_indices, tokens, strict=True):
             result[i] = token
         return result
 
     @torch.inference_mode()
     def logits_for(self, batch: ScheduledBatch) -> torch.Tensor:
         """Test helper: the fp32 logits [num_sampling_seqs, vocab] the batch would sample from."""
-        input_ids, positions, meta, sample_rows = self._prepare(batch)
+        input_ids, positions, meta, sample_rows = self._prepare(self.prepare_inputs(batch))
         hidden = self.model(input_ids, positions, self.kv_layers, meta)
         return self.model.compute_logits(hidden[sample_rows])
