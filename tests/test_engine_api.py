@@ -168,3 +168,25 @@ def test_abort_mid_flight_returns_every_block(llm):
     for i in range(6):
         assert engine.abort_request(f"a{i}")
     assert not engine.has_unfinished()
+
+
+def test_gpu_kv_budget_is_a_per_instance_share():
+    """Two instances at utilization 0.3 share one device: the second one's budget does not shrink by
+    the memory the first one holds, only by what is actually free."""
+    from pdserve.engine.model_runner import kv_budget_nbytes
+
+    gib = 1 << 30
+    first = kv_budget_nbytes(80 * gib, 79 * gib, 0.3, peak_nbytes=2 * gib, allocated_nbytes=1 * gib)
+    assert (
+        first == 24 * gib - 2 * gib
+    )  # share of 0.3 * 80, less this instance's weights + activations
+    # the first instance now holds 24 GiB; the second gets the same share
+    second = kv_budget_nbytes(
+        80 * gib, 55 * gib, 0.3, peak_nbytes=2 * gib, allocated_nbytes=1 * gib
+    )
+    assert second == first
+    # capped by what is free: 5 GiB free, 1 GiB of activations to come, 256 MiB margin
+    tight = kv_budget_nbytes(80 * gib, 5 * gib, 0.3, peak_nbytes=2 * gib, allocated_nbytes=1 * gib)
+    assert tight == 4 * gib - (256 << 20)
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.01"):
+        kv_budget_nbytes(80 * gib, 79 * gib, 0.01, peak_nbytes=2 * gib, allocated_nbytes=1 * gib)

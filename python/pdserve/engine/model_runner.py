@@ -68,6 +68,36 @@ class StepInputs:
         return len(self.context_lens)
 
 
+def kv_budget_nbytes(
+    total_nbytes: int,
+    free_nbytes: int,
+    gpu_memory_utilization: float,
+    peak_nbytes: int,
+    allocated_nbytes: int,
+    margin_nbytes: int = 256 << 20,
+) -> int:
+    """Device bytes this instance may give its KV cache.
+
+    `gpu_memory_utilization` is this instance's share of the device (as in vLLM): its weights, its
+    activation peak and its KV cache together stay under `total * utilization`, whatever other processes
+    hold, so two instances at 0.3 share one GPU. The budget is also capped by what is free right now
+    (less the activation peak still to come and a margin). `peak_nbytes` / `allocated_nbytes`: this
+    process's torch peak during a full-budget forward and its allocation after it (weights).
+    Raises ValueError when nothing is left."""
+    activations = max(0, peak_nbytes - allocated_nbytes)
+    share = int(total_nbytes * gpu_memory_utilization) - peak_nbytes
+    available = free_nbytes - activations - margin_nbytes
+    budget = min(share, available)
+    if budget <= 0:
+        raise ValueError(
+            f"no device memory left for the KV cache: {total_nbytes / 2**30:.1f} GiB total, "
+            f"{free_nbytes / 2**30:.1f} GiB free, this instance's weights {allocated_nbytes / 2**30:.1f} GiB "
+            f"and activations {activations / 2**30:.1f} GiB at gpu_memory_utilization="
+            f"{gpu_memory_utilization}; raise --gpu-memory-utilization or free device memory"
+        )
+    return budget
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,16 +263,13 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         allocated = torch.cuda.memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = (
-            int(total * self.config.gpu_memory_utilization) - (total - free) - (peak - allocated)
+        return kv_budget_nbytes(
+            total,
+            free,
+            self.config.gpu_memory_utilization,
+            peak_nbytes=peak,
+            allocated_nbytes=allocated,
         )
-        if budget <= 0:
-            raise ValueError(
-                f"no device memory left for the KV cache: {total / 2**30:.1f} GiB total, "
-                f"{(total - free) / 2**30:.1f} GiB in use, activations {(peak - allocated) / 2**30:.1f} GiB "
-                f"at gpu_memory_utilization={self.config.gpu_memory_utilization}"
-            )
-        return budget
 
     def _new_kv_tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The KV cache tensor (tensor-parallel workers override it to share it with the driver)."""
