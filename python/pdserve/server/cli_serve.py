@@ -298,11 +298,6 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
             "--enable-direct: the GPU transports (NCCL / CUDA IPC) are not built into this version yet; "
             "drop the flag to send KV over TCP"
         )
-    if args.tensor_parallel_size > 1:
-        raise ConfigError(
-            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is not supported by "
-            "this engine build yet; use --tensor-parallel-size 1"
-        )
     if args.enable_dcache and role == "both":
         raise ConfigError(
             "--enable-dcache sends decode KV back to a prefill instance; it needs --enable-separate --role"
@@ -326,7 +321,7 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
         notes.append(
             "--enable-layer: a colocated instance sends no KV; the flag matters with --enable-separate"
         )
-    if args.worker_use_ray:
+    if args.worker_use_ray and args.tensor_parallel_size == 1:
         notes.append(
             "--worker-use-ray: accepted; with --tensor-parallel-size 1 there are no workers to launch"
         )

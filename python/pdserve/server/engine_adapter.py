@@ -69,6 +69,7 @@ def engine_config_kwargs(config: ServeConfig) -> dict[str, Any]:
         "gpu_memory_utilization": config.gpu_memory_utilization,
         "enable_radix_caching": config.enable_radix_caching,
         "tensor_parallel_size": config.tensor_parallel_size,
+        "worker_use_ray": config.worker_use_ray,
         "kv_layout": "block-major" if config.use_agg_block else "layer-major",
     }
     if config.kv_cache_gb is not None:
@@ -93,12 +94,35 @@ def engine_config_kwargs(config: ServeConfig) -> dict[str, Any]:
 
 
 def build_engine(config: ServeConfig):
+    """The engine (with its tensor-parallel workers started); raises ConfigError naming the flag when
+    the engine refuses the settings (a TP size the model cannot split, Ray missing, ...)."""
     EngineConfig = _find("EngineConfig")
     LLMEngine = _find("LLMEngine")
     try:
         return LLMEngine(EngineConfig(**engine_config_kwargs(config)))
     except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+        message = str(exc)
+        n = config.tensor_parallel_size
+        if n > 1 and "--tensor-parallel-size" not in message and "--worker-use-ray" not in message:
+            if any(k in message for k in ("tensor_parallel_size", "tp_size", "tp size")):
+                message = f"--tensor-parallel-size {n}: {message}"
+        raise ConfigError(message) from exc
+
+
+def shutdown(engine) -> None:
+    """Stops the engine's tensor-parallel workers (no-op at TP 1); idempotent."""
+    fn = getattr(engine, "shutdown", None)
+    if fn is not None:
+        fn()
+
+
+def is_worker_failure(exc: BaseException) -> bool:
+    """True for the engine's `WorkerFailure` (a TP worker died or failed: the engine is unusable)."""
+    try:
+        from pdserve.engine.distributed import WorkerFailure
+    except ImportError:
+        return False
+    return isinstance(exc, WorkerFailure)
 
 
 def load_tokenizer(model: str):
@@ -200,9 +224,17 @@ def has_work(engine) -> bool:
     return not engine.is_finished()
 
 
-def kv_tensor(engine):
-    """The engine's KV tensor ([L, B, ...] or [B, L, ...]); read through the runner (no public accessor)."""
-    return engine.runner.kv_cache
+def kv_tensors(engine) -> list:
+    """Each tensor-parallel rank's KV tensor (index = rank; [L, B, ...] or [B, L, ...]), all addressable
+    in this process; the engine owns the memory."""
+    fn = getattr(engine, "kv_caches", None)
+    return list(fn()) if fn is not None else [engine.runner.kv_cache]
+
+
+def kv_layouts(engine) -> list:
+    """Each rank's engine KVLayout (index = rank; rank i's pieces go to the peer's rank i)."""
+    fn = getattr(engine, "kv_layouts", None)
+    return list(fn()) if fn is not None else [engine.kv_layout()]
 
 
 def output_fields(out) -> tuple[str, list[int], str | None, int | None]:

@@ -3,6 +3,10 @@
 The event loop never touches the engine: it submits a callable (`await loop_thread.call(fn)`), which runs
 on the engine thread between two `step()`s; step outputs go back to per-request asyncio queues through
 `loop.call_soon_threadsafe`. So the event loop never blocks on native or model work.
+
+If `step()` raises (e.g. a tensor-parallel worker died: `WorkerFailure`), the engine never steps again:
+every open stream gets ENGINE_DEAD, new work is refused, and the thread keeps running the commands
+submitted with `after_failure=True` (releases, stats), so in-flight requests still give back their blocks.
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ class EngineLoop:
         self._thread.join(timeout)
 
     # ------------------------------------------------------------- event-loop side
-    async def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Run `fn(engine)` on the engine thread; returns its result or raises its exception."""
-        if self.error is not None:
-            raise RuntimeError(f"engine thread died: {self.error!r}")
+    async def call(self, fn: Callable[[Any], Any], after_failure: bool = False) -> Any:
+        """Run `fn(engine)` on the engine thread; returns its result or raises its exception. Once the
+        engine failed, only calls with `after_failure=True` (bookkeeping that needs no step) still run."""
+        if self.error is not None and not after_failure:
+            raise RuntimeError(f"engine failed: {self.error!r}")
         fut = self._loop.create_future()
         self._commands.put((fn, fut))
         return await fut
@@ -118,21 +123,27 @@ class EngineLoop:
                             self._run_command(item)
         except BaseException as exc:  # noqa: BLE001 - the server reports it on /health
             self.error = exc
-            log.error("engine thread died:\n%s", traceback.format_exc())
+            log.error("engine failed; it will not step again:\n%s", traceback.format_exc())
             try:
                 self._loop.call_soon_threadsafe(self._fail_all)
             except RuntimeError:
-                pass
-            # Fail pending commands too, so no coroutine waits forever.
-            while True:
-                try:
-                    item = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    self._loop.call_soon_threadsafe(
-                        _set_exception, item[1], RuntimeError("engine thread died")
-                    )
+                return  # the event loop is gone: nobody waits
+            self._serve_after_failure()
+
+    def _serve_after_failure(self) -> None:
+        """Runs the commands still submitted (releases, stats) until stop(); never steps."""
+        while True:
+            item = self._next_command(block=True)
+            if item is ...:
+                if self._stopping:
+                    return
+                continue
+            if item is None:
+                return
+            try:
+                self._run_command(item)
+            except RuntimeError:  # the event loop closed under us
+                return
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:

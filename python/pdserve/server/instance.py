@@ -48,7 +48,8 @@ class InstanceServer(PDHandlersMixin):
         self.engine = None
         self.loop_thread: EngineLoop | None = None
         self.tokenizer = None
-        self.layout: KVLayout | None = None
+        self.layout: KVLayout | None = None  # rank 0's KV
+        self.layouts: list[KVLayout] = []  # every tensor-parallel rank's KV (index = rank)
         self.transport: KVLinks | None = None  # None on a colocated instance
         self.arena: StagingArena | None = None  # host staging of GPU KV (no --enable-direct)
         # staged receives: request key -> (KV block ids, the staging slots their bytes land in)
@@ -72,25 +73,30 @@ class InstanceServer(PDHandlersMixin):
     async def start(self, app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         self.engine = await loop.run_in_executor(None, ea.build_engine, self.config)
-        self.tokenizer = ea.engine_tokenizer(self.engine)
-        self.layout = transfer_layout(self.engine.kv_layout())
-        if self.config.role != "both" and self._use_staging():
-            self.arena = StagingArena(
-                ea.kv_tensor(self.engine), self.config.use_agg_block, self._num_staging_slots()
-            )
-        if self.config.role != "both":
-            try:
+        try:
+            self.tokenizer = ea.engine_tokenizer(self.engine)
+            # one layout per tensor-parallel rank, every rank's KV addressable in this process
+            self.layouts = [transfer_layout(x) for x in ea.kv_layouts(self.engine)]
+            self.layout = self.layouts[0]
+            if self.config.role != "both" and self._use_staging():
+                self.arena = StagingArena(
+                    ea.kv_tensors(self.engine), self.config.use_agg_block, self._num_staging_slots()
+                )
+            if self.config.role != "both":
                 self.transport = KVLinks(
                     loop,
                     self.config.host,
                     self.config.advertise_host,
                     self.config.transfer_port,
-                    self.arena.layout if self.arena is not None else self.layout,
+                    self.arena.layouts if self.arena is not None else self.layouts,
                     self.instance_id,
                     self.config.transfer_timeout,
                 )
-            except ValueError as exc:
+        except BaseException as exc:
+            await self._shutdown_engine()  # no worker outlives a failed start
+            if isinstance(exc, ValueError):
                 raise ConfigError(str(exc)) from exc
+            raise
         ea.set_layer_hook(self.engine, self._layer_hook)
         self.loop_thread = EngineLoop(self.engine, loop, ea.has_work)
         self.loop_thread.start()
@@ -115,8 +121,18 @@ class InstanceServer(PDHandlersMixin):
             await asyncio.get_running_loop().run_in_executor(None, self.loop_thread.stop)
         if self.transport is not None:
             await self.transport.aclose()
+        await self._shutdown_engine()
         if self._session is not None:
             await self._session.close()
+
+    async def _shutdown_engine(self) -> None:
+        """Stops the engine's tensor-parallel workers (after the engine thread and the transfers)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, ea.shutdown, engine)
+            except Exception:  # noqa: BLE001 - on the way out: say so, keep stopping
+                log.exception("stopping the engine's workers failed")
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
@@ -148,12 +164,15 @@ class InstanceServer(PDHandlersMixin):
         return mode == "on" or (mode == "auto" and not self.layout.device.startswith("cpu"))
 
     def _num_staging_slots(self) -> int:
+        # --staging-gb is per rank, like --kv-cache-gb
         block_nbytes = self.layout.num_layers * self.layout.piece_nbytes
         return max(1, int(self.config.staging_gb * (1 << 30)) // block_nbytes)
 
     # ----------------------------------------------------------------- helpers
-    async def call(self, fn):
-        return await self.loop_thread.call(fn)
+    async def call(self, fn, after_failure: bool = False):
+        """Runs fn(engine) on the engine thread; `after_failure`: also once the engine failed (releases,
+        stats: the block manager lives here and still works)."""
+        return await self.loop_thread.call(fn, after_failure=after_failure)
 
     def info(self) -> dict:
         c = self.config
@@ -167,6 +186,7 @@ class InstanceServer(PDHandlersMixin):
             "tensor_parallel_size": c.tensor_parallel_size,
             "dtype": c.dtype,
             "layout": self.layout.to_dict() if self.layout else None,
+            "layouts": [x.to_dict() for x in self.layouts],
             "transfer": self.transport.endpoint() if self.transport else None,
             "num_total_blocks": self.layout.num_blocks if self.layout else 0,
             "flags": {
@@ -183,7 +203,7 @@ class InstanceServer(PDHandlersMixin):
         def collect(engine):
             return ea.stats(engine), ea.check_invariants(engine), ea.drain_cache_events(engine)
 
-        engine_stats, invariant_error, events = await self.call(collect)
+        engine_stats, invariant_error, events = await self.call(collect, after_failure=True)
         t = self.transport
         self._append_events(events)
         s = dict(engine_stats)
@@ -193,6 +213,9 @@ class InstanceServer(PDHandlersMixin):
                 "incarnation": self.incarnation,
                 "role": self.config.role,
                 "invariant_error": invariant_error,
+                # the engine failed (a TP worker died): the scheduler stops routing here
+                "lost": self.loop_thread.error is not None,
+                "engine_error": repr(self.loop_thread.error) if self.loop_thread.error else None,
                 "num_reservations": len(self.reservations),
                 "num_pinned_prefills": len(self.prefills),
                 "num_dcache_reservations": len(self.dcache_reservations),
@@ -251,7 +274,7 @@ class InstanceServer(PDHandlersMixin):
             while True:
                 out = await q.get()
                 if out is ENGINE_DEAD:
-                    raise RuntimeError(f"engine thread died: {self.loop_thread.error!r}")
+                    raise RuntimeError(f"engine failed: {self.loop_thread.error!r}")
                 _, new_ids, finish, num_cached = ea.output_fields(out)
                 yield TokenDelta(new_ids, finish, num_cached)
                 if finish is not None:
@@ -274,7 +297,7 @@ class InstanceServer(PDHandlersMixin):
                 pass
 
         try:
-            await self.call(both)
+            await self.call(both, after_failure=True)
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.exception("releasing %s failed", request_id)
 
@@ -326,8 +349,15 @@ class InstanceServer(PDHandlersMixin):
 
     async def h_health(self, request):
         if self.loop_thread is None or self.loop_thread.error is not None:
+            error = self.loop_thread and self.loop_thread.error
+            lost = error is not None and ea.is_worker_failure(error)
             return web.json_response(
-                {"status": "error", "error": repr(self.loop_thread and self.loop_thread.error)},
+                {
+                    # lost: a tensor-parallel worker died; the engine cannot step any more
+                    "status": "lost" if lost else "error",
+                    "instance_id": self.instance_id,
+                    "error": repr(error),
+                },
                 status=503,
             )
         return web.json_response(
@@ -439,6 +469,9 @@ class InstanceServer(PDHandlersMixin):
                 warned = False
                 while True:
                     await asyncio.sleep(self.config.heartbeat_interval)
+                    if self.loop_thread.error is not None:
+                        log.error("engine failed: no more heartbeats, the scheduler will drop us")
+                        return
                     s = await self.stats()
                     reply = await self._post_json(
                         f"{url}/internal/v1/heartbeat",

@@ -18,8 +18,8 @@ from aiohttp import web
 
 from pdserve.server import engine_adapter as ea
 from pdserve.server.protocol import ProtocolError, SamplingSpec
-from pdserve.server.transport import TransferAborted
-from pdserve.transfer import KVLayout, check_compatible
+from pdserve.server.transport import TransferAborted, check_rank_layouts, endpoint_layouts
+from pdserve.transfer import KVLayout
 
 log = logging.getLogger("pdserve.instance")
 
@@ -283,6 +283,7 @@ class PDHandlersMixin:
         self.reservations.pop(request_id, None)
         self.num_requests_served += 1
         staged = self.staged.pop(request_id, None)
+        slots_freed = []
 
         def start_decode(engine):
             if staged is not None:
@@ -290,6 +291,7 @@ class PDHandlersMixin:
                     self.arena.scatter(*staged)  # staging slots -> the reserved blocks
                 finally:
                     self.arena.free(staged[1])
+                    slots_freed.append(True)
             ea.add_decode_only(engine, request_id, token_ids, spec, first_token_id)
 
         deltas = self._engine_stream(request_id, start_decode)
@@ -297,6 +299,8 @@ class PDHandlersMixin:
             return await self._ndjson(request, deltas, first={"kv_ready": True})
         finally:
             await deltas.aclose()
+            if staged is not None and not slots_freed:  # the engine refused the call (it failed)
+                self.arena.free(staged[1])
 
     async def h_release(self, request):
         """Either side: drop everything held for a request (pinned prefill, reservation). Idempotent."""
@@ -327,8 +331,10 @@ class PDHandlersMixin:
             info = body.get("peer_info") or await self._get_json(f"{peer_url}/internal/v1/info")
             if self.transport is None or not info.get("transfer"):
                 return json_error(400, "colocated (--role both) instances do not link")
-            layout = KVLayout.from_dict(info["transfer"]["layout"])
-            check_compatible(self.layout, layout)
+            # every rank pairs with the peer's same rank: same TP size, compatible shards
+            layouts = endpoint_layouts(info["transfer"])
+            check_rank_layouts(self.transport.layouts, layouts, info["instance_id"])
+            layout = layouts[0]
             await self.transport.link(info["instance_id"], info["transfer"])
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return json_error(502, f"peer {peer_url} unreachable: {exc}")
@@ -432,7 +438,7 @@ class PDHandlersMixin:
             await self.transport.abort(key)
             return json_error(500, f"dcache send failed: {exc}")
         finally:
-            await self.call(lambda e: ea.release(e, key))
+            await self.call(lambda e: ea.release(e, key), after_failure=True)
             if sent_slots:
                 self.arena.free(sent_slots)
         return web.json_response({"num_blocks": num_blocks, "nbytes": nbytes})

@@ -163,6 +163,8 @@ class ClusterMembershipMixin:
             )
             if s.get("incarnation") != rec.info.get("incarnation"):
                 raise InstanceRestarted(f"instance {rec.instance_id} restarted")
+            if s.get("lost"):  # its engine failed (a TP worker died): route nothing there
+                raise RuntimeError(f"instance {rec.instance_id} lost: {s.get('engine_error')}")
             events = s.pop("events", [])
             first = s.pop("events_first_seq", rec.event_seq)
             if first > rec.event_seq:

@@ -5,6 +5,12 @@ link by exchanging endpoints, expect a request's blocks from one peer (a peer th
 the receive at once), push blocks layer by layer (from the engine thread: never blocks) or whole,
 flush before unpinning, abort on every early exit. The TCP backend moves host memory only; the GPU
 backends (NCCL, CUDA IPC) will come in through the same `Endpoint`/`CommDomain`.
+
+Tensor parallelism: one transfer engine per instance, in the engine's process, registers every rank's
+KV region (the ranks' memory is mapped there). A link is one CommDomain per rank pair over that engine
+and one connection; rank i's pieces go to the peer's rank i. A receive expects every rank's bytes under
+one request id, so it completes once all ranks' KV landed. The endpoint carries all ranks' layouts in
+`extra["layouts"]` (rank 0's is also its `layout`, what a TP-1 peer reads).
 """
 
 from __future__ import annotations
@@ -13,7 +19,11 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-from pdserve.transfer import CommDomain, Endpoint, KVLayout, TransferEngine
+from pdserve.transfer import CommDomain, Endpoint, KVLayout, TransferEngine, check_compatible
+
+
+class LinkMismatch(ValueError):
+    """Two instances whose KV cannot be paired rank to rank (different TP sizes or shard shapes)."""
 
 
 class TransferAborted(RuntimeError):
@@ -40,8 +50,46 @@ def transfer_layout(engine_layout) -> KVLayout:
     return KVLayout(**{f: (str(get(f)) if f == "device" else int(get(f))) for f in fields})
 
 
+def endpoint_layouts(endpoint: dict) -> list[KVLayout]:
+    """Every rank's transfer layout an endpoint dict announces (index = rank; a single-rank endpoint,
+    which has no `extra["layouts"]`, announces its `layout` only)."""
+    ranks = (endpoint.get("extra") or {}).get("layouts")
+    if not ranks:
+        return [KVLayout.from_dict(endpoint["layout"])]
+    return [KVLayout.from_dict(d) for d in ranks]
+
+
+def check_rank_layouts(local: Sequence[KVLayout], remote: Sequence[KVLayout], peer: str) -> None:
+    """Raises LinkMismatch unless rank i of `local` can exchange blocks with rank i of `remote`."""
+    if len(local) != len(remote):
+        raise LinkMismatch(
+            f"tensor parallel sizes differ: this instance runs --tensor-parallel-size {len(local)}, "
+            f"peer {peer} runs --tensor-parallel-size {len(remote)}; rank i's KV goes to the peer's "
+            "rank i, so both sides of a link need the same --tensor-parallel-size"
+        )
+    for rank, (a, b) in enumerate(zip(local, remote, strict=True)):
+        try:
+            check_compatible(a, b)
+        except ValueError as exc:
+            raise LinkMismatch(f"rank {rank} of peer {peer}: {exc}") from None
+
+
+class _PeerLink:
+    """One peer: a CommDomain per rank pair, all over this instance's single TransferEngine."""
+
+    def __init__(self, domains: list[CommDomain]):
+        self.domains = domains
+        self.address = domains[0].remote.address
+
+    @property
+    def is_open(self) -> bool:
+        return self.domains[0].is_open
+
+
 class KVLinks:
-    """Owns the TransferEngine; thread-safe where the engine thread calls it (`push_*`)."""
+    """Owns the TransferEngine; thread-safe where the engine thread calls it (`push_*`).
+
+    `layouts[i]` is rank i's registered KV memory (the engine's shard, or its host staging arena)."""
 
     def __init__(
         self,
@@ -49,35 +97,48 @@ class KVLinks:
         bind_host: str,
         advertise_host: str,
         port: int,
-        layout: KVLayout,
+        layouts: Sequence[KVLayout],
         instance_id: str,
         timeout_s: float,
     ):
-        if not layout.device.startswith("cpu"):
-            raise ValueError(
-                f"the KV cache is on {layout.device}, but the TCP transfer backend moves host memory only; "
-                "run disaggregated instances with --device cpu until the GPU transports (--enable-direct) land"
-            )
+        layouts = list(layouts)
+        for layout in layouts:
+            if not layout.device.startswith("cpu"):
+                raise ValueError(
+                    f"the KV cache is on {layout.device}, but the TCP transfer backend moves host memory "
+                    "only; run disaggregated instances with --device cpu until the GPU transports "
+                    "(--enable-direct) land"
+                )
         self._loop = loop
-        self.layout = layout
+        self.layouts = layouts
+        self.layout = layouts[0]
         self.timeout_s = timeout_s
         self.engine = TransferEngine("tcp", host=bind_host, port=port)
-        self.engine.register_memory(layout.base_addr, layout.nbytes, -1)
-        local = Endpoint.local(self.engine, layout, instance_id=instance_id)
+        for layout in layouts:
+            self.engine.register_memory(layout.base_addr, layout.nbytes, -1)
         # peers connect to the advertised host (the bound one may be a wildcard such as 0.0.0.0)
-        port_str = local.address.rsplit(":", 1)[1]
+        port_str = self.engine.address.rsplit(":", 1)[1]
+        address = f"{advertise_host}:{port_str}"
+        self.locals = [
+            Endpoint(self.engine.backend, address, layout, rank, instance_id)
+            for rank, layout in enumerate(layouts)
+        ]
         self.local = Endpoint(
-            local.backend, f"{advertise_host}:{port_str}", layout, local.rank, instance_id
+            self.engine.backend,
+            address,
+            layouts[0],
+            0,
+            instance_id,
+            {"tensor_parallel_size": len(layouts), "layouts": [x.to_dict() for x in layouts]},
         )
-        self._domains: dict[str, CommDomain] = {}  # peer instance id -> domain
-        self._recv_peer: dict[
-            str, str
-        ] = {}  # request id -> peer it expects KV from (event loop only)
+        self._domains: dict[str, _PeerLink] = {}  # peer instance id -> its link
+        # request id -> peer it expects KV from (event loop only)
+        self._recv_peer: dict[str, str] = {}
+        self._empty_recvs: set[str] = set()  # expected with 0 bytes: done at once
         self._lock = threading.Lock()
         self.bytes_sent = 0
-        self.num_sends = (
-            0  # batches queued (layer-wise: one per layer and step; whole: one per request)
-        )
+        # batches queued (layer-wise: one per layer and step; whole: one per request)
+        self.num_sends = 0
         self.bytes_received = 0
         self.seconds_receiving = 0.0
 
@@ -85,16 +146,27 @@ class KVLinks:
         return self.local.to_dict()
 
     async def link(self, peer_id: str, endpoint: dict) -> None:
-        """Connect to a peer's endpoint (idempotent; a new endpoint address replaces the old domain)."""
-        remote = Endpoint.from_dict(endpoint)
+        """Connect to a peer's endpoint (idempotent; a new endpoint address replaces the old link).
+        Raises LinkMismatch when the peer's ranks do not pair with ours."""
+        remote_layouts = endpoint_layouts(endpoint)
+        check_rank_layouts(self.layouts, remote_layouts, peer_id)
+        base = Endpoint.from_dict(endpoint)
         old = self._domains.get(peer_id)
-        if old is not None and old.remote.address == remote.address and old.is_open:
+        if old is not None and old.address == base.address and old.is_open:
             return
-        domain = CommDomain(self.engine, self.local, remote, send_timeout_s=self.timeout_s)
-        await self._loop.run_in_executor(None, domain.open)
-        self._domains[peer_id] = domain
+        domains = [
+            CommDomain(
+                self.engine,
+                self.locals[rank],
+                Endpoint(base.backend, base.address, layout, rank, base.instance_id),
+                send_timeout_s=self.timeout_s,
+            )
+            for rank, layout in enumerate(remote_layouts)
+        ]
+        await self._loop.run_in_executor(None, domains[0].open)  # one connection serves every rank
+        self._domains[peer_id] = _PeerLink(domains)
 
-    def _domain(self, peer_id: str) -> CommDomain:
+    def _domain(self, peer_id: str) -> _PeerLink:
         domain = self._domains.get(peer_id)
         if domain is None:
             raise TransferAborted(
@@ -104,10 +176,18 @@ class KVLinks:
 
     # ---- receiving
     def expect(self, peer_id: str, request_id: str, num_blocks: int) -> int:
-        """Expect `num_blocks` blocks (all layers) of `request_id` from `peer_id`; returns the bytes."""
+        """Expect `num_blocks` blocks (all layers, all ranks) of `request_id` from `peer_id`; returns the
+        bytes."""
         if request_id in self._recv_peer:
             raise ValueError(f"request {request_id} already expects KV")
-        nbytes = self._domain(peer_id).receiver.expect(request_id, num_blocks, self.timeout_s)
+        link = self._domain(peer_id)
+        if num_blocks < 0:
+            raise ValueError(f"expect: num_blocks must be >= 0, got {num_blocks}")
+        nbytes = sum(layout.request_nbytes(num_blocks) for layout in self.layouts)
+        if nbytes == 0:
+            self._empty_recvs.add(request_id)
+        else:
+            self.engine.expect(request_id, nbytes, self.timeout_s, from_peer=link.address)
         self._recv_peer[request_id] = peer_id
         return nbytes
 
@@ -116,10 +196,12 @@ class KVLinks:
         peer_id = self._recv_peer.get(request_id)
         if peer_id is None:
             raise TransferAborted(f"request {request_id} expects no KV (aborted or never reserved)")
+        if request_id in self._empty_recvs:
+            self._empty_recvs.discard(request_id)
+            self._recv_peer.pop(request_id, None)
+            return
         try:
-            result = await asyncio.wait_for(
-                self._domain(peer_id).receiver.wait_async(request_id), timeout
-            )
+            result = await asyncio.wait_for(self.engine.wait_recv_async(request_id), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"request {request_id}: its KV did not arrive within {timeout}s"
@@ -146,8 +228,9 @@ class KVLinks:
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
     ) -> int:
-        """Queue one layer of the blocks; returns the bytes queued. Never blocks."""
-        self._domain(peer_id).sender.push_layer(request_id, layer_idx, src_block_ids, dst_block_ids)
+        """Queue one layer of the blocks on every rank; returns the bytes queued. Never blocks."""
+        for d in self._domain(peer_id).domains:
+            d.sender.push_layer(request_id, layer_idx, src_block_ids, dst_block_ids)
         return self._count(len(src_block_ids))
 
     def push_request(
@@ -157,33 +240,34 @@ class KVLinks:
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
     ) -> int:
-        """Queue every layer of the blocks (block-major layouts make this few large pieces)."""
-        self._domain(peer_id).sender.push_request(request_id, src_block_ids, dst_block_ids)
+        """Queue every layer of the blocks on every rank (block-major layouts: few large pieces)."""
+        for d in self._domain(peer_id).domains:
+            d.sender.push_request(request_id, src_block_ids, dst_block_ids)
         return self._count(len(src_block_ids) * self.layout.num_layers)
 
-    def _count(self, num_pieces: int) -> int:
-        nbytes = num_pieces * self.layout.piece_nbytes
+    def _count(self, num_pieces_per_rank: int) -> int:
+        nbytes = num_pieces_per_rank * sum(layout.piece_nbytes for layout in self.layouts)
         with self._lock:
             self.bytes_sent += nbytes
-            self.num_sends += num_pieces > 0
+            self.num_sends += num_pieces_per_rank > 0
         return nbytes
 
     async def flush(self, peer_id: str, request_id: str) -> None:
-        """Returns once the peer acknowledged every byte sent for the request (then the source blocks
-        may be unpinned); raises TransferAborted otherwise."""
-        result = await self._domain(peer_id).sender.wait_async(request_id)
-        if not result.ok:
-            raise TransferAborted(f"KV send of {request_id} {result.status}: {result.error}")
+        """Returns once the peer acknowledged every byte sent for the request on every rank (then the
+        source blocks may be unpinned); raises TransferAborted otherwise."""
+        results = [await d.sender.wait_async(request_id) for d in self._domain(peer_id).domains]
+        for rank, result in enumerate(results):
+            if not result.ok:
+                raise TransferAborted(
+                    f"KV send of {request_id} (rank {rank}) {result.status}: {result.error}"
+                )
 
     # ---- both
     async def abort(self, request_id: str) -> None:
         """Stops the request's transfers here and at the peers; returns when none touches its blocks."""
-        peer_id = self._recv_peer.pop(request_id, None)
-        domain = self._domains.get(peer_id) if peer_id else None
-        if domain is not None:
-            await self._loop.run_in_executor(None, domain.receiver.abort, request_id)
-        else:
-            await self._loop.run_in_executor(None, self.engine.abort, request_id)
+        self._recv_peer.pop(request_id, None)
+        self._empty_recvs.discard(request_id)
+        await self._loop.run_in_executor(None, self.engine.abort, request_id)
 
     async def aclose(self) -> None:
         await self._loop.run_in_executor(None, self.engine.close)
