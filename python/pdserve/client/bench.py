@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import sys
 
+from pdserve.argtypes import non_negative_int, positive_float, positive_int
 from pdserve.client.results import (
     DATASETS,
     DEFAULT_URL,
@@ -59,26 +59,6 @@ __all__ = [
 ]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -86,16 +66,6 @@ def _rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number > 0 or 'inf', got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0 or 'inf', got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -115,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model name sent in requests (default: first of GET /v1/models)",
     )
     target.add_argument(
-        "--timeout", type=_positive_float, default=d.timeout_s, help="per-request timeout in s"
+        "--timeout", type=positive_float, default=d.timeout_s, help="per-request timeout in s"
     )
     target.add_argument(
         "--no-stream", action="store_true", help="non-streaming requests (no TTFT/ITL)"
@@ -123,11 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work = parser.add_argument_group("workload")
     work.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     work.add_argument(
-        "--input-len", type=_positive_int, default=d.input_len, help="random: prompt tokens"
+        "--input-len", type=positive_int, default=d.input_len, help="random: prompt tokens"
     )
     work.add_argument(
         "--output-len",
-        type=_positive_int,
+        type=positive_int,
         default=d.output_len,
         help="random: output tokens; sharegpt: cap on each answer's tokens",
     )
@@ -139,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     work.add_argument(
         "--num-requests",
-        type=_positive_int,
+        type=positive_int,
         default=d.num_requests,
         help="requests to send (conversations with --multi-turn)",
     )
@@ -147,18 +117,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--multi-turn", action="store_true", help="send whole conversations, turn after turn"
     )
     work.add_argument(
-        "--max-turns", type=_positive_int, default=None, help="turns per conversation at most"
+        "--max-turns", type=positive_int, default=None, help="turns per conversation at most"
     )
     work.add_argument("--seed", type=int, default=d.seed, help="seeds prompts and arrival times")
     work.add_argument(
         "--max-input-chars",
-        type=_positive_int,
+        type=positive_int,
         default=d.max_input_chars,
         help="sharegpt/multi-turn: longest prompt text in characters (fit the model's context)",
     )
     work.add_argument(
         "--chars-per-token",
-        type=_positive_float,
+        type=positive_float,
         default=d.chars_per_token,
         help="characters per token for text-length estimates",
     )
@@ -170,14 +140,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     work.add_argument(
         "--token-id-range",
-        type=_non_negative_int,
+        type=non_negative_int,
         nargs=2,
         metavar=("LO", "HI"),
         default=list(d.token_id_range),
         help="random token-id prompts draw ids from [LO, HI)",
     )
     work.add_argument(
-        "--max-concurrency", type=_positive_int, default=None, help="requests in flight at most"
+        "--max-concurrency", type=positive_int, default=None, help="requests in flight at most"
     )
     work.add_argument("--temperature", type=float, default=d.temperature)
     work.add_argument("--no-ignore-eos", action="store_true", help="let the model stop at EOS")
@@ -186,10 +156,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     report = parser.add_argument_group("report")
     report.add_argument(
-        "--slo-ttft-ms", type=_positive_float, default=None, help="TTFT SLO for goodput"
+        "--slo-ttft-ms", type=positive_float, default=None, help="TTFT SLO for goodput"
     )
     report.add_argument(
-        "--slo-tpot-ms", type=_positive_float, default=None, help="TPOT SLO for goodput"
+        "--slo-tpot-ms", type=positive_float, default=None, help="TPOT SLO for goodput"
     )
     report.add_argument(
         "--result-json", default=None, metavar="F", help="write config, requests and summary to F"

@@ -12,6 +12,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from pdserve.argtypes import fraction, positive_float, positive_int
+
 DEFAULT_SCHEDULER_URL = "http://127.0.0.1:8081"
 DEFAULT_PORT_BY_ROLE = {"prefill": 8082, "decode": 8084, "both": 8082}
 ROLE_ALIASES = {
@@ -39,41 +41,11 @@ def _role(value: str) -> str:
     return role
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
-
-
 def _block_size(value: str) -> int:
-    n = _positive_int(value)
+    n = positive_int(value)
     if n & (n - 1) or n > 256:
         raise argparse.ArgumentTypeError(f"block size must be a power of two in [1, 256], got {n}")
     return n
-
-
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
-    if not 0.0 < x <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {x}")
-    return x
-
-
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {x}")
-    return x
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"global scheduler to register with (default: offer to {DEFAULT_SCHEDULER_URL} and keep retrying; 'none' to stay alone)",
     )
     g.add_argument(
-        "--heartbeat-interval", type=_positive_float, default=1.0, help="seconds between heartbeats"
+        "--heartbeat-interval", type=positive_float, default=1.0, help="seconds between heartbeats"
     )
     g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
 
@@ -162,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pinned host DRAM as a second cache tier",
     )
     c.add_argument(
-        "--host-kv-cache-gb", type=_positive_float, default=None, help="size of the DRAM tier"
+        "--host-kv-cache-gb", type=positive_float, default=None, help="size of the DRAM tier"
     )
     c.add_argument(
         "--use-agg-block",
@@ -186,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--staging-gb",
-        type=_positive_float,
+        type=positive_float,
         default=4.0,
         help="size of the pinned host staging arena (a request holds slots for its prompt's blocks)",
     )
@@ -195,14 +167,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--transfer-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         help="seconds a decode instance waits for a request's KV before aborting it",
     )
 
     e = parser.add_argument_group("engine")
     e.add_argument(
-        "--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=_positive_int, default=1
+        "--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=positive_int, default=1
     )
     e.add_argument(
         "--worker-use-ray",
@@ -212,11 +184,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--block-size", type=_block_size, default=16, help="tokens per KV block")
     e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--dtype", choices=DTYPES, default="auto")
-    e.add_argument("--kv-cache-gb", type=_positive_float, default=None, help="KV cache size on CPU")
-    e.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9)
-    e.add_argument("--max-num-seqs", type=_positive_int, default=None)
-    e.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
-    e.add_argument("--max-model-len", type=_positive_int, default=None)
+    e.add_argument("--kv-cache-gb", type=positive_float, default=None, help="KV cache size on CPU")
+    e.add_argument("--gpu-memory-utilization", type=fraction, default=0.9)
+    e.add_argument("--max-num-seqs", type=positive_int, default=None)
+    e.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
+    e.add_argument("--max-model-len", type=positive_int, default=None)
     e.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
     e.add_argument("--seed", type=int, default=0)
 
