@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from limits import copy_bandwidth, matmul_rate
 
 VARIANTS = {
     # name: engine options
@@ -39,29 +40,6 @@ VARIANTS = {
 
 def _sync() -> None:
     torch.cuda.synchronize()
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB (bf16 random data), bytes read + written per second (median)."""
-    from triton.testing import do_bench
-
-    src = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(100):  # clocks up before timing
-        dst.copy_(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=100, rep=1000, return_mode="median")
-    return 2 * (1 << 30) / (ms * 1e-3)
-
-
-def matmul_rate(n: int = 8192) -> float:
-    """bf16 n x n x n matmul (random data) in FLOP/s (median)."""
-    from triton.testing import do_bench
-
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    c = torch.empty(n, n, dtype=torch.bfloat16, device="cuda")
-    ms = do_bench(lambda: torch.mm(a, b, out=c), warmup=200, rep=1000, return_mode="median")
-    return 2 * n**3 / (ms * 1e-3)
 
 
 def model_bytes(engine) -> tuple[int, int]:

@@ -13,16 +13,7 @@ import json
 import sys
 
 import torch
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    from triton.testing import do_bench
-
-    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
+from limits import copy_bandwidth
 
 
 def bench_case(num_seqs, num_q_heads, num_kv_heads, head_dim, seq_len, block_size, dtype):
@@ -57,7 +48,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_paged_decode: needs a CUDA GPU", file=sys.stderr)
         return 2
-    copy_bps = copy_bandwidth()
+    copy_bps = copy_bandwidth(2 << 30)
     rows = []
     # (label, num_seqs, q_heads, kv_heads, head_dim, seq_len)
     cases = [
