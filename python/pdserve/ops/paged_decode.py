@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from pdserve.ops.paged_prefill import paged_prefill_reference
+
 try:  # Triton is optional: CPU installs run the torch reference path instead.
     import triton
     import triton.language as tl
@@ -37,22 +39,9 @@ def paged_decode_reference(
     block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32.
     Returns a new tensor shaped like q, computed in float32 and cast to q's dtype.
     """
-    num_seqs, num_q_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    out = torch.empty_like(q)
-    for i in range(num_seqs):
-        seq_len = int(seq_lens[i])
-        num_blocks = (seq_len + block_size - 1) // block_size
-        ids = block_tables[i, :num_blocks].long()
-        k = k_cache[ids].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        v = v_cache[ids].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        k = k.repeat_interleave(group, dim=1)  # [seq_len, num_q_heads, head_dim]
-        v = v.repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,thd->ht", q[i].float(), k) * scale
-        probs = torch.softmax(scores, dim=-1)
-        out[i] = torch.einsum("ht,thd->hd", probs, v).to(q.dtype)
-    return out
+    # decode is prefill with one new token per sequence: one reference serves both kernels
+    cu_q_lens = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    return paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, scale)
 
 
 if triton is not None:
