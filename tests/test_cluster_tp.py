@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from cluster_checks import settle_and_check
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 COMMON = ["--model", "tiny", "--device", "cpu", "--kv-cache-gb", "0.01", "--block-size", "16"]
@@ -137,37 +138,6 @@ def tp():
         yield {"url": url, "procs": procs, "group": group}
     finally:
         group.close()
-
-
-def settle_and_check(urls: list[str], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        problems = []
-        for url in urls:
-            s = http_json(f"{url}/internal/v1/stats")
-            if s["invariant_error"]:
-                problems.append(f"{url}: invariant: {s['invariant_error']}")
-            if s["num_free_staging_slots"] != s["num_staging_slots"]:
-                problems.append(f"{url}: staging slots held")
-            for key in (
-                "num_reservations",
-                "num_pinned_prefills",
-                "num_dcache_reservations",
-                "num_pending_transfers",
-                "num_staged",
-                "num_reserved_blocks",
-                "num_pinned",
-                "num_running",
-                "num_waiting",
-                "num_used_blocks",
-            ):
-                if s.get(key, 0):
-                    problems.append(f"{url}: {key}={s[key]}")
-        if not problems:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("; ".join(problems))
-        time.sleep(0.2)
 
 
 @pytest.fixture(autouse=True)

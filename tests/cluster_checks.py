@@ -1,0 +1,42 @@
+"""Checks shared by the cluster tests: after a test, every instance must settle into a clean state."""
+
+from __future__ import annotations
+
+import time
+
+from pdserve.server.launcher import http_json
+
+
+def settle_and_check(urls: list[str], timeout: float = 10.0) -> None:
+    """Block invariant on every instance; nothing reserved, pinned or in flight (after background work)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        problems = []
+        for url in urls:
+            s = http_json(f"{url}/internal/v1/stats")
+            if s["invariant_error"]:
+                problems.append(f"{url}: invariant: {s['invariant_error']}")
+            if s["num_free_staging_slots"] != s["num_staging_slots"]:
+                problems.append(
+                    f"{url}: staging slots held: {s['num_staging_slots'] - s['num_free_staging_slots']}"
+                )
+            for key in (
+                "num_reservations",
+                "num_pinned_prefills",
+                "num_dcache_reservations",
+                "num_pending_transfers",
+                "num_staged",
+                "num_reserved_blocks",
+                "num_pinned",
+                "num_reserved_requests",
+                "num_running",
+                "num_waiting",
+                "num_used_blocks",
+            ):
+                if s.get(key, 0):
+                    problems.append(f"{url}: {key}={s[key]}")
+        if not problems:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("; ".join(problems))
+        time.sleep(0.2)
