@@ -31,6 +31,7 @@ from limits import copy_bandwidth, matmul_rate
 VARIANTS = {
     # name: engine options
     "fast": dict(),
+    "no-pdl": dict(pdl=False),
     "no-gemv": dict(small_batch_gemv=False),
     "no-fused": dict(fused_ops=False),
     "eager-triton": dict(enforce_eager=True),

@@ -4,7 +4,11 @@ weight-read bandwidth over the device-to-device copy bandwidth measured in the s
 Both sides run inside CUDA graphs (as the engine's decode step does), so launch overhead is excluded;
 8 weight copies rotate so L2 never holds W.
 
-    python3 bench/bench_gemv.py [--sweep] [--json PATH]
+    python3 bench/bench_gemv.py [--sweep] [--chain] [--json PATH]
+
+--chain also times the batch-1 GEMVs of all 40 layers of the 13B model (distinct weights, 25 GB) in one
+CUDA graph, in engine order, with and without programmatic dependent launch (pdserve.ops.pdl), against
+the same weight bytes at copy bandwidth.
 """
 
 from __future__ import annotations
@@ -67,10 +71,46 @@ def _time_layer(op, x, ws, out) -> float:
     return _graph_time_ms(call, reps=NUM_COPIES) * 1e3  # microseconds
 
 
+def chain(copy_bps: float, num_layers: int = 40) -> dict:
+    """Batch-1 GEMVs of num_layers 13B layers in one graph (o/down hand out split-K partials as in
+    the engine), with PDL off and on."""
+    from pdserve.ops.gemv import gemv
+    from pdserve.ops.pdl import pdl_supported, set_pdl
+
+    layers = [
+        [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _, n, k in SHAPES_13B]
+        for _ in range(num_layers)
+    ]
+    xs = {k: torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for _, _, k in SHAPES_13B}
+    nbytes = sum(w.numel() * 2 for ws in layers for w in ws)
+
+    def step():
+        for ws in layers:
+            for (name, _, k), w in zip(SHAPES_13B, ws, strict=True):
+                gemv(xs[k], w, reduce=name not in ("o", "down"))
+
+    out = {"bytes": nbytes, "floor_us": nbytes / copy_bps * 1e6}
+    for pdl in (False, True):
+        if pdl and not pdl_supported(torch.device("cuda")):
+            continue
+        set_pdl(pdl)
+        us = _graph_time_ms(step, reps=1) * 1e3
+        out["pdl" if pdl else "plain"] = us
+        print(
+            f"chain of {num_layers} layers, pdl={pdl}: {us:.0f} us = {us / out['floor_us']:.3f}x "
+            f"floor {out['floor_us']:.0f} us"
+        )
+    set_pdl(False)
+    layers.clear()
+    torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile configs")
+    parser.add_argument("--chain", action="store_true", help="also time 40 layers in one graph")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_gemv: needs a CUDA GPU", file=sys.stderr)
@@ -143,6 +183,8 @@ def main() -> int:
         f"{totals['cublas']:.0f} us, floor {floor_us:.0f} us "
         f"(ours {totals['ours'] / floor_us:.2f}x, cuBLAS {totals['cublas'] / floor_us:.2f}x floor)"
     )
+    if args.chain:
+        summary["chain"] = chain(copy_bps)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

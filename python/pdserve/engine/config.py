@@ -208,10 +208,12 @@ class EngineConfig:
     # GPU fast path (issue 5). attention_backend: auto (triton on CUDA when Triton is installed, else
     # torch) | torch | triton. enforce_eager: no CUDA graphs for decode. fused_ops / small_batch_gemv:
     # the fused elementwise Triton kernels and the decode GEMV (used with the triton backend only).
+    # pdl: launch those kernels with programmatic dependent launch where supported (sm90+, ops/pdl.py).
     attention_backend: str = "auto"
     enforce_eager: bool = False
     fused_ops: bool = True
     small_batch_gemv: bool = True
+    pdl: bool = True
     cuda_graph_max_batch_size: int = (
         128  # decode batches up to min(this, max_num_seqs) replay graphs
     )

@@ -151,10 +151,11 @@ class ModelRunner:
         self.attention_backend = self._pick_attention_backend()
         fast = self.attention_backend == "triton"
         from pdserve.ops.linear import set_small_batch_gemv
+        from pdserve.ops.pdl import pdl_supported, set_pdl
 
-        set_small_batch_gemv(
-            fast and config.small_batch_gemv
-        )  # process-wide: the last engine decides
+        # process-wide switches: the last engine built decides
+        set_small_batch_gemv(fast and config.small_batch_gemv)
+        set_pdl(fast and config.pdl and pdl_supported(self.device))
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(
                 model_config,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.ops.pdl import launch_kwargs
+
 try:
     import triton
     import triton.language as tl
@@ -41,7 +43,11 @@ if triton is not None:
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
         NUM_PARTS: tl.constexpr,  # x holds NUM_PARTS partial sums (split-K GEMV output), added here
+        USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < hidden
@@ -66,7 +72,11 @@ if triton is not None:
         stride_in,
         stride_out,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < inter
@@ -99,7 +109,11 @@ if triton is not None:
         stride_c_head,
         HEAD_DIM: tl.constexpr,
         HALF: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         tok = tl.program_id(0)
         head = tl.program_id(1)  # 0 .. num_q_heads + num_kv_heads - 1
         pos = tl.load(positions_ptr + tok)
@@ -165,6 +179,7 @@ def add_rms_norm(
             BLOCK=triton.next_power_of_2(hidden),
             NUM_PARTS=num_parts,
             num_warps=8 if hidden >= 4096 else 4,
+            **launch_kwargs(x),
         )
     return out, residual
 
@@ -179,7 +194,14 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     if num_tokens:
         _silu_mul_kernel[(num_tokens, triton.cdiv(inter, block))](
-            gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4
+            gate_up,
+            out,
+            inter,
+            gate_up.stride(0),
+            out.stride(0),
+            BLOCK=block,
+            num_warps=4,
+            **launch_kwargs(gate_up),
         )
     return out
 
@@ -240,4 +262,5 @@ def rope_and_store_kv(
         HEAD_DIM=head_dim,
         HALF=head_dim // 2,
         num_warps=1,
+        **launch_kwargs(q),
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.ops.pdl import launch_kwargs
+
 try:
     import triton
     import triton.language as tl
@@ -39,6 +41,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        USE_PDL: tl.constexpr,  # see pdserve.ops.pdl
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -47,14 +50,34 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         mask_m = offs_m < M
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         k_begin = pid_k * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, K)
-        for k0 in range(k_begin, k_end, BLOCK_K):
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        # first tile peeled: its weights need nothing from earlier kernels, so with PDL they are read
+        # while the kernel that writes x is still finishing
+        kk = k_begin + offs_k
+        mask_k = kk < k_end
+        w = tl.load(
+            w_rows + kk[None, :],
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        xt = tl.load(
+            x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+            mask=mask_m[None, :] & mask_k[:, None],
+            other=0.0,
+        )
+        acc = tl.dot(w, xt)
+        for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < k_end
             w = tl.load(
-                w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                w_rows + kk[None, :],
                 mask=mask_n[:, None] & mask_k[None, :],
                 other=0.0,
                 eviction_policy="evict_first",
@@ -144,6 +167,7 @@ def gemv(
         SPLIT_K=split_k,
         num_warps=num_warps,
         num_stages=num_stages,
+        **launch_kwargs(x),
     )
     if split_k > 1 and not reduce:
         return target

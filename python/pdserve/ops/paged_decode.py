@@ -16,6 +16,7 @@ import math
 import torch
 
 from pdserve.ops.paged_prefill import paged_prefill_reference
+from pdserve.ops.pdl import launch_kwargs
 
 try:  # Triton is optional: CPU installs run the torch reference path instead.
     import triton
@@ -70,7 +71,11 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,  # tokens per KV block
         TILE_N: tl.constexpr,  # tokens per inner iteration (a multiple of BLOCK_SIZE)
+        USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         seq_idx = tl.program_id(0)
         kv_head = tl.program_id(1)
         split_idx = tl.program_id(2)
@@ -140,7 +145,11 @@ if triton is not None:
         tokens_per_split,
         HEAD_DIM: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         seq_idx = tl.program_id(0)
         head = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + seq_idx)
@@ -286,6 +295,7 @@ def paged_decode_attention(
         TILE_N=tile_n,
         num_warps=4,
         num_stages=2,
+        **launch_kwargs(q),
     )
     _paged_decode_reduce_kernel[(num_seqs, num_q_heads)](
         part_out,
@@ -301,5 +311,6 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         num_warps=4,
+        **launch_kwargs(q),
     )
     return out
