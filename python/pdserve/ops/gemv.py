@@ -26,6 +26,18 @@ MAX_ROWS = 16  # largest batch served here; bigger batches go to cuBLAS
 if triton is not None:
 
     @triton.jit
+    def _prefetch_l2(ptrs, mask):
+        """prefetch.global.L2 of each (masked-in) address; returns nothing useful."""
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r",
+            [ptrs, mask.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K]
         w_ptr,  # [N, K] row-major (nn.Linear weight)
@@ -42,6 +54,8 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
         USE_PDL: tl.constexpr,  # see pdserve.ops.pdl
+        X_SILU_MUL: tl.constexpr,  # x_ptr holds [gate | up] ([M, 2K]); x = SiLU(gate) * up
+        PREFETCH_TILES: tl.constexpr = 2,  # with PDL: weight tiles pulled into L2 before the wait
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -50,30 +64,19 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         mask_m = offs_m < M
-        if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()
         k_begin = pid_k * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, K)
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-        # first tile peeled: its weights need nothing from earlier kernels, so with PDL they are read
-        # while the kernel that writes x is still finishing
-        kk = k_begin + offs_k
-        mask_k = kk < k_end
-        w = tl.load(
-            w_rows + kk[None, :],
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        )
         if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            # the weights need nothing from earlier kernels: pull this program's first tiles into L2
+            # while the kernel that writes x finishes, then wait for x (see pdserve.ops.pdl)
+            offs_line = tl.arange(0, PREFETCH_TILES * BLOCK_K // 64) * 64  # 128-byte lines (bf16)
+            lines = w_rows + (k_begin + offs_line)[None, :]
+            _prefetch_l2(lines, mask_n[:, None] & ((k_begin + offs_line) < k_end)[None, :])
             tl.extra.cuda.gdc_wait()
-        xt = tl.load(
-            x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
-            mask=mask_m[None, :] & mask_k[:, None],
-            other=0.0,
-        )
-        acc = tl.dot(w, xt)
-        for k0 in range(k_begin + BLOCK_K, k_end, BLOCK_K):
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < k_end
             w = tl.load(
@@ -82,11 +85,16 @@ if triton is not None:
                 other=0.0,
                 eviction_policy="evict_first",
             )
-            xt = tl.load(
-                x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
-                mask=mask_m[None, :] & mask_k[:, None],
-                other=0.0,
-            )
+            x_tile = x_ptr + offs_m[None, :] * stride_xm + kk[:, None]
+            mask_x = mask_m[None, :] & mask_k[:, None]
+            if (
+                X_SILU_MUL
+            ):  # x = SiLU(gate) * up from [gate | up], exactly as ops.fused.silu_and_mul
+                g = tl.load(x_tile, mask=mask_x, other=0.0).to(tl.float32)
+                u = tl.load(x_tile + K, mask=mask_x, other=0.0)
+                xt = (g * tl.sigmoid(g)).to(u.dtype) * u
+            else:
+                xt = tl.load(x_tile, mask=mask_x, other=0.0)
             acc += tl.dot(w, xt)
         if SPLIT_K == 1:
             tl.store(
@@ -120,19 +128,24 @@ def gemv(
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int, int] | None = None,
     reduce: bool = True,
+    silu_mul_input: bool = False,
 ) -> torch.Tensor:
     """y = x @ weight.T for a small batch. x: [M, K] with M ≤ 16; weight: [N, K], last dim contiguous,
     same dtype (bf16/fp16) and CUDA device. Returns y [M, N] (written into `out` when given).
     `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) overrides the heuristic (benchmarks).
     reduce=False: when the reduction is split, return the fp32 partial sums [SPLIT_K, M, N] instead, for
-    a consumer that adds them up while reading (`ops.fused.add_rms_norm`): two launches fewer."""
+    a consumer that adds them up while reading (`ops.fused.add_rms_norm`): two launches fewer.
+    silu_mul_input=True: x is [M, 2K] = [gate | up] and the GEMV multiplies SiLU(gate) * up (computed
+    while loading, bit-identical to `ops.fused.silu_and_mul`): the activation kernel is not launched."""
     if triton is None:
         raise RuntimeError("gemv needs Triton, which is not installed")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+    x_cols = 2 * weight.shape[-1] if silu_mul_input else weight.shape[-1]
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != x_cols:
+        what = "[M, 2K] (gate | up)" if silu_mul_input else "[M, K]"
         raise ValueError(
-            f"expected x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}"
+            f"expected x {what} and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
-    m, k = x.shape
+    m, k = x.shape[0], weight.shape[1]
     n = weight.shape[0]
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"gemv serves 1..{MAX_ROWS} rows, got {m}")
@@ -167,6 +180,7 @@ def gemv(
         SPLIT_K=split_k,
         num_warps=num_warps,
         num_stages=num_stages,
+        X_SILU_MUL=silu_mul_input,
         **launch_kwargs(x),
     )
     if split_k > 1 and not reduce:

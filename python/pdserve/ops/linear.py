@@ -24,16 +24,20 @@ def small_batch_gemv_enabled() -> bool:
     return _state["gemv"]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y = x @ weight.T; x [..., K], weight [N, K] -> [..., N]."""
-    if (
+def _use_gemv(x: torch.Tensor) -> bool:
+    return (
         _state["gemv"]
         and x.is_cuda
         and x.dim() == 2
         and 1 <= x.shape[0] <= 16
         and x.dtype in (torch.bfloat16, torch.float16)
         and x.stride(1) == 1
-    ):
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ weight.T; x [..., K], weight [N, K] -> [..., N]."""
+    if _use_gemv(x):
         from pdserve.ops.gemv import gemv
 
         return gemv(x, weight)
@@ -43,15 +47,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Like `linear`, but when the GEMV splits its reduction, returns the fp32 partial sums
     [SPLIT_K, rows, N] unreduced (for `ops.fused.add_rms_norm`, which adds them while reading)."""
-    if (
-        _state["gemv"]
-        and x.is_cuda
-        and x.dim() == 2
-        and 1 <= x.shape[0] <= 16
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and x.stride(1) == 1
-    ):
+    if _use_gemv(x):
         from pdserve.ops.gemv import gemv
 
         return gemv(x, weight, reduce=False)
     return F.linear(x, weight)
+
+
+def silu_mul_linear_partials(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`linear_partials(silu_and_mul(gate_up), weight)`; on the GEMV path the activation is computed
+    inside the GEMV's loads (one launch instead of two, the same values)."""
+    if _use_gemv(gate_up):
+        from pdserve.ops.gemv import gemv
+
+        return gemv(gate_up, weight, reduce=False, silu_mul_input=True)
+    from pdserve.ops.fused import silu_and_mul
+
+    return F.linear(silu_and_mul(gate_up), weight)
