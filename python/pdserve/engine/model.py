@@ -32,7 +32,7 @@ from pdserve.engine.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from pdserve.ops.linear import linear_partials, silu_mul_linear_partials
+from pdserve.ops.linear import linear_partials
 
 
 class _RopeTable:
@@ -134,10 +134,10 @@ class LlamaMLP(nn.Module):
         if self.fused_ops:
             from pdserve.ops.fused import silu_and_mul
 
-            gate_up = self.gate_up_proj(x)
+            act = silu_and_mul(self.gate_up_proj(x))
             if self.partial_out:
-                return silu_mul_linear_partials(gate_up, self.down_proj.weight)
-            return self.down_proj(silu_and_mul(gate_up))
+                return linear_partials(act, self.down_proj.weight)
+            return self.down_proj(act)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 

@@ -54,7 +54,6 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
         USE_PDL: tl.constexpr,  # see pdserve.ops.pdl
-        X_SILU_MUL: tl.constexpr,  # x_ptr holds [gate | up] ([M, 2K]); x = SiLU(gate) * up
         PREFETCH_TILES: tl.constexpr = 2,  # with PDL: weight tiles pulled into L2 before the wait
     ):
         pid_n = tl.program_id(0)
@@ -85,16 +84,11 @@ if triton is not None:
                 other=0.0,
                 eviction_policy="evict_first",
             )
-            x_tile = x_ptr + offs_m[None, :] * stride_xm + kk[:, None]
-            mask_x = mask_m[None, :] & mask_k[:, None]
-            if (
-                X_SILU_MUL
-            ):  # x = SiLU(gate) * up from [gate | up], exactly as ops.fused.silu_and_mul
-                g = tl.load(x_tile, mask=mask_x, other=0.0).to(tl.float32)
-                u = tl.load(x_tile + K, mask=mask_x, other=0.0)
-                xt = (g * tl.sigmoid(g)).to(u.dtype) * u
-            else:
-                xt = tl.load(x_tile, mask=mask_x, other=0.0)
+            xt = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                mask=mask_m[None, :] & mask_k[:, None],
+                other=0.0,
+            )
             acc += tl.dot(w, xt)
         if SPLIT_K == 1:
             tl.store(
@@ -128,24 +122,19 @@ def gemv(
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int, int] | None = None,
     reduce: bool = True,
-    silu_mul_input: bool = False,
 ) -> torch.Tensor:
     """y = x @ weight.T for a small batch. x: [M, K] with M ≤ 16; weight: [N, K], last dim contiguous,
     same dtype (bf16/fp16) and CUDA device. Returns y [M, N] (written into `out` when given).
     `config` = (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) overrides the heuristic (benchmarks).
     reduce=False: when the reduction is split, return the fp32 partial sums [SPLIT_K, M, N] instead, for
-    a consumer that adds them up while reading (`ops.fused.add_rms_norm`): two launches fewer.
-    silu_mul_input=True: x is [M, 2K] = [gate | up] and the GEMV multiplies SiLU(gate) * up (computed
-    while loading, bit-identical to `ops.fused.silu_and_mul`): the activation kernel is not launched."""
+    a consumer that adds them up while reading (`ops.fused.add_rms_norm`): two launches fewer."""
     if triton is None:
         raise RuntimeError("gemv needs Triton, which is not installed")
-    x_cols = 2 * weight.shape[-1] if silu_mul_input else weight.shape[-1]
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != x_cols:
-        what = "[M, 2K] (gate | up)" if silu_mul_input else "[M, K]"
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"expected x {what} and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}"
+            f"expected x [M, K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
-    m, k = x.shape[0], weight.shape[1]
+    m, k = x.shape
     n = weight.shape[0]
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"gemv serves 1..{MAX_ROWS} rows, got {m}")
@@ -180,7 +169,6 @@ def gemv(
         SPLIT_K=split_k,
         num_warps=num_warps,
         num_stages=num_stages,
-        X_SILU_MUL=silu_mul_input,
         **launch_kwargs(x),
     )
     if split_k > 1 and not reduce:

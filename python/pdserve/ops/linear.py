@@ -52,15 +52,3 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
         return gemv(x, weight, reduce=False)
     return F.linear(x, weight)
-
-
-def silu_mul_linear_partials(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`linear_partials(silu_and_mul(gate_up), weight)`; on the GEMV path the activation is computed
-    inside the GEMV's loads (one launch instead of two, the same values)."""
-    if _use_gemv(gate_up):
-        from pdserve.ops.gemv import gemv
-
-        return gemv(gate_up, weight, reduce=False, silu_mul_input=True)
-    from pdserve.ops.fused import silu_and_mul
-
-    return F.linear(silu_and_mul(gate_up), weight)

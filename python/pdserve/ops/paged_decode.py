@@ -48,6 +48,12 @@ def paged_decode_reference(
 if triton is not None:
 
     @triton.jit
+    def _tokens_per_split(seq_len, num_splits, TILE_N: tl.constexpr):
+        """Each sequence's own context split into num_splits whole tiles: a short sequence in a batch
+        (or CUDA graph) sized for long ones still spreads its few tiles over many programs."""
+        return tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
+
+    @triton.jit
     def _paged_decode_partial_kernel(
         q_ptr,  # [num_seqs, num_q_heads, HEAD_DIM]
         k_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM] (strided)
@@ -65,7 +71,6 @@ if triton is not None:
         stride_kv_head,
         stride_bt_seq,
         num_splits,
-        tokens_per_split,
         GROUP: tl.constexpr,  # q heads per kv head
         GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 for tl.dot
         HEAD_DIM: tl.constexpr,
@@ -81,6 +86,7 @@ if triton is not None:
         split_idx = tl.program_id(2)
 
         seq_len = tl.load(seq_lens_ptr + seq_idx)
+        tokens_per_split = _tokens_per_split(seq_len, num_splits, TILE_N)
         split_start = split_idx * tokens_per_split
         split_end = tl.minimum(split_start + tokens_per_split, seq_len)
 
@@ -142,9 +148,9 @@ if triton is not None:
         stride_out_head,
         num_q_heads,
         num_splits,
-        tokens_per_split,
         HEAD_DIM: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
+        TILE_N: tl.constexpr,
         USE_PDL: tl.constexpr,
     ):
         if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
@@ -153,7 +159,7 @@ if triton is not None:
         seq_idx = tl.program_id(0)
         head = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + seq_idx)
-        num_used = tl.cdiv(seq_len, tokens_per_split)
+        num_used = tl.cdiv(seq_len, _tokens_per_split(seq_len, num_splits, TILE_N))
         offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         mask_s = offs_s < num_used
@@ -252,16 +258,16 @@ def paged_decode_attention(
         return out
 
     tile_n = max(32, block_size) if head_dim <= 128 else max(16, block_size)
-    # Enough programs to cover the SMs about 4 times; each split at least 4 tiles long.
+    # Enough programs to cover the SMs about 4 times, at most one split per tile of the longest context
+    # (a split of one tile is the quickest for short contexts: its few dependent loads run in parallel).
     sms = num_sms or (
         torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     )
     wanted_splits = max(1, (4 * sms) // max(1, num_seqs * num_kv_heads))
-    max_splits = max(1, math.ceil(max_seq_len / (4 * tile_n)))
+    max_splits = max(1, math.ceil(max_seq_len / tile_n))
     num_splits = min(wanted_splits, max_splits, 128)
-    tokens_per_split = math.ceil(max(1, max_seq_len) / num_splits)
-    tokens_per_split = math.ceil(tokens_per_split / tile_n) * tile_n
-    num_splits = math.ceil(max(1, max_seq_len) / tokens_per_split)
+    # the kernels split each sequence's own length (_tokens_per_split); max_seq_len only bounds the
+    # number of splits worth launching
 
     part_out = torch.empty(
         (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
@@ -287,7 +293,6 @@ def paged_decode_attention(
         k_cache.stride(2),
         block_tables.stride(0),
         num_splits,
-        tokens_per_split,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -307,9 +312,9 @@ def paged_decode_attention(
         out.stride(1),
         num_q_heads,
         num_splits,
-        tokens_per_split,
         HEAD_DIM=head_dim,
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        TILE_N=tile_n,
         num_warps=4,
         **launch_kwargs(q),
     )
