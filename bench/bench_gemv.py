@@ -19,6 +19,7 @@ import json
 import sys
 
 import torch
+from limits import copy_bandwidth
 
 SHAPES_13B = [
     ("qkv", 15360, 5120),
@@ -27,16 +28,6 @@ SHAPES_13B = [
     ("down", 5120, 13824),
 ]
 NUM_COPIES = 8
-
-
-def _copy_bandwidth() -> float:
-    """Device-to-device copy of 2 GiB in bytes/s, counting bytes read plus bytes written."""
-    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(200):  # ~0.3 s of copies first, so clocks are up before anything is timed
-        dst.copy_(src)
-    ms = _graph_time_ms(lambda: dst.copy_(src), reps=1)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def _graph_time_ms(fn, reps: int) -> float:
@@ -118,7 +109,7 @@ def main() -> int:
     from pdserve.ops.gemv import gemv
 
     torch.manual_seed(0)
-    copy_bps = _copy_bandwidth()
+    copy_bps = copy_bandwidth()
 
     def cublas(x, w, out):
         torch.matmul(x, w.T, out=out)
