@@ -30,6 +30,7 @@ void add_fast_methods(const py::object& pool_cls, const py::object& tree_cls);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pdserve cache core: block pools, radix tree, evictor (see pdserve/_core.pyi)";
+  add_block_ids_type(m.ptr());
   m.attr("TIER_GPU") = 0;
   m.attr("TIER_HOST") = 1;
 

@@ -2,14 +2,14 @@
 
 Use the typed wrappers in `pdserve.cache` (subclasses of these classes) instead of this module
 directly. Results are the dataclasses of `pdserve.cache.types`, built in C++. Token and block id
-arguments accept lists/tuples of ints or 1-D numpy int32/int64 arrays (contiguous int32 is read
-in place). Every call that walks or mutates a structure releases the GIL. C++ errors arrive as
-ValueError (bad value, named in the message) or RuntimeError (broken invariant); a non-int
-element raises TypeError.
+arguments accept a BlockIds, lists/tuples of ints or 1-D numpy int32/int64 arrays (BlockIds and
+contiguous int32 arrays are read in place). Every call that walks or mutates a structure releases
+the GIL. C++ errors arrive as ValueError (bad value, named in the message) or RuntimeError (broken
+invariant); a non-int element raises TypeError.
 """
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, SupportsIndex, overload
 
 from pdserve.cache.types import (
     CacheEvent,
@@ -20,7 +20,38 @@ from pdserve.cache.types import (
     Tier,
 )
 
-TokenIds = Sequence[int] | Any  # or a 1-D numpy integer array
+TokenIds = Sequence[int] | Any  # BlockIds, list / tuple of ints or a 1-D numpy integer array
+
+class BlockIds(Sequence[int]):
+    """Immutable sequence of int32 block ids: what every block-id result of this module is.
+
+    One object with the ids stored inline (no Python int per id until one is read). Supports len,
+    indexing (negative too; IndexError), slicing (a BlockIds), iteration, `in`, truth (non-empty),
+    `+` with a BlockIds or any sequence of ints (a BlockIds; `list += ids` still extends the list),
+    `==` / `!=` elementwise with BlockIds, lists and tuples of ints, hash (that of the equal tuple),
+    pickling, and the buffer protocol (format "i", read-only, 1-D): `numpy.asarray(ids)` views the
+    ids without a copy. Every argument that takes block ids reads a BlockIds in place.
+    """
+
+    def __new__(cls, ids: Iterable[int] = ...) -> BlockIds:
+        """From any iterable of ints (a BlockIds is returned as is). TypeError for a non-int
+        element, ValueError for one outside int32; both name the position and the value."""
+    def __len__(self) -> int: ...
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> BlockIds: ...
+    def __iter__(self) -> Iterator[int]: ...
+    def __contains__(self, value: object) -> bool: ...
+    def __add__(self, other: Sequence[int] | Any) -> BlockIds: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __ne__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __buffer__(self, flags: int) -> memoryview: ...
+    def tolist(self) -> list[int]:
+        """A new list of the ids (e.g. for JSON, or to mutate)."""
+    def count(self, value: object) -> int: ...
+    def index(self, value: object, start: int = 0, stop: int = ...) -> int: ...
 
 TIER_GPU: int  # 0
 TIER_HOST: int  # 1
