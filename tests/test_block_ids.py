@@ -136,6 +136,31 @@ def test_pickle_and_copy() -> None:
     assert copy.copy(ids) is ids and copy.deepcopy(ids) is ids
 
 
+def test_cache_results_are_block_ids_and_inputs_accept_them() -> None:
+    gpu, host = BlockPool(16), BlockPool(16, Tier.HOST)
+    tree = RadixTree(2, gpu, host)
+    new_ids = gpu.allocate(4)
+    assert type(new_ids) is BlockIds
+    gpu.incref(new_ids)
+    assert [gpu.ref_count(i) for i in new_ids] == [2] * 4
+    gpu.decref(new_ids)
+    result = tree.insert(list(range(8)), new_ids)
+    assert type(result.adopted_block_ids) is BlockIds and result.adopted_block_ids == new_ids
+    assert type(result.duplicate_block_ids) is BlockIds and result.duplicate_block_ids == []
+    gpu.decref(new_ids)
+    match = tree.match_prefix(np.arange(8, dtype=np.int32))
+    assert type(match.block_ids) is BlockIds and type(match.tiers) is BlockIds
+    assert match.tiers == [Tier.GPU] * 4
+    ticket = tree.begin_demote(2)
+    assert type(ticket.src_block_ids) is BlockIds and type(ticket.dst_block_ids) is BlockIds
+    tree.commit(ticket, True)
+    assert tree.match_prefix(list(range(8))).tiers == [Tier.HOST] * 4  # the whole node moved
+    assert type(tree.evict(1, Tier.HOST)) is BlockIds
+    assert type(gpu.reserve("r", 2)) is BlockIds and type(gpu.reserved_blocks("r")) is BlockIds
+    assert type(gpu.transfer_reservation("r")) is BlockIds
+    tree.check_invariants()
+
+
 def _exercise(gpu: BlockPool, tree: RadixTree, tokens: np.ndarray) -> int:
     """One engine-like request through every result kind; returns the number of hit blocks."""
     m = tree.match_prefix(tokens)
@@ -143,7 +168,7 @@ def _exercise(gpu: BlockPool, tree: RadixTree, tokens: np.ndarray) -> int:
     if need > gpu.num_free:
         tree.evict(need - gpu.num_free)
     new_ids = gpu.allocate(need)
-    ids = BlockIds(m.block_ids) + new_ids
+    ids = m.block_ids + new_ids
     tree.insert(tokens, ids)
     gpu.decref(new_ids)
     sum(ids[1:])

@@ -276,27 +276,6 @@ inline py::list u64_list(const std::vector<uint64_t>& values) {
   return py::reinterpret_steal<py::list>(list);
 }
 
-inline py::list tier_list(const std::vector<Tier>& tiers) {
-  PyObject* values[2] = {small_int(0), small_int(1)};  // new references, dropped below
-  PyObject* list = PyList_New(static_cast<Py_ssize_t>(tiers.size()));
-  if (list != nullptr) {
-    Py_ssize_t num_host = 0;
-    for (size_t i = 0; i < tiers.size(); ++i) {
-      const int tier = static_cast<int>(tiers[i]);
-      num_host += tier;
-      PyList_SET_ITEM(list, i, values[tier]);
-    }
-    // One reference count update per object instead of a dependent chain of increments.
-    const Py_ssize_t num_gpu = static_cast<Py_ssize_t>(tiers.size()) - num_host;
-    Py_SET_REFCNT(values[0], Py_REFCNT(values[0]) + num_gpu);
-    Py_SET_REFCNT(values[1], Py_REFCNT(values[1]) + num_host);
-  }
-  Py_DECREF(values[0]);
-  Py_DECREF(values[1]);
-  if (list == nullptr) throw py::error_already_set();
-  return py::reinterpret_steal<py::list>(list);
-}
-
 // Accepts 0 / 1 or a pdserve.cache.Tier (an IntEnum) without going through Python-level __index__.
 inline Tier to_tier(py::handle obj) {
   long tier = -1;
@@ -411,7 +390,7 @@ inline py::object ticket_object(const Ticket& t) {
   const ResultTypes& ty = types();
   return construct<6>(ty.ticket, {py::int_(t.ticket_id), ty.ticket_kinds[static_cast<int>(t.kind)],
                                   tier_object(t.src_tier), tier_object(t.dst_tier),
-                                  to_list(t.src_block_ids), to_list(t.dst_block_ids)});
+                                  to_block_ids(t.src_block_ids), to_block_ids(t.dst_block_ids)});
 }
 
 }  // namespace pdserve::bindings
