@@ -1,7 +1,8 @@
-// Conversions shared by the cache-core bindings (core_module.cpp, fast_methods.cpp): int32 views
-// of Python lists and numpy arrays, Python lists of block ids built from shared int objects, and
-// the pdserve.cache.types result classes. Inline functions in a named namespace, so that the
-// process-wide caches (block-id ints, result types) exist once across translation units.
+// Conversions shared by the cache-core bindings (core_module.cpp, fast_methods.cpp, block_ids.cpp):
+// int32 views of BlockIds, Python lists and numpy arrays, BlockIds results, Python ints shared
+// across calls, and the pdserve.cache.types result classes. Inline functions in a named
+// namespace, so that the process-wide caches (block-id ints, result types) exist once across
+// translation units.
 #pragma once
 
 #include <Python.h>
@@ -17,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "block_ids.h"
 #include "pdserve/block_pool.h"
 #include "pdserve/radix_tree.h"
 
@@ -100,6 +102,11 @@ inline bool numpy_int32_view(PyObject* o, Int32View* view) {
 inline void to_int32(py::handle obj, const char* name, std::vector<int32_t>* scratch,
                      Int32View* view) {
   PyObject* o = obj.ptr();
+  if (is_block_ids(o)) {  // immutable, kept alive by the caller's reference: read in place
+    view->data = block_ids_data(o);
+    view->size = static_cast<size_t>(Py_SIZE(o));
+    return;
+  }
   if (PyList_Check(o) || PyTuple_Check(o)) {
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
     PyObject** items = PySequence_Fast_ITEMS(o);
@@ -169,9 +176,10 @@ inline void to_int32(py::handle obj, const char* name, std::vector<int32_t>* scr
     to_int32(py::list(py::reinterpret_borrow<py::object>(obj)), name, scratch, view);
     return;
   }
-  throw py::type_error(std::string(name) +
-                       " must be a list of ints or a 1-D numpy int32/int64 array, got " +
-                       Py_TYPE(o)->tp_name);
+  throw py::type_error(
+      std::string(name) +
+      " must be a BlockIds, a list of ints or a 1-D numpy int32/int64 array, got " +
+      Py_TYPE(o)->tp_name);
 }
 
 inline std::vector<int32_t>& scratch(int slot) {
@@ -179,8 +187,8 @@ inline std::vector<int32_t>& scratch(int slot) {
   return buffers[slot];
 }
 
-// Python ints for block ids, created once and shared (ints are immutable): turning a result of
-// hundreds of block ids into a list then costs one reference increment per id. BlockPool's
+// Python ints for block ids, created once and shared (ints are immutable): reading a BlockIds item
+// or turning hundreds of ids into a list then costs one reference increment per id. BlockPool's
 // constructor creates them in id order, so neighbouring ids share cache lines.
 constexpr long long kMaxCachedInt = 1 << 20;
 inline std::vector<PyObject*>& int_cache() {
@@ -210,11 +218,11 @@ inline PyObject* small_int(long long value) {
   return item;
 }
 
-template <typename T>
-inline py::list to_list(const std::vector<T>& values) {
-  const size_t n = values.size();
+// A new list of the ints values[0, n) (shared int objects where cached); nullptr with a Python
+// error set on failure. Used by BlockIds.tolist() and the token ids of cache events.
+inline PyObject* new_int_list(const int32_t* values, size_t n) {
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(n));
-  if (list == nullptr) throw py::error_already_set();
+  if (list == nullptr) return nullptr;
   const std::vector<PyObject*>& cache = int_cache();
   const long long num_cached = static_cast<long long>(cache.size());
   PyObject** items = reinterpret_cast<PyListObject*>(list)->ob_item;
@@ -223,10 +231,10 @@ inline py::list to_list(const std::vector<T>& values) {
   constexpr size_t kAhead = 8;
   for (size_t i = 0; i < n; ++i) {
     if (i + kAhead < n) {
-      const long long ahead = static_cast<long long>(values[i + kAhead]);
+      const long long ahead = values[i + kAhead];
       if (ahead >= 0 && ahead < num_cached) __builtin_prefetch(cache[ahead], 1);
     }
-    const long long value = static_cast<long long>(values[i]);
+    const long long value = values[i];
     PyObject* item;
     if (value >= 0 && value < num_cached) {
       item = cache[value];
@@ -235,12 +243,28 @@ inline py::list to_list(const std::vector<T>& values) {
       item = PyLong_FromLongLong(value);
       if (item == nullptr) {
         Py_DECREF(list);
-        throw py::error_already_set();
+        return nullptr;
       }
     }
     items[i] = item;
   }
+  return list;
+}
+
+inline py::list to_list(const std::vector<int32_t>& values) {
+  PyObject* list = new_int_list(values.data(), values.size());
+  if (list == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::list>(list);
+}
+
+// Block ids (or tiers: an int32 enum) as a new BlockIds, one allocation and one copy.
+template <typename T>
+inline py::object to_block_ids(const std::vector<T>& values) {
+  static_assert(sizeof(T) == sizeof(int32_t), "BlockIds holds int32 values");
+  PyObject* out = block_ids_from(reinterpret_cast<const int32_t*>(values.data()),
+                                 static_cast<Py_ssize_t>(values.size()));
+  if (out == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(out);
 }
 
 inline py::list u64_list(const std::vector<uint64_t>& values) {
@@ -249,27 +273,6 @@ inline py::list u64_list(const std::vector<uint64_t>& values) {
   for (size_t i = 0; i < values.size(); ++i) {
     PyList_SET_ITEM(list, i, PyLong_FromUnsignedLongLong(values[i]));
   }
-  return py::reinterpret_steal<py::list>(list);
-}
-
-inline py::list tier_list(const std::vector<Tier>& tiers) {
-  PyObject* values[2] = {small_int(0), small_int(1)};  // new references, dropped below
-  PyObject* list = PyList_New(static_cast<Py_ssize_t>(tiers.size()));
-  if (list != nullptr) {
-    Py_ssize_t num_host = 0;
-    for (size_t i = 0; i < tiers.size(); ++i) {
-      const int tier = static_cast<int>(tiers[i]);
-      num_host += tier;
-      PyList_SET_ITEM(list, i, values[tier]);
-    }
-    // One reference count update per object instead of a dependent chain of increments.
-    const Py_ssize_t num_gpu = static_cast<Py_ssize_t>(tiers.size()) - num_host;
-    Py_SET_REFCNT(values[0], Py_REFCNT(values[0]) + num_gpu);
-    Py_SET_REFCNT(values[1], Py_REFCNT(values[1]) + num_host);
-  }
-  Py_DECREF(values[0]);
-  Py_DECREF(values[1]);
-  if (list == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::list>(list);
 }
 
@@ -387,7 +390,7 @@ inline py::object ticket_object(const Ticket& t) {
   const ResultTypes& ty = types();
   return construct<6>(ty.ticket, {py::int_(t.ticket_id), ty.ticket_kinds[static_cast<int>(t.kind)],
                                   tier_object(t.src_tier), tier_object(t.dst_tier),
-                                  to_list(t.src_block_ids), to_list(t.dst_block_ids)});
+                                  to_block_ids(t.src_block_ids), to_block_ids(t.dst_block_ids)});
 }
 
 }  // namespace pdserve::bindings

@@ -1,6 +1,7 @@
-// pybind11 bindings of the cache core (pdserve._core): argument conversion (lists or numpy integer
-// arrays, zero copy for contiguous int32), GIL release around the C++ calls, and results built
-// directly as the dataclasses of pdserve.cache.types (no tuple round trip through Python code).
+// pybind11 bindings of the cache core (pdserve._core): argument conversion (BlockIds, lists, numpy
+// integer arrays; zero copy for BlockIds and contiguous int32), GIL release around the C++ calls,
+// and results built directly as the dataclasses of pdserve.cache.types (no tuple round trip
+// through Python code), block ids as pdserve._core.BlockIds (block_ids.cpp).
 // The typed wrappers in python/pdserve/cache/ subclass these classes; _core.pyi documents them.
 // The per-request methods are installed separately (fast_methods.cpp); conversions: convert.h.
 #include <Python.h>
@@ -30,6 +31,7 @@ void add_fast_methods(const py::object& pool_cls, const py::object& tree_cls);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pdserve cache core: block pools, radix tree, evictor (see pdserve/_core.pyi)";
+  add_block_ids_type(m.ptr());
   m.attr("TIER_GPU") = 0;
   m.attr("TIER_HOST") = 1;
 
@@ -68,18 +70,22 @@ PYBIND11_MODULE(_core, m) {
       .def("is_owned", &BlockPool::is_owned, py::arg("block_id"))
       .def(
           "reserve",
-          [](BlockPool& p, const std::string& rid, int n) { return to_list(p.reserve(rid, n)); },
+          [](BlockPool& p, const std::string& rid, int n) {
+            return to_block_ids(p.reserve(rid, n));
+          },
           py::arg("request_id"), py::arg("num_blocks"))
       .def(
           "reserved_blocks",
           [](const BlockPool& p, const std::string& rid) {
-            return to_list(p.reserved_blocks(rid));
+            return to_block_ids(p.reserved_blocks(rid));
           },
           py::arg("request_id"))
       .def("release_reservation", &BlockPool::release_reservation, py::arg("request_id"))
       .def(
           "transfer_reservation",
-          [](BlockPool& p, const std::string& rid) { return to_list(p.transfer_reservation(rid)); },
+          [](BlockPool& p, const std::string& rid) {
+            return to_block_ids(p.transfer_reservation(rid));
+          },
           py::arg("request_id"))
       .def("check_invariants", &BlockPool::check_invariants,
            py::call_guard<py::gil_scoped_release>());
@@ -171,7 +177,7 @@ PYBIND11_MODULE(_core, m) {
         }
         py::object ticket =
             plan.has_demote_ticket ? ticket_object(plan.demote_ticket) : py::object(py::none());
-        return construct<3>(types().eviction_plan, {ticket, to_list(plan.freed_gpu_block_ids),
-                                                    to_list(plan.freed_host_block_ids)});
+        return construct<3>(types().eviction_plan, {ticket, to_block_ids(plan.freed_gpu_block_ids),
+                                                    to_block_ids(plan.freed_host_block_ids)});
       });
 }

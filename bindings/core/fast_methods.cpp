@@ -142,8 +142,8 @@ PyObject* tree_match_prefix(PyObject* self, PyObject* const* args, Py_ssize_t na
     }
     return types()
         .make_match_result(
-            std::array<py::object, 4>{py::int_(result.num_tokens), to_list(result.block_ids),
-                                      tier_list(result.tiers), py::int_(result.node)})
+            std::array<py::object, 4>{py::int_(result.num_tokens), to_block_ids(result.block_ids),
+                                      to_block_ids(result.tiers), py::int_(result.node)})
         .release()
         .ptr();
   });
@@ -162,20 +162,10 @@ PyObject* tree_insert(PyObject* self, PyObject* const* args, Py_ssize_t nargs, P
       NoGil nogil;
       t.insert(tv.data, tv.size, bv.data, bv.size, &result);
     }
-    // The adopted ids are block_ids[whole - num_adopted : whole]: for a list argument, hand
-    // back a slice of the caller's own (cache-hot) int objects.
-    py::object adopted;
-    const Py_ssize_t whole = static_cast<Py_ssize_t>(tv.size / t.block_size());
-    if (PyList_CheckExact(a[1]) && result.num_adopted > 0) {
-      PyObject* slice = PyList_GetSlice(a[1], whole - result.num_adopted, whole);
-      if (slice == nullptr) throw py::error_already_set();
-      adopted = py::reinterpret_steal<py::object>(slice);
-    } else {
-      adopted = to_list(result.adopted_block_ids);
-    }
     return types()
-        .make_insert_result(std::array<py::object, 3>{py::int_(result.num_adopted), adopted,
-                                                      to_list(result.duplicate_block_ids)})
+        .make_insert_result(std::array<py::object, 3>{py::int_(result.num_adopted),
+                                                      to_block_ids(result.adopted_block_ids),
+                                                      to_block_ids(result.duplicate_block_ids)})
         .release()
         .ptr();
   });
@@ -223,7 +213,7 @@ PyObject* tree_evict(PyObject* self, PyObject* const* args, Py_ssize_t nargs, Py
       NoGil nogil;
       t.evict(num_blocks, tier, &out);
     }
-    return to_list(out).release().ptr();
+    return to_block_ids(out).release().ptr();
   });
 }
 
@@ -250,7 +240,7 @@ PyObject* pool_allocate(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
       NoGil nogil;
       p.allocate_into(num_blocks, &out);
     }
-    return to_list(out).release().ptr();
+    return to_block_ids(out).release().ptr();
   });
 }
 
@@ -286,13 +276,13 @@ PyMethodDef kTreeMethods[] = {
     {"unlock", reinterpret_cast<PyCFunction>(tree_unlock), kFast,
      "unlock(self, handle) -> None: releases a lock() handle."},
     {"evict", reinterpret_cast<PyCFunction>(tree_evict), kFast,
-     "evict(self, num_blocks, tier=0) -> list[int]: frees LRU unlocked leaves."},
+     "evict(self, num_blocks, tier=0) -> BlockIds: frees LRU unlocked leaves."},
 };
 PyMethodDef kPoolMethods[] = {
     {"can_allocate", reinterpret_cast<PyCFunction>(pool_can_allocate), kFast,
      "can_allocate(self, num_blocks) -> bool"},
     {"allocate", reinterpret_cast<PyCFunction>(pool_allocate), kFast,
-     "allocate(self, num_blocks) -> list[int]: ids with ref_count 1 each."},
+     "allocate(self, num_blocks) -> BlockIds: ids with ref_count 1 each."},
     {"incref", reinterpret_cast<PyCFunction>(pool_change_refs<true>), kFast,
      "incref(self, block_ids) -> None"},
     {"decref", reinterpret_cast<PyCFunction>(pool_change_refs<false>), kFast,

@@ -3,10 +3,12 @@
 `reference` holds a plain-Python model of the same pool and tree semantics (tests, benchmarks).
 """
 
+from pdserve._core import BlockIds
 from pdserve.cache.evictor import Evictor
 from pdserve.cache.pool import BlockPool
 from pdserve.cache.radix import RadixTree, hash_blocks
 from pdserve.cache.types import (
+    BlockIdSeq,
     CacheEvent,
     EvictionPlan,
     InsertResult,
@@ -18,6 +20,8 @@ from pdserve.cache.types import (
 )
 
 __all__ = [
+    "BlockIdSeq",
+    "BlockIds",
     "BlockPool",
     "CacheEvent",
     "EvictionPlan",

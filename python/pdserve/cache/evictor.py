@@ -13,7 +13,8 @@ class Evictor(_core.Evictor):
     HOST leaves above the host high watermark, then brings the GPU tier down to its low watermark:
     one demote ticket when a host tier exists (copy the blocks, then `tree.commit(ticket, ok)`),
     freeing GPU leaves for what demotion cannot cover. GPU blocks in open demote tickets count as
-    already gone. Host watermarks default to the GPU ones. Thread-safe.
+    already gone. Host watermarks default to the GPU ones. Freed and ticket ids are `BlockIds`.
+    Thread-safe.
     """
 
     def __init__(

@@ -29,6 +29,8 @@ except ImportError as _exc:  # built without nvcc, or the extension failed to lo
 else:
     _CUDA_IMPORT_ERROR = None
 
+# Block-id arguments of the kernels: a tensor or any sequence of ints, pdserve.cache.BlockIds (the
+# cache core's result type, a registered Sequence) included. Not that class: a type alias.
 BlockIds = torch.Tensor | Sequence[int]
 
 __all__ = ["BlockIds", "copy_blocks", "gather_blocks", "is_available", "scatter_blocks"]

@@ -16,14 +16,15 @@ class BlockPool(_core.BlockPool):
     Each block is free, cached (ref 0, owned by the radix tree) or in use (ref > 0), and
     `num_free + num_cached + num_in_use == num_total` always (`check_invariants()`). Reserved
     blocks are in use (the reservation holds one reference). Thread-safe: a mutex per pool.
-    Errors raise `ValueError` naming the value. `block_ids` arguments accept lists or 1-D numpy
-    int32/int64 arrays.
+    Errors raise `ValueError` naming the value. `block_ids` arguments accept a `BlockIds`, lists or
+    1-D numpy int32/int64 arrays; block-id results are `BlockIds` (immutable int32 sequences that
+    compare equal to lists; `.tolist()` for a list).
 
-    - `can_allocate(n) -> bool`; `allocate(n) -> list[int]` (ref 1 each; nothing taken on error)
+    - `can_allocate(n) -> bool`; `allocate(n) -> BlockIds` (ref 1 each; nothing taken on error)
     - `incref(block_ids)`, `decref(block_ids)` (all or nothing; 0 -> free, or cached if tree-owned)
     - `ref_count(block_id)`, `is_owned(block_id)`
-    - `reserve(request_id, n) -> list[int]`, `reserved_blocks(request_id)`,
-      `release_reservation(request_id) -> int`, `transfer_reservation(request_id) -> list[int]`
+    - `reserve(request_id, n) -> BlockIds`, `reserved_blocks(request_id) -> BlockIds`,
+      `release_reservation(request_id) -> int`, `transfer_reservation(request_id) -> BlockIds`
     - `num_total`, `num_free`, `num_cached`, `num_in_use`, `num_reserved`, `tier`
     """
 

@@ -1,8 +1,9 @@
 """Typed wrapper of the C++ radix tree (`pdserve._core.RadixTree`): the prefix cache of one instance.
 
 The wrapper subclasses the extension class: match_prefix / insert / lock / evict run without a
-Python frame and return the dataclasses of `pdserve.cache.types`. Token ids may be Python lists or
-1-D numpy int32/int64 arrays (contiguous int32 arrays are read in place, the fastest input).
+Python frame and return the dataclasses of `pdserve.cache.types`, block ids as `BlockIds` (immutable
+int32 sequences, no Python int per id). Token ids may be Python lists or 1-D numpy int32/int64
+arrays (contiguous int32 arrays are read in place, the fastest input); block ids also a BlockIds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class RadixTree(_core.RadixTree):
       duplicate_block_ids)`: `block_ids[i]` holds tokens `[i*bs, (i+1)*bs)` (one extra id for a
       trailing partial block is allowed and ignored). The caller keeps its references.
     - `lock(node) -> LockHandle`, `unlock(handle)`: pin the root->node path.
-    - `evict(num_blocks, tier=Tier.GPU) -> list[int]`: LRU unlocked, unreferenced leaves first.
+    - `evict(num_blocks, tier=Tier.GPU) -> BlockIds`: LRU unlocked, unreferenced leaves first.
+    - Block ids in results (`block_ids`, `tiers`, adopted / duplicate ids, ticket ids) are
+      `BlockIds`: immutable, equal to the list of the same ids; `.tolist()` where a list is needed.
     - `begin_demote(num_blocks) -> Ticket`, `begin_promote(node | tokens) -> Ticket`,
       `commit(ticket | ticket_id, ok)`: two-step tier moves; a failed commit changes nothing.
     - `drain_events() -> list[CacheEvent]`; `num_nodes`, `num_tree_blocks(tier)`,

@@ -6,6 +6,7 @@ Keeping them in one module lets tests compare the two implementations result by 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -23,6 +24,10 @@ NodeHandle = int
 """Opaque id of a radix-tree node (0 = root). Never reused: a stale handle raises ValueError."""
 LockHandle = int
 """Opaque id returned by `RadixTree.lock`, consumed by `unlock`."""
+BlockIdSeq = Sequence[int]
+"""Block ids of a result: a `pdserve._core.BlockIds` from the C++ core (an immutable int32 sequence
+that compares equal to the list of the same ids; `tolist()` for a list to mutate or send as JSON,
+`numpy.asarray(ids)` for a zero-copy array), a `list[int]` from the reference model."""
 
 
 @dataclass(slots=True)
@@ -30,8 +35,8 @@ class MatchResult:
     """Longest cached prefix: `num_tokens` (multiple of block_size), per block its id and tier."""
 
     num_tokens: int
-    block_ids: list[int]
-    tiers: list[int]  # Tier values, one per block
+    block_ids: BlockIdSeq
+    tiers: Sequence[int]  # Tier values, one per block (a BlockIds from the C++ core)
     node: NodeHandle  # deepest matched node, for lock() / begin_promote()
 
 
@@ -40,8 +45,8 @@ class InsertResult:
     """Which given blocks the tree adopted and which duplicate positions it already caches."""
 
     num_adopted: int
-    adopted_block_ids: list[int]
-    duplicate_block_ids: list[int]
+    adopted_block_ids: BlockIdSeq
+    duplicate_block_ids: BlockIdSeq
 
 
 @dataclass(slots=True)
@@ -52,8 +57,8 @@ class Ticket:
     kind: str  # "demote" (GPU -> HOST) or "promote" (HOST -> GPU)
     src_tier: Tier
     dst_tier: Tier
-    src_block_ids: list[int]
-    dst_block_ids: list[int]
+    src_block_ids: BlockIdSeq
+    dst_block_ids: BlockIdSeq
 
     @property
     def copies(self) -> list[tuple[int, int]]:
@@ -77,5 +82,5 @@ class EvictionPlan:
     """What `Evictor.plan()` did: an open demote ticket (copy, then commit) and the freed blocks."""
 
     demote_ticket: Ticket | None
-    freed_gpu_block_ids: list[int]
-    freed_host_block_ids: list[int]
+    freed_gpu_block_ids: BlockIdSeq
+    freed_host_block_ids: BlockIdSeq

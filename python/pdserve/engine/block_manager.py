@@ -4,6 +4,8 @@ Policy lives in the scheduler; this is mechanism only, on plain ints (no torch).
 check-then-act: `can_grow` before `grow`, and `reserve` raises NoCapacity having taken nothing.
 Ownership rule: a sequence holds exactly one pool reference on each id in `seq.block_ids`
 (cached prefix blocks included, through incref), so releasing a sequence is one decref of its list.
+The cache core returns block ids as immutable `BlockIds`; block tables and reservations here are
+plain lists (`tolist()`), since sequences grow them and the servers send them as JSON.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class BlockManager:
             raise NoCapacity(
                 f"need {num_blocks} KV blocks, {self.pool.num_free} free after eviction"
             )
-        return list(self.pool.allocate(num_blocks))
+        return self.pool.allocate(num_blocks).tolist()
 
     # ---- sequences ----------------------------------------------------------------------------
     def match_prefix(self, token_ids: list[int], max_num_tokens: int) -> tuple[int, list[int]]:
@@ -229,7 +231,7 @@ class BlockManager:
                 f"{self.num_available_blocks()} free or evictable of {self.pool.num_total}"
             )
         self._make_room(num_new)
-        new_ids = [int(b) for b in self.pool.reserve(request_id, num_new)] if num_new > 0 else []
+        new_ids = self.pool.reserve(request_id, num_new).tolist() if num_new > 0 else []
         reservation = Reservation(
             request_id, num_cached, cached_ids, new_ids, list(prompt_token_ids)
         )

@@ -109,8 +109,10 @@ class LLMEngine:
     def _copy_ticket(self, ticket) -> bool:
         """Moves a demote/promote ticket's blocks between the device and host KV memories."""
         try:
-            self.runner.copy_blocks(
-                ticket.src_block_ids, ticket.dst_block_ids, to_host=ticket.kind == "demote"
+            self.runner.copy_blocks(  # the runner takes lists (the ticket holds BlockIds)
+                list(ticket.src_block_ids),
+                list(ticket.dst_block_ids),
+                to_host=ticket.kind == "demote",
             )
         except WorkerFailure:
             raise
