@@ -3,6 +3,7 @@ summed by kernel name, against the replay's wall time measured with events (the 
 between kernels). Diagnostic for issue 5's batch-1 target; prints a table, optional JSON.
 
     python3 bench/profile_decode.py [--model llama-2-13b] [--batch-size 1] [--variants fast,no-pdl]
+    python3 bench/profile_decode.py --host 50     # also: cProfile of 50 engine steps (host time)
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode_step import VARIANTS, _random_prompts  # noqa: E402
 
 
-def profile(engine, batch_size: int, context_len: int, replays: int) -> dict:
+def profile(engine, batch_size: int, context_len: int, replays: int, host_steps: int = 0) -> dict:
     from pdserve import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=64 + host_steps, ignore_eos=True)
     vocab = engine.model_config.vocab_size
     ids = [f"p{i}" for i in range(batch_size)]
     for rid, p in zip(ids, _random_prompts(batch_size, context_len, vocab, 0), strict=True):
@@ -47,10 +48,30 @@ def profile(engine, batch_size: int, context_len: int, replays: int) -> dict:
         runner.run = orig_run
     if not result:
         raise SystemExit("profile_decode: the decode step did not run a CUDA graph")
+    if host_steps:
+        result["host_profile"] = _host_profile(engine, host_steps)
     for rid in ids:
         engine.abort_request(rid)
     engine.step()
     return result
+
+
+def _host_profile(engine, steps: int) -> str:
+    """cProfile of `steps` decode steps (the engine's Python side; the GPU work is a graph replay)."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    return out.getvalue()
 
 
 def _measure(graphs, bs: int, replays: int) -> dict:
@@ -92,6 +113,7 @@ def main() -> int:
     parser.add_argument("--context-len", type=int, default=128)
     parser.add_argument("--variants", default="fast,no-pdl")
     parser.add_argument("--replays", type=int, default=10)
+    parser.add_argument("--host", type=int, default=0, metavar="STEPS", help="cProfile STEPS steps")
     parser.add_argument("--json")
     args = parser.parse_args()
     from pdserve.engine import LLMEngine
@@ -109,7 +131,7 @@ def main() -> int:
             max_model_len=4096,
             **VARIANTS[name],
         )
-        r = profile(engine, args.batch_size, args.context_len, args.replays)
+        r = profile(engine, args.batch_size, args.context_len, args.replays, args.host)
         out[name] = r
         print(
             f"== {name}: replay {r['wall_ms']:.3f} ms, kernels busy {r['kernel_busy_ms']:.3f} ms, "
@@ -121,6 +143,8 @@ def main() -> int:
             print(
                 f"{k['us_per_step']:9.1f} {c:6.0f} {k['us_per_step'] / max(c, 1):8.2f}  {kname[:90]}"
             )
+        if "host_profile" in r:
+            print(r["host_profile"])
         engine.runner.decode_graphs = None
         del engine
         gc.collect()
