@@ -3,6 +3,10 @@ decode-only on another: the tokens equal a colocated run. Also reserve/NoCapacit
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pdserve.transfer
 import pytest
 import torch
 from pdserve import SamplingParams
@@ -211,6 +215,9 @@ def test_kv_layout_addresses_match_tensor(ckpt):
     for layout in ("layer-major", "block-major"):
         engine = _engine(ckpt, kv_layout=layout)
         kv = engine.kv_layout()
+        # the transfer engine's own class: it registers and sends from this as it is
+        assert type(kv) is pdserve.transfer.KVLayout
+        assert pdserve.transfer.KVLayout.from_dict(kv.to_dict()) == kv
         layer, block = 1, 7
         piece = engine.runner.kv_layers[layer][block]
         assert piece.is_contiguous()
@@ -220,6 +227,17 @@ def test_kv_layout_addresses_match_tensor(ckpt):
         )
         assert piece.numel() * piece.element_size() == kv.piece_nbytes
         assert kv.nbytes == kv.num_layers * kv.num_blocks * kv.piece_nbytes
+
+
+def test_engine_import_leaves_the_transfer_extension_out():
+    """The engine builds its KVLayout from pdserve.kv_layout: importing it loads neither
+    pdserve.transfer nor the native _transfer extension."""
+    code = (
+        "import sys, pdserve.engine.llm_engine, pdserve.engine.tp_worker; "
+        "print(sorted(m for m in sys.modules if m.startswith(('pdserve.transfer', 'pdserve._transfer'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_prefill_only_preempted_mid_prompt_sends_each_block_once(ckpt):

@@ -69,7 +69,11 @@ def test_tp2_equals_tp1_and_transformers(checkpoint):
     assert len(layouts) == 2 and len({lay.base_addr for lay in layouts}) == 2
     caches = llm.engine.kv_caches()
     assert [c.data_ptr() for c in caches] == [lay.base_addr for lay in layouts]
-    assert all(lay.num_kv_heads == max(1, num_kv_heads // 2) for lay in layouts)
+    shard_heads = max(1, num_kv_heads // 2)
+    for lay, cache in zip(layouts, caches, strict=True):  # cache: [L, B, 2, block_size, heads, dim]
+        assert cache.shape[-2] == shard_heads
+        piece_nbytes = 2 * kw["block_size"] * shard_heads * cache.shape[-1] * cache.element_size()
+        assert lay.piece_nbytes == piece_nbytes
     first = llm.generate(_prompts(), GREEDY)  # mixed lengths, chunked (40-token budget)
     second = llm.generate(_prompts(), GREEDY)  # whole blocks come from the radix tree
     assert [o.token_ids for o in first] == [o.token_ids for o in tp1]

@@ -20,7 +20,7 @@ _LAZY = {
     "RequestOutput": "pdserve.engine.sequence",
     "Reservation": "pdserve.engine.block_manager",
     "NoCapacity": "pdserve.engine.block_manager",
-    "KVLayout": "pdserve.engine.model_runner",
+    "KVLayout": "pdserve.kv_layout",
     "LLM": "pdserve.engine.llm",
     "Tokenizer": "pdserve.engine.tokenizer",
     "WorkerFailure": "pdserve.engine.distributed",

@@ -13,7 +13,7 @@ from typing import Any
 from pdserve.engine.block_manager import BlockManager, NoCapacity, Reservation
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.distributed import WorkerFailure
-from pdserve.engine.model_runner import KVLayout, ModelRunner
+from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch, Scheduler
 from pdserve.engine.sequence import (
@@ -24,6 +24,7 @@ from pdserve.engine.sequence import (
     SequenceStatus,
 )
 from pdserve.engine.tokenizer import Tokenizer
+from pdserve.kv_layout import KVLayout
 
 # layer_hook(layer_idx, [(request_id, block_ids_to_send), ...])
 LayerHook = Callable[[int, list[tuple[str, list[int]]]], None]
@@ -359,7 +360,8 @@ class LLMEngine:
 
     # ---- introspection ------------------------------------------------------------------------
     def kv_layout(self) -> KVLayout:
-        """Rank 0's KV cache (the whole cache when tensor_parallel_size is 1)."""
+        """Where rank 0's KV pieces live (the whole cache when tensor_parallel_size is 1): the
+        `pdserve.transfer` layout, ready to register and send from."""
         return self.runner.kv_layout()
 
     def kv_layouts(self) -> list[KVLayout]:

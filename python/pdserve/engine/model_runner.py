@@ -22,28 +22,9 @@ from pdserve.engine.model import LlamaForCausalLM
 from pdserve.engine.sampler import sample
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.kv_layout import KVLayout
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """Where the piece of (layer l, block b) lives: base_addr + l*layer_stride_nbytes + b*block_stride_nbytes,
-    piece_nbytes long (K then V, each [block_size, num_kv_heads, head_dim])."""
-
-    base_addr: int
-    nbytes: int
-    num_layers: int
-    num_blocks: int
-    piece_nbytes: int
-    layer_stride_nbytes: int
-    block_stride_nbytes: int
-    device: str
-    layout: str = "layer-major"
-    block_size: int = 16
-    num_kv_heads: int = 1
-    head_dim: int = 1
-    dtype: str = "float32"
 
 
 @dataclass
@@ -312,24 +293,8 @@ class ModelRunner:
         return [self.kv_cache]
 
     def kv_layout(self) -> KVLayout:
-        piece = self.piece_nbytes
-        num_layers = self.model_config.num_hidden_layers
-        layer_major = self.config.kv_layout == "layer-major"
-        return KVLayout(
-            base_addr=self.kv_cache.data_ptr(),
-            nbytes=self.kv_cache.numel() * self.kv_cache.element_size(),
-            num_layers=num_layers,
-            num_blocks=self.num_blocks,
-            piece_nbytes=piece,
-            layer_stride_nbytes=self.num_blocks * piece if layer_major else piece,
-            block_stride_nbytes=piece if layer_major else num_layers * piece,
-            device=str(self.device),
-            layout=self.config.kv_layout,
-            block_size=self.block_size,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.model_config.head_dim,
-            dtype=str(self.dtype).removeprefix("torch."),
-        )
+        """Where this rank's KV pieces live (DESIGN §2): the transfer engine's layout of `kv_cache`."""
+        return KVLayout.from_tensor(self.kv_cache, self.config.kv_layout)
 
     # ---- one step -----------------------------------------------------------------------------
     def prepare_inputs(self, batch: ScheduledBatch) -> StepInputs:

@@ -10,7 +10,6 @@ WorkerFailure and tears the workers down instead of hanging.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -28,8 +27,9 @@ import torch
 from pdserve.engine import distributed
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.distributed import TPGroup, WorkerFailure
-from pdserve.engine.model_runner import KVLayout, ModelRunner, StepInputs, resolve_device
+from pdserve.engine.model_runner import ModelRunner, StepInputs, resolve_device
 from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.kv_layout import KVLayout
 
 _JOIN_TIMEOUT_S = 300.0  # workers import torch and connect within this
 _SHM_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -412,18 +412,7 @@ class TensorParallelRunner:
     def kv_layouts(self) -> list[KVLayout]:
         """Rank i's KV shard (its num_kv_heads / tp_size heads), addresses valid in this process: rank
         0's own tensor, the others mapped (CPU: shared memory; CUDA: IPC handles, opened on first call)."""
-        if not self._worker_kv and self.tp_size > 1:
-            self._map_worker_kv_cuda()
-        base = self.runner.kv_layout()
-        return [base] + [
-            dataclasses.replace(
-                base,
-                base_addr=kv.data_ptr(),
-                nbytes=kv.numel() * kv.element_size(),
-                device=str(kv.device),
-            )
-            for kv in self._worker_kv
-        ]
+        return [KVLayout.from_tensor(kv, self.config.kv_layout) for kv in self.rank_kv_caches()]
 
     def rank_kv_caches(self) -> list[torch.Tensor]:
         """Every rank's KV tensor as seen from this process (index = rank); shares the ranks' memory."""

@@ -9,6 +9,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from pdserve.kv_layout import KVLayout
 from pdserve.server.cli_serve import ConfigError, ServeConfig
 from pdserve.server.protocol import SamplingSpec
 
@@ -231,8 +232,9 @@ def kv_tensors(engine) -> list:
     return list(fn()) if fn is not None else [engine.runner.kv_cache]
 
 
-def kv_layouts(engine) -> list:
-    """Each rank's engine KVLayout (index = rank; rank i's pieces go to the peer's rank i)."""
+def kv_layouts(engine) -> list[KVLayout]:
+    """Each rank's KVLayout (index = rank; rank i's pieces go to the peer's rank i), the class the
+    transfer engine takes as it is."""
     fn = getattr(engine, "kv_layouts", None)
     return list(fn()) if fn is not None else [engine.kv_layout()]
 

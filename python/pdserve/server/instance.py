@@ -30,7 +30,7 @@ from pdserve.server.protocol import (
     parse_chat,
     parse_completion,
 )
-from pdserve.server.transport import KVLinks, transfer_layout
+from pdserve.server.transport import KVLinks
 from pdserve.transfer import KVLayout
 
 log = logging.getLogger("pdserve.instance")
@@ -76,7 +76,7 @@ class InstanceServer(PDHandlersMixin):
         try:
             self.tokenizer = ea.engine_tokenizer(self.engine)
             # one layout per tensor-parallel rank, every rank's KV addressable in this process
-            self.layouts = [transfer_layout(x) for x in ea.kv_layouts(self.engine)]
+            self.layouts = ea.kv_layouts(self.engine)
             self.layout = self.layouts[0]
             if self.config.role != "both" and self._use_staging():
                 self.arena = StagingArena(

@@ -30,26 +30,6 @@ class TransferAborted(RuntimeError):
     """A transfer ended without every byte (aborted, peer gone, failed)."""
 
 
-def transfer_layout(engine_layout) -> KVLayout:
-    """The transfer engine's KVLayout of the engine's `kv_layout()` (same names, DESIGN §2)."""
-    fields = (
-        "base_addr",
-        "nbytes",
-        "num_layers",
-        "num_blocks",
-        "piece_nbytes",
-        "layer_stride_nbytes",
-        "block_stride_nbytes",
-        "device",
-    )
-    get = (
-        engine_layout.get
-        if isinstance(engine_layout, dict)
-        else (lambda k: getattr(engine_layout, k))
-    )
-    return KVLayout(**{f: (str(get(f)) if f == "device" else int(get(f))) for f in fields})
-
-
 def endpoint_layouts(endpoint: dict) -> list[KVLayout]:
     """Every rank's transfer layout an endpoint dict announces (index = rank; a single-rank endpoint,
     which has no `extra["layouts"]`, announces its `layout` only)."""

@@ -1,8 +1,9 @@
 """Layer-wise KV transfer between instances: transfer engine wrappers and communication domains.
 
 `TransferEngine` moves raw byte ranges between processes (TCP now; NCCL / CUDA IPC later);
-`KVLayout`, `KVSender` and `KVReceiver` turn KV block ids into those ranges; `CommDomain` is the
-link between one prefill and one decode instance rank.
+`KVLayout` (defined in `pdserve.kv_layout`, shared with the engine), `KVSender` and `KVReceiver`
+turn KV block ids into those ranges; `CommDomain` is the link between one prefill and one decode
+instance rank.
 
 Typical use (both instances; the endpoints travel as JSON over the internal API at link time):
 
@@ -22,6 +23,7 @@ Typical use (both instances; the endpoints travel as JSON over the internal API 
     await loop.run_in_executor(None, engine.abort, request_id, "reason")
 """
 
+from pdserve.kv_layout import BLOCK_MAJOR, LAYER_MAJOR, KVLayout
 from pdserve.transfer.domain import CommDomain, Endpoint
 from pdserve.transfer.engine import (
     ABORTED,
@@ -35,9 +37,6 @@ from pdserve.transfer.engine import (
     TransferError,
 )
 from pdserve.transfer.kv import (
-    BLOCK_MAJOR,
-    LAYER_MAJOR,
-    KVLayout,
     KVReceiver,
     KVSender,
     build_pieces,
