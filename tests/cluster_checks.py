@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
 
+import pytest
 from pdserve.server.launcher import http_json
+
+
+def post_error(url: str, body: dict) -> tuple[int, str]:
+    """POSTs body, which must fail: returns the HTTP status and the error message of the reply."""
+    with pytest.raises(urllib.error.HTTPError) as info:
+        http_json(url, body)
+    return info.value.code, json.loads(info.value.read())["error"]["message"]
 
 
 def settle_and_check(urls: list[str], timeout: float = 10.0) -> None:

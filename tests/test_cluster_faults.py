@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from cluster_checks import post_error
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 FLAGS = [
@@ -96,12 +97,6 @@ def assert_nothing_held(*urls, timeout=10.0):
             return
         assert time.monotonic() < deadline, state
         time.sleep(0.2)
-
-
-def post_error(url: str, body: dict) -> tuple[int, str]:
-    with pytest.raises(urllib.error.HTTPError) as info:
-        http_json(url, body)
-    return info.value.code, json.loads(info.value.read())["error"]["message"]
 
 
 def pid(url: str) -> str:

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from cluster_checks import post_error
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 # The seed's flags, verbatim, except the two that need hardware this CPU machine lacks
@@ -134,6 +135,23 @@ def test_link_by_hand_then_fixed_pair_scheduler_then_seed_client(seed_cluster):
             and s["num_reservations"] == 0
             and s["num_pinned_prefills"] == 0
         )
+
+
+def test_link_refuses_a_peer_with_other_kv(seed_cluster):
+    """Same layout, other model / KV dtype / block size (bf16 and fp16 pieces have one size): refused
+    with a message naming both sides; a malformed peer description is a 400 too."""
+    p, d = seed_cluster["prefill"], seed_cluster["decode"]
+    info = http_json(f"{d}/internal/v1/info")
+    assert info["kv_dtype"] == "float32" and info["model"] == "tiny"
+    for key, value in (("kv_dtype", "float16"), ("model", "other"), ("block_size", 32)):
+        status, msg = post_error(
+            f"{p}/internal/v1/link", {"peer_url": d, "peer_info": {**info, key: value}}
+        )
+        assert status == 400 and f"{key}={value}" in msg and "not interchangeable" in msg, msg
+    broken = {**info, "transfer": {**info["transfer"], "layout": {"bogus": 1}}}
+    status, msg = post_error(f"{p}/internal/v1/link", {"peer_url": d, "peer_info": broken})
+    assert status == 400 and "cannot link" in msg, msg
+    assert run_cli("link", "--prefill", p, "--decode", d).returncode == 0  # the real peer links
 
 
 def test_link_reports_an_unreachable_instance():

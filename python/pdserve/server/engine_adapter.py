@@ -232,6 +232,11 @@ def kv_tensors(engine) -> list:
     return list(fn()) if fn is not None else [engine.runner.kv_cache]
 
 
+def kv_dtype(engine) -> str:
+    """The KV cache's element type as torch names it without the prefix (e.g. "bfloat16")."""
+    return str(kv_tensors(engine)[0].dtype).removeprefix("torch.")
+
+
 def kv_layouts(engine) -> list[KVLayout]:
     """Each rank's KVLayout (index = rank; rank i's pieces go to the peer's rank i), the class the
     transfer engine takes as it is."""

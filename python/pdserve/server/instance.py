@@ -50,6 +50,7 @@ class InstanceServer(PDHandlersMixin):
         self.tokenizer = None
         self.layout: KVLayout | None = None  # rank 0's KV
         self.layouts: list[KVLayout] = []  # every tensor-parallel rank's KV (index = rank)
+        self.kv_dtype: str | None = None
         self.transport: KVLinks | None = None  # None on a colocated instance
         self.arena: StagingArena | None = None  # host staging of GPU KV (no --enable-direct)
         # staged receives: request key -> (KV block ids, the staging slots their bytes land in)
@@ -78,6 +79,7 @@ class InstanceServer(PDHandlersMixin):
             # one layout per tensor-parallel rank, every rank's KV addressable in this process
             self.layouts = ea.kv_layouts(self.engine)
             self.layout = self.layouts[0]
+            self.kv_dtype = ea.kv_dtype(self.engine)
             if self.config.role != "both" and self._use_staging():
                 self.arena = StagingArena(
                     ea.kv_tensors(self.engine), self.config.use_agg_block, self._num_staging_slots()
@@ -185,6 +187,7 @@ class InstanceServer(PDHandlersMixin):
             "block_size": c.block_size,
             "tensor_parallel_size": c.tensor_parallel_size,
             "dtype": c.dtype,
+            "kv_dtype": self.kv_dtype,
             "layout": self.layout.to_dict() if self.layout else None,
             "layouts": [x.to_dict() for x in self.layouts],
             "transfer": self.transport.endpoint() if self.transport else None,

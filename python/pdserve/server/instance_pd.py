@@ -18,7 +18,12 @@ from aiohttp import web
 
 from pdserve.server import engine_adapter as ea
 from pdserve.server.protocol import ProtocolError, SamplingSpec
-from pdserve.server.transport import TransferAborted, check_rank_layouts, endpoint_layouts
+from pdserve.server.transport import (
+    TransferAborted,
+    check_rank_layouts,
+    check_same_model,
+    endpoint_layouts,
+)
 from pdserve.transfer import KVLayout
 
 log = logging.getLogger("pdserve.instance")
@@ -334,12 +339,13 @@ class PDHandlersMixin:
             # every rank pairs with the peer's same rank: same TP size, compatible shards
             layouts = endpoint_layouts(info["transfer"])
             check_rank_layouts(self.transport.layouts, layouts, info["instance_id"])
+            check_same_model(self.info(), info)
             layout = layouts[0]
             await self.transport.link(info["instance_id"], info["transfer"])
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return json_error(502, f"peer {peer_url} unreachable: {exc}")
-        except (ValueError, RuntimeError) as exc:
-            return json_error(400, f"cannot link to {peer_url}: {exc}")
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # incl. malformed peer info
+            return json_error(400, f"cannot link to {peer_url}: {exc!s}")
         self.peers[info["instance_id"]] = Peer(
             info["instance_id"], peer_url, layout, info.get("incarnation")
         )

@@ -54,6 +54,23 @@ def check_rank_layouts(local: Sequence[KVLayout], remote: Sequence[KVLayout], pe
             raise LinkMismatch(f"rank {rank} of peer {peer}: {exc}") from None
 
 
+def check_same_model(local: dict, peer: dict) -> None:
+    """Raises LinkMismatch unless two instances' /internal/v1/info describe interchangeable KV: the
+    same model, block size and KV dtype (bf16 and fp16 pieces have the same size, so the layout
+    check alone would let one side read the other's KV as garbage)."""
+    keys = ("model", "block_size", "kv_dtype")
+    mine, theirs = (tuple(info.get(k) for k in keys) for info in (local, peer))
+    if mine != theirs:
+
+        def show(values: tuple) -> str:
+            return ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+
+        raise LinkMismatch(
+            f"peer {peer.get('instance_id')} serves {show(theirs)}; this instance serves "
+            f"{show(mine)}: their KV caches are not interchangeable"
+        )
+
+
 class _PeerLink:
     """One peer: a CommDomain per rank pair, all over this instance's single TransferEngine."""
 
