@@ -36,6 +36,24 @@ def test_gemv_matches_matmul_gpu(m, n, k, dtype):
 
 
 @pytest.mark.gpu
+def test_pdl_probe_on_hopper_gpu():
+    """On sm90+ with a Triton that has launch_pdl, the one-time probe launches and says yes; below
+    sm90 it says no without launching."""
+    from pdserve.ops import pdl
+
+    dev = torch.device("cuda")
+    expected = torch.cuda.get_device_capability()[0] >= 9
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        expected &= "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except ImportError:
+        expected = False
+    assert pdl.pdl_supported(dev) == expected
+    assert not pdl.pdl_supported(torch.device("cpu"))
+
+
+@pytest.mark.gpu
 def test_pdl_chain_in_cuda_graph_equals_plain_gpu():
     """The decode kernels launched with programmatic dependent launch, chained in a CUDA graph as in
     a decode step, give exactly the results of plain launches."""

@@ -19,16 +19,35 @@ GPU and the installed Triton support it.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+log = logging.getLogger(__name__)
 _state = {"enabled": False}
+
+if triton is not None:
+
+    @triton.jit
+    def _probe_kernel(x_ptr):
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.store(x_ptr, tl.load(x_ptr) + 1)
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """True on a CUDA device of compute capability >= 9 with a Triton that can launch with PDL."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    """True on a CUDA device of compute capability >= 9 with a Triton that can launch with PDL and a
+    driver that runs such a launch (probed once per device with a one-element kernel)."""
+    if triton is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -37,7 +56,25 @@ def pdl_supported(device: torch.device) -> bool:
         return False
     if "launch_pdl" not in getattr(CUDAOptions, "__dataclass_fields__", {}):
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return _probe(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _probe(device_index: int) -> bool:
+    try:
+        with torch.cuda.device(device_index):
+            x = torch.zeros(1, dtype=torch.int32, device=f"cuda:{device_index}")
+            for _ in range(2):
+                _probe_kernel[(1,)](x, launch_pdl=True)
+            ok = int(x.item()) == 2
+    except Exception as exc:  # noqa: BLE001 - any failure means: launch plainly
+        log.warning("programmatic dependent launch unavailable, launching plainly: %s", exc)
+        return False
+    if not ok:
+        log.warning("programmatic dependent launch gave a wrong result; launching plainly")
+    return ok
 
 
 def set_pdl(enabled: bool) -> None:
