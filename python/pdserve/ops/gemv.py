@@ -105,15 +105,20 @@ if triton is not None:
             )
 
 
-def _pick_config(num_rows_out: int, k: int, num_sms: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps). 64x256 tiles won a sweep on an H100 for every 13B layer
-    shape (docs/PERFORMANCE.md); split the reduction only when N alone gives under one program per SM."""
-    block_n, block_k = 64, 256
+def _pick_config(num_rows_out: int, k: int, num_sms: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), from sweeps on an H100 over the 13B layer
+    shapes (`bench/bench_gemv.py --sweep`, docs/PERFORMANCE.md). When N gives at least one 64-row
+    program per SM: 64x256 tiles, no split. Otherwise the reduction is split into 128-wide tiles until
+    the programs cover the SMs about 1.5 times (o_proj / down_proj of 13B: 80 row tiles x 3 splits),
+    each split at least 4 tiles long."""
+    block_n = 64
     num_programs = triton.cdiv(num_rows_out, block_n)
-    split_k = 1
-    while num_programs * split_k < num_sms and k // (split_k * 2) >= 4 * block_k:
-        split_k *= 2
-    return block_n, block_k, split_k, 4
+    if num_programs >= num_sms:
+        return block_n, 256, 1, 4, 4
+    block_k, split_k = 128, 1
+    while 2 * num_programs * split_k < 3 * num_sms and k // (split_k + 1) >= 4 * block_k:
+        split_k += 1
+    return block_n, block_k, split_k, 4, 3
 
 
 def gemv(
@@ -144,8 +149,7 @@ def gemv(
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     if config is None:
-        block_n, block_k, split_k, num_warps = _pick_config(n, k, num_sms)
-        num_stages = 4
+        block_n, block_k, split_k, num_warps, num_stages = _pick_config(n, k, num_sms)
     else:
         block_n, block_k, split_k, num_warps, num_stages = config
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
