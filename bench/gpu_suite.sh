@@ -10,7 +10,9 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 PY=python3
 MODE="${1:-full}"
-COMMIT="${PDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+# pass PDSERVE_COMMIT where the checkout's .git may not match its files (the device tool's copy):
+# otherwise a tree that differs from HEAD is reported as HEAD-dirty
+COMMIT="${PDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)}"
 export PDSERVE_COMMIT="$COMMIT"
 declare -a SUMMARY
 
