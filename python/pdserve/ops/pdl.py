@@ -3,7 +3,7 @@
 Why: a batch-1 decode step is ~400 dependent kernels. Without PDL each one starts only after the one
 before it has drained, so every launch costs a ramp-down, a launch and a ramp-up at a few microseconds
 each. With PDL a kernel's programs are scheduled while its predecessor finishes; they first do the work
-that needs nothing from earlier kernels (the GEMV loads its first weight tile), then wait at
+that needs nothing from earlier kernels (the GEMV pulls its first weight tiles into L2), then wait at
 `gdc_wait` until the predecessor's writes are visible.
 
 Contract for every kernel launched with `launch_kwargs()`: it takes a `USE_PDL: tl.constexpr` and,
@@ -14,7 +14,7 @@ host). Waiting on the predecessor is transitive: it waited on its own predecesso
 Kernels launched without PDL (torch, cuBLAS) wait for everything before them, as usual.
 
 The switch is process-wide, like `ops.linear.set_small_batch_gemv`: the engine turns it on when the
-GPU and the installed Triton support it.
+GPU, the installed Triton and the driver support it (`pdl_supported` probes once per device).
 """
 
 from __future__ import annotations
