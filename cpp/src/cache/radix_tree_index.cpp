@@ -8,6 +8,25 @@
 #include "radix_tree_impl.h"
 
 namespace pdserve {
+namespace {
+
+// Slots of an open-addressing table holding `capacity`: the power of two >= max(16, capacity), and
+// its log2 (the hash shift is 64 - bits).
+struct TableGeometry {
+  size_t cap;
+  int bits;
+};
+
+TableGeometry table_geometry(size_t capacity) {
+  TableGeometry g{16, 4};
+  while (g.cap < capacity) {
+    g.cap <<= 1;
+    ++g.bits;
+  }
+  return g;
+}
+
+}  // namespace
 
 void detail::ChildIndex::insert(uint64_t key, Node* child) {
   if ((used_ + 1) * 2 > slots_.size()) rehash(std::max<size_t>(16, (size_ + 1) * 4));
@@ -75,12 +94,7 @@ void detail::IdMap::clear() {
 }
 
 void detail::IdMap::rehash(size_t capacity) {
-  size_t cap = 16;
-  int bits = 4;
-  while (cap < capacity) {
-    cap <<= 1;
-    ++bits;
-  }
+  const auto [cap, bits] = table_geometry(capacity);
   std::vector<Slot> old;
   old.swap(slots_);
   slots_.assign(cap, Slot{});
@@ -94,12 +108,7 @@ void detail::IdMap::rehash(size_t capacity) {
 }
 
 void detail::ChildIndex::rehash(size_t capacity) {
-  size_t cap = 16;
-  int bits = 4;
-  while (cap < capacity) {
-    cap <<= 1;
-    ++bits;
-  }
+  const auto [cap, bits] = table_geometry(capacity);
   std::vector<Slot> old;
   old.swap(slots_);
   slots_.assign(cap, Slot{});
