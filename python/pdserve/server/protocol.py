@@ -298,13 +298,7 @@ def response_json(
         }
         obj = "chat.completion"
     else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "finish_reason": finish_reason,
-            "token_ids": token_ids,
-            "logprobs": None,
-        }
+        choice = _text_choice(text, token_ids, finish_reason)
         obj = "text_completion"
     return {
         "id": request_id,
@@ -313,6 +307,17 @@ def response_json(
         "model": model,
         "choices": [choice],
         "usage": usage,
+    }
+
+
+def _text_choice(text: str, token_ids: list[int], finish_reason: str | None) -> dict:
+    """The one choice of a completions reply or stream chunk (the two have the same shape)."""
+    return {
+        "index": 0,
+        "text": text,
+        "finish_reason": finish_reason,
+        "token_ids": token_ids,
+        "logprobs": None,
     }
 
 
@@ -339,13 +344,7 @@ def chunk_json(
         }
         obj = "chat.completion.chunk"
     else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "finish_reason": finish_reason,
-            "token_ids": token_ids,
-            "logprobs": None,
-        }
+        choice = _text_choice(text, token_ids, finish_reason)
         obj = "text_completion"
     return {
         "id": request_id,

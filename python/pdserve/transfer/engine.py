@@ -26,8 +26,22 @@ ABORTED = "aborted"
 FAILED = "failed"
 
 
+class _Status:
+    """`ok` and `finished` of a ticket's status string (shared by SendResult and RecvResult)."""
+
+    status: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == DONE
+
+    @property
+    def finished(self) -> bool:
+        return self.status != PENDING
+
+
 @dataclass(frozen=True)
-class SendResult:
+class SendResult(_Status):
     """State of one send ticket. `status` is one of pending/done/timed_out/aborted/failed; a
     terminal status means the engine no longer reads the ticket's local memory."""
 
@@ -39,17 +53,9 @@ class SendResult:
     seconds: float
     error: str = ""
 
-    @property
-    def ok(self) -> bool:
-        return self.status == DONE
-
-    @property
-    def finished(self) -> bool:
-        return self.status != PENDING
-
 
 @dataclass(frozen=True)
-class RecvResult:
+class RecvResult(_Status):
     """State of one expected receive. A terminal status means no write into the receiver's memory
     for this request is in flight any more (its blocks may be released or used)."""
 
@@ -59,14 +65,6 @@ class RecvResult:
     nbytes_received: int
     seconds: float
     error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == DONE
-
-    @property
-    def finished(self) -> bool:
-        return self.status != PENDING
 
 
 def _send_result(r: Any) -> SendResult:
