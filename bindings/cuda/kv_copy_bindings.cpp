@@ -9,15 +9,18 @@
 namespace py = pybind11;
 namespace pc = pdserve::cuda;
 
+void bind_ipc_collectives(py::module_& m);  // ipc_bindings.cpp
+
 PYBIND11_MODULE(_cuda, m) {
   m.doc() =
-      "CUDA KV block copy kernels (gather, scatter, tier copy) on raw addresses. Use the typed "
-      "wrappers in pdserve.cache.kernels; see pdserve/_cuda.pyi.";
+      "CUDA KV block copy kernels (gather, scatter, tier copy) and the IPC collectives of tensor "
+      "parallelism, on raw addresses. Use the typed wrappers in pdserve.cache.kernels and "
+      "pdserve.engine.ipc_collectives; see pdserve/_cuda.pyi.";
 
   m.def("gather_blocks", &pc::gather_blocks, py::call_guard<py::gil_scoped_release>(),
         py::arg("src_addr"), py::arg("block_stride_nbytes"), py::arg("src_num_blocks"),
-        py::arg("block_ids_addr"), py::arg("num_ids"), py::arg("dst_addr"),
-        py::arg("piece_nbytes"), py::arg("stream"), py::arg("version") = 0);
+        py::arg("block_ids_addr"), py::arg("num_ids"), py::arg("dst_addr"), py::arg("piece_nbytes"),
+        py::arg("stream"), py::arg("version") = 0);
 
   m.def("scatter_blocks", &pc::scatter_blocks, py::call_guard<py::gil_scoped_release>(),
         py::arg("src_addr"), py::arg("block_ids_addr"), py::arg("num_ids"), py::arg("dst_addr"),
@@ -32,4 +35,5 @@ PYBIND11_MODULE(_cuda, m) {
 
   m.def("kernel_version_name", &pc::kernel_version_name, py::arg("version"));
   m.attr("NUM_KERNEL_VERSIONS") = static_cast<int>(pc::kNumKernelVersions);
+  bind_ipc_collectives(m);
 }

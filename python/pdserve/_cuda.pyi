@@ -57,3 +57,53 @@ def copy_blocks(
 
 def kernel_version_name(version: int) -> str:
     """Short name of a kernel version, e.g. "vec16x4"; ValueError if unknown."""
+
+# ---- IPC collectives of tensor parallelism (cuda/ipc_collectives.h; use pdserve.engine.ipc_collectives)
+
+IPC_SIGNAL_NBYTES: int
+"""Bytes of the signal area at the start of each rank's region (data halves follow)."""
+IPC_MAX_RANKS: int
+IPC_MAX_BLOCKS: int
+"""CTAs per call at most; the per-CTA counters array has this many uint32."""
+
+class IpcCall:
+    """One rank's fixed arguments: its device, every rank's region as mapped here, its rank, the
+    device address of its counters, the mapped pinned host abort flag, the capacity of one data half
+    and the wait timeout (a CTA waiting longer for a peer traps)."""
+
+    device: int
+    regions: list[int]
+    rank: int
+    counters_addr: int
+    abort_addr: int
+    capacity: int
+    timeout_ns: int
+    def __init__(self) -> None: ...
+
+def ipc_alloc(device: int, nbytes: int) -> int:
+    """cudaMalloc'd, zeroed region on `device`."""
+
+def ipc_free(device: int, addr: int) -> None: ...
+def ipc_handle(device: int, addr: int) -> bytes:
+    """The 64-byte CUDA IPC handle of a region from ipc_alloc."""
+
+def ipc_open(device: int, handle: bytes) -> int:
+    """Maps another process's region on `device` (peer access enabled lazily)."""
+
+def ipc_close(device: int, addr: int) -> None: ...
+def ipc_all_reduce(
+    call: IpcCall, in_addr: int, out_addr: int, nbytes: int, dtype: int, stream: int
+) -> None:
+    """out = the ranks' in summed in fp32 in rank order; dtype 0 fp32, 1 fp16, 2 bf16; nbytes a
+    multiple of 16 and at most call.capacity; 16-byte aligned addresses; in == out allowed."""
+
+def ipc_gather(
+    call: IpcCall,
+    in_addr: int,
+    out_addr: int,
+    nbytes: int,
+    out_rank_stride: int,
+    root: int,
+    stream: int,
+) -> None:
+    """Rank r's nbytes land at out + r * out_rank_stride on `root` (every rank when root < 0)."""

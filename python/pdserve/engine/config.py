@@ -219,6 +219,10 @@ class EngineConfig:
     )
     # --worker-use-ray: start the workers as Ray tasks (Ray must be installed) instead of multiprocessing
     worker_use_ray: bool = False
+    # tensor parallelism on GPUs of one machine: the model's all-reduce / logits gather go through the
+    # IPC collectives (engine/ipc_collectives.py), which decode CUDA graphs capture; off
+    # (--disable-custom-all-reduce): NCCL only, and decode at TP > 1 runs eagerly
+    custom_all_reduce: bool = True
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -12,10 +12,16 @@ one token of block 0, which is finite), and their logits are dropped. Sampling s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 
 from pdserve.engine.attention import AttentionMetadata, KernelInputs
 from pdserve.engine.scheduler import ScheduledBatch
+
+if TYPE_CHECKING:
+    from pdserve.engine.model_runner import StepInputs
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -111,14 +117,16 @@ class DecodeGraphs:
         self.tables.copy_(self.host_tables)
 
     # ---- replay ---------------------------------------------------------------------------------
+    def fits(self, num_seqs: int) -> bool:
+        return num_seqs <= self.max_batch_size
+
     def can_run(self, batch: ScheduledBatch) -> bool:
         """True for decode-only batches (one new token per sequence) of at most the largest size."""
-        return len(batch.seqs) <= self.max_batch_size and all(n == 1 for n in batch.num_new_tokens)
+        return self.fits(len(batch.seqs)) and all(n == 1 for n in batch.num_new_tokens)
 
     def prepare(self, batch: ScheduledBatch) -> int:
         """Fills the static inputs from the batch; returns the padded batch size whose graph to replay."""
         num_seqs = len(batch.seqs)
-        bs = next(s for s in self.batch_sizes if s >= num_seqs)
         bsz = self.block_size
         toks = self.host_tokens.numpy()
         lens = self.host_seq_lens.numpy()
@@ -133,6 +141,27 @@ class DecodeGraphs:
             lens[i] = pos + 1
             tables[i, :num_blocks] = seq.block_ids[:num_blocks]
             max_cols = max(max_cols, num_blocks)
+        return self._upload(num_seqs, max_cols)
+
+    def prepare_inputs(self, inputs: StepInputs) -> int:
+        """prepare() from a decode-only step's StepInputs (what tensor-parallel ranks receive)."""
+        n = inputs.num_seqs
+        toks = self.host_tokens.numpy()
+        toks[0, :n] = inputs.input_ids
+        toks[1, :n] = inputs.positions
+        toks[2, :n] = np.asarray(inputs.slot_blocks) * self.block_size + inputs.slot_offsets
+        self.host_seq_lens.numpy()[:n] = inputs.context_lens
+        cols = len(inputs.block_tables[0])
+        self.host_tables.numpy()[:n, :cols] = inputs.block_tables
+        return self._upload(n, cols)
+
+    def _upload(self, num_seqs: int, max_cols: int) -> int:
+        """Pads rows num_seqs.. of the host inputs and copies them to the static device inputs;
+        returns the padded batch size."""
+        bs = next(s for s in self.batch_sizes if s >= num_seqs)
+        toks = self.host_tokens.numpy()
+        lens = self.host_seq_lens.numpy()
+        tables = self.host_tables.numpy()
         toks[:2, num_seqs:bs] = 0
         toks[2, num_seqs:bs] = -1
         lens[num_seqs:bs] = 1

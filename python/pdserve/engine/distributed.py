@@ -1,5 +1,7 @@
 """Process groups of one tensor-parallel engine: a compute group (gloo on CPU, NCCL on CUDA) for the
 model's all-reduce / gather, and a gloo control group the driver uses to hand every step to the workers.
+On CUDA the model's collectives go to the IPC collectives first (ipc_collectives.py: one kernel each,
+captured in the decode CUDA graphs) when the runner enabled them; NCCL takes what they do not.
 
 Groups are explicit objects, not torch's default group, so one process may hold several TP engines
 (a prefill and a decode engine in one test). Layers reach the group of the model being run through
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pdserve.engine.ipc_collectives import IpcCollectives
+
 # Idle workers wait on the control group for the next step; an idle server must not time them out.
 CONTROL_TIMEOUT = datetime.timedelta(days=365)
 # A compute collective waits at most this long for a peer that is alive but stuck.
@@ -35,7 +39,9 @@ class WorkerFailure(RuntimeError):
 @dataclass
 class TPGroup:
     """One rank's view of a tensor-parallel engine: its rank, the group size, its device, and the
-    compute (`pg`) and control (`control_pg`) process groups. The store is the driver's TCPStore."""
+    compute (`pg`) and control (`control_pg`) process groups. The store is the driver's TCPStore.
+    shared_device: the ranks share one GPU (a test set-up: the compute group is then gloo, and every
+    device collective goes through `ipc`)."""
 
     rank: int
     world_size: int
@@ -43,16 +49,36 @@ class TPGroup:
     pg: dist.ProcessGroup | None
     control_pg: dist.ProcessGroup | None
     store: dist.Store | None
+    shared_device: bool = False
+    ipc: IpcCollectives | None = None
+
+    def enable_ipc(self, capacity_nbytes: int) -> None:
+        """Sets up the IPC collectives (every rank at the same point; CUDA only)."""
+        if self.ipc is None:
+            timeout_s = COMPUTE_TIMEOUT.total_seconds()
+            self.ipc = IpcCollectives(
+                self.rank, self.world_size, self.device, capacity_nbytes, self.all_objects,
+                timeout_s,
+            )  # fmt: skip
+
+    def _ipc_takes(self, x: torch.Tensor) -> bool:
+        # sizes beyond one buffer half are chunked only where there is no NCCL to take them
+        return self.ipc is not None and self.ipc.can_take(x, chunks=self.shared_device)
 
     # ---- compute collectives (on `device`) -----------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sums x in place over the ranks; returns x."""
+        if self._ipc_takes(x):
+            return self.ipc.all_reduce(x)
         self.pg.allreduce([x]).wait()
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0 gets the ranks' x concatenated along the last dim; other ranks get x[..., :0]."""
         x = x.contiguous()
+        if self._ipc_takes(x):
+            parts = self.ipc.gather(x, root=0)
+            return torch.cat(parts.unbind(0), dim=-1) if self.rank == 0 else x[..., :0]
         if self.device.type == "cuda":
             # NCCL has no gather; all-gather costs one extra copy of a [num_sampled, vocab] tensor
             parts = [torch.empty_like(x) for _ in range(self.world_size)]
@@ -66,10 +92,10 @@ class TPGroup:
 
     def min_int(self, value: int) -> int:
         """The smallest of the ranks' values (e.g. the KV blocks every rank can hold)."""
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        t = torch.tensor([value], dtype=torch.int64)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
-        self.pg.allreduce([t], opts).wait()
+        self.control_pg.allreduce([t], opts).wait()
         return int(t.item())
 
     # ---- control (gloo, host objects) ----------------------------------------------------------
@@ -118,8 +144,15 @@ class TPGroup:
             for b, s in zip(bufs, sizes, strict=True)
         ]
 
+    def all_objects(self, obj: object) -> list[object]:
+        """Every rank's obj, in rank order, on every rank."""
+        return self.broadcast_object(self.gather_objects(obj))
+
     def shutdown(self) -> None:
         """Tears the groups down (idempotent); pending collectives on them fail."""
+        if self.ipc is not None:
+            self.ipc.close()
+            self.ipc = None
         for pg in (self.pg, self.control_pg):
             if pg is not None:
                 with contextlib.suppress(Exception):
@@ -129,6 +162,8 @@ class TPGroup:
 
     def abort(self) -> None:
         """Fails every collective in flight at once (a peer died); the group is unusable afterwards."""
+        if self.ipc is not None:
+            self.ipc.abort()
         for pg in (self.pg, self.control_pg):
             if pg is not None:
                 with contextlib.suppress(Exception):
@@ -155,8 +190,11 @@ def connect_store(port: int, world_size: int) -> dist.TCPStore:
     )
 
 
-def init_group(store: dist.Store, rank: int, world_size: int, device: torch.device) -> TPGroup:
-    """Builds rank's compute group (NCCL on CUDA, gloo on CPU) and its gloo control group.
+def init_group(
+    store: dist.Store, rank: int, world_size: int, device: torch.device, shared_device: bool = False
+) -> TPGroup:
+    """Builds rank's compute group (NCCL on CUDA, gloo on CPU or when the ranks share one GPU, which
+    NCCL refuses) and its gloo control group.
 
     Every rank must call it; it returns once all ranks have joined.
     """
@@ -164,7 +202,10 @@ def init_group(store: dist.Store, rank: int, world_size: int, device: torch.devi
         dist.PrefixStore("control/", store), rank, world_size, CONTROL_TIMEOUT
     )
     compute_store = dist.PrefixStore("compute/", store)
-    if device.type == "cuda":
+    if device.type == "cuda" and shared_device:
+        torch.cuda.set_device(device)
+        compute = dist.ProcessGroupGloo(compute_store, rank, world_size, COMPUTE_TIMEOUT)
+    elif device.type == "cuda":
         if not dist.is_nccl_available():
             raise RuntimeError(
                 "tensor parallelism on CUDA needs NCCL, which this torch build lacks"
@@ -180,7 +221,7 @@ def init_group(store: dist.Store, rank: int, world_size: int, device: torch.devi
         torch.cuda.synchronize(device)
     else:
         compute = dist.ProcessGroupGloo(compute_store, rank, world_size, COMPUTE_TIMEOUT)
-    return TPGroup(rank, world_size, device, compute, control, store)
+    return TPGroup(rank, world_size, device, compute, control, store, shared_device)
 
 
 # ---- the group of the model being run (layers read it) -------------------------------------------
@@ -243,12 +284,19 @@ def _splits(n: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -
     )
 
 
+# Test set-up: every rank on the one given GPU (ranks then talk through the IPC collectives only)
+SHARE_DEVICE_ENV = "PDSERVE_TP_SHARE_DEVICE"
+
+
 def rank_devices(device: torch.device, tp_size: int) -> list[torch.device]:
-    """One device per rank: CPU for every rank, or consecutive GPUs from the given index (default 0).
+    """One device per rank: CPU for every rank, or consecutive GPUs from the given index (default 0);
+    with PDSERVE_TP_SHARE_DEVICE=1, every rank on the given GPU (testing on one GPU).
 
     Raises ValueError when fewer GPUs are visible than ranks need."""
     if device.type != "cuda":
         return [device] * tp_size
+    if os.environ.get(SHARE_DEVICE_ENV) == "1":
+        return [torch.device("cuda", device.index or 0)] * tp_size
     first = device.index or 0
     available = torch.cuda.device_count()
     if first + tp_size > available:

@@ -43,6 +43,8 @@ class StepInputs:
     sampling_params: list[SamplingParams]  # per sampling sequence
     output_positions: list[int]  # per sampling sequence: tokens it has generated so far
     is_decode_only: bool
+    # replay the decode CUDA graphs (the driver decides, so every tensor-parallel rank does the same)
+    use_graph: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -157,12 +159,15 @@ class ModelRunner:
         else:
             load_safetensors(self.model, model_config.model_dir)
         self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        if tp_group is not None and self.device.type == "cuda" and config.custom_all_reduce:
+            tp_group.enable_ipc(self._ipc_capacity_nbytes())  # before sizing KV: it takes memory
         self.num_blocks = self._num_kv_blocks()
         if tp_group is not None:  # every rank holds the same block ids: the smallest pool wins
             self.num_blocks = tp_group.min_int(self.num_blocks)
         self.kv_cache, self.kv_layers = self._allocate_kv_cache(self.num_blocks)
-        # CUDA graphs at TP 1 only: capturing NCCL collectives is not done (nor tested) yet
-        self.decode_graphs = self._capture_decode_graphs() if fast and self.tp_size == 1 else None
+        # at TP > 1 the graphs capture the IPC collectives (NCCL collectives are never captured)
+        graphs_ok = self.tp_size == 1 or tp_group.ipc is not None
+        self.decode_graphs = self._capture_decode_graphs() if fast and graphs_ok else None
         self.num_host_blocks = 0
         self.host_kv_cache: torch.Tensor | None = None
         if config.enable_host_tier:
@@ -194,6 +199,16 @@ class ModelRunner:
             half = self.dtype in (torch.bfloat16, torch.float16)
             return "triton" if available and half else "torch"
         return wanted
+
+    def _ipc_capacity_nbytes(self) -> int:
+        """Bytes of one IPC buffer half: what the largest decode graph all-reduces (hidden states) or
+        gathers (its logits slice) in one call, at least 8 MiB; larger eager tensors go to NCCL."""
+        mc = self.model_config
+        rows = min(self.config.cuda_graph_max_batch_size, self.config.max_num_seqs)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        width = max(mc.hidden_size, -(-mc.vocab_size // self.tp_size))
+        mib = 1 << 20
+        return max(8 * mib, -(-rows * width * itemsize // mib) * mib)
 
     def _capture_decode_graphs(self):
         if self.config.enforce_eager:
@@ -384,30 +399,50 @@ class ModelRunner:
         return self.execute(self.prepare_inputs(batch), after_layer)
 
     def _run_graph(self, graphs, batch: ScheduledBatch) -> list[int | None]:
-        """A decode-only batch replayed from a CUDA graph (single rank: graphs are captured only at
-        tensor-parallel size 1); samples on the host side as `execute` does."""
+        """A decode-only batch replayed from a CUDA graph on a single rank (straight from the batch:
+        no StepInputs); samples on the host side as `execute` does."""
         sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        result: list[int | None] = [None] * len(batch.seqs)
         if not sampling:
-            return result
+            return [None] * len(batch.seqs)
         logits = graphs.run(batch)
-        if len(sampling) != len(batch.seqs):
-            logits = logits[sampling]
-        tokens = sample(
+        return _sample_rows(
             logits,
+            len(batch.seqs),
+            sampling,
             [batch.seqs[i].params for i in sampling],
             [batch.seqs[i].num_output_tokens for i in sampling],
         )
-        for i, token in zip(sampling, tokens, strict=True):
-            result[i] = token
-        return result
+
+    def _execute_graph(self, inputs: StepInputs) -> list[int | None]:
+        """execute() of a decode-only step through the graphs; every tensor-parallel rank replays
+        (the graph holds the collectives), rank 0 samples."""
+        graphs = self.decode_graphs
+        bs = graphs.prepare_inputs(inputs)
+        logits = graphs.replay(bs)
+        if self.tp_rank != 0 or not inputs.sample_seq_indices:
+            return [None] * inputs.num_seqs
+        return _sample_rows(
+            logits[: inputs.num_seqs],
+            inputs.num_seqs,
+            inputs.sample_seq_indices,
+            inputs.sampling_params,
+            inputs.output_positions,
+        )
+
+    def graph_eligible(self, inputs: StepInputs) -> bool:
+        """True when a decode graph can run these inputs (decode-only, at most the largest size)."""
+        graphs = self.decode_graphs
+        return graphs is not None and inputs.is_decode_only and graphs.fits(inputs.num_seqs)
 
     @torch.inference_mode()
     def execute(
         self, inputs: StepInputs, after_layer: Callable[[int], None] | None = None
     ) -> list[int | None]:
-        """Runs prepared inputs on this rank. Rank 0 returns one token or None per sequence; other
-        tensor-parallel ranks take part in the collectives and return all None."""
+        """Runs prepared inputs on this rank (replaying a decode graph when inputs.use_graph). Rank 0
+        returns one token or None per sequence; other tensor-parallel ranks take part in the
+        collectives and return all None."""
+        if inputs.use_graph:
+            return self._execute_graph(inputs)
         input_ids, positions, meta, sample_rows = self._prepare(inputs)
         hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
         result: list[int | None] = [None] * inputs.num_seqs
@@ -427,3 +462,19 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows = self._prepare(self.prepare_inputs(batch))
         hidden = self.model(input_ids, positions, self.kv_layers, meta)
         return self.model.compute_logits(hidden[sample_rows])
+
+
+def _sample_rows(
+    logits: torch.Tensor,
+    num_seqs: int,
+    rows: list[int],
+    params: list[SamplingParams],
+    output_positions: list[int],
+) -> list[int | None]:
+    """Samples logits[rows] (one row per sequence of a decode batch); the others get None."""
+    if len(rows) != num_seqs:
+        logits = logits[rows]
+    result: list[int | None] = [None] * num_seqs
+    for i, token in zip(rows, sample(logits, params, output_positions), strict=True):
+        result[i] = token
+    return result

@@ -10,6 +10,7 @@ WorkerFailure and tears the workers down instead of hanging.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -90,6 +91,7 @@ def worker_main(
     model_config: ModelConfig,
     device: str,
     shm_dir: str | None,
+    shared_device: bool = False,
 ) -> None:
     """A worker process: joins the groups, builds its shard, then runs the driver's commands until
     "shutdown". On any error it leaves its traceback in the store (the driver reports it) and exits."""
@@ -100,7 +102,7 @@ def worker_main(
     group = None
     try:
         store.add("joined", 1)
-        group = distributed.init_group(store, rank, world_size, torch.device(device))
+        group = distributed.init_group(store, rank, world_size, torch.device(device), shared_device)
         with distributed.use_group(group):
             runner = _WorkerRunner(config, model_config, group, shm_dir)
             group.gather_objects({"num_blocks": runner.num_blocks, "kv": None})
@@ -180,6 +182,25 @@ class _RayWorker:
                 self._ray.cancel(self.ref, force=True)
 
 
+def _use_ipc_collectives(
+    config: EngineConfig, devices: list[torch.device], shared_device: bool
+) -> bool:
+    """Whether the ranks use the IPC collectives: on GPUs of this machine that reach each other's
+    memory, unless turned off or the workers are Ray tasks (which may see other GPUs, or none of
+    ours). Ranks sharing one GPU need them (NCCL refuses two ranks on one device)."""
+    if shared_device:
+        if not config.custom_all_reduce or config.worker_use_ray:
+            raise ValueError(
+                f"tensor-parallel ranks sharing one GPU ({distributed.SHARE_DEVICE_ENV}=1) talk "
+                "through the IPC collectives only: leave custom_all_reduce on and worker_use_ray off"
+            )
+        return True
+    if not config.custom_all_reduce or config.worker_use_ray or devices[0].type != "cuda":
+        return False
+    indices = [d.index for d in devices]
+    return all(torch.cuda.can_device_access_peer(a, b) for a in indices for b in indices if a != b)
+
+
 def _require_ray() -> None:
     try:
         import ray  # noqa: F401
@@ -206,6 +227,10 @@ class TensorParallelRunner:
         if config.worker_use_ray:
             _require_ray()
         devices = distributed.rank_devices(resolve_device(config.device), tp_size)
+        shared_device = devices[0].type == "cuda" and len(set(devices)) < len(devices)
+        config = dataclasses.replace(
+            config, custom_all_reduce=_use_ipc_collectives(config, devices, shared_device)
+        )
         self.config, self.model_config = config, model_config
         self.tp_size = tp_size
         self._failure: str | None = None
@@ -226,13 +251,16 @@ class TensorParallelRunner:
                     if config.worker_use_ray and devices[rank].type == "cuda"
                     else str(devices[rank])
                 )
-                args = (rank, tp_size, self._store.port, config, mc, worker_device, self._shm_dir)
+                args = (
+                    rank, tp_size, self._store.port, config, mc, worker_device, self._shm_dir,
+                    shared_device,
+                )  # fmt: skip
                 if config.worker_use_ray:
                     self._workers.append(_RayWorker(rank, args, devices[rank].type == "cuda"))
                 else:
                     self._workers.append(_ProcessWorker(rank, args))
             self._wait_joined()
-            self.group = distributed.init_group(self._store, 0, tp_size, devices[0])
+            self.group = distributed.init_group(self._store, 0, tp_size, devices[0], shared_device)
             self._finalizer.detach()
             self._finalizer = weakref.finalize(
                 self, _teardown, self._workers, [self.group], self._shm_dir, self._store
@@ -359,6 +387,7 @@ class TensorParallelRunner:
         means every rank has written its layer-l KV by then. An exception it raises is re-raised
         after the step, so the ranks stay in lockstep."""
         inputs = self.runner.prepare_inputs(batch)
+        inputs.use_graph = after_layer is None and self.runner.graph_eligible(inputs)
         hook_errors: list[BaseException] = []
         hook = None
         if after_layer is not None:

@@ -181,6 +181,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="launch TP workers with Ray (default: multiprocessing)",
     )
+    e.add_argument(
+        "--disable-custom-all-reduce",
+        action="store_true",
+        help="TP on GPUs: NCCL for every collective instead of the IPC all-reduce (decode then runs "
+        "without CUDA graphs at TP > 1)",
+    )
     e.add_argument("--block-size", type=_block_size, default=16, help="tokens per KV block")
     e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--dtype", choices=DTYPES, default="auto")
@@ -221,6 +227,7 @@ class ServeConfig:
     transfer_timeout: float = 60.0
     tensor_parallel_size: int = 1
     worker_use_ray: bool = False
+    disable_custom_all_reduce: bool = False
     block_size: int = 16
     device: str = "auto"
     dtype: str = "auto"
@@ -334,6 +341,7 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
         transfer_timeout=args.transfer_timeout,
         tensor_parallel_size=args.tensor_parallel_size,
         worker_use_ray=args.worker_use_ray,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
         block_size=args.block_size,
         device=args.device,
         dtype=args.dtype,

@@ -71,6 +71,7 @@ def engine_config_kwargs(config: ServeConfig) -> dict[str, Any]:
         "enable_radix_caching": config.enable_radix_caching,
         "tensor_parallel_size": config.tensor_parallel_size,
         "worker_use_ray": config.worker_use_ray,
+        "custom_all_reduce": not config.disable_custom_all_reduce,
         "kv_layout": "block-major" if config.use_agg_block else "layer-major",
     }
     if config.kv_cache_gb is not None:
