@@ -3,6 +3,7 @@ whether greedy outputs agree on a short run. One summary line; `--json PATH` for
 
     python bench/bench_tp.py --model tiny --device cpu --tp 2
     python bench/bench_tp.py --model llama-2-13b --tp 2 --batch-sizes 1,8,32 --json results/tp.json
+    python bench/bench_tp.py --commands     # host cost of handing a step to a worker: pipe vs gloo
 
 Issue 5's target on two GPUs: decode step at TP=2 <= 0.6 x the TP=1 step, greedy outputs identical.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
+import pickle
 import time
 
 import torch
@@ -61,6 +64,74 @@ def greedy_tokens(engine: LLMEngine, args) -> list[list[int]]:
     return [out[f"g{i}"] for i in range(len(prompts))]
 
 
+# ---- --commands: what the driver pays to hand one step to a worker ----------------------------------
+def _step_inputs(batch_size: int, context_len: int):
+    from pdserve.engine.model_runner import StepInputs
+
+    blocks = -(-context_len // 16)
+    b = batch_size
+    return StepInputs(
+        input_ids=[5] * b, positions=[context_len - 1] * b, slot_blocks=[3] * b,
+        slot_offsets=[2] * b, context_lens=[context_len] * b, query_start_loc=list(range(b + 1)),
+        block_tables=[list(range(blocks))] * b, sample_seq_indices=list(range(b)),
+        sample_rows=list(range(b)), sampling_params=[SamplingParams(temperature=0)] * b,
+        output_positions=[7] * b, is_decode_only=True, use_graph=True,
+    )  # fmt: skip
+
+
+def _command_worker(port: int, reader) -> None:
+    from pdserve.engine import distributed
+
+    group = distributed.init_group(distributed.connect_store(port, 2), 1, 2, torch.device("cpu"))
+    while (message := group.broadcast_object()) != "stop":
+        if message == "ping":
+            group.gather_objects(None)
+    while (message := pickle.loads(reader.recv_bytes())) != "stop":
+        if message == "ping":
+            reader.send_bytes(b"pong")
+
+
+def command_costs(repeats: int = 500) -> dict:
+    """µs the driver spends per step command (pipelined sends) and per round trip, over the gloo
+    control group and over an OS pipe (what multiprocessing workers use), for decode batches."""
+    from pdserve.engine import distributed
+
+    store = distributed.create_store(2)
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_command_worker, args=(store.port, theirs))
+    proc.start()
+    group = distributed.init_group(store, 0, 2, torch.device("cpu"))
+    channels = {
+        "gloo": (group.broadcast_object, lambda: group.gather_objects(None)),
+        "pipe": (
+            lambda m: ours.send_bytes(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)),
+            ours.recv_bytes,
+        ),
+    }
+    results: dict = {}
+    for name, (send, reply) in channels.items():
+        for b in (1, 32, 128):
+            message = ("execute", (_step_inputs(b, 300),))
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                send(message)
+            send("ping")
+            reply()
+            t1 = time.perf_counter()
+            for _ in range(50):
+                send("ping")
+                reply()
+            results[f"{name} b={b}"] = {
+                "send_us": 1e6 * (t1 - t0) / repeats,
+                "round_trip_us": 1e6 * (time.perf_counter() - t1) / 50,
+            }
+        send("stop")
+    proc.join(30)
+    group.shutdown()
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
@@ -74,7 +145,18 @@ def main() -> None:
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--commands", action="store_true", help="only the step-command host costs")
     args = ap.parse_args()
+    if args.commands:
+        costs = command_costs()
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(costs, f, indent=2)
+        for name, c in costs.items():
+            print(
+                f"{name:12s} send {c['send_us']:7.1f} us   round trip {c['round_trip_us']:7.1f} us"
+            )
+        return
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     results: dict = {"args": vars(args), "runs": {}}
     for tp in (1, args.tp):
@@ -83,7 +165,14 @@ def main() -> None:
             tensor_parallel_size=tp, num_kv_blocks=args.num_kv_blocks,
         )  # fmt: skip
         decode_step_ms(engine, batch_sizes[0], args)  # warm-up
-        run = {"device": str(engine.runner.device), "decode_step_ms": {}}
+        runner = getattr(engine.runner, "runner", engine.runner)  # rank 0's ModelRunner
+        run = {
+            "device": str(engine.runner.device),
+            "cuda_graphs": runner.decode_graphs is not None,
+            "ipc_collectives": getattr(getattr(engine.runner, "group", None), "ipc", None)
+            is not None,
+            "decode_step_ms": {},
+        }
         for b in batch_sizes:
             run["decode_step_ms"][b] = decode_step_ms(engine, b, args)
         run["greedy"] = greedy_tokens(engine, args)
@@ -106,7 +195,8 @@ def main() -> None:
     )
     print(
         f"bench_tp {args.model} on {one['device']}: TP={args.tp}/TP=1 decode step {steps}; "
-        f"greedy identical on {same}/{len(one['greedy'])} prompts"
+        f"greedy identical on {same}/{len(one['greedy'])} prompts; TP={args.tp} graphs "
+        f"{many['cuda_graphs']}, IPC collectives {many['ipc_collectives']}"
     )
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine call: build pdserve (with CUDA kernels), run the GPU tests, run the GPU benchmarks,
 # print a short table last. Logs and JSON land under $OUT (or ./gpu-out when $OUT is unset).
-#   bash bench/gpu_suite.sh [full|quick]     (quick: no copy-kernel or tiny-engine benchmarks)
+#   bash bench/gpu_suite.sh [full|quick|tp]   (quick: no copy-kernel or tiny-engine benchmarks;
+#                                             tp: build, the TP tests and the two-GPU TP benchmarks only)
+# With two or more GPUs, full and quick also run the TP benchmarks (all-reduce, 13B TP=2 vs TP=1).
 # Takes about 6 minutes (full) on an H100; the 13B decode/prefill benchmark needs ~40 GB of GPU memory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +36,22 @@ echo "commit $COMMIT" >>"$OUT/device.txt"
 step build $PY -m pip install --no-build-isolation --no-deps -e . || { tail -40 "$OUT/build.log"; }
 $PY -c 'import pdserve._cuda' >>"$OUT/build.log" 2>&1 && echo "pdserve._cuda built" >>"$OUT/device.txt"
 
-step gpu_tests $PY -m pytest -q -m gpu tests -p no:cacheprovider
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$MODE" = tp ]; then
+  step gpu_tests $PY -m pytest -q -m gpu tests/test_tp_gpu.py tests/test_engine_tp.py -p no:cacheprovider
+else
+  step gpu_tests $PY -m pytest -q -m gpu tests -p no:cacheprovider
+fi
+if [ "$NGPU" -ge 2 ]; then
+  # IPC all-reduce vs NCCL; 13B decode step at TP=2 vs TP=1 (issue 5: <= 0.6x, greedy identical)
+  step bench_allreduce $PY bench/bench_allreduce.py --tp 2 --json "$OUT/allreduce.json"
+  step bench_tp $PY bench/bench_tp.py --model llama-2-13b --tp 2 --batch-sizes 1,8,32 \
+    --json "$OUT/tp.json"
+fi
+step bench_tp_commands $PY bench/bench_tp.py --commands --json "$OUT/tp_commands.json"
+if [ "$MODE" = tp ]; then
+  echo; cat "$OUT/device.txt"; printf '%s\n' "${SUMMARY[@]}"; exit 0
+fi
 if [ "$MODE" = full ]; then
   step bench_kernels $PY bench/bench_kernels.py --json "$OUT/kernels.json"
 fi

@@ -243,7 +243,7 @@ def test_worker_death_is_a_clear_error_not_a_hang(gqa_ckpt, how):
         os.kill(pid, signal.SIGKILL)
         expected = "worker rank 1 .* died"
     else:  # an error inside the worker: its traceback reaches the driver
-        engine.runner.group.broadcast_object(("no-such-command", ()))
+        engine.runner._command(("no-such-command", ()))
         expected = "(?s)worker rank 1 .* failed:.*unknown command 'no-such-command'"
     start = time.monotonic()
     with pytest.raises(WorkerFailure, match=expected):
