@@ -29,7 +29,10 @@ def profile(engine, batch_size: int, context_len: int, replays: int, host_steps:
     ids = [f"p{i}" for i in range(batch_size)]
     for rid, p in zip(ids, _random_prompts(batch_size, context_len, vocab, 0), strict=True):
         engine.add_request(rid, p, params)
-    for _ in range(4):  # prefill + warm-up decode steps
+    sched = engine.scheduler
+    while sched.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running):
+        engine.step()  # prefill (several steps for long batches)
+    for _ in range(2):  # warm-up decode steps
         engine.step()
     runner = engine.runner
     graphs = runner.decode_graphs

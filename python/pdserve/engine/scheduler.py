@@ -86,14 +86,15 @@ class Scheduler:
                 self._finish(seq, FINISH_LENGTH)
                 dropped.append(seq)
                 continue
-            while not bm.can_grow(seq, target) and self.running[-1] is not seq:
-                self._preempt(self.running.pop())
-                preempted = True
-            if not bm.can_grow(seq, target):
-                self._preempt(self.running.pop(i))
-                preempted = True
-                break
-            bm.grow(seq, target)
+            if bm.num_missing_blocks(seq, target):  # most decode steps need no new block
+                while not bm.can_grow(seq, target) and self.running[-1] is not seq:
+                    self._preempt(self.running.pop())
+                    preempted = True
+                if not bm.can_grow(seq, target):
+                    self._preempt(self.running.pop(i))
+                    preempted = True
+                    break
+                bm.grow(seq, target)
             seqs.append(seq)
             counts.append(n)
             budget -= n
