@@ -3,7 +3,7 @@ summed by kernel name, against the replay's wall time measured with events (the 
 between kernels). Diagnostic for issue 5's batch-1 target; prints a table, optional JSON.
 
     python3 bench/profile_decode.py [--model llama-2-13b] [--batch-size 1] [--variants fast,no-pdl]
-    python3 bench/profile_decode.py --host 50     # also: cProfile of 50 engine steps (host time)
+    python3 bench/profile_decode.py --host 50     # also: host phases and cProfile of 50 engine steps
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def profile(engine, batch_size: int, context_len: int, replays: int, host_steps:
     if not result:
         raise SystemExit("profile_decode: the decode step did not run a CUDA graph")
     if host_steps:
+        result["host_phases_us"] = _host_phases(engine, host_steps)
         result["host_profile"] = _host_profile(engine, host_steps)
     for rid in ids:
         engine.abort_request(rid)
@@ -75,6 +76,51 @@ def _host_profile(engine, steps: int) -> str:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
     return out.getvalue()
+
+
+def _host_phases(engine, steps: int) -> dict[str, float]:
+    """Wall µs per engine step spent in each phase (no profiler: perf_counter around the calls).
+    `sample` includes waiting for the GPU; `other` is the step's remainder (outputs, bookkeeping)."""
+    import time
+
+    import pdserve.engine.model_runner as model_runner
+
+    sched, graphs = engine.scheduler, engine.runner.decode_graphs
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    targets = [
+        (sched, "schedule"), (graphs, "prepare"), (graphs, "replay"), (model_runner, "sample"),
+        (sched, "postprocess"), (engine.block_manager, "run_evictor"),
+    ]  # fmt: skip
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets]
+    for obj, name, fn in saved:
+        setattr(obj, name, timed(name, fn))
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = time.perf_counter() - t0
+    finally:
+        for obj, name, fn in saved:
+            if obj is model_runner:
+                setattr(obj, name, fn)
+            else:
+                delattr(obj, name)  # the instance attribute hid the class's method
+    phases = {name: 1e6 * t / steps for name, t in spent.items()}
+    phases["step"] = 1e6 * total / steps
+    phases["other"] = phases["step"] - sum(v for k, v in phases.items() if k != "step")
+    return phases
 
 
 def _measure(graphs, bs: int, replays: int) -> dict:
@@ -146,6 +192,10 @@ def main() -> int:
             print(
                 f"{k['us_per_step']:9.1f} {c:6.0f} {k['us_per_step'] / max(c, 1):8.2f}  {kname[:90]}"
             )
+        if "host_phases_us" in r:
+            print("host phases, us/step: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in r["host_phases_us"].items()
+            ))  # fmt: skip
         if "host_profile" in r:
             print(r["host_profile"])
         engine.runner.decode_graphs = None

@@ -47,34 +47,38 @@ class DecodeGraphs:
     ):
         self.model, self.kv_layers = model, kv_layers
         self.block_size, self.max_model_len = block_size, max_model_len
-        self.batch_sizes = sorted(batch_sizes)
+        self.batch_sizes = sizes = sorted(batch_sizes)
         self.max_batch_size = self.batch_sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
-        n, dev = self.max_batch_size, device
-        # static device inputs; pinned host mirrors filled by `prepare` (one copy per tensor)
-        self.tokens = torch.zeros((3, n), dtype=torch.long, device=dev)  # ids, positions, slots
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)  # contiguous: kernels index it
-        self.tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
-        self.host_tokens = torch.zeros((3, n), dtype=torch.long).pin_memory()
-        self.host_seq_lens = torch.ones(n, dtype=torch.int32).pin_memory()
-        self.host_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32).pin_memory()
+        # every input of the graph of size bs lives in one byte range: ids, positions, slots (int64
+        # [3, bs]), lengths (int32 [bs]), block tables (int32 [bs, max_blocks]); `prepare` fills the
+        # pinned host mirror and copies the range in one transfer (with one strided copy per tensor,
+        # prepare took ~270 µs of host time a step at batch 1; now ~90-130 µs:
+        # bench/profile_decode.py --host)
+        n = self.max_batch_size
+        nbytes = n * (3 * 8 + 4 + 4 * self.max_blocks)
+        self._device_bytes = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._host_bytes = torch.zeros(nbytes, dtype=torch.uint8).pin_memory()
+        self._device_inputs = {bs: _Inputs(self._device_bytes, bs, self.max_blocks) for bs in sizes}
+        self._host_inputs = {bs: _Inputs(self._host_bytes, bs, self.max_blocks) for bs in sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] fp32, written by each replay
         self._capture_all()
 
     # ---- capture --------------------------------------------------------------------------------
     def _meta(self, bs: int) -> AttentionMetadata:
+        inputs = self._device_inputs[bs]
         kernel = KernelInputs(
-            slot_mapping=self.tokens[2, :bs],
-            block_tables=self.tables[:bs],
-            seq_lens=self.seq_lens[:bs],
+            slot_mapping=inputs.tokens[2],
+            block_tables=inputs.tables,
+            seq_lens=inputs.seq_lens,
             max_seq_len=self.max_model_len,
         )
         return AttentionMetadata(
             slot_block_ids=None,
             slot_offsets=None,
-            block_tables=self.tables[:bs],
-            context_lens=self.seq_lens[:bs],
+            block_tables=inputs.tables,
+            context_lens=inputs.seq_lens,
             query_start_loc=list(range(bs + 1)),
             context_lens_host=[self.max_model_len] * bs,
             block_size=self.block_size,
@@ -83,14 +87,16 @@ class DecodeGraphs:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(
-            self.tokens[0, :bs], self.tokens[1, :bs], self.kv_layers, self._meta(bs)
-        )
+        tokens = self._device_inputs[bs].tokens
+        hidden = self.model(tokens[0], tokens[1], self.kv_layers, self._meta(bs))
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        self._fill_padding(0)
+        for bs in self.batch_sizes:  # every row padding: finite reads during the warm-up runs
+            self._host_inputs[bs].pad(0)
+            host = self._host_inputs[bs]
+            self._device_inputs[bs].copy_from(host, host.nbytes, non_blocking=False)
         pool = None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -106,16 +112,6 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
-    def _fill_padding(self, start: int) -> None:
-        """Rows from `start` on become padding: token 0 at position 0, not stored, length 1, block 0."""
-        self.host_tokens[:2, start:] = 0
-        self.host_tokens[2, start:] = -1
-        self.host_seq_lens[start:] = 1
-        self.host_tables[start:] = 0
-        self.tokens.copy_(self.host_tokens)
-        self.seq_lens.copy_(self.host_seq_lens)
-        self.tables.copy_(self.host_tables)
-
     # ---- replay ---------------------------------------------------------------------------------
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_batch_size
@@ -127,10 +123,10 @@ class DecodeGraphs:
     def prepare(self, batch: ScheduledBatch) -> int:
         """Fills the static inputs from the batch; returns the padded batch size whose graph to replay."""
         num_seqs = len(batch.seqs)
+        bs = self._size_for(num_seqs)
+        host = self._host_inputs[bs]
+        toks, lens, tables = host.tokens_np, host.seq_lens_np, host.tables_np
         bsz = self.block_size
-        toks = self.host_tokens.numpy()
-        lens = self.host_seq_lens.numpy()
-        tables = self.host_tables.numpy()
         max_cols = 1
         for i, seq in enumerate(batch.seqs):
             pos = seq.num_computed_tokens
@@ -141,35 +137,32 @@ class DecodeGraphs:
             lens[i] = pos + 1
             tables[i, :num_blocks] = seq.block_ids[:num_blocks]
             max_cols = max(max_cols, num_blocks)
-        return self._upload(num_seqs, max_cols)
+        return self._upload(bs, num_seqs, max_cols)
 
     def prepare_inputs(self, inputs: StepInputs) -> int:
         """prepare() from a decode-only step's StepInputs (what tensor-parallel ranks receive)."""
         n = inputs.num_seqs
-        toks = self.host_tokens.numpy()
-        toks[0, :n] = inputs.input_ids
-        toks[1, :n] = inputs.positions
-        toks[2, :n] = np.asarray(inputs.slot_blocks) * self.block_size + inputs.slot_offsets
-        self.host_seq_lens.numpy()[:n] = inputs.context_lens
+        bs = self._size_for(n)
+        host = self._host_inputs[bs]
+        host.tokens_np[0, :n] = inputs.input_ids
+        host.tokens_np[1, :n] = inputs.positions
+        host.tokens_np[2, :n] = np.asarray(inputs.slot_blocks) * self.block_size
+        host.tokens_np[2, :n] += inputs.slot_offsets
+        host.seq_lens_np[:n] = inputs.context_lens
         cols = len(inputs.block_tables[0])
-        self.host_tables.numpy()[:n, :cols] = inputs.block_tables
-        return self._upload(n, cols)
+        host.tables_np[:n, :cols] = inputs.block_tables
+        return self._upload(bs, n, cols)
 
-    def _upload(self, num_seqs: int, max_cols: int) -> int:
-        """Pads rows num_seqs.. of the host inputs and copies them to the static device inputs;
-        returns the padded batch size."""
-        bs = next(s for s in self.batch_sizes if s >= num_seqs)
-        toks = self.host_tokens.numpy()
-        lens = self.host_seq_lens.numpy()
-        tables = self.host_tables.numpy()
-        toks[:2, num_seqs:bs] = 0
-        toks[2, num_seqs:bs] = -1
-        lens[num_seqs:bs] = 1
-        tables[num_seqs:bs, 0] = 0
-        # padding rows read block 0 only; columns past each sequence's blocks are never read
-        self.tokens[:, :bs].copy_(self.host_tokens[:, :bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(self.host_seq_lens[:bs], non_blocking=True)
-        self.tables[:bs, :max_cols].copy_(self.host_tables[:bs, :max_cols], non_blocking=True)
+    def _size_for(self, num_seqs: int) -> int:
+        return next(s for s in self.batch_sizes if s >= num_seqs)
+
+    def _upload(self, bs: int, num_seqs: int, max_cols: int) -> int:
+        """Pads rows num_seqs.. of graph bs's host inputs and copies them to its static device inputs
+        in one transfer, up to the last table row's first max_cols entries (columns past a
+        sequence's blocks are never read); returns bs."""
+        host = self._host_inputs[bs]
+        host.pad(num_seqs)
+        self._device_inputs[bs].copy_from(host, host.prefix_nbytes(max_cols), non_blocking=True)
         return bs
 
     def replay(self, bs: int) -> torch.Tensor:
@@ -182,3 +175,38 @@ class DecodeGraphs:
         """Logits [len(batch.seqs), vocab] fp32 of a decode batch (a view into the static output)."""
         bs = self.prepare(batch)
         return self.replay(bs)[: len(batch.seqs)]
+
+
+class _Inputs:
+    """The static inputs of the graph of size bs as views of one byte buffer (device or pinned host):
+    tokens int64 [3, bs] (ids, positions, slots), seq_lens int32 [bs], tables int32 [bs, max_blocks]."""
+
+    def __init__(self, buffer: torch.Tensor, bs: int, max_blocks: int):
+        tokens_end = 3 * 8 * bs
+        self._lens_end = lens_end = tokens_end + 4 * bs
+        self._bs, self._max_blocks = bs, max_blocks
+        self.nbytes = lens_end + 4 * bs * max_blocks
+        self.buffer = buffer
+        self.tokens = buffer[:tokens_end].view(torch.int64).view(3, bs)
+        self.seq_lens = buffer[tokens_end:lens_end].view(torch.int32)
+        self.tables = buffer[lens_end : self.nbytes].view(torch.int32).view(bs, max_blocks)
+        if buffer.device.type == "cpu":  # numpy views share the pinned memory
+            self.tokens_np = self.tokens.numpy()
+            self.seq_lens_np = self.seq_lens.numpy()
+            self.tables_np = self.tables.numpy()
+
+    def pad(self, start: int) -> None:
+        """Rows from `start` on become padding: token 0 at position 0, not stored (slot -1), length
+        1, block 0 (host buffers only)."""
+        self.tokens_np[:2, start:] = 0
+        self.tokens_np[2, start:] = -1
+        self.seq_lens_np[start:] = 1
+        self.tables_np[start:, 0] = 0
+
+    def prefix_nbytes(self, max_cols: int) -> int:
+        """Bytes from the start through the first max_cols entries of the last table row."""
+        return self._lens_end + 4 * ((self._bs - 1) * self._max_blocks + max_cols)
+
+    def copy_from(self, host: _Inputs, nbytes: int, non_blocking: bool) -> None:
+        """The first nbytes of this layout's range from host's (the same layout in pinned memory)."""
+        self.buffer[:nbytes].copy_(host.buffer[:nbytes], non_blocking=non_blocking)
