@@ -11,6 +11,7 @@ models' peaked logits make that rare).
 from __future__ import annotations
 
 import multiprocessing
+import time
 import traceback
 
 import pytest
@@ -106,6 +107,52 @@ def test_ipc_collectives_two_ranks_sharing_one_gpu():
             p.join(120)
     assert errors.empty(), errors.get()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _idle_rank(port: int, errors, release) -> None:
+    """Joins the IPC collectives as rank 1, then never calls one until `release` is set."""
+    try:
+        from pdserve.engine import distributed
+
+        group = distributed.init_group(
+            distributed.connect_store(port, 2), 1, 2, torch.device("cuda", 0), True
+        )
+        group.enable_ipc(CAPACITY)
+        release.wait(120)
+        group.shutdown()
+    except BaseException:  # noqa: BLE001  (reported to the test process)
+        errors.put(traceback.format_exc())
+
+
+def test_abort_frees_a_rank_waiting_for_a_silent_peer():
+    """A peer that never calls (dead or stuck): rank 0's kernel waits at the barrier until abort()
+    (what the TP watchdog calls when a worker dies), then returns instead of hanging the stream."""
+    from pdserve.engine import distributed
+
+    store = distributed.create_store(2)
+    ctx = multiprocessing.get_context("spawn")
+    errors, release = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_idle_rank, args=(store.port, errors, release))
+    proc.start()
+    try:
+        group = distributed.init_group(store, 0, 2, torch.device("cuda", 0), True)
+        group.enable_ipc(CAPACITY)
+        x = torch.ones(1024, device="cuda")
+        done = torch.cuda.Event()
+        group.all_reduce(x)
+        done.record()
+        time.sleep(1.0)
+        assert not done.query()  # still waiting for rank 1
+        group.abort()
+        deadline = time.monotonic() + 30
+        while not done.query() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done.query()
+        group.shutdown()
+    finally:
+        release.set()
+        proc.join(60)
+    assert errors.empty(), errors.get()
 
 
 def test_ipc_collectives_reject_what_they_cannot_take():
