@@ -61,6 +61,9 @@ class DecodeGraphs:
         self._host_bytes = torch.zeros(nbytes, dtype=torch.uint8).pin_memory()
         self._device_inputs = {bs: _Inputs(self._device_bytes, bs, self.max_blocks) for bs in sizes}
         self._host_inputs = {bs: _Inputs(self._host_bytes, bs, self.max_blocks) for bs in sizes}
+        # the last upload's copy: the host buffer is rewritten only once it ran (a step that samples
+        # nothing, or a tensor-parallel worker, does not wait for its step's end)
+        self._uploaded = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] fp32, written by each replay
         self._capture_all()
@@ -93,15 +96,16 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        for bs in self.batch_sizes:  # every row padding: finite reads during the warm-up runs
-            self._host_inputs[bs].pad(0)
-            host = self._host_inputs[bs]
-            self._device_inputs[bs].copy_from(host, host.nbytes, non_blocking=False)
         pool = None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bs in reversed(self.batch_sizes):
+                # every row padding (the sizes' layouts share one buffer: fill this one now), so
+                # the warm-up runs read and write finite values
+                host = self._host_inputs[bs]
+                host.pad(0)
+                self._device_inputs[bs].copy_from(host, host.nbytes, non_blocking=False)
                 for _ in range(2):  # compile Triton kernels, settle the allocator
                     self._forward(bs)
                 graph = torch.cuda.CUDAGraph()
@@ -124,6 +128,7 @@ class DecodeGraphs:
         """Fills the static inputs from the batch; returns the padded batch size whose graph to replay."""
         num_seqs = len(batch.seqs)
         bs = self._size_for(num_seqs)
+        self._uploaded.synchronize()
         host = self._host_inputs[bs]
         toks, lens, tables = host.tokens_np, host.seq_lens_np, host.tables_np
         bsz = self.block_size
@@ -143,6 +148,7 @@ class DecodeGraphs:
         """prepare() from a decode-only step's StepInputs (what tensor-parallel ranks receive)."""
         n = inputs.num_seqs
         bs = self._size_for(n)
+        self._uploaded.synchronize()
         host = self._host_inputs[bs]
         host.tokens_np[0, :n] = inputs.input_ids
         host.tokens_np[1, :n] = inputs.positions
@@ -163,6 +169,7 @@ class DecodeGraphs:
         host = self._host_inputs[bs]
         host.pad(num_seqs)
         self._device_inputs[bs].copy_from(host, host.prefix_nbytes(max_cols), non_blocking=True)
+        self._uploaded.record()
         return bs
 
     def replay(self, bs: int) -> torch.Tensor:

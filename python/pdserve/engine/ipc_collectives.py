@@ -132,16 +132,20 @@ class IpcCollectives:
             raise ValueError(f"IPC gather takes tensors on {self.device}, got {x.device}")
         work = self._staged(x)
         nbytes_total = work.numel() * work.element_size()
-        out = torch.empty((self.world_size, work.numel()), dtype=work.dtype, device=self.device)
+        out = None
+        if root < 0 or root == self.rank:
+            out = torch.empty((self.world_size, work.numel()), dtype=work.dtype, device=self.device)
+        # ranks that only contribute never write `out`: the kernel gets their input as a stand-in
+        out_ptr = out.data_ptr() if out is not None else work.data_ptr()
         stream = torch.cuda.current_stream(self.device).cuda_stream
         per_chunk = self.capacity_nbytes
         for start in range(0, nbytes_total, per_chunk):
             nbytes = min(per_chunk, nbytes_total - start)
             self._cuda.ipc_gather(
-                self._call, work.data_ptr() + start, out.data_ptr() + start, nbytes,
-                nbytes_total, root, stream,
+                self._call, work.data_ptr() + start, out_ptr + start, nbytes, nbytes_total, root,
+                stream,
             )  # fmt: skip
-        if root >= 0 and root != self.rank:
+        if out is None:
             return None
         return out[:, : x.numel()].reshape(self.world_size, *x.shape)
 
@@ -163,8 +167,12 @@ class IpcCollectives:
         self._abort.fill_(1)
 
     def close(self) -> None:
-        """Unmaps the peers' regions and frees this rank's (idempotent). No call may be in flight."""
+        """Waits for this rank's calls in flight (abort() first if a peer is gone), then unmaps the
+        peers' regions and frees this rank's (idempotent)."""
         cuda, index = self._cuda, self._index
+        if self._region or self._opened:
+            with contextlib.suppress(RuntimeError):  # a broken context: nothing left to wait for
+                torch.cuda.synchronize(self.device)
         for addr in self._opened:
             with contextlib.suppress(RuntimeError):
                 cuda.ipc_close(index, addr)

@@ -120,7 +120,8 @@ def worker_main(
                 else:
                     try:
                         command, args = pickle.loads(commands.recv_bytes())
-                    except EOFError:  # the driver is gone
+                    except EOFError:  # the driver is gone, maybe mid-step: free our waiting kernels
+                        group.abort()
                         break
                 if command == "execute":
                     runner.execute(*args)
@@ -256,6 +257,8 @@ class TensorParallelRunner:
         self.tp_size = tp_size
         self._failure: str | None = None
         self._worker_value_error = False
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_fired = False
         self._workers: list[Any] = []
         self._worker_kv: list[torch.Tensor] = []  # ranks 1.. KV caches mapped into this process
         self.group: TPGroup | None = None
@@ -282,6 +285,13 @@ class TensorParallelRunner:
                     self._workers.append(_ProcessWorker(rank, args))
             self._wait_joined()
             self.group = distributed.init_group(self._store, 0, tp_size, devices[0], shared_device)
+            if devices[0].type == "cuda":
+                # a dead peer leaves NCCL / IPC kernels waiting: abort the group so the driver's wait
+                # fails (from here on: building the model already runs collectives, graph warm-ups)
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="pdserve-tp-watchdog", daemon=True
+                )
+                self._watchdog.start()
             self._finalizer.detach()
             self._finalizer = weakref.finalize(
                 self, _teardown, self._workers, [self.group], self._shm_dir, self._store
@@ -299,14 +309,6 @@ class TensorParallelRunner:
         except BaseException:
             self.shutdown()
             raise
-        self._watchdog = None
-        self._watchdog_fired = False
-        if devices[0].type == "cuda":
-            # a dead peer leaves NCCL kernels spinning: abort the group so the driver's wait fails
-            self._watchdog = threading.Thread(
-                target=self._watch, name="pdserve-tp-watchdog", daemon=True
-            )
-            self._watchdog.start()
         # what the engine reads off a ModelRunner
         self.num_blocks = self.runner.num_blocks
         self.num_host_blocks = self.runner.num_host_blocks
@@ -512,8 +514,12 @@ def _teardown(workers: list, groups: list, shm_dir: str | None, store, ask: bool
     """Ends the workers (a "shutdown" command when the group still works, a kill after a grace
     period otherwise), closes the group and removes the shared-memory directory."""
     group = groups[0] if groups else None
+    if group is not None and not ask:
+        group.abort()  # kernels of ours still waiting for a peer about to be killed give up
     if group is not None and ask and all(w.is_alive() for w in workers):
         with contextlib.suppress(Exception):
+            if group.device.type == "cuda":  # our last kernels may still read the workers' buffers
+                torch.cuda.synchronize(group.device)
             _send_command(workers, group, ("shutdown", ()))
     for worker in workers:
         with contextlib.suppress(Exception):
