@@ -419,7 +419,10 @@ class ModelRunner:
         graphs = self.decode_graphs
         bs = graphs.prepare_inputs(inputs)
         logits = graphs.replay(bs)
-        if self.tp_rank != 0 or not inputs.sample_seq_indices:
+        if self.tp_rank != 0:
+            return [None] * inputs.num_seqs
+        if not inputs.sample_seq_indices:  # the graphs' pinned inputs are reused: see DecodeGraphs
+            torch.cuda.current_stream(self.device).synchronize()
             return [None] * inputs.num_seqs
         return _sample_rows(
             logits[: inputs.num_seqs],
