@@ -18,6 +18,7 @@
 #include <string>
 
 #include "ipc_collectives.h"
+#include "launch_errors.h"
 
 namespace pdserve {
 namespace cuda {
@@ -126,47 +127,50 @@ struct Lanes<float> {
   }
 };
 
+// bf16 / fp16: eight lanes as four pairs, converted through Pair<T2>
+template <typename T2>
+struct Pair;
+
 template <>
-struct Lanes<__half> {
+struct Pair<__half2> {
+  __device__ static float2 to_float2(__half2 v) { return __half22float2(v); }
+  __device__ static __half2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+template <>
+struct Pair<__nv_bfloat162> {
+  __device__ static float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+  __device__ static __nv_bfloat162 from_floats(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+  }
+};
+
+template <typename T2>
+struct PairLanes {
   static constexpr int kCount = 8;
   __device__ static void add(float* acc, const uint4& v) {
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
+    const T2* h = reinterpret_cast<const T2*>(&v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
+      const float2 f = Pair<T2>::to_float2(h[i]);
       acc[2 * i] += f.x;
       acc[2 * i + 1] += f.y;
     }
   }
   __device__ static uint4 pack(const float* acc) {
     uint4 v;
-    __half2* h = reinterpret_cast<__half2*>(&v);
+    T2* h = reinterpret_cast<T2*>(&v);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(acc[2 * i], acc[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) h[i] = Pair<T2>::from_floats(acc[2 * i], acc[2 * i + 1]);
     return v;
   }
 };
 
 template <>
-struct Lanes<__nv_bfloat16> {
-  static constexpr int kCount = 8;
-  __device__ static void add(float* acc, const uint4& v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      acc[2 * i] += f.x;
-      acc[2 * i + 1] += f.y;
-    }
-  }
-  __device__ static uint4 pack(const float* acc) {
-    uint4 v;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    return v;
-  }
-};
+struct Lanes<__half> : PairLanes<__half2> {};
+
+template <>
+struct Lanes<__nv_bfloat16> : PairLanes<__nv_bfloat162> {};
 
 // ---- kernels
 // -------------------------------------------------------------------------------------
@@ -212,17 +216,6 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(Args a) {
 
 // ---- host side
 // -----------------------------------------------------------------------------------
-[[noreturn]] void fail_argument(const char* op, const std::string& what) {
-  throw std::invalid_argument(std::string(op) + ": " + what);
-}
-
-[[noreturn]] void fail_cuda(const char* op, const char* step, cudaError_t err) {
-  std::ostringstream msg;
-  msg << op << ": " << step << " failed: " << cudaGetErrorName(err) << " ("
-      << cudaGetErrorString(err) << ")";
-  throw std::runtime_error(msg.str());
-}
-
 void check(const char* op, const char* step, cudaError_t err) {
   if (err != cudaSuccess) fail_cuda(op, step, err);
 }

@@ -13,6 +13,7 @@
 
 #include "kv_copy.h"
 #include "kv_copy_kernels.cuh"
+#include "launch_errors.h"
 
 namespace pdserve {
 namespace cuda {
@@ -20,17 +21,6 @@ namespace {
 
 constexpr int kThreadsPerBlock = 256;
 constexpr int kMaxDevices = 64;
-
-[[noreturn]] void fail_argument(const char* op, const std::string& what) {
-  throw std::invalid_argument(std::string(op) + ": " + what);
-}
-
-[[noreturn]] void fail_cuda(const char* op, const char* step, cudaError_t err) {
-  std::ostringstream msg;
-  msg << op << ": " << step << " failed: " << cudaGetErrorName(err) << " ("
-      << cudaGetErrorString(err) << ")";
-  throw std::runtime_error(msg.str());
-}
 
 int current_device(const char* op) {
   int device = -1;
