@@ -383,3 +383,21 @@ def test_worker_use_ray_places_workers_through_ray(monkeypatch):
     assert _run(engine) == _run(single)
     engine.shutdown()
     assert multiprocessing.active_children() == []
+
+
+def test_which_ranks_use_the_ipc_collectives():
+    """The driver decides once for every rank: CPU and Ray workers never; ranks sharing one GPU must."""
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.tp_worker import _use_ipc_collectives
+
+    cpu = [torch.device("cpu")] * 2
+    assert not _use_ipc_collectives(EngineConfig(), cpu, shared_device=False)
+    shared = [torch.device("cuda", 0)] * 2
+    with pytest.raises(ValueError, match="IPC collectives only"):
+        _use_ipc_collectives(EngineConfig(custom_all_reduce=False), shared, shared_device=True)
+    with pytest.raises(ValueError, match="worker_use_ray off"):
+        _use_ipc_collectives(EngineConfig(worker_use_ray=True), shared, shared_device=True)
+    assert _use_ipc_collectives(EngineConfig(), shared, shared_device=True)
+    two = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert not _use_ipc_collectives(EngineConfig(custom_all_reduce=False), two, False)
+    assert not _use_ipc_collectives(EngineConfig(worker_use_ray=True), two, False)

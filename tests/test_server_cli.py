@@ -192,3 +192,12 @@ def test_scheduler_manual_mode_defaults_to_the_seed_ports():
     ]
     config = cli_scheduler.build_config(parser.parse_args(["--model", "tiny"]))
     assert config.prefill_urls == [] and config.port == 8081  # registrations only
+
+
+def test_disable_custom_all_reduce_reaches_the_engine_config():
+    from pdserve.server.engine_adapter import engine_config_kwargs
+
+    base = ["--model", "tiny", "--tensor-parallel-size", "2"]
+    assert engine_config_kwargs(parse(base))["custom_all_reduce"] is True
+    off = parse(base + ["--disable-custom-all-reduce"])
+    assert engine_config_kwargs(off)["custom_all_reduce"] is False
