@@ -63,6 +63,7 @@ if triton is not None:
         part_out_ptr,  # [num_seqs, num_q_heads, num_splits, HEAD_DIM] fp32
         part_max_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
         part_sum_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
+        out_ptr,  # [num_seqs, num_q_heads, HEAD_DIM]: written here when DIRECT
         scale,
         stride_q_seq,
         stride_q_head,
@@ -70,12 +71,15 @@ if triton is not None:
         stride_kv_token,
         stride_kv_head,
         stride_bt_seq,
+        stride_out_seq,
+        stride_out_head,
         num_splits,
         GROUP: tl.constexpr,  # q heads per kv head
         GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 for tl.dot
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,  # tokens per KV block
         TILE_N: tl.constexpr,  # tokens per inner iteration (a multiple of BLOCK_SIZE)
+        DIRECT: tl.constexpr,  # one split: the normalized output straight to out (no reduce kernel)
         USE_PDL: tl.constexpr,
     ):
         if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
@@ -130,12 +134,18 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
-        part_idx = (seq_idx * (GROUP * tl.num_programs(1)) + q_heads) * num_splits + split_idx
-        tl.store(part_max_ptr + part_idx, m_i, mask=mask_g)
-        tl.store(part_sum_ptr + part_idx, l_i, mask=mask_g)
-        tl.store(
-            part_out_ptr + part_idx[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None]
-        )
+        if DIRECT:
+            out_offs = (
+                seq_idx * stride_out_seq + q_heads[:, None] * stride_out_head + offs_d[None, :]
+            )
+            result = acc / l_i[:, None]  # seq_len >= 1: every row saw a token
+            tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+        else:
+            part_idx = (seq_idx * (GROUP * tl.num_programs(1)) + q_heads) * num_splits + split_idx
+            tl.store(part_max_ptr + part_idx, m_i, mask=mask_g)
+            tl.store(part_sum_ptr + part_idx, l_i, mask=mask_g)
+            part_offs = part_idx[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(part_out_ptr + part_offs, acc, mask=mask_g[:, None])
 
     @triton.jit
     def _paged_decode_reduce_kernel(
@@ -269,13 +279,17 @@ def paged_decode_attention(
     # the kernels split each sequence's own length (_tokens_per_split); max_seq_len only bounds the
     # number of splits worth launching
 
-    part_out = torch.empty(
-        (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-    )
-    part_max = torch.empty(
-        (num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device
-    )
-    part_sum = torch.empty_like(part_max)
+    direct = num_splits == 1  # one split per sequence: no partials, no reduce kernel
+    if direct:
+        part_out = part_max = part_sum = out  # not touched by the kernel
+    else:
+        part_out = torch.empty(
+            (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_max = torch.empty(
+            (num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device
+        )
+        part_sum = torch.empty_like(part_max)
     _paged_decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -285,6 +299,7 @@ def paged_decode_attention(
         part_out,
         part_max,
         part_sum,
+        out,
         scale,
         q.stride(0),
         q.stride(1),
@@ -292,16 +307,21 @@ def paged_decode_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
         num_splits,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE_N=tile_n,
+        DIRECT=direct,
         num_warps=4,
         num_stages=2,
         **launch_kwargs(q),
     )
+    if direct:
+        return out
     _paged_decode_reduce_kernel[(num_seqs, num_q_heads)](
         part_out,
         part_max,
