@@ -113,6 +113,21 @@ def test_fast_path_greedy_equals_eager_torch_fp32(ckpt):
     assert fast.engine.stats().num_used_blocks == 0
 
 
+@pytest.mark.gpu
+def test_one_token_prompt_chunks_through_graphs(ckpt):
+    """max_num_batched_tokens=1: every prompt token is a one-token step that samples nothing, so
+    graph-eligible; the graph must still run (it writes that token's KV)."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=32, block_size=8, max_num_seqs=2)
+    ref = LLM(ckpt, attention_backend="torch", enforce_eager=True, **kw)
+    fast = LLM(ckpt, attention_backend="triton", max_num_batched_tokens=1, **kw)
+    assert fast.engine.runner.decode_graphs is not None
+    prompts = PROMPTS[:2]
+    a = [o.token_ids for o in ref.generate(prompts, params)]
+    b = [o.token_ids for o in fast.generate(prompts, params)]
+    assert a == b
+
+
 def _decode_batch(engine: LLMEngine, prompts: list[list[int]]):
     """Prefills `prompts` (one greedy token each) and returns the next, decode-only, scheduled batch."""
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)

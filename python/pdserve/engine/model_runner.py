@@ -402,9 +402,10 @@ class ModelRunner:
         """A decode-only batch replayed from a CUDA graph on a single rank (straight from the batch:
         no StepInputs); samples on the host side as `execute` does."""
         sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
-        if not sampling:
+        logits = graphs.run(batch)  # even when nothing samples: the step writes its tokens' KV
+        if not sampling:  # the graphs' pinned inputs are reused: see DecodeGraphs
+            torch.cuda.current_stream(self.device).synchronize()
             return [None] * len(batch.seqs)
-        logits = graphs.run(batch)
         return _sample_rows(
             logits,
             len(batch.seqs),
