@@ -55,14 +55,13 @@ class DecodeGraphs:
         # pinned host mirror and copies the range in one transfer (with one strided copy per tensor,
         # prepare took ~270 µs of host time a step at batch 1; now ~90-130 µs:
         # bench/profile_decode.py --host)
-        n = self.max_batch_size
-        nbytes = n * (3 * 8 + 4 + 4 * self.max_blocks)
+        nbytes = _Inputs.layout_nbytes(self.max_batch_size, self.max_blocks)
         self._device_bytes = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._host_bytes = torch.zeros(nbytes, dtype=torch.uint8).pin_memory()
         self._device_inputs = {bs: _Inputs(self._device_bytes, bs, self.max_blocks) for bs in sizes}
         self._host_inputs = {bs: _Inputs(self._host_bytes, bs, self.max_blocks) for bs in sizes}
         # one pinned host buffer: `prepare` may rewrite it only once the previous upload ran. Rank 0
-        # waits for the end of every graph step (it samples, or synchronizes: ModelRunner), and its
+        # waits for the end of every graph step (model_runner._sample_graph_rows), and its
         # step's end waits (all-reduce) for every other rank's step, so its copy ran too. (A CUDA
         # event guarding the buffer cost ~50 µs a step.)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -186,11 +185,15 @@ class _Inputs:
     """The static inputs of the graph of size bs as views of one byte buffer (device or pinned host):
     tokens int64 [3, bs] (ids, positions, slots), seq_lens int32 [bs], tables int32 [bs, max_blocks]."""
 
+    @staticmethod
+    def layout_nbytes(bs: int, max_blocks: int) -> int:
+        return bs * (3 * 8 + 4 + 4 * max_blocks)
+
     def __init__(self, buffer: torch.Tensor, bs: int, max_blocks: int):
         tokens_end = 3 * 8 * bs
         self._lens_end = lens_end = tokens_end + 4 * bs
         self._bs, self._max_blocks = bs, max_blocks
-        self.nbytes = lens_end + 4 * bs * max_blocks
+        self.nbytes = self.layout_nbytes(bs, max_blocks)
         self.buffer = buffer
         self.tokens = buffer[:tokens_end].view(torch.int64).view(3, bs)
         self.seq_lens = buffer[tokens_end:lens_end].view(torch.int32)

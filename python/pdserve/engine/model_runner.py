@@ -403,10 +403,7 @@ class ModelRunner:
         no StepInputs); samples on the host side as `execute` does."""
         sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
         logits = graphs.run(batch)  # even when nothing samples: the step writes its tokens' KV
-        if not sampling:  # the graphs' pinned inputs are reused: see DecodeGraphs
-            torch.cuda.current_stream(self.device).synchronize()
-            return [None] * len(batch.seqs)
-        return _sample_rows(
+        return _sample_graph_rows(
             logits,
             len(batch.seqs),
             sampling,
@@ -422,10 +419,7 @@ class ModelRunner:
         logits = graphs.replay(bs)
         if self.tp_rank != 0:
             return [None] * inputs.num_seqs
-        if not inputs.sample_seq_indices:  # the graphs' pinned inputs are reused: see DecodeGraphs
-            torch.cuda.current_stream(self.device).synchronize()
-            return [None] * inputs.num_seqs
-        return _sample_rows(
+        return _sample_graph_rows(
             logits[: inputs.num_seqs],
             inputs.num_seqs,
             inputs.sample_seq_indices,
@@ -468,14 +462,19 @@ class ModelRunner:
         return self.model.compute_logits(hidden[sample_rows])
 
 
-def _sample_rows(
+def _sample_graph_rows(
     logits: torch.Tensor,
     num_seqs: int,
     rows: list[int],
     params: list[SamplingParams],
     output_positions: list[int],
 ) -> list[int | None]:
-    """Samples logits[rows] (one row per sequence of a decode batch); the others get None."""
+    """Samples a replayed decode graph's logits[rows] (one row per sequence); the others get None.
+    With no row to sample it waits for the replay instead: either way the step has ended when this
+    returns, which the graphs' reused pinned inputs rely on (see DecodeGraphs)."""
+    if not rows:
+        torch.cuda.current_stream(logits.device).synchronize()
+        return [None] * num_seqs
     if len(rows) != num_seqs:
         logits = logits[rows]
     result: list[int | None] = [None] * num_seqs
