@@ -55,6 +55,8 @@ fi
 if [ "$MODE" = full ]; then
   step bench_kernels $PY bench/bench_kernels.py --json "$OUT/kernels.json"
 fi
+# cuda_ipc KV transfer between two processes on one GPU vs a device copy of the same bytes
+step bench_transfer_gpu $PY bench/bench_transfer_gpu.py --json "$OUT/transfer_gpu.json"
 step bench_decode_attn $PY bench/bench_paged_decode.py --json "$OUT/paged_decode.json"
 step bench_gemv $PY bench/bench_gemv.py --json "$OUT/gemv.json"
 # 13B (dummy bf16 weights): decode step vs weight-read floor, prefill vs matmul rate, transformers ratio

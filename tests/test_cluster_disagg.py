@@ -47,7 +47,9 @@ class Cluster:
         return [self.prefill, self.decode]
 
 
-def _start_cluster(group: ProcessGroup, name: str, flags: list[str]) -> tuple[Cluster, object]:
+def _start_cluster(
+    group: ProcessGroup, name: str, flags: list[str], common: list[str] = COMMON
+) -> tuple[Cluster, object]:
     sp, pp, dp = free_port(), free_port(), free_port()
     surl = f"http://127.0.0.1:{sp}"
     # instances first: they keep offering themselves until the scheduler is up (the seed's order)
@@ -61,7 +63,7 @@ def _start_cluster(group: ProcessGroup, name: str, flags: list[str]) -> tuple[Cl
             str(pp),
             "--scheduler",
             surl,
-            *COMMON,
+            *common,
             *flags,
         ],
     )
@@ -75,7 +77,7 @@ def _start_cluster(group: ProcessGroup, name: str, flags: list[str]) -> tuple[Cl
             str(dp),
             "--scheduler",
             surl,
-            *COMMON,
+            *common,
             *flags,
         ],
     )

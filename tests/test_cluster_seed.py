@@ -16,8 +16,9 @@ from cluster_checks import post_error
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 # The seed's flags, verbatim, except the two that need hardware this CPU machine lacks
-# (--enable-direct: GPU-to-GPU KV; --tensor-parallel-size 2): those fail with messages naming them
-# (tests/test_server_cli.py), so here they are dropped / set to 1.
+# (--enable-direct: GPU-to-GPU KV; --tensor-parallel-size 2 with it): those fail with messages naming
+# them (tests/test_server_cli.py), so here they are dropped / set to 1. --enable-direct runs in
+# tests/test_cluster_direct.py on a GPU.
 SEED_FLAGS = (
     "--model=tiny --worker-use-ray --tensor-parallel-size 1 --block-size 16 --enable-separate "
     "--enable-layer --enable-dcache --enable-radix-caching"

@@ -53,11 +53,14 @@ def test_seed_flags_are_all_accepted_verbatim():
 
 def test_seed_line_on_cpu_fails_naming_the_hardware_flags():
     with pytest.raises(ConfigError, match="--enable-direct"):
-        parse(SEED_PREFILL)
-    with pytest.raises(ConfigError, match="--enable-direct"):
-        parse(
-            without(SEED_PREFILL, "--tensor-parallel-size", "2"), cuda=True
-        )  # no GPU transport yet
+        parse(SEED_PREFILL)  # no GPU here
+    # on a GPU the direct (CUDA IPC) transport takes one-rank instances; TP 2 names both flags
+    with pytest.raises(ConfigError, match="--enable-direct with --tensor-parallel-size 2"):
+        parse(SEED_PREFILL, cuda=True)
+    direct = parse(without(SEED_PREFILL, "--tensor-parallel-size", "2"), cuda=True)
+    assert direct.enable_direct and direct.tensor_parallel_size == 1
+    with pytest.raises(ConfigError, match="--kv-staging on and --enable-direct"):
+        parse(without(SEED_PREFILL, "--tensor-parallel-size", "2") + ["--kv-staging", "on"], True)
     argv = without(SEED_PREFILL, "--enable-direct")
     # tensor parallelism runs (the engine refuses a size the model cannot split, at start-up)
     config = parse(argv)

@@ -147,6 +147,25 @@ def test_register_rejects_overlap_and_device_memory():
             e.register_memory(addr(buf) + 8192, 10, device=0)
 
 
+def _gpu_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(
+    _gpu_visible(), reason="checks the error where no GPU is (GPU: test_transfer_ipc_gpu)"
+)
+def test_cuda_ipc_without_a_gpu_says_why():
+    with pytest.raises(TransferError, match="cuda_ipc backend needs"):
+        TransferEngine("cuda_ipc")
+    with pytest.raises(ValueError, match="available: tcp, cuda_ipc"):
+        TransferEngine("infiniband")
+
+
 def test_connect_to_nothing_raises_transfer_error():
     with TransferEngine() as e, TransferEngine() as gone:
         dead = gone.address

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "copy_runs.h"
 #include "kv_copy.h"
 
 namespace py = pybind11;
@@ -34,6 +35,9 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("piece_nbytes"), py::arg("stream"), py::arg("version") = 0);
 
   m.def("kernel_version_name", &pc::kernel_version_name, py::arg("version"));
+  m.def(
+      "copy_runs_address", [] { return reinterpret_cast<uint64_t>(&pdserve_copy_runs); },
+      "Address of pdserve_copy_runs (cuda/copy_runs.h), for the cuda_ipc transfer backend.");
   m.attr("NUM_KERNEL_VERSIONS") = static_cast<int>(pc::kNumKernelVersions);
   bind_ipc_collectives(m);
 }

@@ -73,7 +73,8 @@ PYBIND11_MODULE(_transfer, m) {
 
   py::class_<tr::TransferEngine>(m, "Engine")
       .def(py::init([](const std::string& backend, const std::string& host, int port,
-                       double stall_timeout_s, uint64_t max_message_nbytes, double retention_s) {
+                       double stall_timeout_s, uint64_t max_message_nbytes, double retention_s,
+                       uint64_t device_copy_fn) {
              tr::EngineConfig config;
              config.backend = backend;
              config.transport.host = host;
@@ -81,11 +82,12 @@ PYBIND11_MODULE(_transfer, m) {
              config.transport.stall_timeout_s = stall_timeout_s;
              config.transport.max_message_nbytes = max_message_nbytes;
              config.retention_s = retention_s;
+             config.transport.device_copy_fn = device_copy_fn;
              py::gil_scoped_release release;
              return std::make_unique<tr::TransferEngine>(config);
            }),
            "backend"_a = "tcp", "host"_a = "127.0.0.1", "port"_a = 0, "stall_timeout_s"_a = 30.0,
-           "max_message_nbytes"_a = 1ull << 20, "retention_s"_a = 60.0)
+           "max_message_nbytes"_a = 1ull << 20, "retention_s"_a = 60.0, "device_copy_fn"_a = 0)
       .def_property_readonly("backend", &tr::TransferEngine::backend)
       .def_property_readonly("address", &tr::TransferEngine::address)
       .def("register_memory", &tr::TransferEngine::register_memory, "addr"_a, "nbytes"_a,

@@ -58,6 +58,10 @@ def copy_blocks(
 def kernel_version_name(version: int) -> str:
     """Short name of a kernel version, e.g. "vec16x4"; ValueError if unknown."""
 
+def copy_runs_address() -> int:
+    """Address of the C function pdserve_copy_runs (cuda/copy_runs.h): one kernel for a cuda_ipc
+    message's copies; the transfer engine calls it (TransferEngine passes it on for you)."""
+
 # ---- IPC collectives of tensor parallelism (cuda/ipc_collectives.h; use pdserve.engine.ipc_collectives)
 
 IPC_SIGNAL_NBYTES: int

@@ -37,6 +37,7 @@ class Engine:
         stall_timeout_s: float = 30.0,
         max_message_nbytes: int = 1048576,
         retention_s: float = 60.0,
+        device_copy_fn: int = 0,  # cuda_ipc: address of pdserve_copy_runs (pdserve._cuda)
     ) -> None: ...
     @property
     def backend(self) -> str: ...

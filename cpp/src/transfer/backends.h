@@ -1,5 +1,5 @@
 // Constructors of the wire backends, private to the transfer library; make_transport() picks one.
-// NCCL ("nccl") and CUDA IPC ("cuda_ipc") add their constructors here when they land.
+// NCCL ("nccl") adds its constructor here when it lands.
 #pragma once
 
 #include <memory>
@@ -9,5 +9,7 @@
 namespace pdserve::transfer {
 
 std::unique_ptr<Transport> make_tcp_transport(const TransportConfig& config);
+// TCP connections carrying GPU memory locations; the receiver copies through CUDA IPC mappings.
+std::unique_ptr<Transport> make_cuda_ipc_transport(const TransportConfig& config);
 
 }  // namespace pdserve::transfer

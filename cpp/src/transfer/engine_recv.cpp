@@ -176,12 +176,12 @@ Admission TransferEngine::admit(const std::string& request_id, const std::string
 }
 
 void TransferEngine::landed(Admission admission, const std::string& peer, uint64_t nbytes,
-                            bool written) {
+                            const std::string& error) {
   {
     std::lock_guard<std::mutex> lk(recv_mu_);
     RecvRecord& rec = recvs_.at(admission.request_id);  // unsettled records are never purged
     rec.num_inflight -= 1;
-    if (written) {
+    if (error.empty()) {
       {
         // Counted before the receive can settle, so stats() after wait_recv() includes it.
         std::lock_guard<std::mutex> slk(stats_mu_);
@@ -194,8 +194,7 @@ void TransferEngine::landed(Admission admission, const std::string& peer, uint64
         rec.result.status = Status::kDone;
       }
     } else {
-      fail_recv_locked(rec, Status::kFailed,
-                       "connection from " + peer + " broke in the middle of a message");
+      fail_recv_locked(rec, Status::kFailed, error);
     }
     if (rec.result.status != Status::kPending && rec.num_inflight == 0) settle_recv_locked(rec);
   }

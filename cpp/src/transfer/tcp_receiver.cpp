@@ -77,6 +77,9 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
   std::vector<WirePiece> table;
   std::vector<iovec> iov;
   std::vector<char> scratch(256 * 1024);
+  // cuda_ipc only; touches no GPU until used
+  ipc::Copier copier(&mappings_, next_reader_id_++,
+                     reinterpret_cast<ipc::Copier::CopyFn>(config_.device_copy_fn));
   std::string reason;
   while (true) {
     r = read_frame_head(conn->fd, &header, &rid, &text, config_.stall_timeout_s, stop_, true);
@@ -89,7 +92,15 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
       host_->remote_abort(rid, text);
       continue;
     }
-    if (type != FrameType::kData) {
+    if (type == FrameType::kIpcData && ipc_) {
+      r = read_ipc_message(*conn, header, rid, text, copier);
+      if (!r.ok) {
+        reason = r.error;
+        break;
+      }
+      continue;
+    }
+    if (type != FrameType::kData || ipc_) {
       reason = "protocol error: unexpected frame type " + std::to_string(header.type);
       break;
     }
@@ -120,7 +131,9 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
       }
       r = read_all(conn->fd, iov.data(), static_cast<int>(iov.size()), config_.stall_timeout_s,
                    stop_, false);
-      host_->landed(std::move(admission), conn->peer, header.payload_nbytes, r.ok);
+      host_->landed(
+          std::move(admission), conn->peer, header.payload_nbytes,
+          r.ok ? "" : "connection from " + conn->peer + " broke in the middle of a message");
     } else {
       uint64_t left = header.payload_nbytes;
       while (r.ok && left > 0) {

@@ -15,6 +15,7 @@ namespace pdserve::transfer {
 namespace tcp {
 
 void TcpTransport::start(TransportHost* host) {
+  if (ipc_) cuda::Driver::get();  // no GPU driver: fail now, with the reason, not at the first send
   host_ = host;
   int port = 0;
   listen_fd_ = listen_on(config_.host, config_.port, &port);
@@ -242,9 +243,6 @@ void TcpTransport::kill_out(OutConn& conn, const std::string& reason) {
 }
 
 void TcpTransport::writer_loop(std::shared_ptr<OutConn> conn) {
-  std::vector<char> head;
-  std::vector<WirePiece> table;
-  std::vector<iovec> iov;
   while (true) {
     std::shared_ptr<OutBatch> b;
     std::pair<std::string, std::string> abort_msg;
@@ -284,47 +282,11 @@ void TcpTransport::writer_loop(std::shared_ptr<OutConn> conn) {
     }
     if (!b) continue;
 
-    // One message: up to kMaxPiecesPerMessage pieces and max_message_nbytes payload bytes, taken
-    // from the batch's cursor; a large piece spans several messages.
-    const auto& pieces = b->batch.pieces;
     size_t piece_idx = b->next_piece;
     uint64_t offset = b->next_offset;
-    uint64_t payload = 0;
-    table.clear();
-    iov.assign(2, iovec{});
-    while (piece_idx < pieces.size() && table.size() < kMaxPiecesPerMessage &&
-           payload < config_.max_message_nbytes) {
-      const Piece& p = pieces[piece_idx];
-      uint64_t take = std::min(p.nbytes - offset, config_.max_message_nbytes - payload);
-      table.push_back({p.remote_addr + offset, take});
-      iov.push_back({reinterpret_cast<void*>(p.local_addr + offset), take});
-      payload += take;
-      offset += take;
-      if (offset == p.nbytes) {
-        ++piece_idx;
-        offset = 0;
-      }
-    }
-    bool last = piece_idx == pieces.size();
-    FrameHeader header;
-    header.type = static_cast<uint8_t>(FrameType::kData);
-    header.flags = last ? kFlagLast : 0;
-    header.request_id_len = static_cast<uint16_t>(b->batch.request_id.size());
-    header.num_pieces = static_cast<uint32_t>(table.size());
-    header.ticket = b->batch.ticket;
-    header.payload_nbytes = payload;
-    head.resize(sizeof(header) + b->batch.request_id.size());
-    std::memcpy(head.data(), &header, sizeof(header));
-    std::memcpy(head.data() + sizeof(header), b->batch.request_id.data(),
-                b->batch.request_id.size());
-    iov[0] = {head.data(), head.size()};
-    iov[1] = {table.data(), table.size() * sizeof(WirePiece)};
-    IoResult r;
-    {
-      auto guard = host_->local_memory_guard();
-      r = write_all(conn->fd, iov.data(), static_cast<int>(iov.size()), config_.stall_timeout_s,
-                    stop_);
-    }
+    bool last = false;
+    IoResult r = ipc_ ? write_ipc_message(*conn, *b, &piece_idx, &last)
+                      : write_tcp_message(*conn, *b, &piece_idx, &offset, &last);
     if (!r.ok) kill_out(*conn, "send to peer failed: " + r.error);
     {
       std::lock_guard<std::mutex> lk(conn->mu);
@@ -351,6 +313,50 @@ void TcpTransport::writer_loop(std::shared_ptr<OutConn> conn) {
   }
 }
 
+IoResult TcpTransport::write_tcp_message(OutConn& conn, OutBatch& b, size_t* piece_idx_out,
+                                         uint64_t* offset_out, bool* last_out) {
+  // One message: up to kMaxPiecesPerMessage pieces and max_message_nbytes payload bytes, taken
+  // from the batch's cursor; a large piece spans several messages.
+  std::vector<WirePiece> table;
+  std::vector<iovec> iov(2);
+  const auto& pieces = b.batch.pieces;
+  size_t piece_idx = *piece_idx_out;
+  uint64_t offset = *offset_out;
+  uint64_t payload = 0;
+  while (piece_idx < pieces.size() && table.size() < kMaxPiecesPerMessage &&
+         payload < config_.max_message_nbytes) {
+    const Piece& p = pieces[piece_idx];
+    uint64_t take = std::min(p.nbytes - offset, config_.max_message_nbytes - payload);
+    table.push_back({p.remote_addr + offset, take});
+    iov.push_back({reinterpret_cast<void*>(p.local_addr + offset), take});
+    payload += take;
+    offset += take;
+    if (offset == p.nbytes) {
+      ++piece_idx;
+      offset = 0;
+    }
+  }
+  bool last = piece_idx == pieces.size();
+  FrameHeader header;
+  header.type = static_cast<uint8_t>(FrameType::kData);
+  header.flags = last ? kFlagLast : 0;
+  header.request_id_len = static_cast<uint16_t>(b.batch.request_id.size());
+  header.num_pieces = static_cast<uint32_t>(table.size());
+  header.ticket = b.batch.ticket;
+  header.payload_nbytes = payload;
+  std::vector<char> head(sizeof(header) + b.batch.request_id.size());
+  std::memcpy(head.data(), &header, sizeof(header));
+  std::memcpy(head.data() + sizeof(header), b.batch.request_id.data(), b.batch.request_id.size());
+  iov[0] = {head.data(), head.size()};
+  iov[1] = {table.data(), table.size() * sizeof(WirePiece)};
+  *piece_idx_out = piece_idx;
+  *offset_out = offset;
+  *last_out = last;
+  auto guard = host_->local_memory_guard();
+  return write_all(conn.fd, iov.data(), static_cast<int>(iov.size()), config_.stall_timeout_s,
+                   stop_);
+}
+
 void TcpTransport::reply_loop(std::shared_ptr<OutConn> conn) {
   while (true) {
     FrameHeader header;
@@ -372,6 +378,16 @@ void TcpTransport::reply_loop(std::shared_ptr<OutConn> conn) {
     if (type != FrameType::kAck && type != FrameType::kNack) {
       kill_out(*conn, "protocol error: unexpected frame type " + std::to_string(header.type));
       return;
+    }
+    if (ipc_) {  // the answer to the message in flight; its writer settles the batch
+      std::lock_guard<std::mutex> lk(conn->mu);
+      if (conn->writing != nullptr && conn->writing->batch.ticket == header.ticket) {
+        conn->ipc_answered = true;
+        conn->ipc_ok = type == FrameType::kAck;
+        conn->ipc_error = text;
+        conn->cv.notify_all();
+      }
+      continue;
     }
     std::vector<std::shared_ptr<OutBatch>> finished;
     {
@@ -401,7 +417,11 @@ void TcpTransport::reply_loop(std::shared_ptr<OutConn> conn) {
 }  // namespace tcp
 
 std::unique_ptr<Transport> make_tcp_transport(const TransportConfig& config) {
-  return std::make_unique<tcp::TcpTransport>(config);
+  return std::make_unique<tcp::TcpTransport>(config, false);
+}
+
+std::unique_ptr<Transport> make_cuda_ipc_transport(const TransportConfig& config) {
+  return std::make_unique<tcp::TcpTransport>(config, true);
 }
 
 }  // namespace pdserve::transfer

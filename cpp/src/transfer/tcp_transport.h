@@ -1,6 +1,7 @@
 // The TCP backend's connection state and threads (private to the transfer library): the sender
 // side lives in tcp_transport.cpp, the receiver side (listener, one reader per inbound connection)
-// in tcp_receiver.cpp.
+// in tcp_receiver.cpp. The cuda_ipc backend is the same class with `ipc` set: the socket carries
+// where the bytes are in GPU memory and the receiver copies them (ipc_payload.h, tcp_ipc.cpp).
 #pragma once
 
 #include <atomic>
@@ -14,6 +15,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "ipc_payload.h"
 #include "pdserve/transfer/transport.h"
 #include "tcp_wire.h"
 
@@ -28,6 +30,7 @@ struct OutBatch {
   bool replied = false;              // ACK or NACK arrived
   bool cancelled = false;            // stop sending the rest (NACK, cancel, abort, timeout)
   bool finished = false;             // reported through batch_done
+  bool ready_waited = false;         // cuda_ipc: options.ready_event has completed
   Status status = Status::kPending;  // first cause wins
   std::string error;
 
@@ -51,6 +54,11 @@ struct OutConn {
   std::unordered_map<Ticket, std::shared_ptr<OutBatch>> batches;
   std::deque<std::pair<std::string, std::string>> aborts;  // (request id, reason) to send first
   OutBatch* writing = nullptr;
+  // cuda_ipc: the receiver reads `writing`'s memory until it answers the message in flight, so the
+  // writer waits for that answer (one message in flight per connection).
+  bool ipc_answered = false;
+  bool ipc_ok = false;
+  std::string ipc_error;
   bool dead = false;
   std::string dead_reason;
   std::thread writer;
@@ -68,7 +76,7 @@ struct InConn {
 
 class TcpTransport final : public Transport {
  public:
-  explicit TcpTransport(const TransportConfig& config) : config_(config) {
+  TcpTransport(const TransportConfig& config, bool ipc) : config_(config), ipc_(ipc) {
     if (config_.max_message_nbytes == 0) {
       throw std::invalid_argument("max_message_nbytes must be > 0");
     }
@@ -77,10 +85,10 @@ class TcpTransport final : public Transport {
   ~TcpTransport() override { shutdown(); }
 
   // Transport (see transport.h for what each call promises).
-  std::string name() const override { return "tcp"; }
+  std::string name() const override { return ipc_ ? "cuda_ipc" : "tcp"; }
   std::string address() const override { return address_; }
-  bool supports_device_memory() const override { return false; }
-  bool supports_streams() const override { return false; }
+  bool supports_device_memory() const override { return ipc_; }
+  bool supports_streams() const override { return ipc_; }
   void start(TransportHost* host) override;
   void connect(const std::string& peer, double timeout_s) override;
   bool connected(const std::string& peer) const override;
@@ -105,6 +113,18 @@ class TcpTransport final : public Transport {
   void kill_out(OutConn& conn, const std::string& reason);
   void writer_loop(std::shared_ptr<OutConn> conn);
   void reply_loop(std::shared_ptr<OutConn> conn);
+  // One DATA message from b's cursor (advanced in *piece_idx / *offset); sets *last on its final
+  // one.
+  IoResult write_tcp_message(OutConn& conn, OutBatch& b, size_t* piece_idx, uint64_t* offset,
+                             bool* last);
+
+  // ---- cuda_ipc (tcp_ipc.cpp) ----
+  // Sender: one IPC_DATA message from b's cursor, then waits for its answer. A local failure (the
+  // ready event, memory that cannot be exported) fails the batch and writes nothing.
+  IoResult write_ipc_message(OutConn& conn, OutBatch& b, size_t* piece_idx, bool* last);
+  // Receiver: reads the rest of an IPC_DATA frame, copies what was admitted, answers.
+  IoResult read_ipc_message(InConn& conn, const FrameHeader& header, const std::string& request_id,
+                            const std::string& text, ipc::Copier& copier);
 
   // ---- receiver side (tcp_receiver.cpp) ----
   void accept_loop();
@@ -115,6 +135,9 @@ class TcpTransport final : public Transport {
   void reader_loop(std::shared_ptr<InConn> conn);
 
   TransportConfig config_;
+  const bool ipc_;
+  ipc::Mappings mappings_;  // cuda_ipc receiver: senders' allocations mapped here
+  std::atomic<uint64_t> next_reader_id_{1};
   TransportHost* host_ = nullptr;
   std::string address_;
   int listen_fd_ = -1;

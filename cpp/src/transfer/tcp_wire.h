@@ -9,6 +9,9 @@
 //              the pieces' bytes back to back; flag LAST on the final message of a batch
 //   ACK / NACK acceptor -> connector: ticket (+ text = why, for NACK); one per batch
 //   ABORT      either way: request id, text = reason
+//   IPC_DATA   cuda_ipc only, instead of DATA: pieces as for DATA, text = the sender's exported
+//              allocations, payload = one source location per piece (ipc_payload.h); the receiver
+//              copies the bytes itself and answers every message with ACK or NACK
 #pragma once
 
 #include <sys/uio.h>
@@ -28,7 +31,8 @@ enum class FrameType : uint8_t {
   kData = 3,
   kAck = 4,
   kNack = 5,
-  kAbort = 6
+  kAbort = 6,
+  kIpcData = 7  // the cuda_ipc backend's DATA: source locations instead of bytes (ipc_payload.h)
 };
 constexpr uint8_t kFlagLast = 1;
 

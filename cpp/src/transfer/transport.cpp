@@ -26,8 +26,9 @@ const char* status_name(Status status) {
 std::unique_ptr<Transport> make_transport(const std::string& backend,
                                           const TransportConfig& config) {
   if (backend == "tcp") return make_tcp_transport(config);
+  if (backend == "cuda_ipc") return make_cuda_ipc_transport(config);
   throw std::invalid_argument("unknown transfer backend '" + backend +
-                              "' (available: tcp; nccl and cuda_ipc are planned)");
+                              "' (available: tcp, cuda_ipc; nccl is planned)");
 }
 
 }  // namespace pdserve::transfer

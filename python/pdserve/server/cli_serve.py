@@ -273,10 +273,17 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
                 "--enable-direct sends KV GPU to GPU, but this instance runs on the CPU (no CUDA GPU visible); "
                 "drop the flag: on the CPU the KV goes over TCP"
             )
-        raise ConfigError(
-            "--enable-direct: the GPU transports (NCCL / CUDA IPC) are not built into this version yet; "
-            "drop the flag to send KV over TCP"
-        )
+        if args.tensor_parallel_size > 1:
+            raise ConfigError(
+                f"--enable-direct with --tensor-parallel-size {args.tensor_parallel_size}: the direct "
+                "(CUDA IPC) transport sends from one GPU process's KV only in this version; drop "
+                "--enable-direct (the KV then goes through pinned host staging) or run "
+                "--tensor-parallel-size 1"
+            )
+        if args.kv_staging == "on":
+            raise ConfigError(
+                "--kv-staging on and --enable-direct contradict each other: direct sends never stage"
+            )
     if args.enable_dcache and role == "both":
         raise ConfigError(
             "--enable-dcache sends decode KV back to a prefill instance; it needs --enable-separate --role"

@@ -233,6 +233,20 @@ def kv_tensors(engine) -> list:
     return list(fn()) if fn is not None else [engine.runner.kv_cache]
 
 
+def record_kv_ready(engine) -> Any:
+    """A CUDA event recorded on the engine's stream after the KV work enqueued so far (so it completes
+    once those blocks are written); None when the KV is not on a GPU. Engine thread; the caller keeps
+    the event alive while a transfer waits on it (`event.cuda_event` is the handle)."""
+    kv = kv_tensors(engine)[0]
+    if not kv.is_cuda:
+        return None
+    import torch
+
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(kv.device))
+    return event
+
+
 def kv_dtype(engine) -> str:
     """The KV cache's element type as torch names it without the prefix (e.g. "bfloat16")."""
     return str(kv_tensors(engine)[0].dtype).removeprefix("torch.")

@@ -93,6 +93,7 @@ class InstanceServer(PDHandlersMixin):
                     self.arena.layouts if self.arena is not None else self.layouts,
                     self.instance_id,
                     self.config.transfer_timeout,
+                    backend="cuda_ipc" if self.config.enable_direct else "tcp",
                 )
         except BaseException as exc:
             await self._shutdown_engine()  # no worker outlives a failed start
@@ -163,6 +164,8 @@ class InstanceServer(PDHandlersMixin):
 
     def _use_staging(self) -> bool:
         mode = self.config.kv_staging
+        if self.config.enable_direct:  # the GPU transport reads and writes the KV blocks themselves
+            return False
         return mode == "on" or (mode == "auto" and not self.layout.device.startswith("cpu"))
 
     def _num_staging_slots(self) -> int:

@@ -3,8 +3,10 @@
 Adapts `pdserve.transfer` (TransferEngine, Endpoint, CommDomain, KVSender/KVReceiver) to the server:
 link by exchanging endpoints, expect a request's blocks from one peer (a peer that disconnects fails
 the receive at once), push blocks layer by layer (from the engine thread: never blocks) or whole,
-flush before unpinning, abort on every early exit. The TCP backend moves host memory only; the GPU
-backends (NCCL, CUDA IPC) will come in through the same `Endpoint`/`CommDomain`.
+flush before unpinning, abort on every early exit. The TCP backend moves host memory (the KV of a CPU
+instance, or a GPU instance's host staging slots); `cuda_ipc` (--enable-direct) moves GPU memory, the
+receiver copying straight from the sender's KV blocks once the layer's ready event completed. NCCL
+will come in through the same `Endpoint`/`CommDomain`.
 
 Tensor parallelism: one transfer engine per instance, in the engine's process, registers every rank's
 KV region (the ranks' memory is mapped there). A link is one CommDomain per rank pair over that engine
@@ -97,22 +99,24 @@ class KVLinks:
         layouts: Sequence[KVLayout],
         instance_id: str,
         timeout_s: float,
+        backend: str = "tcp",
     ):
         layouts = list(layouts)
+        on_gpu = backend != "tcp"
         for layout in layouts:
-            if not layout.device.startswith("cpu"):
+            if layout.device.startswith("cuda") != on_gpu:
                 raise ValueError(
-                    f"the KV cache is on {layout.device}, but the TCP transfer backend moves host memory "
-                    "only; run disaggregated instances with --device cpu until the GPU transports "
-                    "(--enable-direct) land"
+                    f"the registered KV memory is on {layout.device}, but the {backend} transfer "
+                    f"backend moves {'GPU' if on_gpu else 'host'} memory only"
                 )
         self._loop = loop
         self.layouts = layouts
         self.layout = layouts[0]
         self.timeout_s = timeout_s
-        self.engine = TransferEngine("tcp", host=bind_host, port=port)
+        self.engine = TransferEngine(backend, host=bind_host, port=port)
         for layout in layouts:
-            self.engine.register_memory(layout.base_addr, layout.nbytes, -1)
+            device = int(layout.device.partition(":")[2] or 0) if on_gpu else -1
+            self.engine.register_memory(layout.base_addr, layout.nbytes, device)
         # peers connect to the advertised host (the bound one may be a wildcard such as 0.0.0.0)
         port_str = self.engine.address.rsplit(":", 1)[1]
         address = f"{advertise_host}:{port_str}"
@@ -224,10 +228,12 @@ class KVLinks:
         layer_idx: int,
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
+        ready_event: int = 0,
     ) -> int:
-        """Queue one layer of the blocks on every rank; returns the bytes queued. Never blocks."""
+        """Queue one layer of the blocks on every rank; returns the bytes queued. Never blocks.
+        `ready_event` (cuda_ipc): a recorded CUDA event, kept alive by the caller until flushed."""
         for d in self._domain(peer_id).domains:
-            d.sender.push_layer(request_id, layer_idx, src_block_ids, dst_block_ids)
+            d.sender.push_layer(request_id, layer_idx, src_block_ids, dst_block_ids, ready_event)
         return self._count(len(src_block_ids))
 
     def push_request(
@@ -236,10 +242,11 @@ class KVLinks:
         request_id: str,
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
+        ready_event: int = 0,
     ) -> int:
         """Queue every layer of the blocks on every rank (block-major layouts: few large pieces)."""
         for d in self._domain(peer_id).domains:
-            d.sender.push_request(request_id, src_block_ids, dst_block_ids)
+            d.sender.push_request(request_id, src_block_ids, dst_block_ids, ready_event)
         return self._count(len(src_block_ids) * self.layout.num_layers)
 
     def _count(self, num_pieces_per_rank: int) -> int:

@@ -96,9 +96,23 @@ def memory_span(memory: Any) -> tuple[int, int, int]:
     )
 
 
+def _device_copy_fn() -> int:
+    """The CUDA kernel that copies a cuda_ipc message's pieces in one launch (pdserve._cuda), or 0
+    where the kernels are not built (the receiver then uses the driver's per-piece copies)."""
+    try:
+        from pdserve import _cuda
+    except ImportError:
+        return 0
+    return int(_cuda.copy_runs_address())
+
+
 class TransferEngine:
     """One transfer endpoint (per process or rank): registered memory, a listening address,
     connections to peers, receives (`expect`) and sends (`send`).
+
+    Backends: "tcp" moves host memory over sockets; "cuda_ipc" moves GPU memory between processes
+    on one host (the socket carries the pieces' locations, the receiver copies them through CUDA IPC
+    mappings of the sender's allocations; raises TransferError where no CUDA driver or GPU is).
 
     Threading: every method is thread-safe. `connect`, `wait`, `wait_recv`, `abort`,
     `unregister_memory` and `close` block (with the GIL released) and may be run in an executor;
@@ -123,6 +137,7 @@ class TransferEngine:
             stall_timeout_s=stall_timeout_s,
             max_message_nbytes=max_message_nbytes,
             retention_s=retention_s,
+            device_copy_fn=_device_copy_fn() if backend == "cuda_ipc" else 0,
         )
         self._async_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -215,7 +230,8 @@ class TransferEngine:
 
         Non-blocking. The ticket ends "done" once the receiver acknowledged every byte; keep the
         local memory unchanged until then. `stream` / `ready_event` (CUDA handles as ints) are the
-        slot for GPU backends; the TCP backend requires 0.
+        slot for GPU backends; the TCP backend requires 0. cuda_ipc waits for `ready_event` (keep it
+        alive until the ticket is terminal) and ignores `stream`: the receiver does the copy.
         """
         return self._native.send(peer, request_id, pieces, timeout_s or 0.0, stream, ready_event)
 

@@ -142,10 +142,12 @@ class KVSender:
         self._lock = threading.Lock()
         self._tickets: dict[str, list[int]] = {}
 
-    def _send(self, request_id: str, pieces: np.ndarray) -> int | None:
+    def _send(self, request_id: str, pieces: np.ndarray, ready_event: int) -> int | None:
         if len(pieces) == 0:
             return None
-        ticket = self.engine.send(self.peer, request_id, pieces, timeout_s=self.timeout_s)
+        ticket = self.engine.send(
+            self.peer, request_id, pieces, timeout_s=self.timeout_s, ready_event=ready_event
+        )
         with self._lock:
             self._tickets.setdefault(request_id, []).append(ticket)
         return ticket
@@ -156,19 +158,26 @@ class KVSender:
         layer_idx: int,
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
+        ready_event: int = 0,
     ) -> int | None:
-        """Sends layer `layer_idx` of the given blocks; returns the ticket (None if no blocks)."""
+        """Sends layer `layer_idx` of the given blocks; returns the ticket (None if no blocks).
+        `ready_event` (GPU backends): a recorded cudaEvent_t, as an int, that completes once the
+        blocks are written; the caller keeps it alive until the ticket is terminal."""
         pieces = layer_pieces(
             self.src_layout, self.dst_layout, layer_idx, src_block_ids, dst_block_ids
         )
-        return self._send(request_id, pieces)
+        return self._send(request_id, pieces, ready_event)
 
     def push_request(
-        self, request_id: str, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+        self,
+        request_id: str,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
+        ready_event: int = 0,
     ) -> int | None:
         """Sends every layer of the given blocks in one batch; returns the ticket (None if none)."""
         pieces = request_pieces(self.src_layout, self.dst_layout, src_block_ids, dst_block_ids)
-        return self._send(request_id, pieces)
+        return self._send(request_id, pieces, ready_event)
 
     def _take(self, request_id: str) -> list[int]:
         with self._lock:

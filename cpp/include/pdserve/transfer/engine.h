@@ -131,7 +131,8 @@ class TransferEngine final : private TransportHost {
   // TransportHost
   Admission admit(const std::string& request_id, const std::string& peer, const WirePiece* pieces,
                   size_t num_pieces, uint64_t nbytes) override;
-  void landed(Admission admission, const std::string& peer, uint64_t nbytes, bool written) override;
+  void landed(Admission admission, const std::string& peer, uint64_t nbytes,
+              const std::string& error) override;
   void inbound_lost(const std::string& peer, const std::string& reason) override;
   void batch_done(Ticket ticket, Status status, const std::string& error) override;
   void remote_abort(const std::string& request_id, const std::string& reason) override;

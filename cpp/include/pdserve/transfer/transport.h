@@ -40,10 +40,11 @@ class TransportHost {
   // without writing; a refusal of a pending request fails that request.
   virtual Admission admit(const std::string& request_id, const std::string& peer,
                           const WirePiece* pieces, size_t num_pieces, uint64_t nbytes) = 0;
-  // Receiver: the admitted payload was written (written == true) or the connection broke mid-way.
-  // Call it on the thread that called admit() (the admission holds a shared lock).
+  // Receiver: the admitted payload was written (error empty) or not (error says why: the
+  // connection broke mid-way, a copy failed); a failure fails the request. Call it on the thread
+  // that called admit() (the admission holds a shared lock).
   virtual void landed(Admission admission, const std::string& peer, uint64_t nbytes,
-                      bool written) = 0;
+                      const std::string& error) = 0;
   // Receiver: the connection from peer is gone; its pending requests fail.
   virtual void inbound_lost(const std::string& peer, const std::string& reason) = 0;
 
@@ -74,6 +75,13 @@ struct TransportConfig {
   // Payload bytes per wire message: bounds how long an abort waits for the message in flight, and
   // ~1 MiB keeps the copies cache-friendly (faster on loopback than 8 MiB; bench_transfer.py).
   uint64_t max_message_nbytes = 1ull << 20;
+  // cuda_ipc receiver: the address of a function
+  //   int fn(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, size_t count,
+  //          void* stream)
+  // that enqueues a message's copies as one kernel on the current device and returns 0 (a CUDA
+  // error code otherwise); pdserve._cuda's pdserve_copy_runs. 0: the driver's copies (one per
+  // piece, or cuMemcpyBatchAsync), which cost microseconds per piece.
+  uint64_t device_copy_fn = 0;
 };
 
 // A wire backend. Thread-safe. The engine owns it and calls start() once before anything else.
