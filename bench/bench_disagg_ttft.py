@@ -4,6 +4,7 @@ overlap, disaggregated TTFT <= 1.10 x the prefill-only TTFT of the same prompt).
 Three set-ups, one after another (each gets the GPU to itself), each behind a `pdserve scheduler`:
   colocated   one instance (--role both): prefill only, the KV never moves (the baseline);
   direct      prefill + decode instance, --enable-direct --enable-layer (cuda_ipc, layer by layer);
+  direct-whole  the same without --enable-layer (the whole request's KV after the prefill);
   staged      prefill + decode instance, --enable-layer, KV through pinned host slots and TCP.
 Each request is max_tokens=1 with a fresh prompt (no cache hits), so the time is the prefill plus,
 when disaggregated, whatever part of the KV transfer does not overlap it (P answers once D holds every
@@ -46,7 +47,8 @@ def _start(group: ProcessGroup, model: str, mode: str, util: str) -> str:
             ],
         )
     else:
-        flags = ["--enable-layer", *(["--enable-direct"] if mode == "direct" else [])]
+        flags = [] if mode == "direct-whole" else ["--enable-layer"]
+        flags += ["--enable-direct"] if mode.startswith("direct") else []
         for role in ("prefill", "decode"):
             port = free_port()
             group.start(
