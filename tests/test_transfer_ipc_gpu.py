@@ -116,10 +116,34 @@ def test_sender_waits_for_the_ready_event(receiver):
         [(src.data_ptr(), receiver["base"], 1 << 20)],
         ready_event=event.cuda_event,
     )
+    del event  # the engine waits through its own event: the caller's may go at once
     assert sender.wait(ticket, 30.0).status == "done"
     status, _, error, dst = _call(conn, "wait", "ready")
     assert status == "done", error
     assert (dst[: 1 << 20] == 77).all()  # without the wait the copy would see the old bytes
+
+
+def test_abort_while_the_ready_event_is_pending(receiver):
+    """The sender aborts while its batch still waits for the KV to be computed: abort returns once the
+    wait ended, the ticket ends aborted, nothing is written at the receiver."""
+    conn, src, sender = receiver["conn"], receiver["src"], receiver["sender"]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(400_000_000)  # ~0.2 s
+        event = torch.cuda.Event()
+        event.record(stream)
+    _call(conn, "expect", "late", 4096, 30.0)
+    ticket = sender.send(
+        receiver["address"],
+        "late",
+        [(src.data_ptr(), receiver["base"], 4096)],
+        ready_event=event.cuda_event,
+    )
+    sender.abort("late", "client went away")
+    res = sender.wait(ticket, 30.0)
+    assert res.status == "aborted", res
+    status, received, _, _ = _call(conn, "wait", "late")
+    assert status == "aborted" and received == 0
 
 
 def test_unexpected_data_is_refused_and_the_ticket_says_why(receiver):
@@ -150,9 +174,37 @@ def test_abort_at_the_receiver_fails_the_next_batch(receiver):
         receiver["address"], "gone", [(receiver["src"].data_ptr(), receiver["base"], 8192)]
     )
     res = sender.wait(ticket, 30.0)
-    assert res.status in ("aborted", "failed") and res.status != "done"
+    assert res.status in ("aborted", "failed"), res
     status, received, _, _ = _call(conn, "wait", "gone")
     assert status == "aborted" and received == 0
+
+
+def test_many_messages_and_a_piece_larger_than_a_message():
+    """1,100 pieces (three messages of at most 512) plus one 80 MiB piece (two 64 MiB messages)."""
+    a, b = TransferEngine("cuda_ipc"), TransferEngine("cuda_ipc")
+    try:
+        big = 80 << 20
+        src = torch.randint(0, 256, (big + (1100 << 12),), dtype=torch.uint8, device="cuda")
+        dst = torch.zeros_like(src)
+        a.register_memory(src)
+        b.register_memory(dst)
+        a.connect(b.address)
+        s0, d0 = src.data_ptr(), dst.data_ptr()
+        order = np.random.default_rng(3).permutation(1100)
+        pieces = [
+            (s0 + big + i * 4096, d0 + big + int(j) * 4096, 4096) for i, j in enumerate(order)
+        ]
+        pieces.append((s0, d0, big))
+        b.expect("many", big + 1100 * 4096, 30.0)
+        assert a.wait(a.send(b.address, "many", pieces), 30.0).status == "done"
+        assert b.wait_recv("many", 30.0).status == "done"
+        host_src, host_dst = src.cpu(), dst.cpu()
+        assert torch.equal(host_dst[:big], host_src[:big])
+        for s, d, n in pieces[:-1]:
+            assert torch.equal(host_dst[d - d0 : d - d0 + n], host_src[s - s0 : s - s0 + n])
+    finally:
+        a.close()
+        b.close()
 
 
 @pytest.mark.parametrize("copy", ["kernel", "driver"])

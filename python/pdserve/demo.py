@@ -47,7 +47,7 @@ def _device(requested: str) -> str:
         import torch
     except ImportError:
         return "cpu"
-    # On a GPU the KV crosses between the instances through pinned host staging slots (no --enable-direct).
+    # On a GPU the KV crosses between the instances GPU to GPU (--enable-direct: CUDA IPC).
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -105,8 +105,8 @@ def _run_on(args: argparse.Namespace, device: str) -> int:
         ]
         if device == "cpu":
             common += ["--kv-cache-gb", "0.05"]
-        else:  # both instances share the GPU: each takes a slice of its memory
-            common += ["--gpu-memory-utilization", "0.3", "--staging-gb", "0.25"]
+        else:  # both instances share the GPU: each takes a slice of its memory; KV moves GPU to GPU
+            common += ["--gpu-memory-utilization", "0.3", "--enable-direct"]
         group.start("prefill", ["serve", "--role", "prefill", "--port", str(p_port), *common])
         group.start("decode", ["serve", "--role", "decode", "--port", str(d_port), *common])
         print(

@@ -13,6 +13,8 @@ constexpr int kPointerAttributeBufferId = 7;       // CU_POINTER_ATTRIBUTE_BUFFE
 constexpr int kPointerAttributeDeviceOrdinal = 9;  // CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
 constexpr unsigned kIpcLazyEnablePeerAccess = 1;   // CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
 constexpr unsigned kStreamNonBlocking = 1;         // CU_STREAM_NON_BLOCKING
+constexpr unsigned kEventBlockingSync = 1;         // CU_EVENT_BLOCKING_SYNC: waiters sleep
+constexpr unsigned kEventDisableTiming = 2;        // CU_EVENT_DISABLE_TIMING
 
 template <typename F>
 void resolve(void* lib, const char* name, F* fn) {
@@ -53,6 +55,10 @@ Driver::Driver() {
   resolve(lib_, "cuStreamSynchronize", &cuStreamSynchronize_);
   resolve(lib_, "cuMemcpyAsync", &cuMemcpyAsync_);
   resolve(lib_, "cuEventSynchronize", &cuEventSynchronize_);
+  resolve(lib_, "cuEventCreate", &cuEventCreate_);
+  resolve(lib_, "cuEventDestroy_v2", &cuEventDestroy_);
+  resolve(lib_, "cuEventRecord", &cuEventRecord_);
+  resolve(lib_, "cuStreamWaitEvent", &cuStreamWaitEvent_);
   cuMemcpyBatchAsync_v2_ =
       reinterpret_cast<decltype(cuMemcpyBatchAsync_v2_)>(dlsym(lib_, "cuMemcpyBatchAsync_v2"));
   if (cuMemcpyBatchAsync_v2_ == nullptr) {
@@ -98,8 +104,12 @@ Error Driver::device_of(CUdeviceptr ptr, int* device) {
 Error Driver::address_range(int device, CUdeviceptr ptr, CUdeviceptr* lo, CUdeviceptr* hi) {
   Error e = make_current(device);
   size_t size = 0;
-  if (e.ok()) e = check(cuMemGetAddressRange_(lo, &size, ptr), "cuMemGetAddressRange");
-  *hi = *lo + size;
+  CUdeviceptr base = 0;
+  if (e.ok()) e = check(cuMemGetAddressRange_(&base, &size, ptr), "cuMemGetAddressRange");
+  if (e.ok()) {
+    *lo = base;
+    *hi = base + size;
+  }
   return e;
 }
 
@@ -149,7 +159,10 @@ Error Driver::open_handle(int device, const IpcHandle& handle, CUdeviceptr* ptr,
   }
   CUdeviceptr base = 0;
   size_t size = 0;
-  if (e.ok()) e = check(cuMemGetAddressRange_(&base, &size, *ptr), "cuMemGetAddressRange");
+  if (e.ok()) {
+    e = check(cuMemGetAddressRange_(&base, &size, *ptr), "cuMemGetAddressRange");
+    if (!e.ok()) cuIpcCloseMemHandle_(*ptr);  // do not keep a mapping nobody will use
+  }
   *nbytes = size;
   return e;
 }
@@ -202,6 +215,37 @@ Error Driver::copy_async(int device, const std::vector<CUdeviceptr>& dsts,
 Error Driver::sync_stream(int device, CUstream stream) {
   Error e = make_current(device);
   return e.ok() ? check(cuStreamSynchronize_(stream), "cuStreamSynchronize") : e;
+}
+
+Error Driver::chain_event(int device, CUevent event, CUevent* own) {
+  Error e = make_current(device);
+  CUstream stream = nullptr;
+  if (e.ok()) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = event_streams_.find(device);
+    if (it != event_streams_.end()) {
+      stream = it->second;
+    } else {
+      e = check(cuStreamCreate_(&stream, kStreamNonBlocking), "cuStreamCreate");
+      if (e.ok()) event_streams_[device] = stream;
+    }
+  }
+  *own = nullptr;
+  if (e.ok()) {
+    e = check(cuEventCreate_(own, kEventBlockingSync | kEventDisableTiming), "cuEventCreate");
+  }
+  if (e.ok()) e = check(cuStreamWaitEvent_(stream, event, 0), "cuStreamWaitEvent");
+  if (e.ok()) e = check(cuEventRecord_(*own, stream), "cuEventRecord");
+  if (!e.ok() && *own != nullptr) {
+    cuEventDestroy_(*own);
+    *own = nullptr;
+  }
+  return e;
+}
+
+Error Driver::destroy_event(int device, CUevent event) {
+  Error e = make_current(device);
+  return e.ok() ? check(cuEventDestroy_(event), "cuEventDestroy") : e;
 }
 
 Error Driver::sync_event(int device, CUevent event) {

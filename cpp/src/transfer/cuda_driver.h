@@ -59,7 +59,12 @@ class Driver {
   Error sync_stream(int device, CUstream stream);
   // Makes device's primary context current on this thread (for calls into the CUDA runtime).
   Error use_device(int device) { return make_current(device); }
-  // Blocks until the work recorded into event (created by any API in this process) completed.
+  // A new event of this library's that completes once `event` (created by any API in this process,
+  // recorded on any stream of device) completes: the caller's event may be destroyed as soon as
+  // this returns. Destroy *own with destroy_event. Waiting on it sleeps instead of spinning.
+  Error chain_event(int device, CUevent event, CUevent* own);
+  Error destroy_event(int device, CUevent event);
+  // Blocks until the work recorded into event completed.
   Error sync_event(int device, CUevent event);
 
  private:
@@ -76,6 +81,7 @@ class Driver {
     uint64_t nbytes;
   };
   std::unordered_map<uint64_t, Exported> exported_;  // by CU_POINTER_ATTRIBUTE_BUFFER_ID
+  std::unordered_map<int, CUstream> event_streams_;  // chain_event's stream per device
 
   // Entry points (CUresult is an int; CUdevice an int).
   int (*cuInit_)(unsigned) = nullptr;
@@ -93,6 +99,10 @@ class Driver {
   int (*cuStreamSynchronize_)(CUstream) = nullptr;
   int (*cuMemcpyAsync_)(CUdeviceptr, CUdeviceptr, size_t, CUstream) = nullptr;
   int (*cuEventSynchronize_)(CUevent) = nullptr;
+  int (*cuEventCreate_)(CUevent*, unsigned) = nullptr;
+  int (*cuEventDestroy_)(CUevent) = nullptr;
+  int (*cuEventRecord_)(CUevent, CUstream) = nullptr;
+  int (*cuStreamWaitEvent_)(CUstream, CUevent, unsigned) = nullptr;
   // Optional (null where the driver lacks them): the CUDA 13 and the CUDA 12.8 batch copy.
   int (*cuMemcpyBatchAsync_v2_)(CUdeviceptr*, CUdeviceptr*, size_t*, size_t, void*, size_t*, size_t,
                                 CUstream) = nullptr;

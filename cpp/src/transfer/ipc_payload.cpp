@@ -2,6 +2,8 @@
 // counted per reader) and the receiver-side copies. See ipc_payload.h.
 #include "ipc_payload.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <random>
@@ -9,22 +11,22 @@
 namespace pdserve::transfer::ipc {
 
 uint64_t process_token() {
-  static const uint64_t token = [] {
+  static const uint64_t random = [] {
     std::random_device rd;
-    return (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ 1;  // never 0
+    return (static_cast<uint64_t>(rd()) << 32) ^ rd();
   }();
-  return token;
+  // the pid keeps a fork()ed child apart from its parent; never 0
+  return (random ^ (static_cast<uint64_t>(getpid()) << 1)) | 1;
 }
 
-std::string describe_sources(const std::vector<Piece>& pieces, size_t first, size_t count,
+std::string describe_sources(const std::vector<Piece>& pieces,
                              std::vector<IpcAllocation>* allocations,
                              std::vector<IpcSource>* sources) {
   cuda::Driver& driver = cuda::Driver::get();
   allocations->clear();
   sources->clear();
   std::vector<std::pair<uint64_t, uint64_t>> ranges;  // [base, end) of each allocation
-  for (size_t i = first; i < first + count; ++i) {
-    const Piece& p = pieces[i];
+  for (const Piece& p : pieces) {
     size_t idx = 0;
     while (idx < ranges.size() &&
            !(p.local_addr >= ranges[idx].first && p.local_addr < ranges[idx].second)) {
@@ -62,7 +64,7 @@ std::string Mappings::acquire(uint64_t reader, int device, const IpcAllocation& 
     if (!e.ok()) return "cannot map the sender's GPU memory: " + e.text;
     it = entries_.emplace(key, entry).first;
   }
-  it->second.readers[reader] = true;
+  it->second.readers.insert(reader);
   *ptr = it->second.ptr;
   *nbytes = it->second.nbytes;
   return "";
@@ -113,12 +115,21 @@ std::string Copier::copy(const std::vector<IpcAllocation>& allocations, const Wi
     const IpcAllocation& a = allocations[s.allocation_idx];
     auto& [base, nbytes] = resolved[s.allocation_idx];
     if (base == 0) {
-      base = a.base;
-      nbytes = UINT64_MAX;  // same process: the sender checked its ranges
-      if (a.process_token != process_token()) {
-        std::string error = mappings_->acquire(reader_id_, device, a, &base, &nbytes);
-        if (!error.empty()) return error;
+      std::string error;
+      if (a.process_token == process_token()) {
+        // Our own memory (a handle cannot be opened in its exporting process): the wire's base must
+        // still name the start of one of our allocations; never trust it further.
+        cuda::CUdeviceptr lo = 0, hi = 0;
+        cuda::Error e = driver.address_range(device, a.base, &lo, &hi);
+        if (!e.ok() || lo != a.base) {
+          return "source allocation " + std::to_string(a.base) + " is not an allocation here";
+        }
+        base = lo;
+        nbytes = hi - lo;
+      } else {
+        error = mappings_->acquire(reader_id_, device, a, &base, &nbytes);
       }
+      if (!error.empty()) return error;
     }
     if (s.offset > nbytes || p.nbytes > nbytes - s.offset) {
       return "source range outside the sender's allocation of " + std::to_string(nbytes) + " B";
@@ -143,16 +154,18 @@ std::string Copier::copy(const std::vector<IpcAllocation>& allocations, const Wi
     }
     used.push_back(device);
     cuda::Error e;
+    int code = 0;
     if (copy_fn_ != nullptr) {
       e = driver.use_device(device);
       static_assert(sizeof(cuda::CUdeviceptr) == sizeof(uint64_t) && sizeof(size_t) == 8);
-      int code = e.ok() ? copy_fn_(b.dsts.data(), b.srcs.data(),
-                                   reinterpret_cast<const uint64_t*>(b.sizes.data()), b.dsts.size(),
-                                   st->second)
-                        : 0;
-      if (code != 0)
-        e.text = "the copy kernel failed to launch: CUDA error " + std::to_string(code);
-    } else {
+      if (e.ok()) {
+        code =
+            copy_fn_(b.dsts.data(), b.srcs.data(),
+                     reinterpret_cast<const uint64_t*>(b.sizes.data()), b.dsts.size(), st->second);
+      }
+      if (code != 0) copy_fn_ = nullptr;  // cannot launch here (old driver?): the driver's copies
+    }
+    if (e.ok() && (copy_fn_ == nullptr || code != 0)) {
       e = driver.copy_async(device, b.dsts, b.srcs, b.sizes, st->second);
     }
     if (!e.ok()) {

@@ -10,6 +10,7 @@
 
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -35,13 +36,21 @@ struct IpcSource {
 #pragma pack(pop)
 static_assert(sizeof(IpcAllocation) == 80, "wire allocation entry must stay 80 bytes");
 static_assert(sizeof(IpcSource) == 16, "wire source entry must stay 16 bytes");
+// Every message's allocation table fits in a frame's text (at most one allocation per piece).
+static_assert(512 * sizeof(IpcAllocation) <= 64 * 1024,
+              "kMaxPiecesPerMessage allocations > kMaxTextLen");
 
 // A random number fixed for this process's lifetime.
 uint64_t process_token();
 
-// Sender: the allocation table and sources of pieces[first, first + count). Returns an error text
+// Bytes one IPC_DATA message covers at most: bounds how long an abort waits for the copy in flight
+// (~50 us at HBM speed) while keeping messages few (the TCP backend's 1 MiB would cost a round trip
+// per MiB).
+constexpr uint64_t kIpcMaxMessageNbytes = 64ull << 20;
+
+// Sender: the allocation table and sources of `pieces` (their local_addr). Returns an error text
 // (empty on success) when a local range is not exportable GPU memory.
-std::string describe_sources(const std::vector<Piece>& pieces, size_t first, size_t count,
+std::string describe_sources(const std::vector<Piece>& pieces,
                              std::vector<IpcAllocation>* allocations,
                              std::vector<IpcSource>* sources);
 
@@ -60,7 +69,7 @@ class Mappings {
     int device;
     cuda::CUdeviceptr ptr;
     uint64_t nbytes;
-    std::map<uint64_t, bool> readers;
+    std::set<uint64_t> readers;
   };
   std::mutex mu_;
   std::map<std::string, Entry> entries_;  // key: device + handle bytes

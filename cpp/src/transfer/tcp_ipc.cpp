@@ -3,6 +3,8 @@
 // bytes, and waits until the receiver answered, because until then the receiver reads its memory;
 // the receiver admits the pieces, copies them through its mappings of the sender's allocations and
 // answers ACK or NACK.
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -11,70 +13,91 @@
 namespace pdserve::transfer::tcp {
 
 IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* piece_idx,
-                                         bool* last) {
+                                         uint64_t* offset, bool* last) {
   auto fail_locally = [&](const std::string& error) {
     std::lock_guard<std::mutex> lk(conn.mu);
     b.set_outcome(Status::kFailed, error);
     b.cancelled = true;  // nothing was written: the batch ends without a message
     return IoResult{};
   };
-  const std::vector<Piece>& pieces = b.batch.pieces;
-  const size_t first = *piece_idx;
   cuda::Driver& driver = cuda::Driver::get();  // loaded by start()
-  if (!b.ready_waited) {
-    if (b.batch.options.ready_event != 0) {
-      int device = 0;
-      cuda::Error e = driver.device_of(pieces[first].local_addr, &device);
-      if (e.ok()) {
-        e = driver.sync_event(device, reinterpret_cast<cuda::CUevent>(b.batch.options.ready_event));
-      }
-      if (!e.ok()) return fail_locally("waiting for the batch's ready event: " + e.text);
-    }
-    b.ready_waited = true;
+  if (b.ready_event != nullptr) {              // ours (see submit): it sleeps, no spinning
+    cuda::Error e = driver.sync_event(b.ready_device, b.ready_event);
+    if (!e.ok()) return fail_locally("waiting for the batch's ready event: " + e.text);
+    driver.destroy_event(b.ready_device, b.ready_event);
+    b.ready_event = nullptr;
   }
-  const size_t count = std::min<size_t>(pieces.size() - first, kMaxPiecesPerMessage);
+  {
+    std::lock_guard<std::mutex> lk(conn.mu);
+    if (b.cancelled) return {};  // cancelled while its KV was being computed: send nothing
+  }
+  // One message: up to kMaxPiecesPerMessage pieces and ipc::kIpcMaxMessageNbytes bytes from the
+  // cursor (a larger piece spans messages), so that an abort waits for one bounded copy at most.
+  const std::vector<Piece>& pieces = b.batch.pieces;
+  std::vector<Piece> slice;
   std::vector<WirePiece> table;
-  for (size_t i = first; i < first + count; ++i) {
-    table.push_back({pieces[i].remote_addr, pieces[i].nbytes});
+  uint64_t nbytes = 0;
+  size_t idx = *piece_idx;
+  uint64_t off = *offset;
+  while (idx < pieces.size() && slice.size() < kMaxPiecesPerMessage &&
+         nbytes < ipc::kIpcMaxMessageNbytes) {
+    const Piece& p = pieces[idx];
+    uint64_t take = std::min(p.nbytes - off, ipc::kIpcMaxMessageNbytes - nbytes);
+    slice.push_back({p.local_addr + off, p.remote_addr + off, take});
+    table.push_back({p.remote_addr + off, take});
+    nbytes += take;
+    off += take;
+    if (off == p.nbytes) {
+      ++idx;
+      off = 0;
+    }
   }
-  // Held until the answer: the receiver reads the local memory until then.
+  // Held until the answer: the receiver reads the local memory until then (so an
+  // unregister_memory waits for at most one message's round trip and copy).
   auto guard = host_->local_memory_guard();
   std::vector<ipc::IpcAllocation> allocations;
   std::vector<ipc::IpcSource> sources;
-  std::string error = ipc::describe_sources(pieces, first, count, &allocations, &sources);
+  std::string error = ipc::describe_sources(slice, &allocations, &sources);
   if (!error.empty()) return fail_locally(error);
 
-  *piece_idx = first + count;
-  *last = *piece_idx == pieces.size();
+  *piece_idx = idx;
+  *offset = off;
+  *last = idx == pieces.size();
   FrameHeader header;
   header.type = static_cast<uint8_t>(FrameType::kIpcData);
   header.flags = *last ? kFlagLast : 0;
   header.request_id_len = static_cast<uint16_t>(b.batch.request_id.size());
-  header.num_pieces = static_cast<uint32_t>(count);
+  header.num_pieces = static_cast<uint32_t>(slice.size());
   header.text_len = static_cast<uint32_t>(allocations.size() * sizeof(ipc::IpcAllocation));
   header.ticket = b.batch.ticket;
-  header.payload_nbytes = count * sizeof(ipc::IpcSource);
+  header.payload_nbytes = slice.size() * sizeof(ipc::IpcSource);
   iovec iov[5] = {{&header, sizeof(header)},
                   {const_cast<char*>(b.batch.request_id.data()), b.batch.request_id.size()},
                   {allocations.data(), header.text_len},
-                  {table.data(), count * sizeof(WirePiece)},
+                  {table.data(), table.size() * sizeof(WirePiece)},
                   {sources.data(), header.payload_nbytes}};
   {
     std::lock_guard<std::mutex> lk(conn.mu);
     conn.ipc_answered = false;
   }
   IoResult r = write_all(conn.fd, iov, 5, config_.stall_timeout_s, stop_);
-  if (!r.ok) return r;
+  if (!r.ok) return {false, "send to peer failed: " + r.error};
 
+  const auto stall = std::chrono::duration<double>(config_.stall_timeout_s);
   std::unique_lock<std::mutex> lk(conn.mu);
-  bool answered = conn.cv.wait_for(lk, std::chrono::duration<double>(config_.stall_timeout_s),
-                                   [&] { return conn.ipc_answered || conn.dead || stop_; });
+  bool answered =
+      conn.cv.wait_for(lk, stall, [&] { return conn.ipc_answered || conn.dead || stop_; });
+  if (!answered) {
+    // The receiver may still be copying from our memory. Its reader reads the next frame only
+    // after the copy returned, so end our side and wait (bounded) for it to hang up: the reply
+    // thread sees EOF and marks the connection dead. Only then may the batch end.
+    ::shutdown(conn.fd, SHUT_WR);
+    conn.cv.wait_for(lk, stall, [&] { return conn.dead || stop_; });
+    return {false, "peer " + conn.peer + " answered no copy within " +
+                       std::to_string(static_cast<int64_t>(config_.stall_timeout_s)) + " s"};
+  }
   if (conn.dead) return {false, conn.dead_reason};
   if (stop_) return {false, "transfer engine closed"};
-  if (!answered) {
-    return {false, "the peer did not answer a copy within " +
-                       std::to_string(config_.stall_timeout_s) + " s"};
-  }
   if (!conn.ipc_ok) {
     b.replied = true;
     b.set_outcome(Status::kFailed, "peer " + conn.peer + " refused the data: " + conn.ipc_error);
@@ -92,7 +115,11 @@ IoResult TcpTransport::read_ipc_message(InConn& conn, const FrameHeader& header,
   const size_t count = header.num_pieces;
   if (count == 0 || header.payload_nbytes != count * sizeof(ipc::IpcSource) || text.empty() ||
       text.size() % sizeof(ipc::IpcAllocation) != 0) {
-    return {false, "protocol error: malformed IPC_DATA frame"};
+    return {false, "protocol error: IPC_DATA frame with " + std::to_string(count) + " pieces, " +
+                       std::to_string(header.payload_nbytes) + " B of sources (want " +
+                       std::to_string(count * sizeof(ipc::IpcSource)) + ") and " +
+                       std::to_string(text.size()) + " B of allocations (want a multiple of " +
+                       std::to_string(sizeof(ipc::IpcAllocation)) + ")"};
   }
   std::vector<WirePiece> table(count);
   std::vector<ipc::IpcSource> sources(count);
@@ -106,12 +133,16 @@ IoResult TcpTransport::read_ipc_message(InConn& conn, const FrameHeader& header,
   for (size_t i = 0; i < count; ++i) {
     if (table[i].nbytes == 0 || table[i].nbytes > UINT64_MAX - nbytes ||
         sources[i].allocation_idx >= allocations.size()) {
-      return {false, "protocol error: bad piece in IPC_DATA frame"};
+      return {false, "protocol error: IPC_DATA piece " + std::to_string(i) + " has " +
+                         std::to_string(table[i].nbytes) + " B and allocation index " +
+                         std::to_string(sources[i].allocation_idx) + " of " +
+                         std::to_string(allocations.size())};
     }
     nbytes += table[i].nbytes;
   }
   Admission admission = host_->admit(request_id, conn.peer, table.data(), count, nbytes);
-  std::string error = admission.ok || !admission.error.empty() ? admission.error : "refused";
+  std::string error =
+      admission.ok || !admission.error.empty() ? admission.error : "refused by the receiver";
   if (admission.ok) {
     error = copier.copy(allocations, table.data(), sources.data(), count);
     host_->landed(std::move(admission), conn.peer, nbytes, error);

@@ -78,10 +78,25 @@ void TcpTransport::submit(const std::string& peer, SendBatch batch) {
   std::shared_ptr<OutConn> conn = find_out(peer);
   Ticket ticket = batch.ticket;
   std::string error = "not connected to peer " + peer + " (call connect first)";
+  auto b = std::make_shared<OutBatch>();
+  if (ipc_ && batch.options.ready_event != 0) {
+    // On the caller's thread, while its event is alive: wait for it through an event of ours.
+    cuda::Driver& driver = cuda::Driver::get();
+    cuda::Error e = driver.device_of(batch.pieces.front().local_addr, &b->ready_device);
+    if (e.ok()) {
+      e = driver.chain_event(b->ready_device,
+                             reinterpret_cast<cuda::CUevent>(batch.options.ready_event),
+                             &b->ready_event);
+    }
+    if (!e.ok()) {
+      host_->batch_done(ticket, Status::kFailed,
+                        "cannot wait for the batch's ready event: " + e.text);
+      return;
+    }
+  }
   if (conn) {
     std::lock_guard<std::mutex> lk(conn->mu);
     if (!conn->dead) {
-      auto b = std::make_shared<OutBatch>();
       b->batch = std::move(batch);
       conn->queue.push_back(b);
       conn->batches[ticket] = b;
@@ -285,9 +300,9 @@ void TcpTransport::writer_loop(std::shared_ptr<OutConn> conn) {
     size_t piece_idx = b->next_piece;
     uint64_t offset = b->next_offset;
     bool last = false;
-    IoResult r = ipc_ ? write_ipc_message(*conn, *b, &piece_idx, &last)
+    IoResult r = ipc_ ? write_ipc_message(*conn, *b, &piece_idx, &offset, &last)
                       : write_tcp_message(*conn, *b, &piece_idx, &offset, &last);
-    if (!r.ok) kill_out(*conn, "send to peer failed: " + r.error);
+    if (!r.ok) kill_out(*conn, ipc_ ? r.error : "send to peer failed: " + r.error);
     {
       std::lock_guard<std::mutex> lk(conn->mu);
       conn->writing = nullptr;

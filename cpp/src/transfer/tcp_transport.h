@@ -26,13 +26,23 @@ struct OutBatch {
   SendBatch batch;
   size_t next_piece = 0;  // cursor: the next byte to send is pieces[next_piece] + next_offset
   uint64_t next_offset = 0;
-  bool writing_done = false;         // the writer thread will not read this batch's memory any more
-  bool replied = false;              // ACK or NACK arrived
-  bool cancelled = false;            // stop sending the rest (NACK, cancel, abort, timeout)
-  bool finished = false;             // reported through batch_done
-  bool ready_waited = false;         // cuda_ipc: options.ready_event has completed
+  bool writing_done = false;  // the writer thread will not read this batch's memory any more
+  bool replied = false;       // ACK or NACK arrived
+  bool cancelled = false;     // stop sending the rest (NACK, cancel, abort, timeout)
+  bool finished = false;      // reported through batch_done
+  // cuda_ipc: this library's copy of options.ready_event (made at submit, so the caller's event may
+  // die at once), on ready_device; null when none or once waited for.
+  cuda::CUevent ready_event = nullptr;
+  int ready_device = -1;
   Status status = Status::kPending;  // first cause wins
   std::string error;
+
+  OutBatch() = default;
+  OutBatch(const OutBatch&) = delete;
+  OutBatch& operator=(const OutBatch&) = delete;
+  ~OutBatch() {
+    if (ready_event != nullptr) cuda::Driver::get().destroy_event(ready_device, ready_event);
+  }
 
   void set_outcome(Status s, const std::string& e) {
     if (status != Status::kPending) return;
@@ -121,7 +131,8 @@ class TcpTransport final : public Transport {
   // ---- cuda_ipc (tcp_ipc.cpp) ----
   // Sender: one IPC_DATA message from b's cursor, then waits for its answer. A local failure (the
   // ready event, memory that cannot be exported) fails the batch and writes nothing.
-  IoResult write_ipc_message(OutConn& conn, OutBatch& b, size_t* piece_idx, bool* last);
+  IoResult write_ipc_message(OutConn& conn, OutBatch& b, size_t* piece_idx, uint64_t* offset,
+                             bool* last);
   // Receiver: reads the rest of an IPC_DATA frame, copies what was admitted, answers.
   IoResult read_ipc_message(InConn& conn, const FrameHeader& header, const std::string& request_id,
                             const std::string& text, ipc::Copier& copier);

@@ -7,7 +7,8 @@
 //   HELLO_ACK  acceptor -> connector: text = the acceptor's address
 //   DATA       connector -> acceptor: request id, ticket, pieces (destination ranges), payload =
 //              the pieces' bytes back to back; flag LAST on the final message of a batch
-//   ACK / NACK acceptor -> connector: ticket (+ text = why, for NACK); one per batch
+//   ACK / NACK acceptor -> connector: ticket (+ text = why, for NACK); one per batch (tcp), one
+//              per IPC_DATA message (cuda_ipc)
 //   ABORT      either way: request id, text = reason
 //   IPC_DATA   cuda_ipc only, instead of DATA: pieces as for DATA, text = the sender's exported
 //              allocations, payload = one source location per piece (ipc_payload.h); the receiver

@@ -235,8 +235,8 @@ def kv_tensors(engine) -> list:
 
 def record_kv_ready(engine) -> Any:
     """A CUDA event recorded on the engine's stream after the KV work enqueued so far (so it completes
-    once those blocks are written); None when the KV is not on a GPU. Engine thread; the caller keeps
-    the event alive while a transfer waits on it (`event.cuda_event` is the handle)."""
+    once those blocks are written); None when the KV is not on a GPU. Engine thread; keep it alive until
+    the send that names it (`event.cuda_event`, the handle) was queued."""
     kv = kv_tensors(engine)[0]
     if not kv.is_cuda:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -49,9 +50,9 @@ class PrefillState:
     nbytes_sent: int = 0
     # with host staging: slot i stages the i-th block sent (P's side of the arena)
     slots: list[int] = field(default_factory=list)
-    # direct (GPU) sends: the CUDA events they wait on, alive until the request is flushed or aborted
-    events: list = field(default_factory=list)
-    whole_event: int = 0  # whole-request mode: the event after the last layer of every block
+    # direct (GPU) sends, whole-request mode: a torch.cuda.Event recorded after the last layer of every
+    # block (alive until push_request, which makes the transfer engine's own copy of it)
+    whole_event: Any = None
 
 
 @dataclass
@@ -189,8 +190,9 @@ class PDHandlersMixin:
                     slots = state.slots[: len(local)]
                     await self.call(lambda e: self.arena.gather(state.whole_local, slots))
                     local = slots
+                event = state.whole_event
                 state.nbytes_sent += self.transport.push_request(
-                    peer_id, request_id, local, state.whole_remote, state.whole_event
+                    peer_id, request_id, local, state.whole_remote, event.cuda_event if event else 0
                 )
             if state.sent_per_layer and min(state.sent_per_layer) != len(peer_block_ids):
                 raise RuntimeError(
@@ -245,33 +247,29 @@ class PDHandlersMixin:
                     if self.arena is not None:
                         local = state.slots[start : start + len(block_ids)]
                         self.arena.gather(block_ids, local, layer_idx)
+                    event = self._kv_ready_event()  # alive until push_layer returned
                     state.nbytes_sent += self.transport.push_layer(
                         state.peer_id,
                         state.request_id,
                         layer_idx,
                         local,
                         remote,
-                        self._kv_ready_event(state),
+                        event.cuda_event if event else 0,
                     )
                 elif (
                     layer_idx == len(state.sent_per_layer) - 1
                 ):  # all layers of these blocks are done
                     state.whole_local.extend(block_ids)
                     state.whole_remote.extend(remote)
-                    state.whole_event = self._kv_ready_event(state)
+                    state.whole_event = self._kv_ready_event()
             except Exception as exc:  # noqa: BLE001 - never kill the engine thread; the handler reports it
                 state.error = f"KV send failed: {exc}"
 
-    def _kv_ready_event(self, state: PrefillState) -> int:
-        """Engine thread: with --enable-direct, a CUDA event after the KV written so far (state keeps it
-        alive); else 0 (host staging copies synchronously, a CPU instance needs no event)."""
-        if not self.config.enable_direct:
-            return 0
-        event = ea.record_kv_ready(self.engine)
-        if event is None:
-            return 0
-        state.events.append(event)
-        return event.cuda_event
+    def _kv_ready_event(self) -> Any:
+        """Engine thread: with --enable-direct, a CUDA event after the KV written so far, which a send
+        waits for (the transfer engine chains its own event to it, so it may die once the send was
+        queued); else None (host staging copies synchronously, a CPU instance needs no event)."""
+        return ea.record_kv_ready(self.engine) if self.config.enable_direct else None
 
     async def _release_prefill(self, request_id: str) -> bool:
         state = self.prefills.pop(request_id, None)
@@ -435,7 +433,6 @@ class PDHandlersMixin:
         key = f"{request_id}.dcache"
 
         sent_slots: list[int] = []
-        sent_events: list = []
 
         def lock_and_send(engine):
             # Lock what this instance holds of the sequence (its radix tree kept it at finish) and send it;
@@ -451,8 +448,6 @@ class PDHandlersMixin:
                     sent_slots.extend(local)
                     self.arena.gather(held, local)
                 event = ea.record_kv_ready(engine) if self.config.enable_direct else None
-                if event is not None:
-                    sent_events.append(event)  # alive until flushed
                 nbytes = self.transport.push_request(
                     peer_id,
                     key,

@@ -231,7 +231,7 @@ class KVLinks:
         ready_event: int = 0,
     ) -> int:
         """Queue one layer of the blocks on every rank; returns the bytes queued. Never blocks.
-        `ready_event` (cuda_ipc): a recorded CUDA event, kept alive by the caller until flushed."""
+        `ready_event` (cuda_ipc): a recorded CUDA event the sends wait for (needed only during the call)."""
         for d in self._domain(peer_id).domains:
             d.sender.push_layer(request_id, layer_idx, src_block_ids, dst_block_ids, ready_event)
         return self._count(len(src_block_ids))

@@ -230,8 +230,9 @@ class TransferEngine:
 
         Non-blocking. The ticket ends "done" once the receiver acknowledged every byte; keep the
         local memory unchanged until then. `stream` / `ready_event` (CUDA handles as ints) are the
-        slot for GPU backends; the TCP backend requires 0. cuda_ipc waits for `ready_event` (keep it
-        alive until the ticket is terminal) and ignores `stream`: the receiver does the copy.
+        slot for GPU backends; the TCP backend requires 0. cuda_ipc waits for `ready_event` (through an
+        event of its own made during this call, so the caller's may be destroyed afterwards) and
+        ignores `stream`: the receiver does the copy.
         """
         return self._native.send(peer, request_id, pieces, timeout_s or 0.0, stream, ready_event)
 

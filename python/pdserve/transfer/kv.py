@@ -162,7 +162,7 @@ class KVSender:
     ) -> int | None:
         """Sends layer `layer_idx` of the given blocks; returns the ticket (None if no blocks).
         `ready_event` (GPU backends): a recorded cudaEvent_t, as an int, that completes once the
-        blocks are written; the caller keeps it alive until the ticket is terminal."""
+        blocks are written; needed only during the call (the engine waits through its own event)."""
         pieces = layer_pieces(
             self.src_layout, self.dst_layout, layer_idx, src_block_ids, dst_block_ids
         )

@@ -1,5 +1,5 @@
 // The seam between the transfer engine (bookkeeping: regions, expects, tickets, deadlines, stats)
-// and one wire backend (TCP here; NCCL and CUDA IPC later). A backend only moves bytes and reports
+// and one wire backend (tcp, cuda_ipc; NCCL later). A backend only moves bytes and reports
 // what happened through TransportHost; it never decides when a request is complete.
 #pragma once
 
@@ -86,17 +86,20 @@ struct TransportConfig {
 
 // A wire backend. Thread-safe. The engine owns it and calls start() once before anything else.
 //
-// How the planned backends fit (no change to the engine or to Python):
-// - nccl: connect() exchanges an ncclUniqueId over a TCP control channel (tcp_wire.h framing) and
+// The backends:
+// - tcp: host memory; DATA frames carry the bytes (tcp_transport.h).
+// - cuda_ipc (processes on one host, one GPU or several): DATA frames carry the sender's exported
+// GPU
+//   allocations and offsets; the receiver maps them, copies, waits, then admits the next message
+//   (receiver-side copy: on two GPUs it runs on the decode GPU; see tcp_ipc.cpp).
+//   supports_device_memory() and supports_streams() are true; options.stream is ignored.
+// - nccl (planned, no change to the engine or to Python): connect() exchanges an ncclUniqueId over
+// a TCP control channel (tcp_wire.h framing) and
 //   creates a 2-rank communicator per peer. submit() sends the piece table as a control frame, then
 //   enqueues ncclSend of each piece on options.stream after
 //   cudaStreamWaitEvent(options.ready_event); the receiver admit()s the table, enqueues the
 //   matching ncclRecv calls on its stream and calls landed() when an event recorded after them
 //   completes; the ACK returns on the control channel.
-// - cuda_ipc (P and D on one GPU): connect() fetches the peer's registered regions as
-//   cudaIpcMemHandle_t and opens them; submit() asks the receiver to admit() the pieces (control
-//   frame), cudaMemcpyAsync()s into the opened handles on options.stream, and reports landed once
-//   its event completes; supports_device_memory() and supports_streams() return true for both.
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -128,7 +131,8 @@ class Transport {
   virtual void shutdown() = 0;
 };
 
-// Creates a backend by name ("tcp"); throws std::invalid_argument for unknown names.
+// Creates a backend by name ("tcp", "cuda_ipc"); throws std::invalid_argument for unknown names and
+// TransferError when cuda_ipc finds no CUDA driver or GPU.
 std::unique_ptr<Transport> make_transport(const std::string& backend,
                                           const TransportConfig& config);
 
