@@ -180,8 +180,8 @@ def test_abort_at_the_receiver_fails_the_next_batch(receiver):
 
 
 def test_many_messages_and_a_piece_larger_than_a_message():
-    """1,100 pieces (three messages of at most 512) plus one 80 MiB piece (two 64 MiB messages)."""
-    a, b = TransferEngine("cuda_ipc"), TransferEngine("cuda_ipc")
+    """1,100 pieces (three messages of at most 512) plus one 80 MiB piece (three 32 MiB messages)."""
+    a, b = (TransferEngine("cuda_ipc", max_message_nbytes=32 << 20) for _ in range(2))
     try:
         big = 80 << 20
         src = torch.randint(0, 256, (big + (1100 << 12),), dtype=torch.uint8, device="cuda")

@@ -43,11 +43,6 @@ static_assert(512 * sizeof(IpcAllocation) <= 64 * 1024,
 // A random number fixed for this process's lifetime.
 uint64_t process_token();
 
-// Bytes one IPC_DATA message covers at most: bounds how long an abort waits for the copy in flight
-// (~50 us at HBM speed) while keeping messages few (the TCP backend's 1 MiB would cost a round trip
-// per MiB).
-constexpr uint64_t kIpcMaxMessageNbytes = 64ull << 20;
-
 // Sender: the allocation table and sources of `pieces` (their local_addr). Returns an error text
 // (empty on success) when a local range is not exportable GPU memory.
 std::string describe_sources(const std::vector<Piece>& pieces,

@@ -31,7 +31,7 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* pie
     std::lock_guard<std::mutex> lk(conn.mu);
     if (b.cancelled) return {};  // cancelled while its KV was being computed: send nothing
   }
-  // One message: up to kMaxPiecesPerMessage pieces and ipc::kIpcMaxMessageNbytes bytes from the
+  // One message: up to kMaxPiecesPerMessage pieces and config_.max_message_nbytes bytes from the
   // cursor (a larger piece spans messages), so that an abort waits for one bounded copy at most.
   const std::vector<Piece>& pieces = b.batch.pieces;
   std::vector<Piece> slice;
@@ -40,9 +40,9 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* pie
   size_t idx = *piece_idx;
   uint64_t off = *offset;
   while (idx < pieces.size() && slice.size() < kMaxPiecesPerMessage &&
-         nbytes < ipc::kIpcMaxMessageNbytes) {
+         nbytes < config_.max_message_nbytes) {
     const Piece& p = pieces[idx];
-    uint64_t take = std::min(p.nbytes - off, ipc::kIpcMaxMessageNbytes - nbytes);
+    uint64_t take = std::min(p.nbytes - off, config_.max_message_nbytes - nbytes);
     slice.push_back({p.local_addr + off, p.remote_addr + off, take});
     table.push_back({p.remote_addr + off, take});
     nbytes += take;

@@ -74,6 +74,8 @@ struct TransportConfig {
   double stall_timeout_s = 30.0;   // a transfer making no progress this long drops the connection
   // Payload bytes per wire message: bounds how long an abort waits for the message in flight, and
   // ~1 MiB keeps the copies cache-friendly (faster on loopback than 8 MiB; bench_transfer.py).
+  // cuda_ipc: bytes one message's copy covers at most (the bound on an abort's wait; each message
+  // costs a round trip, so keep it large: pdserve.transfer uses 512 MiB, ~0.4 ms of copy).
   uint64_t max_message_nbytes = 1ull << 20;
   // cuda_ipc receiver: the address of a function
   //   int fn(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, size_t count,
