@@ -61,7 +61,7 @@ class Driver {
   Error use_device(int device) { return make_current(device); }
   // A new event of this library's that completes once `event` (created by any API in this process,
   // recorded on any stream of device) completes: the caller's event may be destroyed as soon as
-  // this returns. Destroy *own with destroy_event. Waiting on it sleeps instead of spinning.
+  // this returns. Destroy *own with destroy_event. Waiting on it spins (see chain_event).
   Error chain_event(int device, CUevent event, CUevent* own);
   Error destroy_event(int device, CUevent event);
   // Blocks until the work recorded into event completed.

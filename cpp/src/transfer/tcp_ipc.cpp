@@ -21,7 +21,7 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* pie
     return IoResult{};
   };
   cuda::Driver& driver = cuda::Driver::get();  // loaded by start()
-  if (b.ready_event != nullptr) {              // ours (see submit): it sleeps, no spinning
+  if (b.ready_event != nullptr) {  // ours (see submit); the wait spins (cuda_driver.cpp says why)
     cuda::Error e = driver.sync_event(b.ready_device, b.ready_event);
     if (!e.ok()) return fail_locally("waiting for the batch's ready event: " + e.text);
     driver.destroy_event(b.ready_device, b.ready_event);
