@@ -14,7 +14,15 @@ import time
 import pytest
 from cluster_checks import settle_and_check
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
-from test_cluster_disagg import BS, PROMPTS, _start_cluster, _wait_linked, complete, stats
+from test_cluster_disagg import (
+    BS,
+    PROMPTS,
+    _start_cluster,
+    _wait_linked,
+    check_greedy_like_colocated,
+    complete,
+    stats,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -74,11 +82,7 @@ def test_instances_use_the_cuda_ipc_backend_without_staging(cluster):
 
 def test_greedy_outputs_identical_to_colocated(cluster):
     for prompt in PROMPTS:
-        ref = complete(cluster["colo"], prompt)["choices"][0]["token_ids"]
-        assert len(ref) == 12
-        for name in ("layer", "whole"):
-            got = complete(cluster[name].url, prompt)["choices"][0]["token_ids"]
-            assert got == ref, (name, prompt[:5])
+        check_greedy_like_colocated(cluster, prompt)
 
 
 def test_bytes_sent_are_the_blocks_decode_lacks(cluster):

@@ -161,13 +161,19 @@ PROMPTS = [
 ]
 
 
+def check_greedy_like_colocated(cluster, prompt) -> list[int]:
+    """Asserts clusters "layer" and "whole" answer `prompt` (12 greedy tokens) as "colo" does; returns them."""
+    ref = complete(cluster["colo"], prompt)["choices"][0]["token_ids"]
+    assert len(ref) == 12
+    for name in ("layer", "whole"):
+        got = complete(cluster[name].url, prompt)["choices"][0]["token_ids"]
+        assert got == ref, (name, prompt[:5])
+    return ref
+
+
 def test_greedy_outputs_identical_colocated_layerwise_whole(cluster):
     for prompt in PROMPTS:
-        ref = complete(cluster["colo"], prompt)["choices"][0]["token_ids"]
-        assert len(ref) == 12
-        for name in ("layer", "whole"):
-            got = complete(cluster[name].url, prompt)["choices"][0]["token_ids"]
-            assert got == ref, (name, prompt[:5])
+        ref = check_greedy_like_colocated(cluster, prompt)
         assert complete(cluster["colo_sched"], prompt)["choices"][0]["token_ids"] == ref
     text = "The quick brown fox jumps over the lazy dog. " * 2
     ref = complete(cluster["colo"], text)["choices"][0]

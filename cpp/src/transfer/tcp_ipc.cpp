@@ -31,27 +31,12 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* pie
     std::lock_guard<std::mutex> lk(conn.mu);
     if (b.cancelled) return {};  // cancelled while its KV was being computed: send nothing
   }
-  // One message: up to kMaxPiecesPerMessage pieces and config_.max_message_nbytes bytes from the
-  // cursor (a larger piece spans messages), so that an abort waits for one bounded copy at most.
-  const std::vector<Piece>& pieces = b.batch.pieces;
-  std::vector<Piece> slice;
-  std::vector<WirePiece> table;
-  uint64_t nbytes = 0;
+  // max_message_nbytes bounds the copy an abort may have to wait for.
   size_t idx = *piece_idx;
   uint64_t off = *offset;
-  while (idx < pieces.size() && slice.size() < kMaxPiecesPerMessage &&
-         nbytes < config_.max_message_nbytes) {
-    const Piece& p = pieces[idx];
-    uint64_t take = std::min(p.nbytes - off, config_.max_message_nbytes - nbytes);
-    slice.push_back({p.local_addr + off, p.remote_addr + off, take});
-    table.push_back({p.remote_addr + off, take});
-    nbytes += take;
-    off += take;
-    if (off == p.nbytes) {
-      ++idx;
-      off = 0;
-    }
-  }
+  std::vector<Piece> slice = next_message(b.batch.pieces, &idx, &off, config_.max_message_nbytes);
+  std::vector<WirePiece> table;
+  for (const Piece& p : slice) table.push_back({p.remote_addr, p.nbytes});
   // Held until the answer: the receiver reads the local memory until then (so an
   // unregister_memory waits for at most one message's round trip and copy).
   auto guard = host_->local_memory_guard();
@@ -62,7 +47,7 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* pie
 
   *piece_idx = idx;
   *offset = off;
-  *last = idx == pieces.size();
+  *last = idx == b.batch.pieces.size();
   FrameHeader header;
   header.type = static_cast<uint8_t>(FrameType::kIpcData);
   header.flags = *last ? kFlagLast : 0;

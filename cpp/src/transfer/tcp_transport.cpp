@@ -328,30 +328,38 @@ void TcpTransport::writer_loop(std::shared_ptr<OutConn> conn) {
   }
 }
 
-IoResult TcpTransport::write_tcp_message(OutConn& conn, OutBatch& b, size_t* piece_idx_out,
-                                         uint64_t* offset_out, bool* last_out) {
-  // One message: up to kMaxPiecesPerMessage pieces and max_message_nbytes payload bytes, taken
-  // from the batch's cursor; a large piece spans several messages.
-  std::vector<WirePiece> table;
-  std::vector<iovec> iov(2);
-  const auto& pieces = b.batch.pieces;
-  size_t piece_idx = *piece_idx_out;
-  uint64_t offset = *offset_out;
-  uint64_t payload = 0;
-  while (piece_idx < pieces.size() && table.size() < kMaxPiecesPerMessage &&
-         payload < config_.max_message_nbytes) {
-    const Piece& p = pieces[piece_idx];
-    uint64_t take = std::min(p.nbytes - offset, config_.max_message_nbytes - payload);
-    table.push_back({p.remote_addr + offset, take});
-    iov.push_back({reinterpret_cast<void*>(p.local_addr + offset), take});
-    payload += take;
-    offset += take;
-    if (offset == p.nbytes) {
-      ++piece_idx;
-      offset = 0;
+std::vector<Piece> next_message(const std::vector<Piece>& pieces, size_t* piece_idx,
+                                uint64_t* offset, uint64_t max_nbytes) {
+  std::vector<Piece> message;
+  uint64_t nbytes = 0;
+  while (*piece_idx < pieces.size() && message.size() < kMaxPiecesPerMessage &&
+         nbytes < max_nbytes) {
+    const Piece& p = pieces[*piece_idx];
+    uint64_t take = std::min(p.nbytes - *offset, max_nbytes - nbytes);
+    message.push_back({p.local_addr + *offset, p.remote_addr + *offset, take});
+    nbytes += take;
+    *offset += take;
+    if (*offset == p.nbytes) {
+      ++*piece_idx;
+      *offset = 0;
     }
   }
-  bool last = piece_idx == pieces.size();
+  return message;
+}
+
+IoResult TcpTransport::write_tcp_message(OutConn& conn, OutBatch& b, size_t* piece_idx_out,
+                                         uint64_t* offset_out, bool* last_out) {
+  std::vector<Piece> message =
+      next_message(b.batch.pieces, piece_idx_out, offset_out, config_.max_message_nbytes);
+  std::vector<WirePiece> table;
+  std::vector<iovec> iov(2);
+  uint64_t payload = 0;
+  for (const Piece& p : message) {
+    table.push_back({p.remote_addr, p.nbytes});
+    iov.push_back({reinterpret_cast<void*>(p.local_addr), p.nbytes});
+    payload += p.nbytes;
+  }
+  bool last = *piece_idx_out == b.batch.pieces.size();
   FrameHeader header;
   header.type = static_cast<uint8_t>(FrameType::kData);
   header.flags = last ? kFlagLast : 0;
@@ -364,8 +372,6 @@ IoResult TcpTransport::write_tcp_message(OutConn& conn, OutBatch& b, size_t* pie
   std::memcpy(head.data() + sizeof(header), b.batch.request_id.data(), b.batch.request_id.size());
   iov[0] = {head.data(), head.size()};
   iov[1] = {table.data(), table.size() * sizeof(WirePiece)};
-  *piece_idx_out = piece_idx;
-  *offset_out = offset;
   *last_out = last;
   auto guard = host_->local_memory_guard();
   return write_all(conn.fd, iov.data(), static_cast<int>(iov.size()), config_.stall_timeout_s,

@@ -84,6 +84,12 @@ struct InConn {
   std::thread reader;
 };
 
+// The next message of a batch, from its cursor (*piece_idx, *offset): up to kMaxPiecesPerMessage
+// pieces and max_nbytes bytes, a larger piece spanning several messages. Returns the message's
+// pieces (each a slice of one batch piece) in order and advances the cursor past them.
+std::vector<Piece> next_message(const std::vector<Piece>& pieces, size_t* piece_idx,
+                                uint64_t* offset, uint64_t max_nbytes);
+
 class TcpTransport final : public Transport {
  public:
   TcpTransport(const TransportConfig& config, bool ipc) : config_(config), ipc_(ipc) {
