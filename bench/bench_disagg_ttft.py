@@ -1,32 +1,42 @@
 """Time to first token of one prompt, disaggregated against colocated, on one GPU (SPEC §5: layer-wise
 overlap, disaggregated TTFT <= 1.10 x the prefill-only TTFT of the same prompt).
 
-Three set-ups, one after another (each gets the GPU to itself), each behind a `pdserve scheduler`:
-  colocated   one instance (--role both): prefill only, the KV never moves (the baseline);
-  direct      prefill + decode instance, --enable-direct --enable-layer (cuda_ipc, layer by layer);
-  direct-whole  the same without --enable-layer (the whole request's KV after the prefill);
-  staged      prefill + decode instance, --enable-layer, KV through pinned host slots and TCP.
-Each request is max_tokens=1 with a fresh prompt (no cache hits), so the time is the prefill plus,
-when disaggregated, whatever part of the KV transfer does not overlap it (P answers once D holds every
-byte). Median of --repeats after one warm-up request.
+Set-ups (--modes), one after another, each with the GPU to itself:
+  engine        the same prefill through an in-process engine: no server, no HTTP (the compute floor);
+  colocated     one instance (--role both) behind a `pdserve scheduler` (the baseline), also measured
+                without the scheduler (row "instance");
+  direct        prefill + decode instance, --enable-direct --enable-layer (cuda_ipc, layer by layer);
+  direct-dma    the same with the receiver's copies on the copy engines (PDSERVE_IPC_COPY=driver)
+                instead of the copy kernel;
+  direct-whole  --enable-direct without --enable-layer (the whole request's KV after the prefill);
+  staged        prefill + decode instance, --enable-layer, KV through pinned host slots and TCP.
+Each request streams one token of a fresh prompt (no cache hits); TTFT is the time to the first
+streamed data line: the prefill plus, when disaggregated, the reservation on D and whatever part of
+the KV transfer does not overlap the prefill (P answers once D holds every byte). Median of
+--repeats after one warm-up request.
 
-    python bench/bench_disagg_ttft.py [--model llama-2-7b] [--prompt-len 2048] [--json F]
+    python bench/bench_disagg_ttft.py [--model llama-2-7b] [--prompt-lens 16,2048] [--modes ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import statistics
 import sys
 import time
 
+from pdserve.engine.config import ModelConfig
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
+MODES = ["engine", "colocated", "direct", "direct-dma", "direct-whole", "staged"]
 
-def _start(group: ProcessGroup, model: str, mode: str, util: str) -> str:
-    common = ["--model", model, "--load-format", "dummy", "--device", "cuda"]
+
+def _start(group: ProcessGroup, model: str, mode: str, util: str, device: str) -> dict[str, str]:
+    """Starts one set-up; returns {row label: URL to send completions to}."""
+    common = ["--model", model, "--load-format", "dummy", "--device", device]
     common += ["--gpu-memory-utilization", util, "--heartbeat-interval", "0.5"]
     sp = free_port()
     surl = f"http://127.0.0.1:{sp}"
@@ -75,64 +85,136 @@ def _start(group: ProcessGroup, model: str, mode: str, util: str) -> str:
             if time.monotonic() > deadline:
                 raise RuntimeError("the scheduler never linked prefill and decode")
             time.sleep(0.2)
-    return surl
+        return {mode: surl}
+    return {"instance": f"http://127.0.0.1:{ip}", "colocated": surl}
 
 
-def _ttft_ms(url: str, prompt_len: int, repeats: int, seed: int) -> list[float]:
-    times = []
-    for r in range(repeats + 1):
-        # a fresh prompt every time: nothing cached anywhere
-        prompt = [(seed * 7919 + r * 104729 + i * 31) % 30000 + 100 for i in range(prompt_len)]
-        t0 = time.perf_counter()
-        out = http_json(
-            f"{url}/v1/completions",
-            {"prompt": prompt, "max_tokens": 1, "temperature": 0, "ignore_eos": True},
-            timeout=300,
-        )
-        elapsed = (time.perf_counter() - t0) * 1e3
-        if len(out["choices"][0]["token_ids"]) != 1:
-            raise RuntimeError(f"unexpected reply {out}")
-        if r > 0:  # the first request warms up
-            times.append(elapsed)
-    return times
+def _first_token_ms(url: str, prompt: list[int]) -> float:
+    """Streams one completion; returns the milliseconds until its first data line (the first token)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    body = json.dumps(
+        {"prompt": prompt, "max_tokens": 1, "temperature": 0, "ignore_eos": True, "stream": True}
+    )
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
+    first = None
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data:") and first is None:
+            first = (time.perf_counter() - t0) * 1e3
+            if "error" in line:
+                raise RuntimeError(line)
+    conn.close()
+    if first is None:
+        raise RuntimeError("the stream carried no data")
+    return first
+
+
+def _prompts(prompt_len: int, repeats: int, seed: int, vocab: int) -> list[list[int]]:
+    """A fresh prompt every time (nothing cached anywhere); the first one warms up."""
+    span = vocab - 10
+    return [
+        [(seed * 7919 + r * 104729 + i * 31) % span + 5 for i in range(prompt_len)]
+        for r in range(repeats + 1)
+    ]
+
+
+def _ttft_ms(url: str, prompt_len: int, repeats: int, seed: int, vocab: int) -> list[float]:
+    times = [_first_token_ms(url, p) for p in _prompts(prompt_len, repeats, seed, vocab)]
+    return times[1:]
+
+
+def _engine_ms(
+    model: str, util: str, device: str, prompt_lens: list[int], repeats: int
+) -> dict[int, list[float]]:
+    """The compute floor: the same prefill through an in-process engine, no server, no HTTP."""
+    import torch
+    from pdserve.engine import LLM, SamplingParams
+
+    llm = LLM(
+        model,
+        load_format="dummy",
+        device=device,
+        gpu_memory_utilization=float(util),
+    )
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    out = {}
+    for n in prompt_lens:
+        times = []
+        for p in _prompts(n, repeats, 99, llm.engine.model_config.vocab_size):
+            sync()
+            t0 = time.perf_counter()
+            llm.generate([p], params)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[n] = times[1:]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-2-7b")
-    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--prompt-lens", default="2048", help="comma-separated prompt lengths")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=["colocated", "direct", "staged"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["colocated", "direct", "staged"], choices=MODES
+    )
     parser.add_argument("--gpu-memory-utilization", default="0.4")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
-    results = {}
+    prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
+    vocab = ModelConfig.load(args.model).vocab_size
+    results: dict[str, dict[int, dict]] = {}
     for i, mode in enumerate(args.modes):
-        with ProcessGroup() as group:
-            url = _start(group, args.model, mode, args.gpu_memory_utilization)
-            times = _ttft_ms(url, args.prompt_len, args.repeats, seed=i)
-        results[mode] = {"median_ms": statistics.median(times), "all_ms": times}
-        print(
-            f"{mode:>10}: TTFT median {statistics.median(times):8.1f} ms  {[round(t, 1) for t in times]}"
-        )
-    base = results.get("colocated", {}).get("median_ms")
+        if mode == "engine":
+            per_len = _engine_ms(
+                args.model, args.gpu_memory_utilization, args.device, prompt_lens, args.repeats
+            )
+        else:
+            env = {"PDSERVE_IPC_COPY": "driver"} if mode == "direct-dma" else None
+            per_len = {}
+            with ProcessGroup(env=env) as group:
+                urls = _start(group, args.model, mode, args.gpu_memory_utilization, args.device)
+                for n in prompt_lens:
+                    for label, url in urls.items():
+                        per_len.setdefault(n, {})[label] = _ttft_ms(url, n, args.repeats, i, vocab)
+            # one set-up may be measured at two URLs (the colocated instance, with and without
+            # the scheduler in front): each becomes its own row
+            for n, by_label in per_len.items():
+                for label, times in by_label.items():
+                    results.setdefault(label, {})[n] = times
+            continue
+        for n, times in per_len.items():
+            results.setdefault(mode, {})[n] = times
     summary = {
         "model": args.model,
-        "prompt_len": args.prompt_len,
         "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),
-        "results": results,
+        "ttft_ms": {},
     }
-    if base:
-        for r in results.values():
-            r["of_colocated"] = r["median_ms"] / base
+    lines = []
+    for n in prompt_lens:
+        base = statistics.median(results["colocated"][n]) if "colocated" in results else None
+        for label, per_len in results.items():
+            times = per_len[n]
+            med = statistics.median(times)
+            row = {"median_ms": med, "all_ms": times}
+            if base:
+                row["of_colocated"] = med / base
+            summary["ttft_ms"].setdefault(str(n), {})[label] = row
+            ratio = f" = {med / base:.3f}x colocated" if base else ""
+            lines.append(
+                f"{n:>6} tokens {label:>14}: TTFT median {med:8.1f} ms{ratio}  "
+                f"{[round(t, 1) for t in times]}"
+            )
+    print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
-    parts = [
-        f"{m} {r['median_ms']:.1f} ms" + (f" = {r['of_colocated']:.3f}x" if base else "")
-        for m, r in results.items()
-    ]
-    print(f"TTFT {args.model} {args.prompt_len} tokens: " + "; ".join(parts))
     return 0
 
 

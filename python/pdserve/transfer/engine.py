@@ -8,6 +8,7 @@ block the event loop (completions arrive through an eventfd watched by the loop)
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,7 +105,13 @@ def _default_message_nbytes(backend: str) -> int:
 
 def _device_copy_fn() -> int:
     """The CUDA kernel that copies a cuda_ipc message's pieces in one launch (pdserve._cuda), or 0
-    where the kernels are not built (the receiver then uses the driver's per-piece copies)."""
+    where the kernels are not built or PDSERVE_IPC_COPY=driver asks for the driver's per-piece
+    copies (the copy engines; for measurements)."""
+    choice = os.environ.get("PDSERVE_IPC_COPY", "kernel")
+    if choice not in ("kernel", "driver"):
+        raise ValueError(f"PDSERVE_IPC_COPY must be 'kernel' or 'driver', got {choice!r}")
+    if choice == "driver":
+        return 0
     try:
         from pdserve import _cuda
     except ImportError:
