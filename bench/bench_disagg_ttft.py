@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -172,9 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[int, dict]] = {}
     for i, mode in enumerate(args.modes):
         if mode == "engine":
-            per_len = _engine_ms(
-                args.model, args.gpu_memory_utilization, args.device, prompt_lens, args.repeats
-            )
+            # in a process of its own, so that its GPU memory is given back for the next set-ups
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                per_len = pool.apply(
+                    _engine_ms,
+                    (
+                        args.model,
+                        args.gpu_memory_utilization,
+                        args.device,
+                        prompt_lens,
+                        args.repeats,
+                    ),
+                )
         else:
             env = {"PDSERVE_IPC_COPY": "driver"} if mode == "direct-dma" else None
             per_len = {}
