@@ -9,7 +9,7 @@
 namespace pdserve::transfer {
 
 std::unique_ptr<Transport> make_tcp_transport(const TransportConfig& config);
-// TCP connections carrying GPU memory locations; the receiver copies through CUDA IPC mappings.
+// TCP connections carrying GPU memory locations; the sender copies through CUDA IPC mappings.
 std::unique_ptr<Transport> make_cuda_ipc_transport(const TransportConfig& config);
 
 }  // namespace pdserve::transfer

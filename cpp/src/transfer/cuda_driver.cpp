@@ -50,6 +50,8 @@ Driver::Driver() {
   resolve(lib_, "cuIpcOpenMemHandle_v2", &cuIpcOpenMemHandle_);
   resolve(lib_, "cuIpcCloseMemHandle", &cuIpcCloseMemHandle_);
   resolve(lib_, "cuStreamCreate", &cuStreamCreate_);
+  resolve(lib_, "cuStreamCreateWithPriority", &cuStreamCreateWithPriority_);
+  resolve(lib_, "cuCtxGetStreamPriorityRange", &cuCtxGetStreamPriorityRange_);
   resolve(lib_, "cuStreamDestroy_v2", &cuStreamDestroy_);
   resolve(lib_, "cuStreamSynchronize", &cuStreamSynchronize_);
   resolve(lib_, "cuMemcpyAsync", &cuMemcpyAsync_);
@@ -171,9 +173,15 @@ Error Driver::close_handle(int device, CUdeviceptr ptr) {
   return e.ok() ? check(cuIpcCloseMemHandle_(ptr), "cuIpcCloseMemHandle") : e;
 }
 
-Error Driver::create_stream(int device, CUstream* stream) {
+Error Driver::create_priority_stream(int device, CUstream* stream) {
   Error e = make_current(device);
-  return e.ok() ? check(cuStreamCreate_(stream, kStreamNonBlocking), "cuStreamCreate") : e;
+  int least = 0, greatest = 0;
+  if (e.ok()) {
+    e = check(cuCtxGetStreamPriorityRange_(&least, &greatest), "cuCtxGetStreamPriorityRange");
+  }
+  return e.ok() ? check(cuStreamCreateWithPriority_(stream, kStreamNonBlocking, greatest),
+                        "cuStreamCreateWithPriority")
+                : e;
 }
 
 Error Driver::destroy_stream(int device, CUstream stream) {

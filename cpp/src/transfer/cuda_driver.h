@@ -47,8 +47,9 @@ class Driver {
   // Maps another process's allocation into this one on `device`; returns its address and size.
   Error open_handle(int device, const IpcHandle& handle, CUdeviceptr* ptr, uint64_t* nbytes);
   Error close_handle(int device, CUdeviceptr ptr);
-  // A stream that does not synchronise with the legacy default stream.
-  Error create_stream(int device, CUstream* stream);
+  // A stream that does not synchronise with the legacy default stream, at the device's highest
+  // priority: its work is scheduled ahead of queued work of default-priority streams.
+  Error create_priority_stream(int device, CUstream* stream);
   Error destroy_stream(int device, CUstream stream);
   // Enqueues asynchronous copies dsts[i] <- srcs[i] of sizes[i] bytes between any addresses the
   // driver knows (unified addressing): one cuMemcpyBatchAsync where the driver has it (CUDA 12.8+),
@@ -95,6 +96,8 @@ class Driver {
   int (*cuIpcOpenMemHandle_)(CUdeviceptr*, IpcHandle, unsigned) = nullptr;
   int (*cuIpcCloseMemHandle_)(CUdeviceptr) = nullptr;
   int (*cuStreamCreate_)(CUstream*, unsigned) = nullptr;
+  int (*cuStreamCreateWithPriority_)(CUstream*, unsigned, int) = nullptr;
+  int (*cuCtxGetStreamPriorityRange_)(int*, int*) = nullptr;
   int (*cuStreamDestroy_)(CUstream) = nullptr;
   int (*cuStreamSynchronize_)(CUstream) = nullptr;
   int (*cuMemcpyAsync_)(CUdeviceptr, CUdeviceptr, size_t, CUstream) = nullptr;

@@ -1,12 +1,17 @@
-// The CUDA-IPC payload: exporting the sender's allocations, mapping them at the receiver (shared,
-// counted per reader) and the receiver-side copies. See ipc_payload.h.
+// The CUDA-IPC payload: exporting the receiver's allocations, mapping them at the sender (shared,
+// counted per writer) and the sender-side copies. See ipc_payload.h.
 #include "ipc_payload.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <fstream>
 #include <random>
+#include <thread>
 
 namespace pdserve::transfer::ipc {
 
@@ -19,39 +24,69 @@ uint64_t process_token() {
   return (random ^ (static_cast<uint64_t>(getpid()) << 1)) | 1;
 }
 
-std::string describe_sources(const std::vector<Piece>& pieces,
-                             std::vector<IpcAllocation>* allocations,
-                             std::vector<IpcSource>* sources) {
+namespace {
+
+// Whether pid names no process any more, or one that has ended and awaits its parent (a zombie:
+// its files, GPU contexts among them, are closed).
+bool process_gone(int64_t pid) {
+  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return true;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return true;
+  size_t paren = line.rfind(')');  // the state follows the command name, which may hold spaces
+  if (paren == std::string::npos || paren + 2 >= line.size()) return false;
+  char state = line[paren + 2];
+  return state == 'Z' || state == 'X';
+}
+
+}  // namespace
+
+bool wait_process_gone(int64_t pid, double timeout_s) {
+  // Our own process: its writer hangs up only after its copies ended (tcp_ipc.cpp).
+  if (pid <= 0 || pid == getpid()) return true;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  while (!process_gone(pid)) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
+
+std::string describe_destinations(const WirePiece* pieces, size_t num_pieces,
+                                  std::vector<IpcAllocation>* allocations,
+                                  std::vector<IpcLocation>* locations) {
   cuda::Driver& driver = cuda::Driver::get();
   allocations->clear();
-  sources->clear();
+  locations->clear();
   std::vector<std::pair<uint64_t, uint64_t>> ranges;  // [base, end) of each allocation
-  for (const Piece& p : pieces) {
+  for (size_t i = 0; i < num_pieces; ++i) {
+    const WirePiece& p = pieces[i];
     size_t idx = 0;
     while (idx < ranges.size() &&
-           !(p.local_addr >= ranges[idx].first && p.local_addr < ranges[idx].second)) {
+           !(p.remote_addr >= ranges[idx].first && p.remote_addr < ranges[idx].second)) {
       ++idx;
     }
     if (idx == ranges.size()) {
       IpcAllocation a;
       uint64_t nbytes = 0;
-      cuda::Error e = driver.export_allocation(p.local_addr, &a.handle, &a.base, &nbytes);
-      if (!e.ok())
-        return "cannot export local memory at " + std::to_string(p.local_addr) + ": " + e.text;
+      cuda::Error e = driver.export_allocation(p.remote_addr, &a.handle, &a.base, &nbytes);
+      if (!e.ok()) {
+        return "cannot export the destination at " + std::to_string(p.remote_addr) + ": " + e.text;
+      }
       a.process_token = process_token();
       allocations->push_back(a);
       ranges.emplace_back(a.base, a.base + nbytes);
     }
-    if (p.local_addr + p.nbytes > ranges[idx].second) {
-      return "local piece of " + std::to_string(p.nbytes) +
+    if (p.remote_addr + p.nbytes > ranges[idx].second) {
+      return "destination piece of " + std::to_string(p.nbytes) +
              " B crosses the end of its GPU allocation";
     }
-    sources->push_back({static_cast<uint32_t>(idx), 0, p.local_addr - ranges[idx].first});
+    locations->push_back({static_cast<uint32_t>(idx), 0, p.remote_addr - ranges[idx].first});
   }
   return "";
 }
 
-std::string Mappings::acquire(uint64_t reader, int device, const IpcAllocation& allocation,
+std::string Mappings::acquire(uint64_t writer, int device, const IpcAllocation& allocation,
                               cuda::CUdeviceptr* ptr, uint64_t* nbytes) {
   std::string key(reinterpret_cast<const char*>(&device), sizeof(device));
   key.append(reinterpret_cast<const char*>(allocation.handle.bytes), cuda::kIpcHandleNbytes);
@@ -61,20 +96,20 @@ std::string Mappings::acquire(uint64_t reader, int device, const IpcAllocation& 
     Entry entry{device, 0, 0, {}};
     cuda::Error e =
         cuda::Driver::get().open_handle(device, allocation.handle, &entry.ptr, &entry.nbytes);
-    if (!e.ok()) return "cannot map the sender's GPU memory: " + e.text;
+    if (!e.ok()) return "cannot map the receiver's GPU memory: " + e.text;
     it = entries_.emplace(key, entry).first;
   }
-  it->second.readers.insert(reader);
+  it->second.writers.insert(writer);
   *ptr = it->second.ptr;
   *nbytes = it->second.nbytes;
   return "";
 }
 
-void Mappings::release_reader(uint64_t reader) {
+void Mappings::release_writer(uint64_t writer) {
   std::lock_guard<std::mutex> lk(mu_);
   for (auto it = entries_.begin(); it != entries_.end();) {
-    it->second.readers.erase(reader);
-    if (it->second.readers.empty()) {
+    it->second.writers.erase(writer);
+    if (it->second.writers.empty()) {
       cuda::Driver::get().close_handle(it->second.device, it->second.ptr);  // best effort
       it = entries_.erase(it);
     } else {
@@ -86,77 +121,99 @@ void Mappings::release_reader(uint64_t reader) {
 Copier::~Copier() {
   if (!used_driver_) return;  // never copied: the driver may not even be loaded
   for (auto& [device, stream] : streams_) cuda::Driver::get().destroy_stream(device, stream);
-  mappings_->release_reader(reader_id_);
+  mappings_->release_writer(writer_id_);
 }
 
-std::string Copier::copy(const std::vector<IpcAllocation>& allocations, const WirePiece* pieces,
-                         const IpcSource* sources, size_t num_pieces) {
+std::string Copier::check_local(const std::vector<Piece>& pieces) {
+  cuda::Driver& driver = cuda::Driver::get();
+  used_driver_ = true;
+  cuda::CUdeviceptr lo = 0, hi = 0;  // the allocation last seen
+  for (const Piece& p : pieces) {
+    if (p.local_addr >= lo && p.local_addr + p.nbytes <= hi) continue;
+    int device = -1;
+    cuda::Error e = driver.device_of(p.local_addr, &device);
+    if (e.ok()) e = driver.address_range(device, p.local_addr, &lo, &hi);
+    if (!e.ok()) return "local memory at " + std::to_string(p.local_addr) + ": " + e.text;
+    if (p.local_addr + p.nbytes > hi) {
+      return "local piece of " + std::to_string(p.nbytes) +
+             " B crosses the end of its GPU allocation";
+    }
+  }
+  return "";
+}
+
+std::string Copier::copy(const std::vector<Piece>& pieces,
+                         const std::vector<IpcAllocation>& allocations,
+                         const IpcLocation* locations) {
   cuda::Driver& driver = cuda::Driver::get();
   used_driver_ = true;
   struct Batch {
     std::vector<cuda::CUdeviceptr> dsts, srcs;
     std::vector<size_t> sizes;
+    std::vector<std::pair<cuda::CUdeviceptr, uint64_t>> resolved;  // per allocation, this device
   };
-  std::map<int, Batch> batches;  // by destination device
-  // Resolved once per message (driver calls cost microseconds; a message has up to 512 pieces):
-  // the destination allocation last seen and each source allocation's local address and size.
-  cuda::CUdeviceptr dst_lo = 0, dst_hi = 0;
+  std::map<int, Batch> batches;  // by source device: the copy runs there
+  // Resolved once per message (driver calls cost microseconds; a message has up to 512 pieces).
+  cuda::CUdeviceptr src_lo = 0, src_hi = 0;
   int device = -1;
-  std::vector<std::pair<cuda::CUdeviceptr, uint64_t>> resolved(allocations.size(), {0, 0});
-  for (size_t i = 0; i < num_pieces; ++i) {
-    const WirePiece& p = pieces[i];
-    const IpcSource& s = sources[i];
-    if (s.allocation_idx >= allocations.size()) return "protocol error: bad allocation index";
-    if (!(p.remote_addr >= dst_lo && p.remote_addr < dst_hi)) {
-      cuda::Error e = driver.device_of(p.remote_addr, &device);
-      if (e.ok()) e = driver.address_range(device, p.remote_addr, &dst_lo, &dst_hi);
-      if (!e.ok()) return "destination " + std::to_string(p.remote_addr) + ": " + e.text;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const Piece& p = pieces[i];
+    const IpcLocation& loc = locations[i];
+    if (loc.allocation_idx >= allocations.size()) return "protocol error: bad allocation index";
+    if (!(p.local_addr >= src_lo && p.local_addr < src_hi)) {
+      cuda::Error e = driver.device_of(p.local_addr, &device);
+      if (e.ok()) e = driver.address_range(device, p.local_addr, &src_lo, &src_hi);
+      if (!e.ok()) return "local memory at " + std::to_string(p.local_addr) + ": " + e.text;
     }
-    const IpcAllocation& a = allocations[s.allocation_idx];
-    auto& [base, nbytes] = resolved[s.allocation_idx];
+    Batch& b = batches[device];
+    if (b.resolved.empty()) b.resolved.assign(allocations.size(), {0, 0});
+    const IpcAllocation& a = allocations[loc.allocation_idx];
+    auto& [base, nbytes] = b.resolved[loc.allocation_idx];
     if (base == 0) {
       std::string error;
       if (a.process_token == process_token()) {
         // Our own memory (a handle cannot be opened in its exporting process): the wire's base must
         // still name the start of one of our allocations; never trust it further.
         cuda::CUdeviceptr lo = 0, hi = 0;
-        cuda::Error e = driver.address_range(device, a.base, &lo, &hi);
+        int owner = -1;
+        cuda::Error e = driver.device_of(a.base, &owner);
+        if (e.ok()) e = driver.address_range(owner, a.base, &lo, &hi);
         if (!e.ok() || lo != a.base) {
-          return "source allocation " + std::to_string(a.base) + " is not an allocation here";
+          return "destination allocation " + std::to_string(a.base) + " is not an allocation here";
         }
         base = lo;
         nbytes = hi - lo;
       } else {
-        error = mappings_->acquire(reader_id_, device, a, &base, &nbytes);
+        error = mappings_->acquire(writer_id_, device, a, &base, &nbytes);
       }
       if (!error.empty()) return error;
     }
-    if (s.offset > nbytes || p.nbytes > nbytes - s.offset) {
-      return "source range outside the sender's allocation of " + std::to_string(nbytes) + " B";
+    if (loc.offset > nbytes || p.nbytes > nbytes - loc.offset) {
+      return "destination range outside the receiver's allocation of " + std::to_string(nbytes) +
+             " B";
     }
-    Batch& b = batches[device];
-    b.dsts.push_back(p.remote_addr);
-    b.srcs.push_back(base + s.offset);
+    b.dsts.push_back(base + loc.offset);
+    b.srcs.push_back(p.local_addr);
     b.sizes.push_back(p.nbytes);
   }
   std::string error;
   std::vector<int> used;
-  for (auto& [device, b] : batches) {
-    auto st = streams_.find(device);
+  for (auto& [dev, b] : batches) {
+    auto st = streams_.find(dev);
     if (st == streams_.end()) {
       cuda::CUstream stream = nullptr;
-      cuda::Error e = driver.create_stream(device, &stream);
+      cuda::Error e = driver.create_priority_stream(dev, &stream);
       if (!e.ok()) {
         error = e.text;
         break;
       }
-      st = streams_.emplace(device, stream).first;
+      st = streams_.emplace(dev, stream).first;
     }
-    used.push_back(device);
+    used.push_back(dev);
     cuda::Error e;
     int code = 0;
     if (copy_fn_ != nullptr) {
-      e = driver.use_device(device);
+      e = driver.use_device(dev);
       static_assert(sizeof(cuda::CUdeviceptr) == sizeof(uint64_t) && sizeof(size_t) == 8);
       if (e.ok()) {
         code =
@@ -166,15 +223,15 @@ std::string Copier::copy(const std::vector<IpcAllocation>& allocations, const Wi
       if (code != 0) copy_fn_ = nullptr;  // cannot launch here (old driver?): the driver's copies
     }
     if (e.ok() && (copy_fn_ == nullptr || code != 0)) {
-      e = driver.copy_async(device, b.dsts, b.srcs, b.sizes, st->second);
+      e = driver.copy_async(dev, b.dsts, b.srcs, b.sizes, st->second);
     }
     if (!e.ok()) {
       error = e.text;
       break;
     }
   }
-  for (int device : used) {  // wait even after an error: no copy may still run when we return
-    cuda::Error e = driver.sync_stream(device, streams_.at(device));
+  for (int dev : used) {  // wait even after an error: no copy may still run when we return
+    cuda::Error e = driver.sync_stream(dev, streams_.at(dev));
     if (!e.ok() && error.empty()) error = e.text;
   }
   return error;

@@ -1,11 +1,11 @@
-// The CUDA-IPC backend's payload: instead of the bytes, a DATA message carries where they are in
-// the sender's GPU memory (an exported allocation handle and an offset per piece), and the
-// receiver's reader thread copies them itself through the mapped allocation, then acknowledges the
-// message. The connection, framing, admission and abort logic are the TCP backend's
-// (tcp_transport.h).
-//
-// Wire (frame type kIpcData): pieces = destination ranges (WirePiece, as for TCP); text = the
-// allocations the message reads from (IpcAllocation each); payload = one IpcSource per piece.
+// The CUDA-IPC payload. The bytes never cross the socket: the receiver admits a message's
+// destination ranges and answers with where they lie in its GPU memory (an exported allocation
+// handle and an offset per piece); the sender maps those allocations and copies its pieces into
+// them on its own GPU stream, then reports the message written. The sender copies (not the
+// receiver) so that, with a prefill and a decode process sharing a GPU, the copy runs in the
+// prefill's CUDA context beside its compute instead of forcing a context switch per message
+// (bench/experiments/timeslice_latency.py). The connection, framing, admission and abort logic are
+// the TCP backend's (tcp_transport.h; the message exchange is in tcp_ipc.cpp).
 #pragma once
 
 #include <map>
@@ -20,22 +20,22 @@
 namespace pdserve::transfer::ipc {
 
 #pragma pack(push, 1)
-// One of the sender's GPU allocations, as exported for other processes.
+// One of the receiver's GPU allocations, as exported for other processes.
 struct IpcAllocation {
   cuda::IpcHandle handle;
-  uint64_t base = 0;           // its address in the sender (used as is when the receiver is the
-                               // sender's own process, where a handle cannot be opened)
-  uint64_t process_token = 0;  // names the sender's process (see process_token())
+  uint64_t base = 0;           // its address in the receiver (used as is when the sender is the
+                               // receiver's own process, where a handle cannot be opened)
+  uint64_t process_token = 0;  // names the receiver's process (see process_token())
 };
-// Where one piece's bytes start in the sender's memory.
-struct IpcSource {
+// Where one piece's destination starts in the receiver's memory.
+struct IpcLocation {
   uint32_t allocation_idx = 0;  // index into the message's IpcAllocation table
   uint32_t reserved = 0;
   uint64_t offset = 0;  // from the allocation's base
 };
 #pragma pack(pop)
 static_assert(sizeof(IpcAllocation) == 80, "wire allocation entry must stay 80 bytes");
-static_assert(sizeof(IpcSource) == 16, "wire source entry must stay 16 bytes");
+static_assert(sizeof(IpcLocation) == 16, "wire location entry must stay 16 bytes");
 // Every message's allocation table fits in a frame's text (at most one allocation per piece).
 static_assert(512 * sizeof(IpcAllocation) <= 64 * 1024,
               "kMaxPiecesPerMessage allocations > kMaxTextLen");
@@ -43,52 +43,59 @@ static_assert(512 * sizeof(IpcAllocation) <= 64 * 1024,
 // A random number fixed for this process's lifetime.
 uint64_t process_token();
 
-// Sender: the allocation table and sources of `pieces` (their local_addr). Returns an error text
-// (empty on success) when a local range is not exportable GPU memory.
-std::string describe_sources(const std::vector<Piece>& pieces,
-                             std::vector<IpcAllocation>* allocations,
-                             std::vector<IpcSource>* sources);
+// Receiver: waits up to timeout_s for process `pid` (a sender on this host that hung up while it
+// may have been copying into our memory) to end. A dying process's GPU work ends before it does.
+// Returns true once it is gone, false if it is still running at the deadline.
+bool wait_process_gone(int64_t pid, double timeout_s);
 
-// Receiver: the sender allocations this process has mapped, shared by every reader thread and
-// counted per reader so that a mapping lives while any reader that opened it does.
+// Receiver: the allocation table and locations of a message's destination ranges (this process's
+// memory). Returns an error text (empty on success) when a range is not exportable GPU memory.
+std::string describe_destinations(const WirePiece* pieces, size_t num_pieces,
+                                  std::vector<IpcAllocation>* allocations,
+                                  std::vector<IpcLocation>* locations);
+
+// Sender: the receiver allocations this process has mapped, shared by every writer thread and
+// counted per writer so that a mapping lives while any writer that opened it does.
 class Mappings {
  public:
-  // The local address of allocation on device (opening it on first use by `reader`) and its size.
-  std::string acquire(uint64_t reader, int device, const IpcAllocation& allocation,
+  // The local address of allocation on device (opening it on first use by `writer`) and its size.
+  std::string acquire(uint64_t writer, int device, const IpcAllocation& allocation,
                       cuda::CUdeviceptr* ptr, uint64_t* nbytes);
-  // Drops every mapping `reader` acquired; closes those no reader holds any more.
-  void release_reader(uint64_t reader);
+  // Drops every mapping `writer` acquired; closes those no writer holds any more.
+  void release_writer(uint64_t writer);
 
  private:
   struct Entry {
     int device;
     cuda::CUdeviceptr ptr;
     uint64_t nbytes;
-    std::set<uint64_t> readers;
+    std::set<uint64_t> writers;
   };
   std::mutex mu_;
   std::map<std::string, Entry> entries_;  // key: device + handle bytes
 };
 
-// Receiver, per reader thread: one copy stream per destination device.
+// Sender, per writer thread: one copy stream (the device's highest priority) per source device.
 class Copier {
  public:
   using CopyFn = int (*)(const uint64_t*, const uint64_t*, const uint64_t*, size_t, void*);
   // copy_fn: TransportConfig::device_copy_fn (null: the driver's copies).
-  Copier(Mappings* mappings, uint64_t reader_id, CopyFn copy_fn)
-      : mappings_(mappings), reader_id_(reader_id), copy_fn_(copy_fn) {}
-  ~Copier();  // destroys the streams and releases the reader's mappings
+  Copier(Mappings* mappings, uint64_t writer_id, CopyFn copy_fn)
+      : mappings_(mappings), writer_id_(writer_id), copy_fn_(copy_fn) {}
+  ~Copier();  // destroys the streams and releases the writer's mappings
   Copier(const Copier&) = delete;
   Copier& operator=(const Copier&) = delete;
 
-  // Copies every piece from the sender's memory into its destination and waits for the copies.
-  // Returns an error text (empty on success); on error some bytes may have landed.
-  std::string copy(const std::vector<IpcAllocation>& allocations, const WirePiece* pieces,
-                   const IpcSource* sources, size_t num_pieces);
+  // Checks that every piece's local range is CUDA device memory; an error text otherwise.
+  std::string check_local(const std::vector<Piece>& pieces);
+  // Copies every piece from local memory into its location in the receiver's allocations and waits
+  // for the copies. Returns an error text (empty on success); on error some bytes may have landed.
+  std::string copy(const std::vector<Piece>& pieces, const std::vector<IpcAllocation>& allocations,
+                   const IpcLocation* locations);
 
  private:
   Mappings* mappings_;
-  uint64_t reader_id_;
+  uint64_t writer_id_;
   CopyFn copy_fn_;
   std::map<int, cuda::CUstream> streams_;
   bool used_driver_ = false;

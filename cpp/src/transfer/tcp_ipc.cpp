@@ -1,9 +1,18 @@
-// The cuda_ipc backend's two message functions (the rest is the TCP backend's): the sender waits
-// for the batch's ready event, names the pieces' GPU allocations and offsets instead of sending
-// bytes, and waits until the receiver answered, because until then the receiver reads its memory;
-// the receiver admits the pieces, copies them through its mappings of the sender's allocations and
-// answers ACK or NACK.
+// The cuda_ipc backend's message exchange (the rest is the TCP backend's). Per message:
+//   sender                                   receiver
+//   waits for the batch's ready event
+//   IPC_WRITE (destination ranges)  ------>  admits them (the request's blocks stay put until
+//                                            landed), exports their allocations
+//                                   <------  IPC_GRANT (allocations, locations) or NACK
+//   maps the allocations, copies on its
+//   own stream, waits for the copy
+//   IPC_WRITTEN (error or none)     ------>  landed()
+//                                   <------  ACK or NACK
+// The receiver may release the ranges only once the sender's copy is over, so a sender reports
+// IPC_WRITTEN even when its connection is being torn down, and hangs up only after its copy ended;
+// a receiver whose sender vanished mid-message first waits (bounded) for that process to end.
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -12,8 +21,22 @@
 
 namespace pdserve::transfer::tcp {
 
-IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* piece_idx,
-                                         uint64_t* offset, bool* last) {
+namespace {
+
+// Waits (under conn.mu, held by lk) for the answer to the message in flight, the connection's
+// death or the engine's stop. Returns whether any came within timeout_s.
+bool wait_answer(OutConn& conn, std::unique_lock<std::mutex>& lk, double timeout_s,
+                 const std::atomic<bool>& stop) {
+  return conn.cv.wait_for(lk, std::chrono::duration<double>(timeout_s),
+                          [&] { return conn.ipc_answered || conn.dead || stop; });
+}
+
+std::string seconds_text(double s) { return std::to_string(static_cast<int64_t>(s)) + " s"; }
+
+}  // namespace
+
+IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, ipc::Copier& copier,
+                                         size_t* piece_idx, uint64_t* offset, bool* last) {
   auto fail_locally = [&](const std::string& error) {
     std::lock_guard<std::mutex> lk(conn.mu);
     b.set_outcome(Status::kFailed, error);
@@ -35,55 +58,92 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* pie
   size_t idx = *piece_idx;
   uint64_t off = *offset;
   std::vector<Piece> slice = next_message(b.batch.pieces, &idx, &off, config_.max_message_nbytes);
+  // Held until the copy ended: it reads the local memory (so an unregister_memory waits for at most
+  // one message's round trips and copy).
+  auto guard = host_->local_memory_guard();
+  std::string error = copier.check_local(slice);
+  if (!error.empty()) return fail_locally(error);
   std::vector<WirePiece> table;
   for (const Piece& p : slice) table.push_back({p.remote_addr, p.nbytes});
-  // Held until the answer: the receiver reads the local memory until then (so an
-  // unregister_memory waits for at most one message's round trip and copy).
-  auto guard = host_->local_memory_guard();
-  std::vector<ipc::IpcAllocation> allocations;
-  std::vector<ipc::IpcSource> sources;
-  std::string error = ipc::describe_sources(slice, &allocations, &sources);
-  if (!error.empty()) return fail_locally(error);
-
   *piece_idx = idx;
   *offset = off;
   *last = idx == b.batch.pieces.size();
+
+  // 1. Ask for the destinations.
+  const int64_t pid = getpid();
   FrameHeader header;
-  header.type = static_cast<uint8_t>(FrameType::kIpcData);
+  header.type = static_cast<uint8_t>(FrameType::kIpcWrite);
   header.flags = *last ? kFlagLast : 0;
   header.request_id_len = static_cast<uint16_t>(b.batch.request_id.size());
-  header.num_pieces = static_cast<uint32_t>(slice.size());
-  header.text_len = static_cast<uint32_t>(allocations.size() * sizeof(ipc::IpcAllocation));
+  header.num_pieces = static_cast<uint32_t>(table.size());
+  header.text_len = sizeof(pid);
   header.ticket = b.batch.ticket;
-  header.payload_nbytes = slice.size() * sizeof(ipc::IpcSource);
-  iovec iov[5] = {{&header, sizeof(header)},
+  iovec iov[4] = {{&header, sizeof(header)},
                   {const_cast<char*>(b.batch.request_id.data()), b.batch.request_id.size()},
-                  {allocations.data(), header.text_len},
-                  {table.data(), table.size() * sizeof(WirePiece)},
-                  {sources.data(), header.payload_nbytes}};
+                  {const_cast<int64_t*>(&pid), sizeof(pid)},
+                  {table.data(), table.size() * sizeof(WirePiece)}};
+  std::vector<ipc::IpcAllocation> allocations;
+  std::vector<ipc::IpcLocation> locations;
   {
     std::lock_guard<std::mutex> lk(conn.mu);
     conn.ipc_answered = false;
   }
-  IoResult r = write_all(conn.fd, iov, 5, config_.stall_timeout_s, stop_);
+  IoResult r = write_all(conn.fd, iov, 4, config_.stall_timeout_s, stop_);
   if (!r.ok) return {false, "send to peer failed: " + r.error};
+  {
+    std::unique_lock<std::mutex> lk(conn.mu);
+    if (!wait_answer(conn, lk, config_.stall_timeout_s, stop_)) {
+      return {false, "peer " + conn.peer + " answered no write request within " +
+                         seconds_text(config_.stall_timeout_s)};
+    }
+    if (conn.dead) return {false, conn.dead_reason};
+    if (stop_) return {false, "transfer engine closed"};
+    if (!conn.ipc_ok) {
+      b.replied = true;
+      b.set_outcome(Status::kFailed, "peer " + conn.peer + " refused the data: " + conn.ipc_error);
+      b.cancelled = true;
+      return {};
+    }
+    allocations = std::move(conn.ipc_allocations);
+    locations = std::move(conn.ipc_locations);
+    conn.ipc_copying = true;  // from here until the receiver heard of its end, the socket stays up
+  }
 
-  const auto stall = std::chrono::duration<double>(config_.stall_timeout_s);
+  // 2. Copy (waits for the copy to end).
+  error = locations.size() == slice.size()
+              ? copier.copy(slice, allocations, locations.data())
+              : "protocol error: " + std::to_string(locations.size()) + " locations granted for " +
+                    std::to_string(slice.size()) + " pieces";
+
+  // 3. Report the copy's end, even when the connection is being torn down (best effort, without
+  //    heeding stop_), and only then hang up when it was: the receiver holds the ranges till then.
+  bool dead = false;
+  {
+    std::lock_guard<std::mutex> lk(conn.mu);
+    conn.ipc_answered = false;
+    conn.ipc_copying = false;
+    dead = conn.dead;
+  }
+  const std::atomic<bool> never{false};
+  r = write_control_frame(conn.fd, FrameType::kIpcWritten, b.batch.ticket, "", error,
+                          dead || stop_ ? 1.0 : config_.stall_timeout_s, never);
   std::unique_lock<std::mutex> lk(conn.mu);
-  bool answered =
-      conn.cv.wait_for(lk, stall, [&] { return conn.ipc_answered || conn.dead || stop_; });
-  if (!answered) {
-    // The receiver may still be copying from our memory. Its reader reads the next frame only
-    // after the copy returned, so end our side and wait (bounded) for it to hang up: the reply
-    // thread sees EOF and marks the connection dead. Only then may the batch end.
-    ::shutdown(conn.fd, SHUT_WR);
-    conn.cv.wait_for(lk, stall, [&] { return conn.dead || stop_; });
-    return {false, "peer " + conn.peer + " answered no copy within " +
-                       std::to_string(static_cast<int64_t>(config_.stall_timeout_s)) + " s"};
+  if (conn.dead) {
+    ::shutdown(conn.fd, SHUT_RDWR);  // kill_out left it to us (see kill_out)
+    return {false, conn.dead_reason};
+  }
+  if (!r.ok) return {false, "send to peer failed: " + r.error};
+  if (!wait_answer(conn, lk, config_.stall_timeout_s, stop_)) {
+    return {false, "peer " + conn.peer + " answered no copy report within " +
+                       seconds_text(config_.stall_timeout_s)};
   }
   if (conn.dead) return {false, conn.dead_reason};
   if (stop_) return {false, "transfer engine closed"};
-  if (!conn.ipc_ok) {
+  if (!error.empty()) {
+    b.replied = true;
+    b.set_outcome(Status::kFailed, "copy into peer " + conn.peer + " failed: " + error);
+    b.cancelled = true;
+  } else if (!conn.ipc_ok) {
     b.replied = true;
     b.set_outcome(Status::kFailed, "peer " + conn.peer + " refused the data: " + conn.ipc_error);
     b.cancelled = true;
@@ -94,45 +154,121 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, size_t* pie
   return {};
 }
 
-IoResult TcpTransport::read_ipc_message(InConn& conn, const FrameHeader& header,
-                                        const std::string& request_id, const std::string& text,
-                                        ipc::Copier& copier) {
-  const size_t count = header.num_pieces;
-  if (count == 0 || header.payload_nbytes != count * sizeof(ipc::IpcSource) || text.empty() ||
+IoResult TcpTransport::read_ipc_grant(OutConn& conn, const FrameHeader& header,
+                                      const std::string& text) {
+  const uint64_t count = header.payload_nbytes / sizeof(ipc::IpcLocation);
+  if (header.num_pieces != 0 || header.payload_nbytes % sizeof(ipc::IpcLocation) != 0 ||
+      count == 0 || count > kMaxPiecesPerMessage || text.empty() ||
       text.size() % sizeof(ipc::IpcAllocation) != 0) {
-    return {false, "protocol error: IPC_DATA frame with " + std::to_string(count) + " pieces, " +
-                       std::to_string(header.payload_nbytes) + " B of sources (want " +
-                       std::to_string(count * sizeof(ipc::IpcSource)) + ") and " +
-                       std::to_string(text.size()) + " B of allocations (want a multiple of " +
-                       std::to_string(sizeof(ipc::IpcAllocation)) + ")"};
+    return {false, "protocol error: IPC_GRANT frame with " + std::to_string(header.payload_nbytes) +
+                       " B of locations and " + std::to_string(text.size()) + " B of allocations"};
   }
-  std::vector<WirePiece> table(count);
-  std::vector<ipc::IpcSource> sources(count);
-  iovec iov[2] = {{table.data(), count * sizeof(WirePiece)},
-                  {sources.data(), count * sizeof(ipc::IpcSource)}};
-  IoResult r = read_all(conn.fd, iov, 2, config_.stall_timeout_s, stop_, false);
+  std::vector<ipc::IpcLocation> locations(count);
+  iovec iov{locations.data(), count * sizeof(ipc::IpcLocation)};
+  IoResult r = read_all(conn.fd, &iov, 1, config_.stall_timeout_s, stop_, false);
   if (!r.ok) return r;
   std::vector<ipc::IpcAllocation> allocations(text.size() / sizeof(ipc::IpcAllocation));
   std::memcpy(allocations.data(), text.data(), text.size());
+  std::lock_guard<std::mutex> lk(conn.mu);
+  if (conn.writing != nullptr && conn.writing->batch.ticket == header.ticket) {
+    conn.ipc_allocations = std::move(allocations);
+    conn.ipc_locations = std::move(locations);
+    conn.ipc_answered = true;
+    conn.ipc_ok = true;
+    conn.cv.notify_all();
+  }
+  return {};
+}
+
+IoResult TcpTransport::read_ipc_write(InConn& conn, const FrameHeader& header,
+                                      const std::string& request_id, const std::string& text) {
+  const size_t count = header.num_pieces;
+  int64_t pid = 0;
+  if (count == 0 || header.payload_nbytes != 0 || text.size() != sizeof(pid)) {
+    return {false, "protocol error: IPC_WRITE frame with " + std::to_string(count) + " pieces, " +
+                       std::to_string(header.payload_nbytes) + " B of payload and " +
+                       std::to_string(text.size()) + " B of text"};
+  }
+  std::memcpy(&pid, text.data(), sizeof(pid));
+  std::vector<WirePiece> table(count);
+  iovec iov{table.data(), count * sizeof(WirePiece)};
+  IoResult r = read_all(conn.fd, &iov, 1, config_.stall_timeout_s, stop_, false);
+  if (!r.ok) return r;
   uint64_t nbytes = 0;
   for (size_t i = 0; i < count; ++i) {
-    if (table[i].nbytes == 0 || table[i].nbytes > UINT64_MAX - nbytes ||
-        sources[i].allocation_idx >= allocations.size()) {
-      return {false, "protocol error: IPC_DATA piece " + std::to_string(i) + " has " +
-                         std::to_string(table[i].nbytes) + " B and allocation index " +
-                         std::to_string(sources[i].allocation_idx) + " of " +
-                         std::to_string(allocations.size())};
+    if (table[i].nbytes == 0 || table[i].nbytes > UINT64_MAX - nbytes) {
+      return {false, "protocol error: IPC_WRITE piece " + std::to_string(i) + " has " +
+                         std::to_string(table[i].nbytes) + " B"};
     }
     nbytes += table[i].nbytes;
   }
   Admission admission = host_->admit(request_id, conn.peer, table.data(), count, nbytes);
-  std::string error =
-      admission.ok || !admission.error.empty() ? admission.error : "refused by the receiver";
-  if (admission.ok) {
-    error = copier.copy(allocations, table.data(), sources.data(), count);
-    host_->landed(std::move(admission), conn.peer, nbytes, error);
+  if (!admission.ok) {
+    return reply(conn, FrameType::kNack, header.ticket,
+                 admission.error.empty() ? "refused by the receiver" : admission.error);
   }
-  return reply(conn, error.empty() ? FrameType::kAck : FrameType::kNack, header.ticket, error);
+  std::vector<ipc::IpcAllocation> allocations;
+  std::vector<ipc::IpcLocation> locations;
+  std::string error = ipc::describe_destinations(table.data(), count, &allocations, &locations);
+  if (!error.empty()) {
+    host_->landed(std::move(admission), conn.peer, nbytes, error);
+    return reply(conn, FrameType::kNack, header.ticket, error);
+  }
+  FrameHeader grant;
+  grant.type = static_cast<uint8_t>(FrameType::kIpcGrant);
+  grant.text_len = static_cast<uint32_t>(allocations.size() * sizeof(ipc::IpcAllocation));
+  grant.ticket = header.ticket;
+  grant.payload_nbytes = locations.size() * sizeof(ipc::IpcLocation);
+  iovec giov[3] = {{&grant, sizeof(grant)},
+                   {allocations.data(), grant.text_len},
+                   {locations.data(), grant.payload_nbytes}};
+  {
+    std::lock_guard<std::mutex> wlk(conn.write_mu);
+    if (conn.closing) {
+      r = {false, "transfer engine closed"};
+    } else {
+      r = write_all(conn.fd, giov, 3, config_.stall_timeout_s, stop_);
+      conn.ipc_granted = r.ok;  // shutdown() leaves this connection to us until the report
+    }
+  }
+  if (!r.ok) {  // the sender never holds a whole grant without every byte written: it copies
+                // nothing
+    host_->landed(std::move(admission), conn.peer, nbytes, "granting the write failed: " + r.error);
+    return r;
+  }
+  // The sender is copying into the ranges now: wait for its report (its copy is short; bounded by
+  // max_message_nbytes), even when this engine is closing.
+  const std::atomic<bool> never{false};
+  FrameHeader done;
+  std::string rid, report;
+  while (true) {
+    r = read_frame_head(conn.fd, &done, &rid, &report, config_.stall_timeout_s, never, false);
+    if (!r.ok || done.type != static_cast<uint8_t>(FrameType::kAbort)) break;
+    host_->remote_abort(rid, report);
+  }
+  if (r.ok && (done.type != static_cast<uint8_t>(FrameType::kIpcWritten) ||
+               done.ticket != header.ticket || done.num_pieces != 0 || done.payload_nbytes != 0)) {
+    r = {false, "protocol error: expected IPC_WRITTEN for ticket " + std::to_string(header.ticket)};
+  }
+  bool closing = false;
+  {
+    std::lock_guard<std::mutex> wlk(conn.write_mu);
+    conn.ipc_granted = false;
+    closing = conn.closing;
+  }
+  if (!r.ok) {
+    // It may still be copying: a sender hangs up mid-message only when its process ends (a live
+    // one reports first), and a dying process's GPU work ends before the process does.
+    if (!ipc::wait_process_gone(pid, config_.stall_timeout_s)) {
+      r.error += "; the sender (pid " + std::to_string(pid) + ") still runs";
+    }
+    host_->landed(std::move(admission), conn.peer, nbytes,
+                  "connection from " + conn.peer + " broke while it wrote: " + r.error);
+    return r;
+  }
+  host_->landed(std::move(admission), conn.peer, nbytes, report);
+  if (closing) return {false, "transfer engine closed"};  // the reader hangs up
+  return reply(conn, report.empty() ? FrameType::kAck : FrameType::kNack, header.ticket, report);
 }
 
 }  // namespace pdserve::transfer::tcp

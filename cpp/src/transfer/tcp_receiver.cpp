@@ -77,9 +77,6 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
   std::vector<WirePiece> table;
   std::vector<iovec> iov;
   std::vector<char> scratch(256 * 1024);
-  // cuda_ipc only; touches no GPU until used
-  ipc::Copier copier(&mappings_, next_reader_id_++,
-                     reinterpret_cast<ipc::Copier::CopyFn>(config_.device_copy_fn));
   std::string reason;
   while (true) {
     r = read_frame_head(conn->fd, &header, &rid, &text, config_.stall_timeout_s, stop_, true);
@@ -92,8 +89,8 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
       host_->remote_abort(rid, text);
       continue;
     }
-    if (type == FrameType::kIpcData && ipc_) {
-      r = read_ipc_message(*conn, header, rid, text, copier);
+    if (type == FrameType::kIpcWrite && ipc_) {
+      r = read_ipc_write(*conn, header, rid, text);
       if (!r.ok) {
         reason = r.error;
         break;

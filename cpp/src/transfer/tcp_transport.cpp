@@ -183,7 +183,11 @@ void TcpTransport::shutdown() {
     ins = all_in_;
   }
   for (auto& conn : outs) kill_out(*conn, "transfer engine closed");
-  for (auto& conn : ins) ::shutdown(conn->fd, SHUT_RDWR);
+  for (auto& conn : ins) {
+    std::lock_guard<std::mutex> wlk(conn->write_mu);
+    conn->closing = true;
+    if (!conn->ipc_granted) ::shutdown(conn->fd, SHUT_RDWR);  // else its reader hangs up
+  }
   for (auto& conn : outs) join_out(conn);
   for (auto& conn : ins) {
     if (conn->reader.joinable()) conn->reader.join();
@@ -251,13 +255,18 @@ void TcpTransport::kill_out(OutConn& conn, const std::string& reason) {
       if (try_finish_locked(conn, b)) finished.push_back(b);
     }
     conn.aborts.clear();
-    ::shutdown(conn.fd, SHUT_RDWR);
+    // cuda_ipc: while the writer copies into granted ranges, it hangs up itself once the receiver
+    // heard that the copy ended (tcp_ipc.cpp)
+    if (!conn.ipc_copying) ::shutdown(conn.fd, SHUT_RDWR);
     conn.cv.notify_all();
   }
   report(finished);
 }
 
 void TcpTransport::writer_loop(std::shared_ptr<OutConn> conn) {
+  // cuda_ipc only; touches no GPU until used
+  ipc::Copier copier(&mappings_, next_writer_id_++,
+                     reinterpret_cast<ipc::Copier::CopyFn>(config_.device_copy_fn));
   while (true) {
     std::shared_ptr<OutBatch> b;
     std::pair<std::string, std::string> abort_msg;
@@ -300,7 +309,7 @@ void TcpTransport::writer_loop(std::shared_ptr<OutConn> conn) {
     size_t piece_idx = b->next_piece;
     uint64_t offset = b->next_offset;
     bool last = false;
-    IoResult r = ipc_ ? write_ipc_message(*conn, *b, &piece_idx, &offset, &last)
+    IoResult r = ipc_ ? write_ipc_message(*conn, *b, copier, &piece_idx, &offset, &last)
                       : write_tcp_message(*conn, *b, &piece_idx, &offset, &last);
     if (!r.ok) kill_out(*conn, ipc_ ? r.error : "send to peer failed: " + r.error);
     {
@@ -384,7 +393,9 @@ void TcpTransport::reply_loop(std::shared_ptr<OutConn> conn) {
     std::string rid, text;
     IoResult r =
         read_frame_head(conn->fd, &header, &rid, &text, config_.stall_timeout_s, stop_, true);
-    if (r.ok && (header.num_pieces != 0 || header.payload_nbytes != 0)) {
+    const bool grant = ipc_ && header.type == static_cast<uint8_t>(FrameType::kIpcGrant);
+    if (r.ok && grant) r = read_ipc_grant(*conn, header, text);
+    if (r.ok && !grant && (header.num_pieces != 0 || header.payload_nbytes != 0)) {
       r = {false, "protocol error: reply frame with payload"};
     }
     if (!r.ok) {
@@ -392,6 +403,7 @@ void TcpTransport::reply_loop(std::shared_ptr<OutConn> conn) {
       return;
     }
     auto type = static_cast<FrameType>(header.type);
+    if (grant) continue;
     if (type == FrameType::kAbort) {
       host_->remote_abort(rid, text);
       continue;
@@ -400,7 +412,7 @@ void TcpTransport::reply_loop(std::shared_ptr<OutConn> conn) {
       kill_out(*conn, "protocol error: unexpected frame type " + std::to_string(header.type));
       return;
     }
-    if (ipc_) {  // the answer to the message in flight; its writer settles the batch
+    if (ipc_) {  // an answer to the message in flight; its writer settles the batch
       std::lock_guard<std::mutex> lk(conn->mu);
       if (conn->writing != nullptr && conn->writing->batch.ticket == header.ticket) {
         conn->ipc_answered = true;

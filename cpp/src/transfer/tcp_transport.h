@@ -1,7 +1,7 @@
 // The TCP backend's connection state and threads (private to the transfer library): the sender
 // side lives in tcp_transport.cpp, the receiver side (listener, one reader per inbound connection)
 // in tcp_receiver.cpp. The cuda_ipc backend is the same class with `ipc` set: the socket carries
-// where the bytes are in GPU memory and the receiver copies them (ipc_payload.h, tcp_ipc.cpp).
+// where the bytes go in GPU memory and the sender copies them (ipc_payload.h, tcp_ipc.cpp).
 #pragma once
 
 #include <atomic>
@@ -55,6 +55,9 @@ struct OutBatch {
 // `batches`; those not fully written are also in `queue` (round-robin across requests, submission
 // order within one request); `writing` is the batch whose bytes the writer thread is sending right
 // now (outside mu), or null.
+// cuda_ipc: one message in flight; the writer waits for each answer (grant, then the answer to its
+// copy report), and while `ipc_copying` nobody but the writer may shut the socket (kill_out leaves
+// it to the writer), since the receiver holds the granted ranges until it hears the copy ended.
 struct OutConn {
   std::string peer;
   int fd = -1;
@@ -64,11 +67,12 @@ struct OutConn {
   std::unordered_map<Ticket, std::shared_ptr<OutBatch>> batches;
   std::deque<std::pair<std::string, std::string>> aborts;  // (request id, reason) to send first
   OutBatch* writing = nullptr;
-  // cuda_ipc: the receiver reads `writing`'s memory until it answers the message in flight, so the
-  // writer waits for that answer (one message in flight per connection).
-  bool ipc_answered = false;
-  bool ipc_ok = false;
-  std::string ipc_error;
+  bool ipc_answered = false;  // cuda_ipc: an answer to the message in flight arrived
+  bool ipc_ok = false;    // ... it was IPC_GRANT (for the write request) or ACK (for the report)
+  std::string ipc_error;  // ... NACK's reason
+  std::vector<ipc::IpcAllocation> ipc_allocations;  // ... IPC_GRANT's
+  std::vector<ipc::IpcLocation> ipc_locations;
+  bool ipc_copying = false;
   bool dead = false;
   std::string dead_reason;
   std::thread writer;
@@ -80,6 +84,10 @@ struct InConn {
   std::string peer;  // the sender's own listening address, from its HELLO
   int fd = -1;
   std::mutex write_mu;  // ACK / NACK from the reader thread, ABORT from user threads
+  // Under write_mu. cuda_ipc: a sender may be copying into granted ranges; shutdown() then leaves
+  // hanging up to the reader, which waits for the sender's report first.
+  bool ipc_granted = false;
+  bool closing = false;
   std::atomic<bool> dead{false};
   std::thread reader;
 };
@@ -135,13 +143,16 @@ class TcpTransport final : public Transport {
                              bool* last);
 
   // ---- cuda_ipc (tcp_ipc.cpp) ----
-  // Sender: one IPC_DATA message from b's cursor, then waits for its answer. A local failure (the
-  // ready event, memory that cannot be exported) fails the batch and writes nothing.
-  IoResult write_ipc_message(OutConn& conn, OutBatch& b, size_t* piece_idx, uint64_t* offset,
-                             bool* last);
-  // Receiver: reads the rest of an IPC_DATA frame, copies what was admitted, answers.
-  IoResult read_ipc_message(InConn& conn, const FrameHeader& header, const std::string& request_id,
-                            const std::string& text, ipc::Copier& copier);
+  // Sender: one message from b's cursor: the write request, the copy, the report, each answer. A
+  // local failure before the request (the ready event, memory that is not on a GPU) fails the batch
+  // and writes nothing.
+  IoResult write_ipc_message(OutConn& conn, OutBatch& b, ipc::Copier& copier, size_t* piece_idx,
+                             uint64_t* offset, bool* last);
+  // Sender's reply thread: the rest of an IPC_GRANT frame, handed to the writer.
+  IoResult read_ipc_grant(OutConn& conn, const FrameHeader& header, const std::string& text);
+  // Receiver: the rest of an IPC_WRITE frame: admits, grants, waits for the sender's report.
+  IoResult read_ipc_write(InConn& conn, const FrameHeader& header, const std::string& request_id,
+                          const std::string& text);
 
   // ---- receiver side (tcp_receiver.cpp) ----
   void accept_loop();
@@ -153,8 +164,8 @@ class TcpTransport final : public Transport {
 
   TransportConfig config_;
   const bool ipc_;
-  ipc::Mappings mappings_;  // cuda_ipc receiver: senders' allocations mapped here
-  std::atomic<uint64_t> next_reader_id_{1};
+  ipc::Mappings mappings_;  // cuda_ipc sender: receivers' allocations mapped here
+  std::atomic<uint64_t> next_writer_id_{1};
   TransportHost* host_ = nullptr;
   std::string address_;
   int listen_fd_ = -1;

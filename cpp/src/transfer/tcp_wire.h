@@ -8,11 +8,15 @@
 //   DATA       connector -> acceptor: request id, ticket, pieces (destination ranges), payload =
 //              the pieces' bytes back to back; flag LAST on the final message of a batch
 //   ACK / NACK acceptor -> connector: ticket (+ text = why, for NACK); one per batch (tcp), one
-//              per IPC_DATA message (cuda_ipc)
+//              per IPC_WRITE message (cuda_ipc)
 //   ABORT      either way: request id, text = reason
-//   IPC_DATA   cuda_ipc only, instead of DATA: pieces as for DATA, text = the sender's exported
-//              allocations, payload = one source location per piece (ipc_payload.h); the receiver
-//              copies the bytes itself and answers every message with ACK or NACK
+// cuda_ipc only, instead of DATA (ipc_payload.h; three frames per message, one message in flight):
+//   IPC_WRITE    connector -> acceptor: as DATA without payload (pieces = destination ranges, flag
+//                LAST), text = the sender's process id (8 bytes)
+//   IPC_GRANT    acceptor -> connector: ticket, text = the acceptor's exported allocations,
+//                payload = one location per piece; or NACK when refused
+//   IPC_WRITTEN  connector -> acceptor: ticket, text = why the copy failed (empty: every byte
+//                landed), sent once the sender's copy ended; answered with ACK or NACK
 #pragma once
 
 #include <sys/uio.h>
@@ -33,7 +37,9 @@ enum class FrameType : uint8_t {
   kAck = 4,
   kNack = 5,
   kAbort = 6,
-  kIpcData = 7  // the cuda_ipc backend's DATA: source locations instead of bytes (ipc_payload.h)
+  kIpcWrite = 7,   // cuda_ipc: may these destination ranges be written?
+  kIpcGrant = 8,   // cuda_ipc: yes, here is where they lie
+  kIpcWritten = 9  // cuda_ipc: the copy ended
 };
 constexpr uint8_t kFlagLast = 1;
 

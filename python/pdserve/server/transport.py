@@ -5,7 +5,7 @@ link by exchanging endpoints, expect a request's blocks from one peer (a peer th
 the receive at once), push blocks layer by layer (from the engine thread: never blocks) or whole,
 flush before unpinning, abort on every early exit. The TCP backend moves host memory (the KV of a CPU
 instance, or a GPU instance's host staging slots); `cuda_ipc` (--enable-direct) moves GPU memory, the
-receiver copying straight from the sender's KV blocks once the layer's ready event completed. NCCL
+sender copying its KV blocks straight into the receiver's once the layer's ready event completed. NCCL
 will come in through the same `Endpoint`/`CommDomain`.
 
 Tensor parallelism: one transfer engine per instance, in the engine's process, registers every rank's

@@ -99,7 +99,7 @@ def memory_span(memory: Any) -> tuple[int, int, int]:
 
 def _default_message_nbytes(backend: str) -> int:
     """Payload bytes per wire message: 1 MiB over TCP (cache-friendly copies, bounded abort waits);
-    512 MiB for cuda_ipc, where a message costs one round trip and its copy ~0.4 ms on an H100."""
+    512 MiB for cuda_ipc, where a message costs two round trips and its copy ~0.4 ms on an H100."""
     return 512 << 20 if backend == "cuda_ipc" else 1 << 20
 
 
@@ -124,7 +124,7 @@ class TransferEngine:
     connections to peers, receives (`expect`) and sends (`send`).
 
     Backends: "tcp" moves host memory over sockets; "cuda_ipc" moves GPU memory between processes
-    on one host (the socket carries the pieces' locations, the receiver copies them through CUDA IPC
+    on one host (the socket carries the pieces' locations, the sender copies them through CUDA IPC
     mappings of the sender's allocations; raises TransferError where no CUDA driver or GPU is).
 
     Threading: every method is thread-safe. `connect`, `wait`, `wait_recv`, `abort`,

@@ -75,9 +75,9 @@ struct TransportConfig {
   // Payload bytes per wire message: bounds how long an abort waits for the message in flight, and
   // ~1 MiB keeps the copies cache-friendly (faster on loopback than 8 MiB; bench_transfer.py).
   // cuda_ipc: bytes one message's copy covers at most (the bound on an abort's wait; each message
-  // costs a round trip, so keep it large: pdserve.transfer uses 512 MiB, ~0.4 ms of copy).
+  // costs two round trips, so keep it large: pdserve.transfer uses 512 MiB, ~0.4 ms of copy).
   uint64_t max_message_nbytes = 1ull << 20;
-  // cuda_ipc receiver: the address of a function
+  // cuda_ipc sender: the address of a function
   //   int fn(const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes, size_t count,
   //          void* stream)
   // that enqueues a message's copies as one kernel on the current device and returns 0 (a CUDA
@@ -90,10 +90,10 @@ struct TransportConfig {
 //
 // The backends:
 // - tcp: host memory; DATA frames carry the bytes (tcp_transport.h).
-// - cuda_ipc (processes on one host, one GPU or several): DATA frames carry the sender's exported
-// GPU
-//   allocations and offsets; the receiver maps them, copies, waits, then admits the next message
-//   (receiver-side copy: on two GPUs it runs on the decode GPU; see tcp_ipc.cpp).
+// - cuda_ipc (processes on one host, one GPU or several): per message, the receiver admits the
+//   destination ranges and grants them as exported allocations and offsets; the sender maps them,
+//   copies on its own high-priority stream, waits, and reports the copy's end (sender-side copy:
+//   on a shared GPU it runs in the prefill's context, no context switch; see tcp_ipc.cpp).
 //   supports_device_memory() and supports_streams() are true; options.stream is ignored.
 // - nccl (planned, no change to the engine or to Python): connect() exchanges an ncclUniqueId over
 // a TCP control channel (tcp_wire.h framing) and
