@@ -140,6 +140,8 @@ PYBIND11_MODULE(_transfer, m) {
              return out;
            })
       .def("completion_fd", &tr::TransferEngine::completion_fd)
+      .def("watch", &tr::TransferEngine::watch, "ticket"_a)
+      .def("watch_recv", &tr::TransferEngine::watch_recv, "request_id"_a)
       .def("drain_completions", &tr::TransferEngine::drain_completions)
       .def("close", &tr::TransferEngine::close, py::call_guard<py::gil_scoped_release>());
 }

@@ -118,17 +118,30 @@ TRANSFER_TEST(abort_propagates_to_the_peer) {
   CHECK(p.dst[0] == 0);
 }
 
-TRANSFER_TEST(completion_fd_signals_finished_work) {
+TRANSFER_TEST(completion_fd_signals_watched_work_only) {
   Pair p;
-  int fd = p.sender.completion_fd();
+  int fd = p.receiver.completion_fd();
+  int sender_fd = p.sender.completion_fd();
+  // Work nobody watches finishes without a completion.
+  p.receiver.expect("quiet", 10, 10.0);
+  Ticket quiet =
+      p.sender.send(p.receiver.address(), "quiet", {{addr_of(p.src), addr_of(p.dst), 10}});
+  CHECK(p.sender.wait(quiet, 10.0).status == Status::kDone);
+  CHECK(p.receiver.wait_recv("quiet", 10.0).status == Status::kDone);
+  p.sender.watch(quiet);  // terminal already: nothing is queued
+  pollfd pfds[2] = {{fd, POLLIN, 0}, {sender_fd, POLLIN, 0}};
+  CHECK(::poll(pfds, 2, 0) == 0);
+  CHECK(p.receiver.drain_completions().empty() && p.sender.drain_completions().empty());
+  // A watched receive completes through the fd.
   p.receiver.expect("c", 10, 10.0);
-  Ticket t = p.sender.send(p.receiver.address(), "c", {{addr_of(p.src), addr_of(p.dst), 10}});
+  p.receiver.watch_recv("c");
+  p.sender.send(p.receiver.address(), "c", {{addr_of(p.src), addr_of(p.dst) + 16, 10}});
   pollfd pfd{fd, POLLIN, 0};
   CHECK(::poll(&pfd, 1, 5000) == 1);
-  std::vector<Completion> done = p.sender.drain_completions();
+  std::vector<Completion> done = p.receiver.drain_completions();
   CHECK(done.size() == 1);
-  CHECK(done[0].is_send && done[0].send.ticket == t && done[0].send.status == Status::kDone);
-  CHECK(p.sender.drain_completions().empty());
+  CHECK(!done[0].is_send && done[0].recv.request_id == "c" && done[0].recv.status == Status::kDone);
+  CHECK(p.receiver.drain_completions().empty());
 }
 
 TRANSFER_TEST(close_fails_pending_work_and_is_idempotent) {

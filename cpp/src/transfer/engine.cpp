@@ -276,8 +276,26 @@ int TransferEngine::completion_fd() {
     completion_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (completion_fd_ < 0) throw TransferError("eventfd failed: errno " + std::to_string(errno));
   }
-  completions_on_ = true;
   return completion_fd_;
+}
+
+void TransferEngine::watch(Ticket ticket) {
+  // A ticket that is terminal already is never pushed again: do not keep its mark.
+  {
+    std::lock_guard<std::mutex> tlk(tickets_mu_);
+    auto it = tickets_.find(ticket);
+    if (it == tickets_.end() || it->second.result.status != Status::kPending) return;
+    std::lock_guard<std::mutex> lk(completions_mu_);  // tickets_mu_ -> completions_mu_
+    watched_tickets_.insert(ticket);
+  }
+}
+
+void TransferEngine::watch_recv(const std::string& request_id) {
+  std::lock_guard<std::mutex> rlk(recv_mu_);
+  auto it = recvs_.find(request_id);
+  if (it == recvs_.end() || it->second.settled) return;
+  std::lock_guard<std::mutex> lk(completions_mu_);  // recv_mu_ -> completions_mu_
+  watched_recvs_.insert(request_id);
 }
 
 std::vector<Completion> TransferEngine::drain_completions() {
@@ -294,7 +312,9 @@ std::vector<Completion> TransferEngine::drain_completions() {
 
 void TransferEngine::push_completion(Completion completion) {
   std::lock_guard<std::mutex> lk(completions_mu_);
-  if (!completions_on_) return;
+  bool watched = completion.is_send ? watched_tickets_.erase(completion.send.ticket) > 0
+                                    : watched_recvs_.erase(completion.recv.request_id) > 0;
+  if (!watched || completion_fd_ < 0) return;
   completions_.push_back(std::move(completion));
   uint64_t one = 1;
   ssize_t n = ::write(completion_fd_, &one, sizeof(one));

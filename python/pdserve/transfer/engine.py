@@ -249,7 +249,7 @@ class TransferEngine:
         local memory unchanged until then. `stream` / `ready_event` (CUDA handles as ints) are the
         slot for GPU backends; the TCP backend requires 0. cuda_ipc waits for `ready_event` (through an
         event of its own made during this call, so the caller's may be destroyed afterwards) and
-        ignores `stream`: the receiver does the copy.
+        ignores `stream`: it copies on a stream of its own.
         """
         return self._native.send(peer, request_id, pieces, timeout_s or 0.0, stream, ready_event)
 
@@ -275,6 +275,7 @@ class TransferEngine:
     async def wait_async(self, ticket: int) -> SendResult:
         """Awaits a send ticket without blocking the loop or using a thread."""
         fut = self._register(self._send_waiters, ticket)
+        self._native.watch(ticket)  # before the poll: a completion in between is queued too
         done = self.poll(ticket)
         if done is None:
             raise ValueError(f"wait_async: unknown ticket {ticket}")
@@ -285,6 +286,7 @@ class TransferEngine:
     async def wait_recv_async(self, request_id: str) -> RecvResult:
         """Awaits an expected receive without blocking the loop or using a thread."""
         fut = self._register(self._recv_waiters, request_id)
+        self._native.watch_recv(request_id)
         done = self.poll_recv(request_id)
         if done is None:
             raise ValueError(f"wait_recv_async: request {request_id!r} was not expected here")

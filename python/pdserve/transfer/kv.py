@@ -141,6 +141,8 @@ class KVSender:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._tickets: dict[str, list[int]] = {}
+        # (source ids, destination ids) -> their layer-0 pieces, for the last blocks pushed
+        self._layer0: tuple[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray] | None = None
 
     def _send(self, request_id: str, pieces: np.ndarray, ready_event: int) -> int | None:
         if len(pieces) == 0:
@@ -162,10 +164,31 @@ class KVSender:
     ) -> int | None:
         """Sends layer `layer_idx` of the given blocks; returns the ticket (None if no blocks).
         `ready_event` (GPU backends): a recorded cudaEvent_t, as an int, that completes once the
-        blocks are written; needed only during the call (the engine waits through its own event)."""
-        pieces = layer_pieces(
-            self.src_layout, self.dst_layout, layer_idx, src_block_ids, dst_block_ids
-        )
+        blocks are written; needed only during the call (the engine waits through its own event).
+
+        A prefill step pushes the same blocks for every layer, so layer 0's pieces are built once
+        and shifted by the layer strides (addresses are linear in the layer index and merging
+        consecutive pieces does not depend on it)."""
+        if not 0 <= layer_idx < self.src_layout.num_layers:
+            raise ValueError(
+                f"layer_idx must lie in [0, {self.src_layout.num_layers}), got {layer_idx}"
+            )
+        key = (tuple(src_block_ids), tuple(dst_block_ids))
+        cached = self._layer0  # one attribute read: safe if another thread replaces it
+        if cached is None or cached[0] != key:
+            base = layer_pieces(self.src_layout, self.dst_layout, 0, src_block_ids, dst_block_ids)
+            cached = self._layer0 = (key, base)
+        pieces = cached[1]
+        if layer_idx and len(pieces):
+            shift = np.array(
+                [
+                    layer_idx * self.src_layout.layer_stride_nbytes,
+                    layer_idx * self.dst_layout.layer_stride_nbytes,
+                    0,
+                ],
+                dtype=np.uint64,
+            )
+            pieces = pieces + shift
         return self._send(request_id, pieces, ready_event)
 
     def push_request(

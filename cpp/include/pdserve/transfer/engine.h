@@ -90,9 +90,15 @@ class TransferEngine final : private TransportHost {
   EngineStats stats() const;
 
   // ---- asyncio integration ----
-  // A file descriptor that becomes readable when a completion is queued. The first call turns the
-  // completion queue on (before it, finished tickets and receives are not queued).
+  // A file descriptor that becomes readable when a completion is queued. Only watched tickets and
+  // receives are queued (see watch), so work nobody awaits never wakes the awaiting thread (a
+  // layer-wise push finishes a ticket per layer while the prefill runs).
   int completion_fd();
+  // Queues the ticket's (or the receive's) completion once it is terminal. Call it before checking
+  // with poll / poll_recv whether it is terminal already: a completion that came in between is
+  // queued too. Watching a ticket or receive that is terminal already queues nothing.
+  void watch(Ticket ticket);
+  void watch_recv(const std::string& request_id);
   // Returns (and clears) the queued completions and drains completion_fd.
   std::vector<Completion> drain_completions();
 
@@ -181,9 +187,10 @@ class TransferEngine final : private TransportHost {
   std::map<std::string, PeerStats> peer_stats_;
 
   std::mutex completions_mu_;
-  bool completions_on_ = false;
   int completion_fd_ = -1;
   std::vector<Completion> completions_;
+  std::set<Ticket> watched_tickets_;
+  std::set<std::string> watched_recvs_;
 
   std::mutex reaper_mu_;
   std::condition_variable reaper_cv_;
