@@ -6,8 +6,8 @@ Set-ups (--modes), one after another, each with the GPU to itself:
   colocated     one instance (--role both) behind a `pdserve scheduler` (the baseline), also measured
                 without the scheduler (row "instance");
   direct        prefill + decode instance, --enable-direct --enable-layer (cuda_ipc, layer by layer);
-  direct-dma    the same with the receiver's copies on the copy engines (PDSERVE_IPC_COPY=driver)
-                instead of the copy kernel;
+  direct-dma    the same with the cuda_ipc copies made by the driver (PDSERVE_IPC_COPY=driver) instead
+                of the copy kernel;
   direct-whole  --enable-direct without --enable-layer (the whole request's KV after the prefill);
   staged        prefill + decode instance, --enable-layer, KV through pinned host slots and TCP.
 Each request streams one token of a fresh prompt (no cache hits); TTFT is the time to the first

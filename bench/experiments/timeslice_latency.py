@@ -1,8 +1,8 @@
-"""How long a tiny kernel takes to complete while another process (or another stream of the same
-process) keeps the GPU busy with GEMMs: two processes' CUDA contexts on one GPU time-slice, streams of
-one context run concurrently (but a kernel waits for free SMs; a memcpy on the copy engines does not).
-Explains why a receiver-side copy (in the decode process) stalls behind a
-prefill on a shared GPU.
+"""How long a tiny kernel (and a 4 MiB device-to-device memcpy) takes to complete while another process,
+or the same process on another stream, keeps the GPU busy with back-to-back 1.5 ms GEMMs. On an H100
+(docs/PERFORMANCE.md, session 5): ~65 us idle, ~390 us from another process (the two CUDA contexts
+time-slice), ~1 ms from a side stream of the busy process (it waits for SMs to free up). Why a receiver-side copy
+in the decode process slowed a prefill on a shared GPU, and why cuda_ipc copies on the sender instead.
 
     python bench/experiments/timeslice_latency.py
 """
