@@ -3,6 +3,7 @@
 #include "ipc_payload.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -26,30 +27,50 @@ uint64_t process_token() {
 
 namespace {
 
-// Whether pid names no process any more, or one that has ended and awaits its parent (a zombie:
-// its files, GPU contexts among them, are closed).
-bool process_gone(int64_t pid) {
-  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return true;
+uint64_t pid_namespace_of(const std::string& path) {
+  struct stat st{};
+  return ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
+}
+
+// 1: pid names no process, or one that has ended and awaits its parent (a zombie: its files, GPU
+// contexts among them, are closed); 0: it runs; -1: cannot tell.
+int process_gone(int64_t pid) {
+  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return 1;
   std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
   std::string line;
-  if (!std::getline(stat, line)) return true;
+  if (!std::getline(stat, line)) return -1;
   size_t paren = line.rfind(')');  // the state follows the command name, which may hold spaces
-  if (paren == std::string::npos || paren + 2 >= line.size()) return false;
+  if (paren == std::string::npos || paren + 2 >= line.size()) return -1;
   char state = line[paren + 2];
-  return state == 'Z' || state == 'X';
+  return state == 'Z' || state == 'X' ? 1 : 0;
 }
 
 }  // namespace
 
-bool wait_process_gone(int64_t pid, double timeout_s) {
-  // Our own process: its writer hangs up only after its copies ended (tcp_ipc.cpp).
-  if (pid <= 0 || pid == getpid()) return true;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-  while (!process_gone(pid)) {
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+IpcWriter this_writer() {
+  static const uint64_t ns = pid_namespace_of("/proc/self/ns/pid");
+  return {static_cast<int64_t>(getpid()), process_token(), ns};
+}
+
+std::string wait_writer_gone(const IpcWriter& writer, double timeout_s) {
+  const IpcWriter me = this_writer();
+  if (writer.process_token == me.process_token) return "the sender is this process";
+  const auto timeout = std::chrono::duration<double>(timeout_s);
+  const std::string who = "the sender (pid " + std::to_string(writer.pid) + ")";
+  if (writer.pid <= 0 || writer.pid_namespace == 0 || writer.pid_namespace != me.pid_namespace) {
+    std::this_thread::sleep_for(timeout);
+    return who + " cannot be observed from here (another pid namespace); waited " +
+           std::to_string(timeout_s) + " s";
   }
-  return true;
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  int gone = process_gone(writer.pid);
+  while (gone != 1 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    gone = process_gone(writer.pid);
+  }
+  if (gone == 1) return who + " has ended";
+  return who + (gone == 0 ? " still runs" : " cannot be observed") + " after " +
+         std::to_string(timeout_s) + " s";
 }
 
 std::string describe_destinations(const WirePiece* pieces, size_t num_pieces,

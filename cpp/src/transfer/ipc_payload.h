@@ -33,7 +33,14 @@ struct IpcLocation {
   uint32_t reserved = 0;
   uint64_t offset = 0;  // from the allocation's base
 };
+// Who sends an IPC_WRITE: the receiver needs it when the sender hangs up mid-message.
+struct IpcWriter {
+  int64_t pid = 0;             // in the pid namespace pid_namespace names
+  uint64_t process_token = 0;  // process_token() of the sender
+  uint64_t pid_namespace = 0;  // inode of /proc/self/ns/pid (0: unknown)
+};
 #pragma pack(pop)
+static_assert(sizeof(IpcWriter) == 24, "wire writer entry must stay 24 bytes");
 static_assert(sizeof(IpcAllocation) == 80, "wire allocation entry must stay 80 bytes");
 static_assert(sizeof(IpcLocation) == 16, "wire location entry must stay 16 bytes");
 // Every message's allocation table fits in a frame's text (at most one allocation per piece).
@@ -43,10 +50,16 @@ static_assert(512 * sizeof(IpcAllocation) <= 64 * 1024,
 // A random number fixed for this process's lifetime.
 uint64_t process_token();
 
-// Receiver: waits up to timeout_s for process `pid` (a sender on this host that hung up while it
-// may have been copying into our memory) to end. A dying process's GPU work ends before it does.
-// Returns true once it is gone, false if it is still running at the deadline.
-bool wait_process_gone(int64_t pid, double timeout_s);
+// This process, as an IpcWriter.
+IpcWriter this_writer();
+
+// Receiver: after a sender hung up without reporting the end of a granted copy, waits until no copy
+// of its can still run. A live sender reports before it hangs up (tcp_ipc.cpp), so a silent hang-up
+// means its process is ending, and a dying process's GPU work ends before the process does: waits
+// up to timeout_s for it to be gone. Our own process: nothing to wait for. A process this one
+// cannot observe (another pid namespace, no /proc): waits the whole timeout_s. Returns a
+// description of what was established, for error texts.
+std::string wait_writer_gone(const IpcWriter& writer, double timeout_s);
 
 // Receiver: the allocation table and locations of a message's destination ranges (this process's
 // memory). Returns an error text (empty on success) when a range is not exportable GPU memory.

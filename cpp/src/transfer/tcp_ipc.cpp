@@ -8,9 +8,11 @@
 //   own stream, waits for the copy
 //   IPC_WRITTEN (error or none)     ------>  landed()
 //                                   <------  ACK or NACK
-// The receiver may release the ranges only once the sender's copy is over, so a sender reports
-// IPC_WRITTEN even when its connection is being torn down, and hangs up only after its copy ended;
-// a receiver whose sender vanished mid-message first waits (bounded) for that process to end.
+// The receiver may release the ranges only once the sender's copy is over. So from IPC_WRITE on, a
+// live sender always reports (IPC_WRITTEN "nothing copied: ..." when it gave up before copying),
+// even while its connection is being torn down, and only then hangs up; a receiver whose sender
+// hung up mid-message without a report waits (bounded) for that process to end, and one whose
+// sender is silent but connected keeps the ranges.
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -69,44 +71,74 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, ipc::Copier
   *offset = off;
   *last = idx == b.batch.pieces.size();
 
-  // 1. Ask for the destinations.
-  const int64_t pid = getpid();
+  // 1. Ask for the destinations. From here until the report is written the receiver may hold
+  //    granted ranges, so only this thread may hang up (kill_out leaves it to us).
+  const ipc::IpcWriter me = ipc::this_writer();
   FrameHeader header;
   header.type = static_cast<uint8_t>(FrameType::kIpcWrite);
   header.flags = *last ? kFlagLast : 0;
   header.request_id_len = static_cast<uint16_t>(b.batch.request_id.size());
   header.num_pieces = static_cast<uint32_t>(table.size());
-  header.text_len = sizeof(pid);
+  header.text_len = sizeof(me);
   header.ticket = b.batch.ticket;
   iovec iov[4] = {{&header, sizeof(header)},
                   {const_cast<char*>(b.batch.request_id.data()), b.batch.request_id.size()},
-                  {const_cast<int64_t*>(&pid), sizeof(pid)},
+                  {const_cast<ipc::IpcWriter*>(&me), sizeof(me)},
                   {table.data(), table.size() * sizeof(WirePiece)}};
+  {
+    std::lock_guard<std::mutex> lk(conn.mu);
+    if (conn.dead) return {false, conn.dead_reason};
+    conn.ipc_answered = false;
+    conn.ipc_in_flight = true;
+  }
+  // Ends the message: reports `report` to the receiver unless it refused the request (best effort,
+  // even when the connection is being torn down), then hangs up if the connection died meanwhile.
+  auto end_message = [&](bool report_owed, const std::string& report, IoResult result) {
+    if (report_owed) {
+      const std::atomic<bool> never{false};
+      bool quick = false;
+      {
+        std::lock_guard<std::mutex> lk(conn.mu);
+        quick = conn.dead || stop_;
+      }
+      IoResult w = write_control_frame(conn.fd, FrameType::kIpcWritten, b.batch.ticket, "", report,
+                                       quick ? 1.0 : config_.stall_timeout_s, never);
+      if (!w.ok && result.ok) result = {false, "send to peer failed: " + w.error};
+    }
+    std::lock_guard<std::mutex> lk(conn.mu);
+    conn.ipc_in_flight = false;
+    if (conn.dead) {
+      ::shutdown(conn.fd, SHUT_RDWR);  // kill_out left it to us
+      if (result.ok) result = {false, conn.dead_reason};
+    }
+    return result;
+  };
+  IoResult r = write_all(conn.fd, iov, 4, config_.stall_timeout_s, stop_);
+  // A request that did not arrive whole was granted nothing: no report owed.
+  if (!r.ok) return end_message(false, "", {false, "send to peer failed: " + r.error});
   std::vector<ipc::IpcAllocation> allocations;
   std::vector<ipc::IpcLocation> locations;
   {
-    std::lock_guard<std::mutex> lk(conn.mu);
-    conn.ipc_answered = false;
-  }
-  IoResult r = write_all(conn.fd, iov, 4, config_.stall_timeout_s, stop_);
-  if (!r.ok) return {false, "send to peer failed: " + r.error};
-  {
     std::unique_lock<std::mutex> lk(conn.mu);
-    if (!wait_answer(conn, lk, config_.stall_timeout_s, stop_)) {
-      return {false, "peer " + conn.peer + " answered no write request within " +
-                         seconds_text(config_.stall_timeout_s)};
+    bool answered = wait_answer(conn, lk, config_.stall_timeout_s, stop_) && conn.ipc_answered;
+    if (!answered) {  // a grant may be on its way: tell the receiver nothing was copied
+      std::string why = conn.dead ? conn.dead_reason
+                        : stop_   ? std::string("transfer engine closed")
+                                  : "peer " + conn.peer + " answered no write request within " +
+                                        seconds_text(config_.stall_timeout_s);
+      lk.unlock();
+      return end_message(true, "nothing copied: " + why, {false, why});
     }
-    if (conn.dead) return {false, conn.dead_reason};
-    if (stop_) return {false, "transfer engine closed"};
-    if (!conn.ipc_ok) {
+    if (!conn.ipc_ok) {  // refused: nothing granted, no report owed
       b.replied = true;
       b.set_outcome(Status::kFailed, "peer " + conn.peer + " refused the data: " + conn.ipc_error);
       b.cancelled = true;
-      return {};
+      lk.unlock();
+      return end_message(false, "", {});
     }
     allocations = std::move(conn.ipc_allocations);
     locations = std::move(conn.ipc_locations);
-    conn.ipc_copying = true;  // from here until the receiver heard of its end, the socket stays up
+    conn.ipc_answered = false;
   }
 
   // 2. Copy (waits for the copy to end).
@@ -115,24 +147,10 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, ipc::Copier
               : "protocol error: " + std::to_string(locations.size()) + " locations granted for " +
                     std::to_string(slice.size()) + " pieces";
 
-  // 3. Report the copy's end, even when the connection is being torn down (best effort, without
-  //    heeding stop_), and only then hang up when it was: the receiver holds the ranges till then.
-  bool dead = false;
-  {
-    std::lock_guard<std::mutex> lk(conn.mu);
-    conn.ipc_answered = false;
-    conn.ipc_copying = false;
-    dead = conn.dead;
-  }
-  const std::atomic<bool> never{false};
-  r = write_control_frame(conn.fd, FrameType::kIpcWritten, b.batch.ticket, "", error,
-                          dead || stop_ ? 1.0 : config_.stall_timeout_s, never);
+  // 3. Report the copy's end and wait for the answer.
+  r = end_message(true, error, {});
+  if (!r.ok) return r;
   std::unique_lock<std::mutex> lk(conn.mu);
-  if (conn.dead) {
-    ::shutdown(conn.fd, SHUT_RDWR);  // kill_out left it to us (see kill_out)
-    return {false, conn.dead_reason};
-  }
-  if (!r.ok) return {false, "send to peer failed: " + r.error};
   if (!wait_answer(conn, lk, config_.stall_timeout_s, stop_)) {
     return {false, "peer " + conn.peer + " answered no copy report within " +
                        seconds_text(config_.stall_timeout_s)};
@@ -183,13 +201,13 @@ IoResult TcpTransport::read_ipc_grant(OutConn& conn, const FrameHeader& header,
 IoResult TcpTransport::read_ipc_write(InConn& conn, const FrameHeader& header,
                                       const std::string& request_id, const std::string& text) {
   const size_t count = header.num_pieces;
-  int64_t pid = 0;
-  if (count == 0 || header.payload_nbytes != 0 || text.size() != sizeof(pid)) {
+  ipc::IpcWriter writer;
+  if (count == 0 || header.payload_nbytes != 0 || text.size() != sizeof(writer)) {
     return {false, "protocol error: IPC_WRITE frame with " + std::to_string(count) + " pieces, " +
                        std::to_string(header.payload_nbytes) + " B of payload and " +
                        std::to_string(text.size()) + " B of text"};
   }
-  std::memcpy(&pid, text.data(), sizeof(pid));
+  std::memcpy(&writer, text.data(), sizeof(writer));
   std::vector<WirePiece> table(count);
   iovec iov{table.data(), count * sizeof(WirePiece)};
   IoResult r = read_all(conn.fd, &iov, 1, config_.stall_timeout_s, stop_, false);
@@ -236,19 +254,30 @@ IoResult TcpTransport::read_ipc_write(InConn& conn, const FrameHeader& header,
     host_->landed(std::move(admission), conn.peer, nbytes, "granting the write failed: " + r.error);
     return r;
   }
-  // The sender is copying into the ranges now: wait for its report (its copy is short; bounded by
-  // max_message_nbytes), even when this engine is closing.
+  // The sender is copying into the ranges now: wait for its report (the copy is short, bounded by
+  // max_message_nbytes), even when this engine is closing. The ranges are released only once no
+  // copy can run: on the report, or once the sender's process ended.
   const std::atomic<bool> never{false};
   FrameHeader done;
   std::string rid, report;
+  bool closing_seen = false;
   while (true) {
     r = read_frame_head(conn.fd, &done, &rid, &report, config_.stall_timeout_s, never, false);
-    if (!r.ok || done.type != static_cast<uint8_t>(FrameType::kAbort)) break;
-    host_->remote_abort(rid, report);
+    if (r.ok || !r.stalled) break;
+    // Silent but connected: its copy may still run (a hung GPU), so keep the ranges. When this
+    // engine closes, give it one more stall timeout, then hang up and treat it as gone below.
+    std::lock_guard<std::mutex> wlk(conn.write_mu);
+    if (conn.closing && closing_seen) {
+      ::shutdown(conn.fd, SHUT_RDWR);
+      break;
+    }
+    closing_seen = conn.closing;
   }
   if (r.ok && (done.type != static_cast<uint8_t>(FrameType::kIpcWritten) ||
                done.ticket != header.ticket || done.num_pieces != 0 || done.payload_nbytes != 0)) {
-    r = {false, "protocol error: expected IPC_WRITTEN for ticket " + std::to_string(header.ticket)};
+    r = {false, "protocol error: expected IPC_WRITTEN for ticket " + std::to_string(header.ticket) +
+                    ", got frame type " + std::to_string(done.type) + " for ticket " +
+                    std::to_string(done.ticket)};
   }
   bool closing = false;
   {
@@ -257,13 +286,9 @@ IoResult TcpTransport::read_ipc_write(InConn& conn, const FrameHeader& header,
     closing = conn.closing;
   }
   if (!r.ok) {
-    // It may still be copying: a sender hangs up mid-message only when its process ends (a live
-    // one reports first), and a dying process's GPU work ends before the process does.
-    if (!ipc::wait_process_gone(pid, config_.stall_timeout_s)) {
-      r.error += "; the sender (pid " + std::to_string(pid) + ") still runs";
-    }
+    std::string state = ipc::wait_writer_gone(writer, config_.stall_timeout_s);
     host_->landed(std::move(admission), conn.peer, nbytes,
-                  "connection from " + conn.peer + " broke while it wrote: " + r.error);
+                  "no copy report from " + conn.peer + " (" + r.error + "); " + state);
     return r;
   }
   host_->landed(std::move(admission), conn.peer, nbytes, report);

@@ -1,6 +1,7 @@
 // The TCP backend, receiver side: the listener thread and one reader thread per inbound connection,
 // which checks each message with the engine, then readv()s the payload straight into registered
-// memory (or drains it when refused) and acknowledges whole batches.
+// memory (or drains it when refused) and acknowledges whole batches. With cuda_ipc the reader
+// grants each message's ranges and waits for the sender's copy report instead (tcp_ipc.cpp).
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -36,7 +37,7 @@ void TcpTransport::accept_loop() {
 
 void TcpTransport::reap_dead_in_locked() {
   for (auto it = all_in_.begin(); it != all_in_.end();) {
-    if ((*it)->dead && (*it)->reader.joinable()) {
+    if ((*it)->exited && (*it)->reader.joinable()) {
       (*it)->reader.join();
       ::close((*it)->fd);
       it = all_in_.erase(it);
@@ -67,6 +68,7 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
   if (!r.ok) {
     conn->dead = true;
     ::shutdown(conn->fd, SHUT_RDWR);
+    conn->exited = true;
     return;
   }
   {
@@ -88,6 +90,10 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
     if (type == FrameType::kAbort) {
       host_->remote_abort(rid, text);
       continue;
+    }
+    if (type == FrameType::kIpcWritten && ipc_ && header.num_pieces == 0 &&
+        header.payload_nbytes == 0) {
+      continue;  // the report of a write this side refused (the sender reports when in doubt)
     }
     if (type == FrameType::kIpcWrite && ipc_) {
       r = read_ipc_write(*conn, header, rid, text);
@@ -159,6 +165,7 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
     in_.erase(std::remove(in_.begin(), in_.end(), conn), in_.end());
   }
   host_->inbound_lost(conn->peer, reason);
+  conn->exited = true;  // last: the acceptor joins it under mu_, which this thread took above
 }
 
 }  // namespace pdserve::transfer::tcp

@@ -255,9 +255,9 @@ void TcpTransport::kill_out(OutConn& conn, const std::string& reason) {
       if (try_finish_locked(conn, b)) finished.push_back(b);
     }
     conn.aborts.clear();
-    // cuda_ipc: while the writer copies into granted ranges, it hangs up itself once the receiver
-    // heard that the copy ended (tcp_ipc.cpp)
-    if (!conn.ipc_copying) ::shutdown(conn.fd, SHUT_RDWR);
+    // cuda_ipc: while a message is in flight the receiver may have granted ranges; the writer
+    // reports first and hangs up itself (tcp_ipc.cpp)
+    if (!conn.ipc_in_flight) ::shutdown(conn.fd, SHUT_RDWR);
     conn.cv.notify_all();
   }
   report(finished);

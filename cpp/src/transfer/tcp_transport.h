@@ -56,8 +56,9 @@ struct OutBatch {
 // order within one request); `writing` is the batch whose bytes the writer thread is sending right
 // now (outside mu), or null.
 // cuda_ipc: one message in flight; the writer waits for each answer (grant, then the answer to its
-// copy report), and while `ipc_copying` nobody but the writer may shut the socket (kill_out leaves
-// it to the writer), since the receiver holds the granted ranges until it hears the copy ended.
+// copy report), and while `ipc_in_flight` nobody but the writer may shut the socket (kill_out
+// leaves it to the writer), since the receiver holds the granted ranges until it hears the copy
+// ended.
 struct OutConn {
   std::string peer;
   int fd = -1;
@@ -72,7 +73,7 @@ struct OutConn {
   std::string ipc_error;  // ... NACK's reason
   std::vector<ipc::IpcAllocation> ipc_allocations;  // ... IPC_GRANT's
   std::vector<ipc::IpcLocation> ipc_locations;
-  bool ipc_copying = false;
+  bool ipc_in_flight = false;
   bool dead = false;
   std::string dead_reason;
   std::thread writer;
@@ -89,6 +90,7 @@ struct InConn {
   bool ipc_granted = false;
   bool closing = false;
   std::atomic<bool> dead{false};
+  std::atomic<bool> exited{false};  // the reader returned (or is about to): it may be joined
   std::thread reader;
 };
 

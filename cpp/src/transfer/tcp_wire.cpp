@@ -196,7 +196,7 @@ IoResult read_all(int fd, iovec* iov, int iovcnt, double stall_timeout_s,
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
       if (stop.load()) return {false, "engine closed"};
       if ((any || !idle_ok) && seconds_since(last_progress) > stall_timeout_s) {
-        return {false, "receive stalled for " + std::to_string(stall_timeout_s) + " s"};
+        return {false, "receive stalled for " + std::to_string(stall_timeout_s) + " s", true};
       }
       continue;
     }

@@ -7,8 +7,8 @@
 //   HELLO_ACK  acceptor -> connector: text = the acceptor's address
 //   DATA       connector -> acceptor: request id, ticket, pieces (destination ranges), payload =
 //              the pieces' bytes back to back; flag LAST on the final message of a batch
-//   ACK / NACK acceptor -> connector: ticket (+ text = why, for NACK); one per batch (tcp), one
-//              per IPC_WRITE message (cuda_ipc)
+//   ACK / NACK acceptor -> connector: ticket (+ text = why, for NACK); one per batch (tcp); for
+//              cuda_ipc a NACK refuses an IPC_WRITE, and ACK or NACK answers each IPC_WRITTEN
 //   ABORT      either way: request id, text = reason
 // cuda_ipc only, instead of DATA (ipc_payload.h; three frames per message, one message in flight):
 //   IPC_WRITE    connector -> acceptor: as DATA without payload (pieces = destination ranges, flag
@@ -65,7 +65,8 @@ static_assert(sizeof(WirePiece) == 16, "wire piece must stay 16 bytes");
 // Outcome of a blocking socket operation.
 struct IoResult {
   bool ok = true;
-  std::string error;  // "peer closed the connection", "stalled for 30 s", strerror(...)
+  std::string error;     // "peer closed the connection", "stalled for 30 s", strerror(...)
+  bool stalled = false;  // nothing moved for the stall timeout; the connection may still be alive
 };
 
 // Sockets carry a short SO_RCVTIMEO / SO_SNDTIMEO tick so blocking loops notice `stop` and stalls.

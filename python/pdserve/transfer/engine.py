@@ -125,7 +125,7 @@ class TransferEngine:
 
     Backends: "tcp" moves host memory over sockets; "cuda_ipc" moves GPU memory between processes
     on one host (the socket carries the pieces' locations, the sender copies them through CUDA IPC
-    mappings of the sender's allocations; raises TransferError where no CUDA driver or GPU is).
+    mappings of the receiver's allocations; raises TransferError where no CUDA driver or GPU is).
 
     Threading: every method is thread-safe. `connect`, `wait`, `wait_recv`, `abort`,
     `unregister_memory` and `close` block (with the GIL released) and may be run in an executor;
@@ -325,7 +325,9 @@ class TransferEngine:
 
     # ---- lifetime ----
     def close(self) -> None:
-        """Fails everything pending and stops the engine's threads. Idempotent; blocks briefly."""
+        """Fails everything pending and stops the engine's threads. Idempotent. Blocks until every
+        message in flight ended; cuda_ipc: a receiver waits up to 3 x stall_timeout_s for a sender that
+        went silent while it may be copying into this engine's memory."""
         if self._closed:
             return
         self._closed = True

@@ -141,8 +141,8 @@ class KVSender:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._tickets: dict[str, list[int]] = {}
-        # (source ids, destination ids) -> their layer-0 pieces, for the last blocks pushed
-        self._layer0: tuple[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray] | None = None
+        # (source ids, destination ids) -> their layer-0 pieces, for the blocks of recent steps
+        self._layer0: dict[tuple[tuple[int, ...], tuple[int, ...]], np.ndarray] = {}
 
     def _send(self, request_id: str, pieces: np.ndarray, ready_event: int) -> int | None:
         if len(pieces) == 0:
@@ -166,19 +166,22 @@ class KVSender:
         `ready_event` (GPU backends): a recorded cudaEvent_t, as an int, that completes once the
         blocks are written; needed only during the call (the engine waits through its own event).
 
-        A prefill step pushes the same blocks for every layer, so layer 0's pieces are built once
-        and shifted by the layer strides (addresses are linear in the layer index and merging
+        A prefill step pushes the same blocks of a request for every layer, so layer 0's pieces are
+        built once per step and request and shifted by the layer strides (addresses are linear in the layer index and merging
         consecutive pieces does not depend on it)."""
         if not 0 <= layer_idx < self.src_layout.num_layers:
             raise ValueError(
                 f"layer_idx must lie in [0, {self.src_layout.num_layers}), got {layer_idx}"
             )
         key = (tuple(src_block_ids), tuple(dst_block_ids))
-        cached = self._layer0  # one attribute read: safe if another thread replaces it
-        if cached is None or cached[0] != key:
-            base = layer_pieces(self.src_layout, self.dst_layout, 0, src_block_ids, dst_block_ids)
-            cached = self._layer0 = (key, base)
-        pieces = cached[1]
+        with self._lock:
+            pieces = self._layer0.get(key)
+        if pieces is None:
+            pieces = layer_pieces(self.src_layout, self.dst_layout, 0, src_block_ids, dst_block_ids)
+            with self._lock:
+                if len(self._layer0) >= 256:  # one entry per request of a step; bound it
+                    self._layer0.clear()
+                self._layer0[key] = pieces
         if layer_idx and len(pieces):
             shift = np.array(
                 [
