@@ -281,13 +281,11 @@ int TransferEngine::completion_fd() {
 
 void TransferEngine::watch(Ticket ticket) {
   // A ticket that is terminal already is never pushed again: do not keep its mark.
-  {
-    std::lock_guard<std::mutex> tlk(tickets_mu_);
-    auto it = tickets_.find(ticket);
-    if (it == tickets_.end() || it->second.result.status != Status::kPending) return;
-    std::lock_guard<std::mutex> lk(completions_mu_);  // tickets_mu_ -> completions_mu_
-    watched_tickets_.insert(ticket);
-  }
+  std::lock_guard<std::mutex> tlk(tickets_mu_);
+  auto it = tickets_.find(ticket);
+  if (it == tickets_.end() || it->second.result.status != Status::kPending) return;
+  std::lock_guard<std::mutex> lk(completions_mu_);  // tickets_mu_ -> completions_mu_
+  watched_tickets_.insert(ticket);
 }
 
 void TransferEngine::watch_recv(const std::string& request_id) {

@@ -145,25 +145,29 @@ Copier::~Copier() {
   mappings_->release_writer(writer_id_);
 }
 
-std::string Copier::check_local(const std::vector<Piece>& pieces) {
+std::string Copier::locate(const std::vector<Piece>& pieces, std::vector<int>* devices) {
   cuda::Driver& driver = cuda::Driver::get();
   used_driver_ = true;
+  devices->clear();
+  // Resolved once per allocation (driver calls cost microseconds; a message has up to 512 pieces).
   cuda::CUdeviceptr lo = 0, hi = 0;  // the allocation last seen
+  int device = -1;
   for (const Piece& p : pieces) {
-    if (p.local_addr >= lo && p.local_addr + p.nbytes <= hi) continue;
-    int device = -1;
-    cuda::Error e = driver.device_of(p.local_addr, &device);
-    if (e.ok()) e = driver.address_range(device, p.local_addr, &lo, &hi);
-    if (!e.ok()) return "local memory at " + std::to_string(p.local_addr) + ": " + e.text;
-    if (p.local_addr + p.nbytes > hi) {
-      return "local piece of " + std::to_string(p.nbytes) +
-             " B crosses the end of its GPU allocation";
+    if (!(p.local_addr >= lo && p.local_addr + p.nbytes <= hi)) {
+      cuda::Error e = driver.device_of(p.local_addr, &device);
+      if (e.ok()) e = driver.address_range(device, p.local_addr, &lo, &hi);
+      if (!e.ok()) return "local memory at " + std::to_string(p.local_addr) + ": " + e.text;
+      if (p.local_addr + p.nbytes > hi) {
+        return "local piece of " + std::to_string(p.nbytes) +
+               " B crosses the end of its GPU allocation";
+      }
     }
+    devices->push_back(device);
   }
   return "";
 }
 
-std::string Copier::copy(const std::vector<Piece>& pieces,
+std::string Copier::copy(const std::vector<Piece>& pieces, const std::vector<int>& devices,
                          const std::vector<IpcAllocation>& allocations,
                          const IpcLocation* locations) {
   cuda::Driver& driver = cuda::Driver::get();
@@ -174,18 +178,11 @@ std::string Copier::copy(const std::vector<Piece>& pieces,
     std::vector<std::pair<cuda::CUdeviceptr, uint64_t>> resolved;  // per allocation, this device
   };
   std::map<int, Batch> batches;  // by source device: the copy runs there
-  // Resolved once per message (driver calls cost microseconds; a message has up to 512 pieces).
-  cuda::CUdeviceptr src_lo = 0, src_hi = 0;
-  int device = -1;
   for (size_t i = 0; i < pieces.size(); ++i) {
     const Piece& p = pieces[i];
     const IpcLocation& loc = locations[i];
     if (loc.allocation_idx >= allocations.size()) return "protocol error: bad allocation index";
-    if (!(p.local_addr >= src_lo && p.local_addr < src_hi)) {
-      cuda::Error e = driver.device_of(p.local_addr, &device);
-      if (e.ok()) e = driver.address_range(device, p.local_addr, &src_lo, &src_hi);
-      if (!e.ok()) return "local memory at " + std::to_string(p.local_addr) + ": " + e.text;
-    }
+    const int device = devices[i];
     Batch& b = batches[device];
     if (b.resolved.empty()) b.resolved.assign(allocations.size(), {0, 0});
     const IpcAllocation& a = allocations[loc.allocation_idx];

@@ -99,12 +99,14 @@ class Copier {
   Copier(const Copier&) = delete;
   Copier& operator=(const Copier&) = delete;
 
-  // Checks that every piece's local range is CUDA device memory; an error text otherwise.
-  std::string check_local(const std::vector<Piece>& pieces);
-  // Copies every piece from local memory into its location in the receiver's allocations and waits
-  // for the copies. Returns an error text (empty on success); on error some bytes may have landed.
-  std::string copy(const std::vector<Piece>& pieces, const std::vector<IpcAllocation>& allocations,
-                   const IpcLocation* locations);
+  // The device of every piece's local range (*devices, one per piece), or an error text when one
+  // is not CUDA device memory or crosses the end of its allocation.
+  std::string locate(const std::vector<Piece>& pieces, std::vector<int>* devices);
+  // Copies every piece from local memory (on devices[i], from locate) into its location in the
+  // receiver's allocations and waits for the copies. Returns an error text (empty on success); on
+  // error some bytes may have landed.
+  std::string copy(const std::vector<Piece>& pieces, const std::vector<int>& devices,
+                   const std::vector<IpcAllocation>& allocations, const IpcLocation* locations);
 
  private:
   Mappings* mappings_;

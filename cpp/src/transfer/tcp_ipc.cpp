@@ -63,7 +63,8 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, ipc::Copier
   // Held until the copy ended: it reads the local memory (so an unregister_memory waits for at most
   // one message's round trips and copy).
   auto guard = host_->local_memory_guard();
-  std::string error = copier.check_local(slice);
+  std::vector<int> devices;
+  std::string error = copier.locate(slice, &devices);
   if (!error.empty()) return fail_locally(error);
   std::vector<WirePiece> table;
   for (const Piece& p : slice) table.push_back({p.remote_addr, p.nbytes});
@@ -143,7 +144,7 @@ IoResult TcpTransport::write_ipc_message(OutConn& conn, OutBatch& b, ipc::Copier
 
   // 2. Copy (waits for the copy to end).
   error = locations.size() == slice.size()
-              ? copier.copy(slice, allocations, locations.data())
+              ? copier.copy(slice, devices, allocations, locations.data())
               : "protocol error: " + std::to_string(locations.size()) + " locations granted for " +
                     std::to_string(slice.size()) + " pieces";
 
