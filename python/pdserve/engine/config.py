@@ -217,6 +217,9 @@ class EngineConfig:
     cuda_graph_max_batch_size: int = (
         128  # decode batches up to min(this, max_num_seqs) replay graphs
     )
+    # steps with prompt chunks of at most this many tokens in all replay the same graphs, one row per
+    # token (cuda_graph.py); 0: they run eagerly
+    cuda_graph_max_prefill_tokens: int = 64
     # --worker-use-ray: start the workers as Ray tasks (Ray must be installed) instead of multiprocessing
     worker_use_ray: bool = False
     # tensor parallelism on GPUs of one machine: the model's all-reduce / logits gather go through the
@@ -260,6 +263,11 @@ class EngineConfig:
             raise ValueError(
                 f"need 0 < evictor_low_watermark ({self.evictor_low_watermark}) < "
                 f"evictor_high_watermark ({self.evictor_high_watermark}) <= 1"
+            )
+        if self.cuda_graph_max_prefill_tokens < 0:
+            raise ValueError(
+                "cuda_graph_max_prefill_tokens must be >= 0 (0: prompt chunks run eagerly), got "
+                f"{self.cuda_graph_max_prefill_tokens}"
             )
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(

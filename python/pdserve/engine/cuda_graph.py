@@ -3,6 +3,13 @@
 Why: at small batches a decode step is ~400 short kernels whose launch cost exceeds their run time
 (13B at batch 1: 16.9 ms eager vs ~9 ms of weight reads). A graph replays them with no host work.
 
+A graph row is one query token with its own KV length and block table, so a step with short prompt
+chunks replays the same graphs: a chunk of n tokens takes n rows of its sequence, row j attending to
+the first start + j + 1 tokens (the layer's KV write for every row runs before its attention, so the
+chunk's own tokens are in the cache when read). Short prefills are host-bound when eager (a 16-token
+7B prefill took 28.8 ms where the decode step takes ~5), so this is what their TTFT needs; long chunks
+stay eager (each row re-reads its sequence's context, and the eager prefill kernels are efficient there).
+
 What a graph needs from the rest of the engine: every input lives in a static buffer that is refilled
 before each replay (token ids, positions, slot mapping, int32 block tables, sequence lengths), and the
 attention backend reads nothing from the host in decode-only steps (`TritonPagedAttention`). Batches are
@@ -44,8 +51,12 @@ class DecodeGraphs:
         max_model_len: int,
         batch_sizes: list[int],
         device: torch.device,
+        max_prefill_tokens: int = 0,
     ):
+        """max_prefill_tokens: a step with a prompt chunk (more than one new token for a sequence)
+        replays a graph when it has at most this many tokens in all (0: such steps stay eager)."""
         self.model, self.kv_layers = model, kv_layers
+        self.max_prefill_tokens = max_prefill_tokens
         self.block_size, self.max_model_len = block_size, max_model_len
         self.batch_sizes = sizes = sorted(batch_sizes)
         self.max_batch_size = self.batch_sizes[-1]
@@ -55,11 +66,13 @@ class DecodeGraphs:
         # pinned host mirror and copies the range in one transfer (with one strided copy per tensor,
         # prepare took ~270 µs of host time a step at batch 1; now ~90-130 µs:
         # bench/profile_decode.py --host)
-        nbytes = _Inputs.layout_nbytes(self.max_batch_size, self.max_blocks)
+        nbytes = GraphInputs.layout_nbytes(self.max_batch_size, self.max_blocks)
         self._device_bytes = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._host_bytes = torch.zeros(nbytes, dtype=torch.uint8).pin_memory()
-        self._device_inputs = {bs: _Inputs(self._device_bytes, bs, self.max_blocks) for bs in sizes}
-        self._host_inputs = {bs: _Inputs(self._host_bytes, bs, self.max_blocks) for bs in sizes}
+        self._device_inputs = {
+            bs: GraphInputs(self._device_bytes, bs, self.max_blocks) for bs in sizes
+        }
+        self._host_inputs = {bs: GraphInputs(self._host_bytes, bs, self.max_blocks) for bs in sizes}
         # one pinned host buffer: `prepare` may rewrite it only once the previous upload ran. Rank 0
         # waits for the end of every graph step (model_runner._sample_graph_rows), and its
         # step's end waits (all-reduce) for every other rank's step, so its copy ran too. (A CUDA
@@ -117,55 +130,40 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     # ---- replay ---------------------------------------------------------------------------------
-    def fits(self, num_seqs: int) -> bool:
-        return num_seqs <= self.max_batch_size
+    def fits(self, num_rows: int, decode_only: bool = True) -> bool:
+        """True when a step of num_rows new tokens replays a graph: at most the largest size, and for
+        a step with a prompt chunk (not decode_only) at most max_prefill_tokens."""
+        limit = self.max_batch_size if decode_only else self.max_prefill_tokens
+        return num_rows <= min(limit, self.max_batch_size)
 
     def can_run(self, batch: ScheduledBatch) -> bool:
-        """True for decode-only batches (one new token per sequence) of at most the largest size."""
-        return self.fits(len(batch.seqs)) and all(n == 1 for n in batch.num_new_tokens)
+        """True when the batch replays a graph (one row per new token; see `fits`)."""
+        return self.fits(batch.num_tokens, all(n == 1 for n in batch.num_new_tokens))
 
     def prepare(self, batch: ScheduledBatch) -> int:
-        """Fills the static inputs from the batch; returns the padded batch size whose graph to replay."""
-        num_seqs = len(batch.seqs)
-        bs = self._size_for(num_seqs)
-        host = self._host_inputs[bs]
-        toks, lens, tables = host.tokens_np, host.seq_lens_np, host.tables_np
-        bsz = self.block_size
-        max_cols = 1
-        for i, seq in enumerate(batch.seqs):
-            pos = seq.num_computed_tokens
-            toks[0, i] = seq.token_ids[pos]
-            toks[1, i] = pos
-            toks[2, i] = seq.block_ids[pos // bsz] * bsz + pos % bsz
-            num_blocks = pos // bsz + 1
-            lens[i] = pos + 1
-            tables[i, :num_blocks] = seq.block_ids[:num_blocks]
-            max_cols = max(max_cols, num_blocks)
-        return self._upload(bs, num_seqs, max_cols)
+        """Fills the static inputs from the batch, one row per new token in batch order; returns the
+        padded batch size whose graph to replay."""
+        num_rows = batch.num_tokens
+        bs = self._size_for(num_rows)
+        max_cols = fill_rows_from_batch(self._host_inputs[bs], batch, self.block_size)
+        return self._upload(bs, num_rows, max_cols)
 
     def prepare_inputs(self, inputs: StepInputs) -> int:
-        """prepare() from a decode-only step's StepInputs (what tensor-parallel ranks receive)."""
-        n = inputs.num_seqs
-        bs = self._size_for(n)
-        host = self._host_inputs[bs]
-        host.tokens_np[0, :n] = inputs.input_ids
-        host.tokens_np[1, :n] = inputs.positions
-        host.tokens_np[2, :n] = np.asarray(inputs.slot_blocks) * self.block_size
-        host.tokens_np[2, :n] += inputs.slot_offsets
-        host.seq_lens_np[:n] = inputs.context_lens
-        cols = len(inputs.block_tables[0])
-        host.tables_np[:n, :cols] = inputs.block_tables
-        return self._upload(bs, n, cols)
+        """prepare() from a step's StepInputs (what tensor-parallel ranks receive)."""
+        num_rows = len(inputs.input_ids)
+        bs = self._size_for(num_rows)
+        cols = fill_rows_from_inputs(self._host_inputs[bs], inputs, self.block_size)
+        return self._upload(bs, num_rows, cols)
 
     def _size_for(self, num_seqs: int) -> int:
         return next(s for s in self.batch_sizes if s >= num_seqs)
 
-    def _upload(self, bs: int, num_seqs: int, max_cols: int) -> int:
-        """Pads rows num_seqs.. of graph bs's host inputs and copies them to its static device inputs
+    def _upload(self, bs: int, num_rows: int, max_cols: int) -> int:
+        """Pads rows num_rows.. of graph bs's host inputs and copies them to its static device inputs
         in one transfer, up to the last table row's first max_cols entries (columns past a
-        sequence's blocks are never read); returns bs."""
+        row's blocks are never read); returns bs."""
         host = self._host_inputs[bs]
-        host.pad(num_seqs)
+        host.pad(num_rows)
         self._device_inputs[bs].copy_from(host, host.prefix_nbytes(max_cols), non_blocking=True)
         return bs
 
@@ -176,12 +174,62 @@ class DecodeGraphs:
         return self.logits[bs]
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [len(batch.seqs), vocab] fp32 of a decode batch (a view into the static output)."""
+        """Logits [batch.num_tokens, vocab] fp32, one row per new token in batch order (a view into
+        the static output)."""
         bs = self.prepare(batch)
-        return self.replay(bs)[: len(batch.seqs)]
+        return self.replay(bs)[: batch.num_tokens]
 
 
-class _Inputs:
+def fill_rows_from_batch(host: GraphInputs, batch: ScheduledBatch, block_size: int) -> int:
+    """Writes one row per new token of the batch (in batch order) into host's arrays: token id,
+    position, cache slot, KV length (position + 1) and the sequence's block table; returns the
+    widest table written (columns past a row's last block keep stale values: never read)."""
+    toks, lens, tables = host.tokens_np, host.seq_lens_np, host.tables_np
+    max_cols = 1
+    row = 0
+    for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        start = seq.num_computed_tokens
+        if n == 1:  # decode: the hot path, plain scalar writes
+            toks[0, row] = seq.token_ids[start]
+            toks[1, row] = start
+            toks[2, row] = seq.block_ids[start // block_size] * block_size + start % block_size
+            num_blocks = start // block_size + 1
+            lens[row] = start + 1
+            tables[row, :num_blocks] = seq.block_ids[:num_blocks]
+        else:
+            end = start + n
+            span = np.arange(start, end)
+            num_blocks = -(-end // block_size)
+            blocks = np.asarray(seq.block_ids[:num_blocks])
+            toks[0, row : row + n] = seq.token_ids[start:end]
+            toks[1, row : row + n] = span
+            toks[2, row : row + n] = blocks[span // block_size] * block_size + span % block_size
+            lens[row : row + n] = span + 1
+            tables[row : row + n, :num_blocks] = blocks
+        max_cols = max(max_cols, num_blocks)
+        row += n
+    return max_cols
+
+
+def fill_rows_from_inputs(host: GraphInputs, inputs: StepInputs, block_size: int) -> int:
+    """fill_rows_from_batch from StepInputs (one row per token, each row its sequence's table);
+    returns the table width written."""
+    n = len(inputs.input_ids)
+    host.tokens_np[0, :n] = inputs.input_ids
+    host.tokens_np[1, :n] = inputs.positions
+    host.tokens_np[2, :n] = np.asarray(inputs.slot_blocks) * block_size
+    host.tokens_np[2, :n] += inputs.slot_offsets
+    host.seq_lens_np[:n] = inputs.positions
+    host.seq_lens_np[:n] += 1
+    tables = np.asarray(inputs.block_tables)
+    if n != inputs.num_seqs:  # a prompt chunk: its rows share its table
+        tables = np.repeat(tables, np.diff(inputs.query_start_loc), axis=0)
+    cols = tables.shape[1]
+    host.tables_np[:n, :cols] = tables
+    return cols
+
+
+class GraphInputs:
     """The static inputs of the graph of size bs as views of one byte buffer (device or pinned host):
     tokens int64 [3, bs] (ids, positions, slots), seq_lens int32 [bs], tables int32 [bs, max_blocks]."""
 
@@ -215,6 +263,6 @@ class _Inputs:
         """Bytes from the start through the first max_cols entries of the last table row."""
         return self._lens_end + 4 * ((self._bs - 1) * self._max_blocks + max_cols)
 
-    def copy_from(self, host: _Inputs, nbytes: int, non_blocking: bool) -> None:
+    def copy_from(self, host: GraphInputs, nbytes: int, non_blocking: bool) -> None:
         """The first nbytes of this layout's range from host's (the same layout in pinned memory)."""
         self.buffer[:nbytes].copy_(host.buffer[:nbytes], non_blocking=non_blocking)

@@ -26,8 +26,9 @@ from pdserve.engine.sequence import (
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.kv_layout import KVLayout
 
-# layer_hook(layer_idx, [(request_id, block_ids_to_send), ...])
-LayerHook = Callable[[int, list[tuple[str, list[int]]]], None]
+# layer_hook(layer_idx, [(request_id, block_ids_to_send), ...]) once each layer's KV is written; a step
+# replayed from a CUDA graph calls it once with layer_idx None: every layer's KV is written
+LayerHook = Callable[[int | None, list[tuple[str, list[int]]]], None]
 
 __all__ = ["LLMEngine", "EngineStats", "NoCapacity", "Reservation", "RequestMode", "RequestOutput"]
 
@@ -331,7 +332,7 @@ class LLMEngine:
         if items:
             hook = self.layer_hook
 
-            def after_layer(layer_idx: int) -> None:
+            def after_layer(layer_idx: int | None) -> None:
                 hook(layer_idx, items)
 
         token_ids = self.runner.run(batch, after_layer)

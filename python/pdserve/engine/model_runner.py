@@ -227,6 +227,7 @@ class ModelRunner:
             max_model_len,
             capture_sizes(max_bs),
             self.device,
+            max_prefill_tokens=self.config.cuda_graph_max_prefill_tokens,
         )
 
     # ---- KV cache -----------------------------------------------------------------------------
@@ -390,57 +391,75 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(
-        self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
+        self, batch: ScheduledBatch, after_layer: Callable[[int | None], None] | None = None
     ) -> list[int | None]:
-        """Runs the batch; returns the sampled token of each sequence that reached its end (else None)."""
+        """Runs the batch; returns the sampled token of each sequence that reached its end (else None).
+        after_layer(layer_idx) fires once each layer's KV is written; a step replayed from a CUDA
+        graph calls after_layer(None) once instead, when every layer's is (queued on this stream)."""
         graphs = self.decode_graphs
-        if graphs is not None and after_layer is None and graphs.can_run(batch):
-            return self._run_graph(graphs, batch)
+        if graphs is not None and graphs.can_run(batch):
+            return self._run_graph(graphs, batch, after_layer)
         return self.execute(self.prepare_inputs(batch), after_layer)
 
-    def _run_graph(self, graphs, batch: ScheduledBatch) -> list[int | None]:
-        """A decode-only batch replayed from a CUDA graph on a single rank (straight from the batch:
-        no StepInputs); samples on the host side as `execute` does."""
-        sampling = [i for i in range(len(batch.seqs)) if batch.samples(i)]
+    def _run_graph(
+        self, graphs, batch: ScheduledBatch, after_layer: Callable[[int | None], None] | None
+    ) -> list[int | None]:
+        """A batch replayed from a CUDA graph on a single rank (straight from the batch: no
+        StepInputs); samples on the host side as `execute` does."""
         logits = graphs.run(batch)  # even when nothing samples: the step writes its tokens' KV
+        if after_layer is not None:
+            after_layer(None)
+        seq_indices, rows = [], []
+        row = -1
+        for i, n in enumerate(batch.num_new_tokens):
+            row += n
+            if batch.samples(i):
+                seq_indices.append(i)
+                rows.append(row)
         return _sample_graph_rows(
             logits,
             len(batch.seqs),
-            sampling,
-            [batch.seqs[i].params for i in sampling],
-            [batch.seqs[i].num_output_tokens for i in sampling],
+            seq_indices,
+            rows,
+            [batch.seqs[i].params for i in seq_indices],
+            [batch.seqs[i].num_output_tokens for i in seq_indices],
         )
 
-    def _execute_graph(self, inputs: StepInputs) -> list[int | None]:
-        """execute() of a decode-only step through the graphs; every tensor-parallel rank replays
-        (the graph holds the collectives), rank 0 samples."""
+    def _execute_graph(
+        self, inputs: StepInputs, after_layer: Callable[[int | None], None] | None
+    ) -> list[int | None]:
+        """execute() through the graphs; every tensor-parallel rank replays (the graph holds the
+        collectives), rank 0 samples."""
         graphs = self.decode_graphs
         bs = graphs.prepare_inputs(inputs)
         logits = graphs.replay(bs)
+        if after_layer is not None:
+            after_layer(None)
         if self.tp_rank != 0:
             return [None] * inputs.num_seqs
         return _sample_graph_rows(
-            logits[: inputs.num_seqs],
+            logits[: len(inputs.input_ids)],
             inputs.num_seqs,
             inputs.sample_seq_indices,
+            inputs.sample_rows,
             inputs.sampling_params,
             inputs.output_positions,
         )
 
     def graph_eligible(self, inputs: StepInputs) -> bool:
-        """True when a decode graph can run these inputs (decode-only, at most the largest size)."""
+        """True when a graph can run these inputs (see DecodeGraphs.fits)."""
         graphs = self.decode_graphs
-        return graphs is not None and inputs.is_decode_only and graphs.fits(inputs.num_seqs)
+        return graphs is not None and graphs.fits(len(inputs.input_ids), inputs.is_decode_only)
 
     @torch.inference_mode()
     def execute(
-        self, inputs: StepInputs, after_layer: Callable[[int], None] | None = None
+        self, inputs: StepInputs, after_layer: Callable[[int | None], None] | None = None
     ) -> list[int | None]:
-        """Runs prepared inputs on this rank (replaying a decode graph when inputs.use_graph). Rank 0
-        returns one token or None per sequence; other tensor-parallel ranks take part in the
-        collectives and return all None."""
+        """Runs prepared inputs on this rank (replaying a graph when inputs.use_graph; after_layer as
+        in `run`). Rank 0 returns one token or None per sequence; other tensor-parallel ranks take
+        part in the collectives and return all None."""
         if inputs.use_graph:
-            return self._execute_graph(inputs)
+            return self._execute_graph(inputs, after_layer)
         input_ids, positions, meta, sample_rows = self._prepare(inputs)
         hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
         result: list[int | None] = [None] * inputs.num_seqs
@@ -465,19 +484,21 @@ class ModelRunner:
 def _sample_graph_rows(
     logits: torch.Tensor,
     num_seqs: int,
+    seq_indices: list[int],
     rows: list[int],
     params: list[SamplingParams],
     output_positions: list[int],
 ) -> list[int | None]:
-    """Samples a replayed decode graph's logits[rows] (one row per sequence); the others get None.
-    With no row to sample it waits for the replay instead: either way the step has ended when this
-    returns, which the graphs' reused pinned inputs rely on (see DecodeGraphs)."""
+    """Samples sequence seq_indices[k] from a replayed graph's logits[rows[k]] (rows increasing); the
+    other sequences get None. With nothing to sample it waits for the replay instead: either way the
+    step has ended when this returns, which the graphs' reused pinned inputs rely on (see
+    DecodeGraphs)."""
     if not rows:
         torch.cuda.current_stream(logits.device).synchronize()
         return [None] * num_seqs
-    if len(rows) != num_seqs:
+    if len(rows) != logits.shape[0]:  # else rows are 0..n-1
         logits = logits[rows]
     result: list[int | None] = [None] * num_seqs
-    for i, token in zip(rows, sample(logits, params, output_positions), strict=True):
+    for i, token in zip(seq_indices, sample(logits, params, output_positions), strict=True):
         result[i] = token
     return result

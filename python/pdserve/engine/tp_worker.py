@@ -402,20 +402,20 @@ class TensorParallelRunner:
 
     # ---- what the engine calls -------------------------------------------------------------------
     def run(
-        self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
+        self, batch: ScheduledBatch, after_layer: Callable[[int | None], None] | None = None
     ) -> list[int | None]:
         """Runs the batch on every rank; returns rank 0's sampled tokens (see ModelRunner.run).
 
-        after_layer fires on the driver after rank 0 finished layer l; the all-reduce inside layer l
-        means every rank has written its layer-l KV by then. An exception it raises is re-raised
-        after the step, so the ranks stay in lockstep."""
+        after_layer fires on the driver after rank 0 finished layer l (None: all layers, a graph
+        replay); the all-reduce inside layer l means every rank has written its layer-l KV by then.
+        An exception it raises is re-raised after the step, so the ranks stay in lockstep."""
         inputs = self.runner.prepare_inputs(batch)
-        inputs.use_graph = after_layer is None and self.runner.graph_eligible(inputs)
+        inputs.use_graph = self.runner.graph_eligible(inputs)
         hook_errors: list[BaseException] = []
         hook = None
         if after_layer is not None:
 
-            def hook(layer_idx: int) -> None:
+            def hook(layer_idx: int | None) -> None:
                 if hook_errors:
                     return
                 try:
@@ -434,7 +434,9 @@ class TensorParallelRunner:
         """Sends (command, args) to every worker (they run it; rank 0 runs its part itself)."""
         _send_command(self._workers, self.group, message)
 
-    def _execute(self, inputs: StepInputs, hook: Callable[[int], None] | None) -> list[int | None]:
+    def _execute(
+        self, inputs: StepInputs, hook: Callable[[int | None], None] | None
+    ) -> list[int | None]:
         self._command(("execute", (inputs,)))
         with distributed.use_group(self.group):
             return self.runner.execute(inputs, hook)

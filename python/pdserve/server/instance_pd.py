@@ -226,14 +226,18 @@ class PDHandlersMixin:
             }
         )
 
-    def _layer_hook(self, layer_idx: int, items) -> None:
-        """Engine thread, after layer `layer_idx`'s KV is written: hand those blocks to the transfer."""
+    def _layer_hook(self, layer_idx: int | None, items) -> None:
+        """Engine thread, after layer `layer_idx`'s KV is written (None: every layer's, a step replayed
+        from a CUDA graph, whose blocks then go out in one message): hand those blocks to the transfer."""
+        all_layers = layer_idx is None
         for request_id, block_ids in items:
             state = self.prefills.get(str(request_id))
             if state is None or state.error:
                 continue
             try:
-                start = state.sent_per_layer[layer_idx]
+                # every layer has sent as many blocks at a step's start (a step calls this for each
+                # layer or once for all)
+                start = state.sent_per_layer[0 if all_layers else layer_idx]
                 block_ids = [int(b) for b in block_ids]
                 remote = state.peer_block_ids[start : start + len(block_ids)]
                 if len(remote) != len(block_ids):
@@ -241,24 +245,26 @@ class PDHandlersMixin:
                         f"layer {layer_idx}: {start + len(block_ids)} blocks to send, peer reserved "
                         f"{len(state.peer_block_ids)}"
                     )
-                state.sent_per_layer[layer_idx] += len(block_ids)
+                layers = range(len(state.sent_per_layer)) if all_layers else (layer_idx,)
+                for layer in layers:
+                    state.sent_per_layer[layer] += len(block_ids)
                 if state.layerwise:
                     local = block_ids
                     if self.arena is not None:
                         local = state.slots[start : start + len(block_ids)]
                         self.arena.gather(block_ids, local, layer_idx)
-                    event = self._kv_ready_event()  # alive until push_layer returned
-                    state.nbytes_sent += self.transport.push_layer(
-                        state.peer_id,
-                        state.request_id,
-                        layer_idx,
-                        local,
-                        remote,
-                        event.cuda_event if event else 0,
-                    )
-                elif (
-                    layer_idx == len(state.sent_per_layer) - 1
-                ):  # all layers of these blocks are done
+                    event = self._kv_ready_event()  # alive until the push returned
+                    ready = event.cuda_event if event else 0
+                    if all_layers:
+                        state.nbytes_sent += self.transport.push_request(
+                            state.peer_id, state.request_id, local, remote, ready
+                        )
+                    else:
+                        state.nbytes_sent += self.transport.push_layer(
+                            state.peer_id, state.request_id, layer_idx, local, remote, ready
+                        )
+                elif all_layers or layer_idx == len(state.sent_per_layer) - 1:
+                    # all layers of these blocks are done
                     state.whole_local.extend(block_ids)
                     state.whole_remote.extend(remote)
                     state.whole_event = self._kv_ready_event()
