@@ -92,6 +92,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--mixed-decodes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ignore-kv-reads",
+        action="store_true",
+        help="replay graphs past the engine's KV-read bound (to see where it should lie)",
+    )
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
     largest = max(args.new_tokens)
@@ -110,6 +115,9 @@ def main() -> None:
     graphs = engine.runner.decode_graphs
     if graphs is None:
         raise SystemExit("no CUDA graphs on this engine (needs CUDA, Triton and bf16/fp16)")
+    default_kv_reads = graphs.max_prefill_kv_reads
+    if args.ignore_kv_reads:  # time the graph rows even where the engine would run eagerly
+        graphs.max_prefill_kv_reads = 1 << 62
     prompts = Prompts(engine.model_config.vocab_size, args.seed)
     for _ in range(3):  # warm-up: allocator, Triton's eager prefill kernels
         time_first_token(engine, "warm", prompts.take(largest))
@@ -137,6 +145,8 @@ def main() -> None:
                     "graph_ms": graph_ms,
                     "eager_ms": eager_ms,
                     "graph_over_eager": graph_ms / eager_ms,
+                    "kv_reads": n * prefix_len + n * (n + 1) // 2,
+                    "engine_replays": n * prefix_len + n * (n + 1) // 2 <= default_kv_reads,
                 }
             )
     graphs.max_prefill_tokens = largest
@@ -149,11 +159,15 @@ def main() -> None:
         )
     engine.shutdown()
 
-    print(f"{'prefix':>7} {'new':>5} {'graph ms':>9} {'eager ms':>9} {'graph/eager':>11}")
+    print(
+        f"{'prefix':>7} {'new':>5} {'graph ms':>9} {'eager ms':>9} {'graph/eager':>11} "
+        f"{'kv reads':>9} engine replays"
+    )
     for r in rows:
         print(
             f"{r['prefix_tokens']:>7} {r['new_tokens']:>5} {r['graph_ms']:>9.2f} "
-            f"{r['eager_ms']:>9.2f} {r['graph_over_eager']:>11.3f}"
+            f"{r['eager_ms']:>9.2f} {r['graph_over_eager']:>11.3f} {r['kv_reads']:>9} "
+            f"{'yes' if r['engine_replays'] else 'no'}"
         )
     print(f"batch-1 decode step {step_ms:.2f} ms")
     print(

@@ -236,8 +236,14 @@ def test_prefill_graph_logits_close_to_eager_torch_bf16(ckpt):
     engine.add_request("fresh", PROMPTS[3], one)
     batch, _ = engine.scheduler.schedule()
     assert batch.num_new_tokens == [len(PROMPTS[1]) - 24, len(PROMPTS[3])]
-    assert runner.decode_graphs.can_run(batch)
-    fast = runner.decode_graphs.run(batch).clone()
+    graphs = runner.decode_graphs
+    assert graphs.can_run(batch)
+    kv_reads = 17 * 24 + 17 * 18 // 2 + 3 * 4 // 2  # rows read 25..41 and 1..3 tokens
+    graphs.max_prefill_kv_reads = kv_reads - 1
+    assert not graphs.can_run(batch)  # past the bound the step runs eagerly
+    graphs.max_prefill_kv_reads = kv_reads
+    assert graphs.can_run(batch)
+    fast = graphs.run(batch).clone()
     with torch.device("cuda"):
         ref_model = LlamaForCausalLM(runner.model_config).to(torch.bfloat16)
     ref_model.load_state_dict(runner.model.state_dict())

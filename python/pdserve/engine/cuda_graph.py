@@ -31,6 +31,11 @@ if TYPE_CHECKING:
     from pdserve.engine.model_runner import StepInputs
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# A step with prompt chunks replays a graph only while its rows read at most this many KV tokens in
+# all (row j of a chunk starting at s reads s + j + 1): every row re-reads its sequence's context. On an
+# H100 (llama-2-7b, bench/bench_short_prefill.py) 128 rows after a 1,024-token prefix (~139 K reads)
+# took 19.7 ms replayed vs 40.1 ms eager, ~85 ns per read above the 8.0 ms of 128 fresh rows.
+MAX_PREFILL_KV_READS = 256 * 1024
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -54,9 +59,11 @@ class DecodeGraphs:
         max_prefill_tokens: int = 0,
     ):
         """max_prefill_tokens: a step with a prompt chunk (more than one new token for a sequence)
-        replays a graph when it has at most this many tokens in all (0: such steps stay eager)."""
+        replays a graph when it has at most this many tokens in all and its rows read at most
+        max_prefill_kv_reads KV tokens (0: such steps stay eager)."""
         self.model, self.kv_layers = model, kv_layers
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_kv_reads = MAX_PREFILL_KV_READS
         self.block_size, self.max_model_len = block_size, max_model_len
         self.batch_sizes = sizes = sorted(batch_sizes)
         self.max_batch_size = self.batch_sizes[-1]
@@ -130,15 +137,25 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     # ---- replay ---------------------------------------------------------------------------------
-    def fits(self, num_rows: int, decode_only: bool = True) -> bool:
-        """True when a step of num_rows new tokens replays a graph: at most the largest size, and for
-        a step with a prompt chunk (not decode_only) at most max_prefill_tokens."""
-        limit = self.max_batch_size if decode_only else self.max_prefill_tokens
-        return num_rows <= min(limit, self.max_batch_size)
+    def fits(self, num_rows: int, num_kv_reads: int | None = None) -> bool:
+        """True when a step of num_rows new tokens replays a graph. A decode-only step (num_kv_reads
+        None) needs at most the largest size; a step with a prompt chunk at most max_prefill_tokens,
+        and its rows' KV lengths must sum to at most max_prefill_kv_reads."""
+        if num_kv_reads is None:
+            return num_rows <= self.max_batch_size
+        return (
+            num_rows <= min(self.max_prefill_tokens, self.max_batch_size)
+            and num_kv_reads <= self.max_prefill_kv_reads
+        )
 
     def can_run(self, batch: ScheduledBatch) -> bool:
         """True when the batch replays a graph (one row per new token; see `fits`)."""
-        return self.fits(batch.num_tokens, all(n == 1 for n in batch.num_new_tokens))
+        if all(n == 1 for n in batch.num_new_tokens):
+            return self.fits(len(batch.seqs))
+        reads = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            reads += n * seq.num_computed_tokens + n * (n + 1) // 2  # rows read start+1 .. start+n
+        return self.fits(batch.num_tokens, reads)
 
     def prepare(self, batch: ScheduledBatch) -> int:
         """Fills the static inputs from the batch, one row per new token in batch order; returns the

@@ -449,7 +449,12 @@ class ModelRunner:
     def graph_eligible(self, inputs: StepInputs) -> bool:
         """True when a graph can run these inputs (see DecodeGraphs.fits)."""
         graphs = self.decode_graphs
-        return graphs is not None and graphs.fits(len(inputs.input_ids), inputs.is_decode_only)
+        if graphs is None:
+            return False
+        if inputs.is_decode_only:
+            return graphs.fits(inputs.num_seqs)
+        num_rows = len(inputs.input_ids)
+        return graphs.fits(num_rows, sum(inputs.positions) + num_rows)
 
     @torch.inference_mode()
     def execute(
