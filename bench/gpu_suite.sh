@@ -61,6 +61,8 @@ step bench_decode_attn $PY bench/bench_paged_decode.py --json "$OUT/paged_decode
 step bench_gemv $PY bench/bench_gemv.py --json "$OUT/gemv.json"
 # 13B (dummy bf16 weights): decode step vs weight-read floor, prefill vs matmul rate, transformers ratio
 step bench_decode_step $PY bench/bench_decode_step.py --json "$OUT/decode_step.json"
+# 7B: short prompts' first token through the step graphs vs eager, same engine
+step bench_short_prefill $PY bench/bench_short_prefill.py --json "$OUT/short_prefill.json"
 if [ "$MODE" = full ]; then
   # where the batch-1 step's device time goes, kernel by kernel (plain launches: PDL overlaps kernels)
   step profile_decode $PY bench/profile_decode.py --variants no-pdl --json "$OUT/profile_decode.json"
