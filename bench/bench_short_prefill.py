@@ -3,8 +3,8 @@ CUDA graphs (one row per token) vs run eagerly, on the same engine and weights i
 batch-1 decode step (the weight-read floor of any small step) alongside. Also a mixed step: a short
 prompt joining a running decode batch.
 
-    python3 bench/bench_short_prefill.py --model llama-2-7b --new-tokens 1,8,16,32,64,128 \
-        --prefix-tokens 0,1024 --json short_prefill.json
+    python3 bench/bench_short_prefill.py --model llama-2-7b --new-tokens 1,8,16,32,64,128,256,512 \
+        --prefix-tokens 0,1024,3072 --json short_prefill.json
 
 Prints a table and one summary line (graph vs eager at 16 and 32 new tokens, no prefix).
 """
@@ -87,8 +87,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="llama-2-7b")
-    parser.add_argument("--new-tokens", type=_ints, default=_ints("1,8,16,32,64,128"))
-    parser.add_argument("--prefix-tokens", type=_ints, default=_ints("0,1024"))
+    parser.add_argument("--new-tokens", type=_ints, default=_ints("1,8,16,32,64,128,256,512"))
+    parser.add_argument("--prefix-tokens", type=_ints, default=_ints("0,1024,3072"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--mixed-decodes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -106,8 +106,6 @@ def main() -> None:
         device="cuda",
         dtype="bfloat16",
         enable_radix_caching=True,
-        max_num_seqs=max(128, largest),
-        cuda_graph_max_batch_size=max(128, largest),
         cuda_graph_max_prefill_tokens=largest,
         max_num_batched_tokens=max(2048, largest + max(args.prefix_tokens)),
         seed=args.seed,

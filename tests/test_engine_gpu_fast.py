@@ -104,7 +104,8 @@ def test_fast_path_greedy_equals_eager_torch_fp32(ckpt):
     ref = LLM(ckpt, attention_backend="torch", enforce_eager=True, **kw)
     fast = LLM(ckpt, attention_backend="triton", **kw)
     assert fast.engine.runner.decode_graphs is not None
-    assert fast.engine.runner.decode_graphs.batch_sizes == [1, 2, 4, 6]
+    # decode graphs up to max_num_seqs; prompt-chunk graphs up to max_num_batched_tokens
+    assert fast.engine.runner.decode_graphs.batch_sizes == [1, 2, 4, 6, 8, 16, 32, 40]
     for _ in range(2):
         a = [o.token_ids for o in ref.generate(PROMPTS, params)]
         b = [o.token_ids for o in fast.generate(PROMPTS, params)]
@@ -185,19 +186,24 @@ GRAPH_PREFILL_KW = dict(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("max_prefill_tokens", [0, 32])
-def test_short_prefills_through_graphs_greedy_equals_eager_torch_fp32(ckpt, max_prefill_tokens):
+@pytest.mark.parametrize(("max_prefill_tokens", "max_num_seqs"), [(0, 32), (32, 32), (32, 4)])
+def test_short_prefills_through_graphs_greedy_equals_eager_torch_fp32(
+    ckpt, max_prefill_tokens, max_num_seqs
+):
     """Prompt chunks replayed through the step graphs, one row per token (fresh prompts, chunks
-    after a cached prefix, mixed with decodes), give the eager torch path's greedy outputs; with
-    cuda_graph_max_prefill_tokens=0 no step with a prompt chunk replays a graph."""
+    after a cached prefix, mixed with decodes), give the eager torch path's greedy outputs, also
+    through the sizes past the decode graphs' (8-32 rows with max_num_seqs=4: they end with hidden
+    states, the runner computes the logits); with cuda_graph_max_prefill_tokens=0 no step with a
+    prompt chunk replays a graph."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    kw = dict(GRAPH_PREFILL_KW, device="cuda", dtype="float32")
+    kw = dict(GRAPH_PREFILL_KW, device="cuda", dtype="float32", max_num_seqs=max_num_seqs)
     ref = LLM(ckpt, attention_backend="torch", enforce_eager=True, **kw)
     fast = LLM(
         ckpt, attention_backend="triton", cuda_graph_max_prefill_tokens=max_prefill_tokens, **kw
     )
     graphs = fast.engine.runner.decode_graphs
-    assert graphs is not None and graphs.max_batch_size == 32
+    assert graphs is not None and graphs.max_batch_size == max_num_seqs
+    assert graphs.max_rows == max(max_num_seqs, max_prefill_tokens)
     prefill_replays = []
     real_prepare = graphs.prepare
 
@@ -213,6 +219,7 @@ def test_short_prefills_through_graphs_greedy_equals_eager_torch_fp32(ckpt, max_
         assert a == b
     if max_prefill_tokens:
         assert len(prefill_replays) >= 4 and max(prefill_replays) <= 32
+        assert any(rows > max_num_seqs for rows in prefill_replays) == (max_num_seqs == 4)
     else:
         assert prefill_replays == []
     fast.engine.check_invariants()

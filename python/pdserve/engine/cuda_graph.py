@@ -44,6 +44,17 @@ def capture_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+def graph_sizes(max_decode_rows: int, max_prefill_rows: int) -> list[int]:
+    """Every captured size: capture_sizes(max_decode_rows) (graphs that end with the logits of every
+    row), then the powers of two up to max_prefill_rows and max_prefill_rows itself above it (graphs
+    for prompt chunks only, which end with hidden states: the runner computes the sampled rows'
+    logits, a [rows, vocab] buffer per size being large)."""
+    sizes = capture_sizes(max_decode_rows)
+    if max_prefill_rows > max_decode_rows:
+        sizes += [s for s in capture_sizes(max_prefill_rows) if s > max_decode_rows]
+    return sizes
+
+
 class DecodeGraphs:
     """Owns the static buffers and one captured graph per batch size. Device memory of all graphs comes
     from one shared pool (captured largest first, as only one replays at a time)."""
@@ -54,26 +65,28 @@ class DecodeGraphs:
         kv_layers: list[torch.Tensor],
         block_size: int,
         max_model_len: int,
-        batch_sizes: list[int],
+        max_decode_rows: int,
         device: torch.device,
         max_prefill_tokens: int = 0,
     ):
-        """max_prefill_tokens: a step with a prompt chunk (more than one new token for a sequence)
-        replays a graph when it has at most this many tokens in all and its rows read at most
-        max_prefill_kv_reads KV tokens (0: such steps stay eager)."""
+        """Decode-only steps of up to max_decode_rows sequences replay a graph. max_prefill_tokens: a
+        step with a prompt chunk (more than one new token for a sequence) replays one when it has at
+        most this many tokens in all and its rows read at most max_prefill_kv_reads KV tokens (0:
+        such steps stay eager)."""
         self.model, self.kv_layers = model, kv_layers
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prefill_kv_reads = MAX_PREFILL_KV_READS
         self.block_size, self.max_model_len = block_size, max_model_len
-        self.batch_sizes = sizes = sorted(batch_sizes)
-        self.max_batch_size = self.batch_sizes[-1]
+        self.max_batch_size = max_decode_rows  # the largest size that ends with logits
+        self.batch_sizes = sizes = graph_sizes(max_decode_rows, max_prefill_tokens)
+        self.max_rows = sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         # every input of the graph of size bs lives in one byte range: ids, positions, slots (int64
         # [3, bs]), lengths (int32 [bs]), block tables (int32 [bs, max_blocks]); `prepare` fills the
         # pinned host mirror and copies the range in one transfer (with one strided copy per tensor,
         # prepare took ~270 µs of host time a step at batch 1; now ~90-130 µs:
         # bench/profile_decode.py --host)
-        nbytes = GraphInputs.layout_nbytes(self.max_batch_size, self.max_blocks)
+        nbytes = GraphInputs.layout_nbytes(self.max_rows, self.max_blocks)
         self._device_bytes = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._host_bytes = torch.zeros(nbytes, dtype=torch.uint8).pin_memory()
         self._device_inputs = {
@@ -85,7 +98,9 @@ class DecodeGraphs:
         # step's end waits (all-reduce) for every other rank's step, so its copy ran too. (A CUDA
         # event guarding the buffer cost ~50 µs a step.)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] fp32, written by each replay
+        # written by each replay: logits [bs, vocab] fp32 up to max_batch_size rows, else the final
+        # hidden states [bs, hidden]
+        self.outputs: dict[int, torch.Tensor] = {}
         self._capture_all()
 
     # ---- capture --------------------------------------------------------------------------------
@@ -109,10 +124,14 @@ class DecodeGraphs:
             kernel=kernel,
         )
 
+    def ends_with_logits(self, bs: int) -> bool:
+        """True when the graph of size bs outputs logits, False when hidden states."""
+        return bs <= self.max_batch_size
+
     def _forward(self, bs: int) -> torch.Tensor:
         tokens = self._device_inputs[bs].tokens
         hidden = self.model(tokens[0], tokens[1], self.kv_layers, self._meta(bs))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden) if self.ends_with_logits(bs) else hidden
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -130,7 +149,7 @@ class DecodeGraphs:
                     self._forward(bs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    self.logits[bs] = self._forward(bs)
+                    self.outputs[bs] = self._forward(bs)
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bs] = graph
         torch.cuda.current_stream().wait_stream(stream)
@@ -144,7 +163,7 @@ class DecodeGraphs:
         if num_kv_reads is None:
             return num_rows <= self.max_batch_size
         return (
-            num_rows <= min(self.max_prefill_tokens, self.max_batch_size)
+            num_rows <= min(self.max_prefill_tokens, self.max_rows)
             and num_kv_reads <= self.max_prefill_kv_reads
         )
 
@@ -185,16 +204,18 @@ class DecodeGraphs:
         return bs
 
     def replay(self, bs: int) -> torch.Tensor:
-        """Runs the graph of size bs on the current static inputs; returns its logits [bs, vocab] (a
-        static buffer: read it before the next replay)."""
+        """Runs the graph of size bs on the current static inputs; returns its output (logits
+        [bs, vocab] fp32, or hidden states [bs, hidden] past max_batch_size: see ends_with_logits),
+        a static buffer: read it before the next replay."""
         self.graphs[bs].replay()
-        return self.logits[bs]
+        return self.outputs[bs]
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [batch.num_tokens, vocab] fp32, one row per new token in batch order (a view into
-        the static output)."""
+        the static output; computed outside the graph for the prompt-chunk-only sizes)."""
         bs = self.prepare(batch)
-        return self.replay(bs)[: batch.num_tokens]
+        out = self.replay(bs)[: batch.num_tokens]
+        return out if self.ends_with_logits(bs) else self.model.compute_logits(out)
 
 
 def fill_rows_from_batch(host: GraphInputs, batch: ScheduledBatch, block_size: int) -> int:

@@ -204,31 +204,40 @@ class ModelRunner:
         """Bytes of one IPC buffer half: what the largest decode graph all-reduces (hidden states) or
         gathers (its logits slice) in one call, at least 8 MiB; larger eager tensors go to NCCL."""
         mc = self.model_config
-        rows = min(self.config.cuda_graph_max_batch_size, self.config.max_num_seqs)
+        max_decode_rows, max_prefill_rows = self._graph_rows()
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        width = max(mc.hidden_size, -(-mc.vocab_size // self.tp_size))
+        # decode graphs gather their logits slices; prompt-chunk graphs all-reduce hidden states only
+        decode = max_decode_rows * max(mc.hidden_size, -(-mc.vocab_size // self.tp_size))
+        prefill = max_prefill_rows * mc.hidden_size
         mib = 1 << 20
-        return max(8 * mib, -(-rows * width * itemsize // mib) * mib)
+        return max(8 * mib, -(-max(decode, prefill) * itemsize // mib) * mib)
 
     def _capture_decode_graphs(self):
         if self.config.enforce_eager:
             return None
-        from pdserve.engine.cuda_graph import DecodeGraphs, capture_sizes
+        from pdserve.engine.cuda_graph import DecodeGraphs
 
         mc = self.model_config
         max_model_len = min(
             self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
-        max_bs = min(self.config.cuda_graph_max_batch_size, self.config.max_num_seqs)
+        max_decode_rows, max_prefill_rows = self._graph_rows()
         return DecodeGraphs(
             self.model,
             self.kv_layers,
             self.block_size,
             max_model_len,
-            capture_sizes(max_bs),
+            max_decode_rows,
             self.device,
-            max_prefill_tokens=self.config.cuda_graph_max_prefill_tokens,
+            max_prefill_tokens=max_prefill_rows,
         )
+
+    def _graph_rows(self) -> tuple[int, int]:
+        """(most rows of a decode-only step, most rows of a step with prompt chunks) that replay a
+        graph: a step never holds more sequences or tokens than the scheduler's budgets."""
+        c = self.config
+        max_decode_rows = min(c.cuda_graph_max_batch_size, c.max_num_seqs)
+        return max_decode_rows, min(c.cuda_graph_max_prefill_tokens, c.max_num_batched_tokens)
 
     # ---- KV cache -----------------------------------------------------------------------------
     @property
@@ -406,7 +415,8 @@ class ModelRunner:
     ) -> list[int | None]:
         """A batch replayed from a CUDA graph on a single rank (straight from the batch: no
         StepInputs); samples on the host side as `execute` does."""
-        logits = graphs.run(batch)  # even when nothing samples: the step writes its tokens' KV
+        bs = graphs.prepare(batch)
+        out = graphs.replay(bs)  # even when nothing samples: the step writes its tokens' KV
         if after_layer is not None:
             after_layer(None)
         seq_indices, rows = [], []
@@ -416,6 +426,7 @@ class ModelRunner:
             if batch.samples(i):
                 seq_indices.append(i)
                 rows.append(row)
+        logits, rows = self._graph_logits(graphs, bs, out, rows)
         return _sample_graph_rows(
             logits,
             len(batch.seqs),
@@ -432,19 +443,31 @@ class ModelRunner:
         collectives), rank 0 samples."""
         graphs = self.decode_graphs
         bs = graphs.prepare_inputs(inputs)
-        logits = graphs.replay(bs)
+        out = graphs.replay(bs)
         if after_layer is not None:
             after_layer(None)
+        # every rank: computing logits outside the graph gathers them
+        logits, rows = self._graph_logits(graphs, bs, out, inputs.sample_rows)
         if self.tp_rank != 0:
             return [None] * inputs.num_seqs
         return _sample_graph_rows(
-            logits[: len(inputs.input_ids)],
+            logits,
             inputs.num_seqs,
             inputs.sample_seq_indices,
-            inputs.sample_rows,
+            rows,
             inputs.sampling_params,
             inputs.output_positions,
         )
+
+    def _graph_logits(
+        self, graphs, bs: int, out: torch.Tensor, rows: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(logits, rows to sample in them) from a replay's output: the graph's own logits, or those
+        of `rows` computed from its hidden states (sizes past the decode graphs')."""
+        if graphs.ends_with_logits(bs) or not rows:
+            return out, rows
+        idx = torch.tensor(rows, dtype=torch.long).to(out.device, non_blocking=True)
+        return self.model.compute_logits(out.index_select(0, idx)), list(range(len(rows)))
 
     def graph_eligible(self, inputs: StepInputs) -> bool:
         """True when a graph can run these inputs (see DecodeGraphs.fits)."""
@@ -501,7 +524,7 @@ def _sample_graph_rows(
     if not rows:
         torch.cuda.current_stream(logits.device).synchronize()
         return [None] * num_seqs
-    if len(rows) != logits.shape[0]:  # else rows are 0..n-1
+    if len(rows) != logits.shape[0]:  # else rows are 0..n-1 (they increase)
         logits = logits[rows]
     result: list[int | None] = [None] * num_seqs
     for i, token in zip(seq_indices, sample(logits, params, output_positions), strict=True):
