@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # A step with prompt chunks replays a graph only while its rows read at most this many KV tokens in
-# all (row j of a chunk starting at s reads s + j + 1): every row re-reads its sequence's context. On an
-# H100 (llama-2-7b, bench/bench_short_prefill.py) 128 rows after a 1,024-token prefix (~139 K reads)
-# took 19.7 ms replayed vs 40.1 ms eager, ~85 ns per read above the 8.0 ms of 128 fresh rows.
-MAX_PREFILL_KV_READS = 256 * 1024
+# all (row j of a chunk starting at s reads s + j + 1): every row re-reads its sequence's context, at
+# ~70-120 ns per token read (llama-2-7b, H100, bench/bench_short_prefill.py), against an eager step's
+# ~16-25 ms of host time. Seen there at 0110793, replayed vs eager: 256 fresh tokens (33 K reads) 11.5
+# vs 24.4 ms; 32 after a 3,072-token prefix (99 K) 17.8 vs 20.8 ms; 64 after it (199 K) 25.3 vs 21.6 ms;
+# 512 fresh (131 K) 23.8 vs 25.0 ms.
+MAX_PREFILL_KV_READS = 128 * 1024
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
