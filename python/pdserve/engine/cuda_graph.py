@@ -160,8 +160,9 @@ class DecodeGraphs:
     # ---- replay ---------------------------------------------------------------------------------
     def fits(self, num_rows: int, num_kv_reads: int | None = None) -> bool:
         """True when a step of num_rows new tokens replays a graph. A decode-only step (num_kv_reads
-        None) needs at most the largest size; a step with a prompt chunk at most max_prefill_tokens,
-        and its rows' KV lengths must sum to at most max_prefill_kv_reads."""
+        None) needs at most max_batch_size rows (the graphs that end with logits); a step with a
+        prompt chunk at most max_prefill_tokens, and its rows' KV lengths must sum to at most
+        max_prefill_kv_reads."""
         if num_kv_reads is None:
             return num_rows <= self.max_batch_size
         return (
