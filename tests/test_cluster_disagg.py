@@ -11,13 +11,15 @@ After every test, every instance's block invariant holds and nothing stays reser
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from cluster_checks import settle_and_check
+from cluster_checks import post_error, settle_and_check
+from pdserve.engine.tokenizer import Tokenizer
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -348,6 +350,137 @@ def test_bad_requests_get_400_naming_the_field(cluster):
     with pytest.raises(urllib.error.HTTPError) as info:
         complete(cluster["layer"].url, [5] * 3000)
     assert info.value.code == 400
+
+
+STOP_BODIES = {
+    "/v1/completions": {"prompt": "The quick brown fox"},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hello there"}]},
+}
+
+
+def _choice_text(choice: dict) -> str:
+    """The text of a reply's or a chunk's choice, completions or chat."""
+    if "text" in choice:
+        return choice["text"]
+    return (choice.get("message") or choice.get("delta") or {}).get("content", "")
+
+
+def _stop_case(
+    url: str, path: str, min_start: int = 2, length: int = 3
+) -> tuple[str, str, list[int]]:
+    """(a stop string the model really generates, the text before it, the tokens up to the one that
+    completes it), from a greedy run without stop strings: a stop test cannot pass without stopping.
+    The stop string is the first `length` ASCII characters in a row (as many tokens of the byte-level
+    tokenizer) from character `min_start` on."""
+    body = {**STOP_BODIES[path], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    ref = http_json(f"{url}{path}", body)["choices"][0]
+    text = _choice_text(ref)
+    starts = [
+        i
+        for i in range(min_start, len(text) - length + 1)
+        if all(ord(c) < 128 for c in text[i : i + length])
+    ]
+    assert starts, f"no {length} ASCII characters in a row in {text!r}"
+    stop = text[starts[0] : starts[0] + length]
+    tokenizer = Tokenizer.byte_level()
+    ids = ref["token_ids"]
+    num_tokens = next(k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:k]))
+    return stop, text[: text.index(stop)], ids[:num_tokens]
+
+
+@pytest.mark.parametrize("path", list(STOP_BODIES))
+@pytest.mark.parametrize("name", ["colo", "colo_sched", "layer", "whole"])
+def test_stop_string_ends_the_text_and_the_request(cluster, name, path):
+    """Colocated, through the scheduler to a colocated instance, disaggregated (both transfer modes):
+    the text ends before the stop string, usage counts the tokens up to it, and the request is over
+    in the engine before the reply ends (max_tokens would have run much longer)."""
+    url = cluster[name] if isinstance(cluster[name], str) else cluster[name].url
+    instances = [cluster["colo"]] if name.startswith("colo") else cluster[name].instances
+    stop, want_text, want_ids = _stop_case(url, path)
+    settle_and_check(instances)
+    body = {**STOP_BODIES[path], "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    generated_before = sum(stats(u)["num_generated_tokens"] for u in instances)
+
+    out = http_json(f"{url}{path}", {**body, "stop": ["\u2603 never", stop]})
+    choice = out["choices"][0]
+    assert (_choice_text(choice), choice["finish_reason"]) == (want_text, "stop")
+    assert choice["token_ids"] == want_ids
+    assert out["usage"]["completion_tokens"] == len(want_ids)
+    settle_and_check(instances, timeout=0)  # aborted and released before the reply went out
+
+    events = sse_events(
+        f"{url}{path}",
+        {**body, "stop": stop, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] == len(want_ids)
+    chunks = [e["choices"][0] for e in events[:-2]]
+    assert "".join(_choice_text(c) for c in chunks) == want_text
+    assert [t for c in chunks for t in c["token_ids"]] == want_ids
+    assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    settle_and_check(instances, timeout=0)  # before [DONE]
+    # ended at the stop, not at max_tokens: a few tokens in flight at most
+    generated = sum(stats(u)["num_generated_tokens"] for u in instances) - generated_before
+    assert generated < 2 * len(want_ids) + 200, generated
+
+
+@pytest.mark.parametrize("name", ["colo_sched", "layer", "whole"])
+def test_stop_string_in_the_first_token_releases_everything(cluster, name):
+    """The first token completes the stop string: disaggregated, it is P's, D never decodes, and
+    both the pinned prefill and D's reservation are released before the reply."""
+    url = cluster[name] if isinstance(cluster[name], str) else cluster[name].url
+    instances = [cluster["colo"]] if name.startswith("colo") else cluster[name].instances
+    stop, want_text, want_ids = _stop_case(url, "/v1/completions", min_start=0, length=1)
+    assert len(want_ids) == 1, "the tiny model's first character here should be ASCII"
+    body = {**STOP_BODIES["/v1/completions"], "max_tokens": 1000, "temperature": 0, "stop": stop}
+    for stream in (False, True):
+        if stream:
+            events = sse_events(f"{url}/v1/completions", {**body, "stream": True})
+            chunks = [e["choices"][0] for e in events[:-1]]
+            assert events[-1] == "[DONE]" and len(chunks) == 1
+            choice = chunks[0]
+        else:
+            choice = http_json(f"{url}/v1/completions", body)["choices"][0]
+        assert (choice["text"], choice["token_ids"], choice["finish_reason"]) == (
+            want_text,
+            want_ids,
+            "stop",
+        )
+        settle_and_check(instances, timeout=0)
+
+
+def test_streamed_text_never_shows_the_start_of_a_stop_string(cluster):
+    """A stop string the model begins but does not finish is held back, then released whole."""
+    url = cluster["layer"].url
+    stop, want_text, want_ids = _stop_case(url, "/v1/completions")
+    body = {
+        **STOP_BODIES["/v1/completions"],
+        "max_tokens": len(want_ids) + 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    full = "".join(
+        _choice_text(e["choices"][0]) for e in sse_events(f"{url}/v1/completions", body)[:-1]
+    )
+    near_miss = stop[:2] + "\u2603"  # the stop string's start, then something never generated
+    events = sse_events(f"{url}/v1/completions", {**body, "stop": near_miss})
+    texts = [_choice_text(e["choices"][0]) for e in events[:-1]]
+    assert "".join(texts) == full and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert full.startswith(want_text + stop[:2])
+    # one ASCII character per token: without the hold-back, chunks would end after stop[:1], stop[:2]
+    num_chars_sent = set(itertools.accumulate(len(text) for text in texts))
+    assert not num_chars_sent & {len(want_text) + 1, len(want_text) + 2}, texts
+
+
+def test_bad_stop_strings_get_400_naming_the_field(cluster):
+    for url in (cluster["layer"].url, cluster["colo"], cluster["colo_sched"]):
+        for path, body in STOP_BODIES.items():
+            for bad in (["a", "b", "c", "d", "e"], "", [""], [3]):
+                status, message = post_error(f"{url}{path}", {**body, "stop": bad})
+                assert status == 400 and message.startswith("'stop' must be"), message
+                assert f"got {json.dumps(bad)}" in message, message
+                assert "a list of at most 4 non-empty strings" in message, message
 
 
 def test_models_health_and_metrics_parse(cluster):

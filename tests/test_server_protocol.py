@@ -39,7 +39,8 @@ def test_completion_defaults_and_token_prompt():
         ({"prompt": "x", "bogus": 1}, "bogus"),
         ({"prompt": [1, -2]}, "prompt"),
         ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": "x", "stop": ["\n"]}, "stop"),
+        ({"prompt": "x", "stop": ""}, "stop"),
+        ({"prompt": "x", "stop": 7}, "stop"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "max_tokens": True}, "max_tokens"),
     ],
@@ -50,6 +51,42 @@ def test_completion_errors_name_the_field(body, field):
     assert field in str(info.value)
     assert info.value.status == 400
     assert info.value.to_json()["error"]["type"] == "invalid_request_error"
+
+
+def test_stop_strings_parsed():
+    assert parse_completion({"prompt": "x"}).stop == []
+    assert parse_completion({"prompt": "x", "stop": "\n"}).stop == ["\n"]
+    assert parse_completion({"prompt": "x", "stop": []}).stop == []
+    req = parse_chat(
+        {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "bc", "d", "e"]}
+    )
+    assert req.stop == ["a", "bc", "d", "e"]
+    assert "stop" not in req.sampling.to_dict()  # the renderer applies them, not the engine
+
+
+@pytest.mark.parametrize(
+    "stop, seen",
+    [
+        ("", '""'),
+        ([""], '[""]'),
+        (["a", "b", "c", "d", "e"], '["a", "b", "c", "d", "e"]'),
+        (["x", 3], '["x", 3]'),
+        ([None], "[null]"),
+        (7, "7"),
+        ({"s": 1}, '{"s": 1}'),
+    ],
+)
+def test_bad_stop_strings_say_what_is_accepted(stop, seen):
+    for parse, body in (
+        (parse_completion, {"prompt": "x"}),
+        (parse_chat, {"messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        with pytest.raises(ProtocolError) as info:
+            parse({**body, "stop": stop})
+        message = str(info.value)
+        assert info.value.status == 400 and info.value.param == "stop"
+        assert message.startswith("'stop' must be") and f"got {seen}" in message
+        assert "a list of at most 4 non-empty strings" in message
 
 
 def test_chat_messages_checked():

@@ -282,9 +282,10 @@ class InstanceServer(PDHandlersMixin):
                 if out is ENGINE_DEAD:
                     raise RuntimeError(f"engine failed: {self.loop_thread.error!r}")
                 _, new_ids, finish, num_cached = ea.output_fields(out)
+                # set before the yield: a consumer closing us at the last delta ends nothing
+                finished = finish is not None
                 yield TokenDelta(new_ids, finish, num_cached)
-                if finish is not None:
-                    finished = True
+                if finished:
                     return
         finally:
             self.loop_thread.close_stream(request_id)

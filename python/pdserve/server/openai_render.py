@@ -1,13 +1,14 @@
 """Turns a stream of generated token ids into an OpenAI response (SSE or one JSON), for instances and scheduler.
 
-The producer is an async iterator of `TokenDelta`s; the renderer detokenizes incrementally, writes SSE
-chunks (then an optional usage chunk and `data: [DONE]`) or one JSON body, and records TTFT/TPOT.
+The producer is an async generator of `TokenDelta`s; the renderer detokenizes incrementally, cuts the
+text at the request's stop strings (then closes the producer, which ends the request where it runs),
+writes SSE chunks (then an optional usage chunk and `data: [DONE]`) or one JSON body, and records TTFT/TPOT.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from pdserve.server.protocol import (
     GenerateRequest,
     IncrementalDetokenizer,
     ProtocolError,
+    StopStringMatcher,
     chunk_json,
     response_json,
     sse,
@@ -31,6 +33,61 @@ class TokenDelta:
     new_token_ids: list[int]
     finish_reason: str | None = None
     num_cached_tokens: int | None = None  # set once, when known
+
+
+class ChoiceText:
+    """One choice's text as its tokens arrive: incremental detokenization, then the stop strings.
+
+    With stop strings the tokens are detokenized one at a time, so the token that completes a stop
+    string is known: it is the last one kept (usage counts up to it) and later ones are dropped.
+    Not `incremental` (a whole reply without stop strings), the text is decoded once, at the end.
+    """
+
+    def __init__(self, decode, stop: list[str], incremental: bool = True):
+        self._decode = decode  # decode(list[int]) -> str
+        self._detok = IncrementalDetokenizer(decode)
+        self._stop = StopStringMatcher(stop) if stop else None
+        self._incremental = incremental or self._stop is not None
+        self._parts: list[str] = []  # the text handed out so far
+        self.token_ids: list[int] = []  # the tokens kept: all received, or up to the stop string
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop is not None and self._stop.stopped
+
+    @property
+    def text(self) -> str:
+        """All of the text so far (after the last `add`, the whole reply)."""
+        return "".join(self._parts) if self._incremental else self._decode(self.token_ids)
+
+    def add(self, new_token_ids: list[int], final: bool) -> tuple[list[int], str]:
+        """(the tokens of `new_token_ids` kept, the text that may go out now); `final`: no more follow."""
+        if self.stopped:
+            return [], ""
+        if not self._incremental:
+            self.token_ids.extend(new_token_ids)
+            return list(new_token_ids), ""
+        if self._stop is None:
+            kept, text = list(new_token_ids), self._detok.add(new_token_ids, final)
+        else:
+            kept, text = self._add_until_stop(new_token_ids, final)
+        self.token_ids.extend(kept)
+        self._parts.append(text)
+        return kept, text
+
+    def _add_until_stop(self, new_token_ids: list[int], final: bool) -> tuple[list[int], str]:
+        kept: list[int] = []
+        parts: list[str] = []
+        for token_id in new_token_ids:
+            kept.append(token_id)
+            parts.append(self._stop.add(self._detok.add([token_id])))
+            if self._stop.stopped:
+                return kept, "".join(parts)
+        if final:  # the detokenizer's held bytes, then the text held for the stop strings
+            parts.append(self._stop.add(self._detok.add([], final=True)))
+            if not self._stop.stopped:
+                parts.append(self._stop.flush())
+        return kept, "".join(parts)
 
 
 class StreamTimer:
@@ -68,15 +125,16 @@ async def render_response(
     request_id: str,
     model: str,
     num_prompt_tokens: int,
-    deltas: AsyncIterator[TokenDelta],
+    deltas: AsyncGenerator[TokenDelta, None],
     decode,
     metrics: ServerMetrics | None = None,
 ) -> web.StreamResponse:
-    """Consumes `deltas` to the end (or until the client leaves: the caller's iterator is then closed)."""
+    """Consumes `deltas` to the end, or until a stop string or the client's leaving: the producer is
+    closed then (here on a stop string, before the stream ends; by the caller when the client leaves),
+    which aborts the request and releases its blocks."""
     created = int(time.time())
-    detok = IncrementalDetokenizer(decode)
+    choice = ChoiceText(decode, req.stop, incremental=req.stream)
     timer = StreamTimer()
-    token_ids: list[int] = []
     finish_reason = None
     num_cached_tokens = 0
     if req.stream:
@@ -86,30 +144,26 @@ async def render_response(
         await resp.prepare(http_request)
         try:
             first = True
-            unsent_ids: list[int] = []  # tokens whose text is held back (a split UTF-8 character)
+            unsent_ids: list[int] = []  # tokens whose text is held back (a split character, a stop)
             async for d in deltas:
                 if d.num_cached_tokens is not None:
                     num_cached_tokens = d.num_cached_tokens
-                timer.tokens(len(d.new_token_ids))
-                token_ids.extend(d.new_token_ids)
-                unsent_ids.extend(d.new_token_ids)
-                finish_reason = d.finish_reason or finish_reason
-                text = detok.add(d.new_token_ids, final=d.finish_reason is not None)
-                if text or d.finish_reason is not None or (unsent_ids and first):
+                kept, text = choice.add(d.new_token_ids, final=d.finish_reason is not None)
+                timer.tokens(len(kept))
+                unsent_ids.extend(kept)
+                end = "stop" if choice.stopped else d.finish_reason
+                finish_reason = end or finish_reason
+                if text or end is not None or (unsent_ids and first):
                     chunk = chunk_json(
-                        req.kind,
-                        request_id,
-                        model,
-                        text,
-                        unsent_ids,
-                        d.finish_reason,
-                        created,
-                        first,
+                        req.kind, request_id, model, text, unsent_ids, end, created, first
                     )
                     await resp.write(sse(chunk))
                     unsent_ids = []
                     first = False
-            usage = usage_json(num_prompt_tokens, len(token_ids), num_cached_tokens)
+                if choice.stopped:
+                    await deltas.aclose()  # ends the request now, before the stream's end
+                    break
+            usage = usage_json(num_prompt_tokens, len(choice.token_ids), num_cached_tokens)
             if req.include_usage:
                 await resp.write(sse(usage_chunk_json(req.kind, request_id, model, created, usage)))
             await resp.write(SSE_DONE)
@@ -130,9 +184,12 @@ async def render_response(
             async for d in deltas:
                 if d.num_cached_tokens is not None:
                     num_cached_tokens = d.num_cached_tokens
-                timer.tokens(len(d.new_token_ids))
-                token_ids.extend(d.new_token_ids)
-                finish_reason = d.finish_reason or finish_reason
+                kept, _ = choice.add(d.new_token_ids, final=d.finish_reason is not None)
+                timer.tokens(len(kept))
+                finish_reason = "stop" if choice.stopped else (d.finish_reason or finish_reason)
+                if choice.stopped:
+                    await deltas.aclose()  # ends the request before the reply goes out
+                    break
         except Exception as exc:  # noqa: BLE001 - one JSON error for people
             status = getattr(exc, "status", 500)
             if not isinstance(status, int) or status < 400:
@@ -142,15 +199,21 @@ async def render_response(
             return web.json_response(
                 ProtocolError(f"generation failed: {exc}", status).to_json(), status=status
             )
-        text = decode(token_ids)
-        usage = usage_json(num_prompt_tokens, len(token_ids), num_cached_tokens)
+        usage = usage_json(num_prompt_tokens, len(choice.token_ids), num_cached_tokens)
         resp = web.json_response(
             response_json(
-                req.kind, request_id, model, text, token_ids, finish_reason, usage, created
+                req.kind,
+                request_id,
+                model,
+                choice.text,
+                choice.token_ids,
+                finish_reason,
+                usage,
+                created,
             )
         )
     if metrics is not None:
         metrics.observe_request(
-            timer.ttft, timer.tpot, finish_reason, num_prompt_tokens, len(token_ids)
+            timer.ttft, timer.tpot, finish_reason, num_prompt_tokens, len(choice.token_ids)
         )
     return resp

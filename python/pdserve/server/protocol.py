@@ -59,7 +59,12 @@ _SAMPLING_FIELDS: dict[str, Field] = {
     "ignore_eos": Field((bool,), False),
     "n": Field((int,), 1, minimum=1, maximum=1, doc="one choice per request"),
     "user": Field((str,), None),
-    "stop": Field((str, list), None, doc="not supported yet: use stop_token_ids"),
+    "stop": Field(
+        (str, list),
+        None,
+        doc="a non-empty string or a list of at most 4 non-empty strings: the text ends just "
+        "before the first one generated (finish_reason stop)",
+    ),
     "logprobs": Field((bool, int), None, doc="not supported"),
     "presence_penalty": Field(_NUM, 0.0, minimum=0.0, maximum=0.0, doc="only 0 is supported"),
     "frequency_penalty": Field(_NUM, 0.0, minimum=0.0, maximum=0.0, doc="only 0 is supported"),
@@ -78,6 +83,7 @@ CHAT_FIELDS: dict[str, Field] = {
     **_SAMPLING_FIELDS,
 }
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
 @dataclass
@@ -112,6 +118,9 @@ class GenerateRequest:
     messages: list[dict] | None = None
     stream: bool = False
     include_usage: bool = False
+    # Stop strings act on text, so whoever renders the text applies them (openai_render.ChoiceText);
+    # they stay out of SamplingSpec, which is what the engines see.
+    stop: list[str] = field(default_factory=list)
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -146,7 +155,8 @@ def _check_fields(body: Any, fields: dict[str, Field]) -> dict[str, Any]:
         )
         if not ok:
             raise ProtocolError(
-                f"'{name}' must be {_type_names(spec.types)}, got {json.dumps(value)[:80]}",
+                f"'{name}' must be {_type_names(spec.types)}, got {json.dumps(value)[:80]}"
+                + (f" ({spec.doc})" if spec.doc else ""),
                 param=name,
             )
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -167,12 +177,25 @@ def _check_fields(body: Any, fields: dict[str, Field]) -> dict[str, Any]:
     return values
 
 
+def _stop_strings(value: str | list | None) -> list[str]:
+    """`stop` as a list: a string or a list of at most MAX_STOP_STRINGS non-empty strings ([] = none)."""
+    if value is None:
+        return []
+    strings = [value] if isinstance(value, str) else value
+    if len(strings) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in strings):
+        raise ProtocolError(
+            f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty "
+            f"strings, got {json.dumps(value)[:80]}",
+            param="stop",
+        )
+    return list(strings)
+
+
 def _sampling_from(values: dict[str, Any]) -> SamplingSpec:
-    for name in ("stop", "logprobs"):
-        if values.get(name) not in (None, False, [], ""):
-            raise ProtocolError(
-                f"'{name}' is not supported ({_SAMPLING_FIELDS[name].doc})", param=name
-            )
+    if values.get("logprobs") not in (None, False):
+        raise ProtocolError(
+            f"'logprobs' is not supported ({_SAMPLING_FIELDS['logprobs'].doc})", param="logprobs"
+        )
     stop_ids = values["stop_token_ids"] or []
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
         raise ProtocolError(
@@ -214,7 +237,12 @@ def parse_completion(body: Any) -> GenerateRequest:
         )
     if values["echo"]:
         raise ProtocolError("'echo' is not supported (only false)", param="echo")
-    req = GenerateRequest(kind="completion", sampling=_sampling_from(values), model=values["model"])
+    req = GenerateRequest(
+        kind="completion",
+        sampling=_sampling_from(values),
+        model=values["model"],
+        stop=_stop_strings(values["stop"]),
+    )
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
@@ -253,7 +281,12 @@ def parse_chat(body: Any) -> GenerateRequest:
                 f"got {json.dumps(m)[:120]}",
                 param="messages",
             )
-    req = GenerateRequest(kind="chat", sampling=_sampling_from(values), model=values["model"])
+    req = GenerateRequest(
+        kind="chat",
+        sampling=_sampling_from(values),
+        model=values["model"],
+        stop=_stop_strings(values["stop"]),
+    )
     req.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     req.stream, req.include_usage = _stream_flags(values)
     return req
@@ -399,3 +432,58 @@ class IncrementalDetokenizer:
         delta = text[self._num_emitted_chars :]
         self._num_emitted_chars = len(text)
         return delta
+
+
+class StopStringMatcher:
+    """Cuts a growing text at the first stop string, holding back what may yet become one.
+
+    `add(text)` returns the text that can go out now: everything but the longest suffix that is a
+    prefix of some stop string (that suffix is held until it can no longer match). Once a stop string
+    is complete, `stopped` is set, `add` returns the text before it, and the stop string and all that
+    follows are dropped. `flush()` gives the held text back at the end of a stream that did not stop.
+    """
+
+    def __init__(self, stop: list[str]):
+        if not stop or not all(stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+        self.stop = list(stop)
+        self.stopped = False
+        self._max_len = max(len(s) for s in self.stop)
+        # NOTE: a stop string can only start in `_pending`: released text had no suffix that
+        # begins one, so searching `_pending` alone finds every occurrence.
+        self._pending = ""
+
+    def add(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        pending = self._pending + text
+        cut = self._first_stop(pending)
+        if cut is not None:
+            self.stopped = True
+            self._pending = ""
+            return pending[:cut]
+        num_held = self._num_held_chars(pending)
+        self._pending = pending[len(pending) - num_held :]
+        return pending[: len(pending) - num_held]
+
+    def flush(self) -> str:
+        held, self._pending = self._pending, ""
+        return held
+
+    def _first_stop(self, text: str) -> int | None:
+        """Where the text ends: the start of the stop string completed first (as if read one character
+        at a time; of two completed at once, the longer), or None."""
+        best: tuple[int, int] | None = None  # (end, start)
+        for s in self.stop:
+            start = text.find(s)
+            if start >= 0 and (best is None or (start + len(s), start) < best):
+                best = (start + len(s), start)
+        return None if best is None else best[1]
+
+    def _num_held_chars(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        for n in range(min(len(text), self._max_len - 1), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0

@@ -185,6 +185,12 @@ class GlobalScheduler(ClusterMembershipMixin):
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ProtocolError("request body is not valid JSON") from None
             req = parse(body)
+            if req.stop and self.tokenizer is None:
+                raise ProtocolError(
+                    f"'stop' strings need the scheduler to detokenize, and it could not load the "
+                    f"tokenizer of {self.config.model!r} (see its log); use 'stop_token_ids'",
+                    param="stop",
+                )
             token_ids = await self._tokenize(req)
         except ProtocolError as exc:
             return web.json_response(exc.to_json(), status=exc.status)
@@ -207,10 +213,14 @@ class GlobalScheduler(ClusterMembershipMixin):
             first = None
 
         async def chained() -> AsyncIterator[TokenDelta]:
-            if first is not None:
-                yield first
-            async for d in deltas:
-                yield d
+            try:
+                if first is not None:
+                    yield first
+                async for d in deltas:
+                    yield d
+            finally:
+                # the renderer closing us (a stop string) ends the request on P and D now
+                await deltas.aclose()
 
         stream = chained()
         try:
@@ -329,6 +339,7 @@ class GlobalScheduler(ClusterMembershipMixin):
         }
         rec.inflight_prefill_tokens += len(token_ids)
         counted = True
+        finished = closed_early = False
         try:
             async with self._stream_session.post(
                 f"{rec.url}/internal/v1/generate", json=payload
@@ -339,19 +350,26 @@ class GlobalScheduler(ClusterMembershipMixin):
                     if counted:
                         rec.inflight_prefill_tokens -= len(token_ids)
                         counted = False
+                    finished = bool(line.get("finish_reason"))
                     yield TokenDelta(
                         line["token_ids"], line.get("finish_reason"), line.get("num_cached_tokens")
                     )
-                    if line.get("finish_reason"):
+                    if finished:
                         return
             raise InstanceLost(
                 rec.instance_id, f"{rec.instance_id} closed the stream of {request_id} early"
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise InstanceLost(rec.instance_id, f"stream of {request_id}: {exc!r}") from exc
+        except GeneratorExit:
+            closed_early = not finished  # by the consumer: a stop string, or the client left
+            raise
         finally:
             if counted:
                 rec.inflight_prefill_tokens -= len(token_ids)
+            if closed_early:
+                # the instance would abort only at its next write into the closed stream: end it now
+                await self._release(rec, request_id, abort=True)
             self._after_request(rec, None, request_id, None)
 
     async def _disaggregated(self, p, d, request_id, token_ids, req) -> AsyncIterator[TokenDelta]:
@@ -432,9 +450,11 @@ class GlobalScheduler(ClusterMembershipMixin):
                             p_pinned = False
                             continue
                         all_tokens.extend(line["token_ids"])
+                        # set before the yield: closed at the last delta, D's request still
+                        # finished on its own (no abort; its KV may go back to P)
+                        finished = bool(line.get("finish_reason"))
                         yield TokenDelta(line["token_ids"], line.get("finish_reason"))
-                        if line.get("finish_reason"):
-                            finished = True
+                        if finished:
                             return
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise InstanceLost(
