@@ -30,6 +30,7 @@ import sys
 import time
 
 from pdserve.engine.config import ModelConfig
+from pdserve.server import auth
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 MODES = ["engine", "colocated", "direct", "direct-dma", "direct-whole", "staged"]
@@ -82,7 +83,9 @@ def _start(group: ProcessGroup, model: str, mode: str, util: str, device: str) -
     group.wait_healthy(sched, surl, timeout=600, ready_key="ready")
     if mode != "colocated":
         deadline = time.monotonic() + 600
-        while not http_json(f"{surl}/internal/v1/cluster")["linked"]:
+        # the processes inherit $PDSERVE_CLUSTER_TOKEN when set: our internal call carries it too
+        token = auth.cluster_headers(auth.secret_from(None, auth.CLUSTER_TOKEN_ENV))
+        while not http_json(f"{surl}/internal/v1/cluster", headers=token)["linked"]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the scheduler never linked prefill and decode")
             time.sleep(0.2)

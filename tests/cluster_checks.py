@@ -7,23 +7,27 @@ import time
 import urllib.error
 
 import pytest
+from pdserve.server.auth import cluster_headers
 from pdserve.server.launcher import http_json
 
 
-def post_error(url: str, body: dict) -> tuple[int, str]:
-    """POSTs body, which must fail: returns the HTTP status and the error message of the reply."""
+def post_error(url: str, body: dict | None, headers: dict | None = None) -> tuple[int, str]:
+    """POSTs body (GET when None), which must fail: returns the HTTP status and the error message."""
     with pytest.raises(urllib.error.HTTPError) as info:
-        http_json(url, body)
+        http_json(url, body, headers=headers)
     return info.value.code, json.loads(info.value.read())["error"]["message"]
 
 
-def settle_and_check(urls: list[str], timeout: float = 10.0) -> None:
-    """Block invariant on every instance; nothing reserved, pinned or in flight (after background work)."""
+def settle_and_check(
+    urls: list[str], timeout: float = 10.0, cluster_token: str | None = None
+) -> None:
+    """Block invariant on every instance; nothing reserved, pinned or in flight (after background work).
+    `cluster_token`: the instances' --cluster-token (their stats are internal)."""
     deadline = time.monotonic() + timeout
     while True:
         problems = []
         for url in urls:
-            s = http_json(f"{url}/internal/v1/stats")
+            s = http_json(f"{url}/internal/v1/stats", headers=cluster_headers(cluster_token))
             if s["invariant_error"]:
                 problems.append(f"{url}: invariant: {s['invariant_error']}")
             if s["num_free_staging_slots"] != s["num_staging_slots"]:

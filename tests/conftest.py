@@ -1,8 +1,15 @@
-"""Shared pytest set-up: the `gpu` marker skips unless a CUDA device is present."""
+"""Shared pytest set-up: the `gpu` marker skips unless a CUDA device is present; no auth secrets leak in."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The cluster tests start open clusters (the children inherit this environment): a key or token set
+# by the caller would lock them. tests/test_cluster_auth.py gives its processes their own.
+for _name in ("PDSERVE_API_KEY", "PDSERVE_CLUSTER_TOKEN"):
+    os.environ.pop(_name, None)
 
 
 def _cuda_available() -> bool:

@@ -419,9 +419,10 @@ def test_stop_string_ends_the_text_and_the_request(cluster, name, path):
     assert [t for c in chunks for t in c["token_ids"]] == want_ids
     assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
     settle_and_check(instances, timeout=0)  # before [DONE]
-    # ended at the stop, not at max_tokens: a few tokens in flight at most
+    # ended at the stop, not at max_tokens: the two requests would have generated 2,000 tokens; how
+    # many come after the stop before the abort lands depends on the machine's speed (340 seen)
     generated = sum(stats(u)["num_generated_tokens"] for u in instances) - generated_before
-    assert generated < 2 * len(want_ids) + 200, generated
+    assert generated < 1000, generated
 
 
 @pytest.mark.parametrize("name", ["colo_sched", "layer", "whole"])

@@ -66,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_on(args: argparse.Namespace, device: str) -> int:
     """One cluster on `device`, one workload; 0 when every request succeeded. Stops every process."""
+    from pdserve.server import auth
     from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
+    # the processes inherit $PDSERVE_API_KEY / $PDSERVE_CLUSTER_TOKEN when set: then so do our calls
+    api_key = auth.secret_from(None, auth.API_KEY_ENV)
+    internal = auth.cluster_headers(auth.secret_from(None, auth.CLUSTER_TOKEN_ENV))
     group = ProcessGroup()
     t0 = time.perf_counter()
     try:
@@ -116,7 +120,7 @@ def _run_on(args: argparse.Namespace, device: str) -> int:
         group.wait_healthy(scheduler, sched_url, timeout=args.timeout, ready_key="ready")
         # wait until the scheduler linked the pair
         deadline = time.monotonic() + args.timeout
-        while not http_json(f"{sched_url}/internal/v1/cluster")["linked"]:
+        while not http_json(f"{sched_url}/internal/v1/cluster", headers=internal)["linked"]:
             if time.monotonic() > deadline:
                 raise TimeoutError("the scheduler did not link the prefill and decode instances")
             time.sleep(0.2)
@@ -140,12 +144,13 @@ def _run_on(args: argparse.Namespace, device: str) -> int:
             max_turns=args.turns,
             seed=0,
             progress=False,
+            api_key=api_key,
         )
         result = asyncio.run(run_benchmark(config))
         print(client_results.format_table(result))
-        cluster = http_json(f"{sched_url}/internal/v1/cluster")
+        cluster = http_json(f"{sched_url}/internal/v1/cluster", headers=internal)
         for inst in cluster["instances"]:
-            s = http_json(f"{inst['url']}/internal/v1/stats")
+            s = http_json(f"{inst['url']}/internal/v1/stats", headers=internal)
             print(
                 f"  {inst['role']:>7}: prefill tokens computed {s.get('num_computed_prefill_tokens', 0)}, "
                 f"cache-hit tokens {s.get('num_hit_tokens', 0)}, KV bytes sent {s['kv_bytes_sent']}, "

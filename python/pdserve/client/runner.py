@@ -27,6 +27,7 @@ from pdserve.client.workloads import (
     completion_prompt,
     poisson_arrival_times,
 )
+from pdserve.server.auth import bearer_headers
 
 DEFAULT_RANDOM_TURNS = 4  # random multi-turn conversations without --max-turns
 
@@ -182,7 +183,8 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     conversations = build_workload(config)
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     connector = aiohttp.TCPConnector(limit=0)  # concurrency is the workload's, not the pool's
-    async with aiohttp.ClientSession(connector=connector) as session:
+    headers = bearer_headers(config.api_key)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         model = config.model or await fetch_model_id(session, config.url)
         progress = _progress_bar(config, sum(len(c.turns) for c in conversations))
         run = _Run(config, model, session, progress)

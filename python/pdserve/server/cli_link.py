@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 
+from pdserve.server import auth
 from pdserve.server.cli_scheduler import DEFAULT_DECODE_URL, DEFAULT_PREFILL_URL, _url
 
 
@@ -20,20 +21,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode", type=_url, default=DEFAULT_DECODE_URL, help="decode instance URL"
     )
     parser.add_argument("--timeout", type=float, default=30.0)
+    auth.add_cluster_token_argument(
+        parser,
+        what=f"the instances' --cluster-token, sent on the link calls (default: ${auth.CLUSTER_TOKEN_ENV})",
+    )
 
 
-async def _link(prefill: str, decode: str, timeout: float) -> None:
+async def _link(prefill: str, decode: str, timeout: float, cluster_token: str | None) -> None:
     import aiohttp
 
     from pdserve.server.scheduler_cluster import link_pair
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout), headers=auth.cluster_headers(cluster_token)
+    ) as session:
         await link_pair(session, prefill, decode)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(_link(args.prefill, args.decode, args.timeout))
+        token = auth.secret_from(args.cluster_token, auth.CLUSTER_TOKEN_ENV)
+        asyncio.run(_link(args.prefill, args.decode, args.timeout, token))
     except Exception as exc:  # noqa: BLE001 - one line for people
         print(f"pdserve link: error: {exc}", file=sys.stderr)
         return 1

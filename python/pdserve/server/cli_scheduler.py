@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from pdserve.server import auth
 from pdserve.server.policies import POLICY_NAMES
 
 DEFAULT_PREFILL_URL = "http://127.0.0.1:8082"
@@ -80,14 +81,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--poll-interval", type=float, default=0.5, help="seconds between stats/event pulls"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
+    auth.add_api_key_argument(parser)
+    auth.add_cluster_token_argument(parser)
     parser.add_argument(
         "--log-level", default="warning", choices=("debug", "info", "warning", "error")
     )
 
 
 def build_config(args: argparse.Namespace):
-    """SchedulerConfig from the flags (`--manual` alone means the seed's fixed pair 8082/8084)."""
+    """SchedulerConfig from the flags (`--manual` alone means the seed's fixed pair 8082/8084; secrets
+    fall back to $PDSERVE_API_KEY / $PDSERVE_CLUSTER_TOKEN). Raises ValueError when the API key and
+    the cluster token are the same."""
     from pdserve.server.scheduler import SchedulerConfig
+
+    api_key = auth.secret_from(args.api_key, auth.API_KEY_ENV)
+    cluster_token = auth.secret_from(args.cluster_token, auth.CLUSTER_TOKEN_ENV)
+    auth.check_secrets(api_key, cluster_token)
 
     prefill, decode = list(args.prefill), list(args.decode)
     if args.manual and not (prefill or decode or args.colocated):
@@ -106,6 +115,8 @@ def build_config(args: argparse.Namespace):
         seed=args.seed,
         layerwise=tri[args.layerwise],
         dcache=tri[args.dcache],
+        api_key=api_key,
+        cluster_token=cluster_token,
     )
 
 
@@ -118,7 +129,15 @@ def run(args: argparse.Namespace) -> int:
 
     from pdserve.server.scheduler import GlobalScheduler
 
-    app = GlobalScheduler(build_config(args)).build_app()
+    try:
+        config = build_config(args)
+    except ValueError as exc:
+        print(f"pdserve scheduler: error: {exc}", file=sys.stderr)
+        return 2
+    note = auth.open_internal_note(config.api_key, config.cluster_token)
+    if note:
+        print(f"pdserve scheduler: note: {note}", file=sys.stderr)
+    app = GlobalScheduler(config).build_app()
     try:
         web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     except OSError as exc:

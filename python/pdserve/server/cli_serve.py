@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from pdserve.argtypes import fraction, positive_float, positive_int
+from pdserve.server import auth
 
 DEFAULT_SCHEDULER_URL = "http://127.0.0.1:8081"
 DEFAULT_PORT_BY_ROLE = {"prefill": 8082, "decode": 8084, "both": 8082}
@@ -96,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--heartbeat-interval", type=positive_float, default=1.0, help="seconds between heartbeats"
     )
     g.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+
+    a = parser.add_argument_group("access")
+    auth.add_api_key_argument(a)
+    auth.add_cluster_token_argument(a)
 
     c = parser.add_argument_group("caching and transfer")
     c.add_argument(
@@ -238,6 +243,9 @@ class ServeConfig:
     max_model_len: int | None = None
     load_format: str = "auto"
     seed: int = 0
+    # secrets: never printed (repr=False), never sent anywhere but in their headers
+    api_key: str | None = field(default=None, repr=False)
+    cluster_token: str | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)
 
 
@@ -302,7 +310,16 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
         )
     if args.host_kv_cache_gb is not None and not args.enable_trans_to_dram:
         raise ConfigError("--host-kv-cache-gb sizes the DRAM tier; add --enable-trans-to-dram")
+    api_key = auth.secret_from(args.api_key, auth.API_KEY_ENV)
+    cluster_token = auth.secret_from(args.cluster_token, auth.CLUSTER_TOKEN_ENV)
+    try:
+        auth.check_secrets(api_key, cluster_token)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     notes = []
+    open_internal = auth.open_internal_note(api_key, cluster_token)
+    if open_internal:
+        notes.append(open_internal)
     if role == "both" and args.enable_layer:
         notes.append(
             "--enable-layer: a colocated instance sends no KV; the flag matters with --enable-separate"
@@ -359,6 +376,8 @@ def resolve_config(args: argparse.Namespace, cuda_available: bool | None = None)
         max_model_len=args.max_model_len,
         load_format=args.load_format,
         seed=args.seed,
+        api_key=api_key,
+        cluster_token=cluster_token,
         notes=notes,
     )
 

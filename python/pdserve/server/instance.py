@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from pdserve.server import engine_adapter as ea
+from pdserve.server.auth import auth_middleware, cluster_headers, describe
 from pdserve.server.cli_serve import ConfigError, ServeConfig
 from pdserve.server.engine_loop import ENGINE_DEAD, EngineLoop
 from pdserve.server.instance_pd import PDHandlersMixin, Peer, PrefillState, json_error
@@ -26,6 +27,7 @@ from pdserve.server.openai_render import TokenDelta, render_response
 from pdserve.server.protocol import (
     ProtocolError,
     SamplingSpec,
+    error_message,
     models_json,
     parse_chat,
     parse_completion,
@@ -103,7 +105,11 @@ class InstanceServer(PDHandlersMixin):
         ea.set_layer_hook(self.engine, self._layer_hook)
         self.loop_thread = EngineLoop(self.engine, loop, ea.has_work)
         self.loop_thread.start()
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        # every call this session makes is internal (scheduler, peers): it carries the cluster token
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30),
+            headers=cluster_headers(self.config.cluster_token),
+        )
         if self.config.scheduler_url:
             self._bg_tasks.append(asyncio.create_task(self._register_loop()))
         transfer = f", KV transfer {self.transport.local.address}" if self.transport else ""
@@ -112,7 +118,7 @@ class InstanceServer(PDHandlersMixin):
         print(
             f"pdserve serve: {self.instance_id} ready at {self.url} ({self.config.served_model_name}, "
             f"{self.layout.num_blocks} KV blocks on {self.layout.device}{transfer}{staging}; "
-            f"offering itself to {sched})",
+            f"{describe(self.config.api_key, self.config.cluster_token)}; offering itself to {sched})",
             file=sys.stderr,
             flush=True,
         )
@@ -138,7 +144,10 @@ class InstanceServer(PDHandlersMixin):
                 log.exception("stopping the engine's workers failed")
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 20)
+        app = web.Application(
+            client_max_size=64 << 20,
+            middlewares=[auth_middleware(self.config.api_key, self.config.cluster_token)],
+        )
         app.on_startup.append(self.start)
         app.on_cleanup.append(self.stop)
         r = app.router
@@ -452,14 +461,16 @@ class InstanceServer(PDHandlersMixin):
 
     async def _get_json(self, url: str) -> dict:
         async with self._session.get(url) as resp:
-            resp.raise_for_status()
-            return await resp.json()
+            data = await resp.json(content_type=None)
+            if resp.status != 200:
+                raise RuntimeError(f"GET {url}: {error_message(data, resp.status)}")
+            return data
 
     async def _post_json(self, url: str, payload: dict) -> dict:
         async with self._session.post(url, json=payload) as resp:
-            data = await resp.json()
+            data = await resp.json(content_type=None)
             if resp.status != 200:
-                raise RuntimeError(data.get("error", {}).get("message", f"HTTP {resp.status}"))
+                raise RuntimeError(error_message(data, resp.status))
             return data
 
     async def _register_loop(self) -> None:
@@ -496,7 +507,9 @@ class InstanceServer(PDHandlersMixin):
                 self.scheduler_state = "connecting"
                 if not warned:
                     log.warning(
-                        "scheduler %s not reachable yet (%s); retrying in the background", url, exc
+                        "registering with scheduler %s failed (%s); retrying in the background",
+                        url,
+                        exc,
                     )
                     warned = True
                 await asyncio.sleep(min(1.0, self.config.heartbeat_interval))

@@ -27,10 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_json(url: str, payload: dict | None = None, timeout: float = 60.0) -> dict:
-    """GET (payload None) or POST JSON; returns the JSON body; raises urllib errors on HTTP errors."""
+def http_json(
+    url: str, payload: dict | None = None, timeout: float = 60.0, headers: dict | None = None
+) -> dict:
+    """GET (payload None) or POST JSON; returns the JSON body; raises urllib errors on HTTP errors.
+    `headers` go along (e.g. `auth.cluster_headers(token)` for an internal endpoint)."""
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 

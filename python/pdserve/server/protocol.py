@@ -15,18 +15,30 @@ from typing import Any
 
 
 class ProtocolError(ValueError):
-    """A bad request: `status` is the HTTP status, the message is for people."""
+    """A bad request: `status` is the HTTP status, the message is for people; `kind` is OpenAI's error
+    `type` (default: invalid_request_error below 500, server_error from 500)."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, kind: str | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.param = param
+        self.kind = kind
 
     def to_json(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        kind = self.kind or ("invalid_request_error" if self.status < 500 else "server_error")
         return {
             "error": {"message": str(self), "type": kind, "param": self.param, "code": self.status}
         }
+
+
+def error_message(data: Any, status: int) -> str:
+    """The `error.message` of a reply shaped like `ProtocolError.to_json()`, else the HTTP status and
+    the start of the body (for the servers' own calls to each other)."""
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return str(data["error"].get("message"))
+    return f"HTTP {status}: {str(data)[:200]}"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from pdserve.server.auth import auth_middleware, cluster_headers, describe
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_render import TokenDelta, render_response
 from pdserve.server.policies import InstanceSnapshot, Policy, RouteContext, make_policy
@@ -29,6 +30,7 @@ from pdserve.server.prefix_index import PrefixIndex
 from pdserve.server.protocol import (
     GenerateRequest,
     ProtocolError,
+    error_message,
     models_json,
     parse_chat,
     parse_completion,
@@ -38,7 +40,6 @@ from pdserve.server.scheduler_cluster import (
     ClusterMembershipMixin,
     InstanceLost,
     InstanceRecord,
-    _message,
     link_pair,  # noqa: F401 - part of this module's API (pdserve link)
 )
 
@@ -62,6 +63,10 @@ class SchedulerConfig:
     seed: int = 0
     layerwise: bool | None = None  # None: each P's own --enable-layer
     dcache: bool | None = None  # None: when D was started with --enable-dcache
+    # secrets (repr=False: never printed). The API key guards our /v1/*; the cluster token guards our
+    # /internal/* and goes on every call to an instance (a client's Authorization never does)
+    api_key: str | None = field(default=None, repr=False)
+    cluster_token: str | None = field(default=None, repr=False)
 
 
 class GlobalScheduler(ClusterMembershipMixin):
@@ -87,7 +92,10 @@ class GlobalScheduler(ClusterMembershipMixin):
 
     # ----------------------------------------------------------------- lifecycle
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 20)
+        app = web.Application(
+            client_max_size=64 << 20,
+            middlewares=[auth_middleware(self.config.api_key, self.config.cluster_token)],
+        )
         app.on_startup.append(self.start)
         app.on_cleanup.append(self.stop)
         r = app.router
@@ -103,9 +111,13 @@ class GlobalScheduler(ClusterMembershipMixin):
         return app
 
     async def start(self, app) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+        # both sessions only call instances' internal API: they carry the cluster token
+        internal = cluster_headers(self.config.cluster_token)
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=60), headers=internal
+        )
         self._stream_session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=300)
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=300), headers=internal
         )
         try:
             from pdserve.server.engine_adapter import load_tokenizer
@@ -127,6 +139,7 @@ class GlobalScheduler(ClusterMembershipMixin):
         print(
             f"pdserve scheduler: listening on http://{self.config.host}:{self.config.port} "
             f"(ep-policy {self.config.ep_policy}, ed-policy {self.config.ed_policy}; "
+            f"{describe(self.config.api_key, self.config.cluster_token)}; "
             + (
                 f"fixed instances {' '.join(fixed)})" if fixed else "instances register themselves)"
             ),
@@ -345,7 +358,7 @@ class GlobalScheduler(ClusterMembershipMixin):
                 f"{rec.url}/internal/v1/generate", json=payload
             ) as resp:
                 if resp.status != 200:
-                    raise ClusterError(_message(await resp.json(), resp.status), resp.status)
+                    raise ClusterError(error_message(await resp.json(), resp.status), resp.status)
                 async for line in self._ndjson_lines(resp):
                     if counted:
                         rec.inflight_prefill_tokens -= len(token_ids)
@@ -442,7 +455,9 @@ class GlobalScheduler(ClusterMembershipMixin):
                     f"{d.url}/internal/v1/decode", json=decode_body
                 ) as resp:
                     if resp.status != 200:
-                        raise ClusterError(_message(await resp.json(), resp.status), resp.status)
+                        raise ClusterError(
+                            error_message(await resp.json(), resp.status), resp.status
+                        )
                     async for line in self._ndjson_lines(resp):
                         if line.get("kv_ready"):
                             d_reserved = False  # D's request owns the blocks now

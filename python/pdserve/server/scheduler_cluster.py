@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from pdserve.server.policies import InstanceSnapshot
+from pdserve.server.protocol import error_message
 
 log = logging.getLogger("pdserve.scheduler")
 STATS_TIMEOUT_S = 5.0  # a stats pull slower than this marks the instance unhealthy
@@ -280,7 +281,7 @@ class ClusterMembershipMixin:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise ClusterError(f"{url}: {exc!r}", 502) from exc
         if resp.status != 200:
-            raise ClusterError(_message(data, resp.status), resp.status)
+            raise ClusterError(error_message(data, resp.status), resp.status)
         return data
 
     async def _post(self, url: str, payload: dict, timeout: float | None = None) -> dict:
@@ -292,7 +293,7 @@ class ClusterMembershipMixin:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise ClusterError(f"{url}: {exc!r}", 502) from exc
         if resp.status != 200:
-            raise ClusterError(_message(data, resp.status), resp.status)
+            raise ClusterError(error_message(data, resp.status), resp.status)
         return data
 
     async def _release(
@@ -308,16 +309,12 @@ class ClusterMembershipMixin:
             log.warning("release of %s on %s failed: %s", request_id, rec.instance_id, exc)
 
 
-def _message(data, status: int) -> str:
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        return str(data["error"].get("message"))
-    return f"HTTP {status}: {str(data)[:200]}"
-
-
 async def link_pair(session: aiohttp.ClientSession, prefill_url: str, decode_url: str) -> None:
     """Link P and D both ways (KV goes P -> D, and D -> P for dcache). Raises on failure."""
     for a, b in ((prefill_url, decode_url), (decode_url, prefill_url)):
         async with session.post(f"{a}/internal/v1/link", json={"peer_url": b}) as resp:
             data = await resp.json()
             if resp.status != 200:
-                raise ClusterError(f"link {a} -> {b}: {_message(data, resp.status)}", resp.status)
+                raise ClusterError(
+                    f"link {a} -> {b}: {error_message(data, resp.status)}", resp.status
+                )
