@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -243,3 +244,115 @@ def test_scheduler_restart_instances_register_again_and_mirrors_refill(cluster):
     )
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert_nothing_held(cluster["prefill"], cluster["decode"])
+
+
+# ---- a prefill that learns D's blocks later (await_peer): what the scheduler does on every request
+def _await_peer_prefill(request_id: str, prompt: list[int], d_url: str) -> dict:
+    return {
+        "request_id": request_id,
+        "prompt_token_ids": prompt,
+        "sampling": {"max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        "peer_id": pid(d_url),
+        "await_peer": True,
+    }
+
+
+def test_targets_that_arrive_before_the_prefill_wait_for_it(cluster):
+    url, p, d = cluster["url"], cluster["prefill"], cluster["decode"]
+    prompt = [(i * 7) % 200 + 20 for i in range(50)]  # 4 blocks of 16
+    via_scheduler = http_json(
+        f"{url}/v1/completions",
+        {"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+    )["choices"][0]["token_ids"]
+    # D now holds the prompt's whole blocks: only the last block's KV has to travel
+    res = http_json(
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-early-1", "prompt_token_ids": prompt, "peer_id": pid(p)},
+    )
+    assert res["num_cached_tokens"] == 48 and len(res["block_ids"]) == 1
+    early = http_json(
+        f"{p}/internal/v1/prefill/peer",
+        {
+            "request_id": "t-early-1",
+            "num_peer_cached_tokens": res["num_cached_tokens"],
+            "peer_block_ids": res["block_ids"],
+        },
+    )
+    assert early["prefilling"] is False  # kept for the prefill
+    pre = http_json(f"{p}/internal/v1/prefill", _await_peer_prefill("t-early-1", prompt, d))
+    assert pre["nbytes_sent"] == res["num_expected_bytes"] > 0  # D's cached blocks stayed home
+    tokens = [pre["first_token_id"]]
+    req = urllib.request.Request(
+        f"{d}/internal/v1/decode",
+        data=json.dumps(
+            {
+                "request_id": "t-early-1",
+                "prompt_token_ids": prompt,
+                "first_token_id": pre["first_token_id"],
+                "sampling": {"max_tokens": 4, "temperature": 0, "ignore_eos": True},
+            }
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        for raw in resp:
+            line = json.loads(raw)
+            tokens += line.get("token_ids", [])
+    http_json(f"{p}/internal/v1/release", {"request_id": "t-early-1"})
+    assert tokens == via_scheduler
+    assert_nothing_held(p, d)
+
+
+def test_prefill_released_before_it_arrives_is_refused(cluster):
+    p, d = cluster["prefill"], cluster["decode"]
+    http_json(f"{p}/internal/v1/release", {"request_id": "t-rel-1", "abort": True})
+    code, msg = post_error(
+        f"{p}/internal/v1/prefill", _await_peer_prefill("t-rel-1", list(range(20)), d)
+    )
+    assert code == 409 and "released" in msg
+    targets = {"request_id": "t-rel-1", "num_peer_cached_tokens": 0, "peer_block_ids": [1, 2]}
+    code, msg = post_error(f"{p}/internal/v1/prefill/peer", targets)
+    assert code == 409 and "released" in msg
+    assert_nothing_held(p)
+
+
+def test_prefill_whose_targets_never_come_gives_up(cluster):
+    p, d = cluster["prefill"], cluster["decode"]
+    code, msg = post_error(
+        f"{p}/internal/v1/prefill", _await_peer_prefill("t-nt-1", list(range(30)), d)
+    )
+    assert code == 504 and "prefill/peer" in msg  # after --transfer-timeout 2
+    assert_nothing_held(p)
+
+
+def test_prefill_waiting_for_targets_ends_on_release(cluster):
+    p, d = cluster["prefill"], cluster["decode"]
+    result = {}
+
+    def prefill():
+        result["error"] = post_error(
+            f"{p}/internal/v1/prefill", _await_peer_prefill("t-wr-1", list(range(40)), d)
+        )
+
+    thread = threading.Thread(target=prefill)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while http_json(f"{p}/internal/v1/stats")["num_pinned_prefills"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    http_json(f"{p}/internal/v1/release", {"request_id": "t-wr-1", "abort": True})
+    thread.join(30)
+    code, msg = result["error"]
+    assert code == 409 and "cancelled" in msg  # ended by the release, not by the 2 s timeout (504)
+    assert_nothing_held(p)
+
+
+def test_prefill_peer_rejects_bad_targets(cluster):
+    p = cluster["prefill"]
+    code, msg = post_error(
+        f"{p}/internal/v1/prefill/peer",
+        {"request_id": "t-bad-1", "num_peer_cached_tokens": 5, "peer_block_ids": []},
+    )
+    assert code == 400 and "multiple of the block size 16" in msg
+    code, msg = post_error(f"{p}/internal/v1/prefill/peer", {"request_id": "t-bad-1"})
+    assert code == 400 and "peer_block_ids" in msg

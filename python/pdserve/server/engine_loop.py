@@ -26,6 +26,16 @@ log = logging.getLogger("pdserve.engine_loop")
 ENGINE_DEAD = object()
 
 
+class RequestCancelled(RuntimeError):
+    """A request's stream was ended from the event loop (`EngineLoop.cancel_stream`): released, or its
+    prefill learned that its decode peer will not take the KV."""
+
+
+class _Cancelled:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
 class EngineLoop:
     """Owns the engine thread. `has_work(engine) -> bool` says whether to keep stepping."""
 
@@ -70,6 +80,20 @@ class EngineLoop:
 
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+
+    def cancel_stream(self, request_id: str, reason: str) -> None:
+        """Ends an open stream: its reader gets RequestCancelled (through `check`) at its next read,
+        however long the engine would still run the request. No-op when it is not open."""
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(_Cancelled(reason))
+
+    @staticmethod
+    def check(out: Any) -> Any:
+        """A stream item as read: raises RequestCancelled for a cancelled stream, else returns it."""
+        if isinstance(out, _Cancelled):
+            raise RequestCancelled(f"request cancelled: {out.reason}")
+        return out
 
     def _deliver(self, outputs: list) -> None:
         for out in outputs:

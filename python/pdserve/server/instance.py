@@ -20,7 +20,8 @@ from pdserve.server import engine_adapter as ea
 from pdserve.server.auth import auth_middleware, cluster_headers, describe
 from pdserve.server.cli_serve import ConfigError, ServeConfig
 from pdserve.server.engine_loop import ENGINE_DEAD, EngineLoop
-from pdserve.server.instance_pd import PDHandlersMixin, Peer, PrefillState, json_error
+from pdserve.server.instance_pd import PDHandlersMixin, Peer
+from pdserve.server.instance_prefill import PeerTargets, PrefillState, json_error
 from pdserve.server.kv_staging import StagingArena
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_render import TokenDelta, render_response
@@ -60,6 +61,9 @@ class InstanceServer(PDHandlersMixin):
         self.peers: dict[str, Peer] = {}
         # prefill side: written on the event loop, read by the layer hook on the engine thread
         self.prefills: dict[str, PrefillState] = {}
+        # prefill side: where the KV of prefills not here yet goes (or why they are cancelled), until
+        # they come or the entry expires (event loop only)
+        self.early_targets: dict[str, tuple[asyncio.TimerHandle, PeerTargets | str]] = {}
         self.reservations: dict[str, asyncio.TimerHandle] = {}  # decode side: request id -> expiry
         # prefill side, back-transfer: request id -> (cached block ids, new block ids receiving D's KV)
         self.dcache_reservations: dict[str, tuple[list[int], list[int]]] = {}
@@ -162,6 +166,7 @@ class InstanceServer(PDHandlersMixin):
         r.add_post("/internal/v1/generate", self.h_generate)
         r.add_post("/internal/v1/reserve", self.h_reserve)
         r.add_post("/internal/v1/prefill", self.h_prefill)
+        r.add_post("/internal/v1/prefill/peer", self.h_prefill_peer)
         r.add_post("/internal/v1/decode", self.h_decode)
         r.add_post("/internal/v1/release", self.h_release)
         r.add_post("/internal/v1/link", self.h_link)
@@ -287,7 +292,7 @@ class InstanceServer(PDHandlersMixin):
         try:
             await self.call(add_fn)
             while True:
-                out = await q.get()
+                out = self.loop_thread.check(await q.get())
                 if out is ENGINE_DEAD:
                     raise RuntimeError(f"engine failed: {self.loop_thread.error!r}")
                 _, new_ids, finish, num_cached = ea.output_fields(out)

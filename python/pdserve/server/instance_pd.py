@@ -1,23 +1,22 @@
 """Prefill/decode request path on an instance (SPEC §4), as a mixin of `InstanceServer`.
 
 Decode side: `reserve` locks what D holds and expects the rest, `decode` waits for the KV and streams.
-Prefill side: `prefill` runs a PREFILL_ONLY request whose layer hook hands each layer's new blocks to
-the transport (or all layers at the end), answers the first token once the peer has every byte, and
-keeps the blocks pinned until `release`. dcache: D's finished blocks go back into P's radix tree.
-Every path out of a request releases what it holds (`release` is idempotent).
+The prefill side (`prefill`, its layer hook) is in instance_prefill.py. Both: `link`, `release`, and
+dcache: D's finished blocks go back into P's radix tree. Every path out of a request releases what it
+holds (`release` is idempotent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from pdserve.server import engine_adapter as ea
+from pdserve.server.instance_prefill import PrefillHandlersMixin, json_error
 from pdserve.server.protocol import ProtocolError, SamplingSpec
 from pdserve.server.transport import (
     TransferAborted,
@@ -30,31 +29,6 @@ from pdserve.transfer import KVLayout
 log = logging.getLogger("pdserve.instance")
 
 
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response(ProtocolError(message, status).to_json(), status=status)
-
-
-@dataclass
-class PrefillState:
-    """A PREFILL_ONLY request on P: where its KV goes. `sent_per_layer[l]` counts blocks handed over."""
-
-    request_id: str
-    peer_id: str
-    peer_block_ids: list[int]
-    layerwise: bool
-    sent_per_layer: list[int]
-    # whole-request mode: (local, remote) block ids gathered as the last layer completes them
-    whole_local: list[int] = field(default_factory=list)
-    whole_remote: list[int] = field(default_factory=list)
-    error: str | None = None
-    nbytes_sent: int = 0
-    # with host staging: slot i stages the i-th block sent (P's side of the arena)
-    slots: list[int] = field(default_factory=list)
-    # direct (GPU) sends, whole-request mode: a torch.cuda.Event recorded after the last layer of every
-    # block (alive until push_request, which makes the transfer engine's own copy of it)
-    whole_event: Any = None
-
-
 @dataclass
 class Peer:
     peer_id: str
@@ -63,8 +37,8 @@ class Peer:
     incarnation: str | None = None
 
 
-class PDHandlersMixin:
-    """Handlers and hook of the P/D path; the state lives on InstanceServer (prefills, reservations, peers)."""
+class PDHandlersMixin(PrefillHandlersMixin):
+    """Handlers of the P/D path; the state lives on InstanceServer (prefills, reservations, peers)."""
 
     async def h_reserve(self, request):
         """D: lock the cached prefix, reserve blocks for the rest, expect their KV bytes."""
@@ -133,156 +107,6 @@ class PDHandlersMixin:
         if staged is not None:
             self.arena.free(staged[1])
 
-    async def h_prefill(self, request):
-        """P: compute the uncached part, push the KV the peer lacks, answer with the first token."""
-        try:
-            self._check_role("prefill")
-            body = await self._body(request)
-            request_id = str(body["request_id"])
-            token_ids = [int(t) for t in body["prompt_token_ids"]]
-            spec = SamplingSpec.from_dict(body.get("sampling", {}))
-            peer_id = str(body["peer_id"])
-            num_peer_cached = int(body.get("num_peer_cached_tokens", 0))
-            peer_block_ids = [int(b) for b in body["peer_block_ids"]]
-            layerwise = bool(body.get("layerwise", self.config.enable_layer))
-        except ProtocolError as exc:
-            return web.json_response(exc.to_json(), status=exc.status)
-        except (KeyError, TypeError, ValueError) as exc:
-            return json_error(
-                400, f"prefill needs request_id, prompt_token_ids, peer_id, peer_block_ids: {exc}"
-            )
-        peer = self.peers.get(peer_id)
-        if peer is None:
-            return json_error(
-                409, f"no link to decode instance {peer_id}; link first (pdserve link)"
-            )
-        if request_id in self.prefills:
-            return json_error(409, f"request {request_id} is already prefilling here")
-        state = PrefillState(
-            request_id, peer_id, peer_block_ids, layerwise, [0] * self.layout.num_layers
-        )
-        if self.arena is not None:
-            try:
-                state.slots = self.arena.alloc(len(peer_block_ids))
-            except Exception as exc:  # noqa: BLE001
-                return json_error(503, f"prefill of {request_id}: {exc}")
-        self.prefills[request_id] = state
-        ok = False
-        first_token_id = None
-        finish_reason = None
-        num_cached = 0
-        deltas = self._engine_stream(
-            request_id,
-            lambda e: ea.add_prefill_only(e, request_id, token_ids, spec, num_peer_cached),
-        )
-        try:
-            async for d in deltas:
-                if d.new_token_ids and first_token_id is None:
-                    first_token_id = d.new_token_ids[0]
-                if d.num_cached_tokens is not None:
-                    num_cached = d.num_cached_tokens
-                finish_reason = d.finish_reason
-            if state.error:
-                raise RuntimeError(state.error)
-            if not layerwise and state.whole_local:
-                local = state.whole_local
-                if self.arena is not None:
-                    slots = state.slots[: len(local)]
-                    await self.call(lambda e: self.arena.gather(state.whole_local, slots))
-                    local = slots
-                event = state.whole_event
-                state.nbytes_sent += self.transport.push_request(
-                    peer_id, request_id, local, state.whole_remote, event.cuda_event if event else 0
-                )
-            if state.sent_per_layer and min(state.sent_per_layer) != len(peer_block_ids):
-                raise RuntimeError(
-                    f"prefill of {request_id} handed {state.sent_per_layer} blocks per layer to the transfer, "
-                    f"the decode peer reserved {len(peer_block_ids)}"
-                )
-            await self.transport.flush(peer_id, request_id)
-            ok = True
-        except Exception as exc:  # noqa: BLE001 - reported to the scheduler, which releases D
-            log.warning("prefill %s failed: %s", request_id, exc)
-            await self._release_prefill(request_id)
-            status = 400 if isinstance(exc, ValueError) else 500
-            return json_error(status, f"prefill of {request_id} failed: {exc}")
-        finally:
-            await deltas.aclose()
-            if not ok:
-                self.prefills.pop(request_id, None)
-            if self.arena is not None:  # flushed or aborted: no send reads the slots any more
-                self.arena.free(state.slots)
-        self.num_prefill_computed_tokens += len(token_ids) - num_cached
-        if finish_reason == "prefill_done":
-            finish_reason = None
-        return web.json_response(
-            {
-                "request_id": request_id,
-                "first_token_id": first_token_id,
-                "finish_reason": finish_reason,
-                "num_cached_tokens": num_cached,
-                "num_computed_tokens": len(token_ids) - num_cached,
-                "nbytes_sent": state.nbytes_sent,
-            }
-        )
-
-    def _layer_hook(self, layer_idx: int | None, items) -> None:
-        """Engine thread, after layer `layer_idx`'s KV is written (None: every layer's, a step replayed
-        from a CUDA graph, whose blocks then go out in one message): hand those blocks to the transfer."""
-        all_layers = layer_idx is None
-        for request_id, block_ids in items:
-            state = self.prefills.get(str(request_id))
-            if state is None or state.error:
-                continue
-            try:
-                # every layer has sent as many blocks at a step's start (a step calls this for each
-                # layer or once for all)
-                start = state.sent_per_layer[0 if all_layers else layer_idx]
-                block_ids = [int(b) for b in block_ids]
-                remote = state.peer_block_ids[start : start + len(block_ids)]
-                if len(remote) != len(block_ids):
-                    raise RuntimeError(
-                        f"layer {layer_idx}: {start + len(block_ids)} blocks to send, peer reserved "
-                        f"{len(state.peer_block_ids)}"
-                    )
-                layers = range(len(state.sent_per_layer)) if all_layers else (layer_idx,)
-                for layer in layers:
-                    state.sent_per_layer[layer] += len(block_ids)
-                if state.layerwise:
-                    local = block_ids
-                    if self.arena is not None:
-                        local = state.slots[start : start + len(block_ids)]
-                        self.arena.gather(block_ids, local, layer_idx)
-                    event = self._kv_ready_event()  # alive until the push returned
-                    ready = event.cuda_event if event else 0
-                    if all_layers:
-                        state.nbytes_sent += self.transport.push_request(
-                            state.peer_id, state.request_id, local, remote, ready
-                        )
-                    else:
-                        state.nbytes_sent += self.transport.push_layer(
-                            state.peer_id, state.request_id, layer_idx, local, remote, ready
-                        )
-                elif all_layers or layer_idx == len(state.sent_per_layer) - 1:
-                    # all layers of these blocks are done
-                    state.whole_local.extend(block_ids)
-                    state.whole_remote.extend(remote)
-                    state.whole_event = self._kv_ready_event()
-            except Exception as exc:  # noqa: BLE001 - never kill the engine thread; the handler reports it
-                state.error = f"KV send failed: {exc}"
-
-    def _kv_ready_event(self) -> Any:
-        """Engine thread: with --enable-direct, a CUDA event after the KV written so far, which a send
-        waits for (the transfer engine chains its own event to it, so it may die once the send was
-        queued); else None (host staging copies synchronously, a CPU instance needs no event)."""
-        return ea.record_kv_ready(self.engine) if self.config.enable_direct else None
-
-    async def _release_prefill(self, request_id: str) -> bool:
-        state = self.prefills.pop(request_id, None)
-        await self.transport.abort(request_id)
-        await self._abort_and_release(request_id)
-        return state is not None
-
     async def h_decode(self, request):
         """D: wait for the reserved KV, then decode from the first token; NDJSON {kv_ready} then tokens."""
         try:
@@ -339,8 +163,12 @@ class PDHandlersMixin:
         except (ProtocolError, KeyError, TypeError) as exc:
             return json_error(400, f"release needs request_id: {exc}")
         released = False
-        if request_id in self.prefills:
+        prefilling = request_id in self.prefills
+        if prefilling or request_id in self.early_targets:
             released = await self._release_prefill(request_id)
+        if body.get("abort", False) and self.config.role == "prefill" and not prefilling:
+            # an aborted prefill whose own request may still be on its way: refuse it when it comes
+            self._keep_early_targets(request_id, "released before it arrived")
         if request_id in self.reservations:
             released = await self._release_reservation(request_id) or released
         if request_id in self.dcache_reservations:

@@ -48,6 +48,11 @@ MAX_MIGRATIONS = 2  # times one request may move to another instance pair after 
 PREFILL_TIMEOUT_S = 600.0  # a prefill may wait behind a long queue on a loaded P
 
 
+def _sub(rec, counter: str, n: int) -> None:
+    """Lowers one of an instance record's in-flight counters (a task's done callback)."""
+    setattr(rec, counter, getattr(rec, counter) - n)
+
+
 @dataclass
 class SchedulerConfig:
     model: str
@@ -388,14 +393,15 @@ class GlobalScheduler(ClusterMembershipMixin):
     async def _disaggregated(self, p, d, request_id, token_ids, req) -> AsyncIterator[TokenDelta]:
         bs = int(d.info.get("block_size", 16))
         num_blocks = -(-len(token_ids) // bs)
-        d.inflight_reserved_blocks += num_blocks
-        p.inflight_prefill_tokens += len(token_ids)
         d_reserved = p_pinned = False
         finished = False
         all_tokens = list(token_ids)
+        reserve = prefill = None
         try:
-            try:
-                res = await self._call(
+            # D reserves while P computes: P queues its sends until it learns D's blocks (prefill/peer)
+            d.inflight_reserved_blocks += num_blocks
+            reserve = asyncio.ensure_future(
+                self._call(
                     d,
                     f"{d.url}/internal/v1/reserve",
                     {
@@ -404,9 +410,8 @@ class GlobalScheduler(ClusterMembershipMixin):
                         "peer_id": p.instance_id,
                     },
                 )
-            finally:
-                d.inflight_reserved_blocks -= num_blocks
-            d_reserved = True
+            )
+            reserve.add_done_callback(lambda _: _sub(d, "inflight_reserved_blocks", num_blocks))
             # the previous turn of this conversation may still be sending its KV back to P: wait for it
             # (only for sequences this prompt extends, so unrelated requests never wait)
             earlier = [t for t, seq in p.pending_dcache.items() if token_ids[: len(seq)] == seq]
@@ -415,9 +420,12 @@ class GlobalScheduler(ClusterMembershipMixin):
             layerwise = self.config.layerwise
             if layerwise is None:
                 layerwise = bool(p.info.get("flags", {}).get("enable_layer", False))
-            p_pinned = True
-            try:
-                pre = await self._call(
+            p.inflight_prefill_tokens += len(token_ids)
+            p_pinned = (
+                True  # from here every way out releases P (which also refuses a late prefill)
+            )
+            prefill = asyncio.ensure_future(
+                self._call(
                     p,
                     f"{p.url}/internal/v1/prefill",
                     {
@@ -425,17 +433,30 @@ class GlobalScheduler(ClusterMembershipMixin):
                         "prompt_token_ids": token_ids,
                         "sampling": req.sampling.to_dict(),
                         "peer_id": d.instance_id,
-                        "num_peer_cached_tokens": res["num_cached_tokens"],
-                        "peer_block_ids": res["block_ids"],
+                        "await_peer": True,
                         "layerwise": layerwise,
                     },
                     timeout=PREFILL_TIMEOUT_S,
                 )
+            )
+            prefill.add_done_callback(lambda _: _sub(p, "inflight_prefill_tokens", len(token_ids)))
+            res = await reserve
+            d_reserved = True
+            if not prefill.done():  # else it failed: nothing to tell P
+                await self._call(
+                    p,
+                    f"{p.url}/internal/v1/prefill/peer",
+                    {
+                        "request_id": request_id,
+                        "num_peer_cached_tokens": res["num_cached_tokens"],
+                        "peer_block_ids": res["block_ids"],
+                    },
+                )
+            try:
+                pre = await prefill
             except ClusterError:
                 p_pinned = False  # P released on its own failure path
                 raise
-            finally:
-                p.inflight_prefill_tokens -= len(token_ids)
             first = pre["first_token_id"]
             all_tokens.append(first)
             num_cached = int(pre.get("num_cached_tokens") or 0)
@@ -480,6 +501,15 @@ class GlobalScheduler(ClusterMembershipMixin):
             )
         finally:
             # Every way out releases what is still held; release is idempotent on the instances.
+            if prefill is not None and not prefill.done():
+                prefill.cancel()  # the release below ends it on P
+            if reserve is not None:
+                # D answers before its release goes out (a release that overtook the reservation
+                # would leave it held until it expires)
+                await asyncio.wait([reserve])
+            for task in (reserve, prefill):
+                if task is not None and not task.cancelled():
+                    task.exception()  # retrieved: the error that counts was raised above
             if p_pinned:
                 await self._release(p, request_id, abort=True)
             if d_reserved or not finished:
