@@ -36,9 +36,11 @@ from pdserve.server.launcher import ProcessGroup, free_port, http_json
 MODES = ["engine", "colocated", "direct", "direct-dma", "direct-whole", "staged"]
 
 
-def _start(group: ProcessGroup, model: str, mode: str, util: str, device: str) -> dict[str, str]:
+def _start(
+    group: ProcessGroup, model: str, mode: str, util: str, device: str, extra: list[str]
+) -> dict[str, str]:
     """Starts one set-up; returns {row label: URL to send completions to}."""
-    common = ["--model", model, "--load-format", "dummy", "--device", device]
+    common = ["--model", model, "--load-format", "dummy", "--device", device, *extra]
     common += ["--gpu-memory-utilization", util, "--heartbeat-interval", "0.5"]
     sp = free_port()
     surl = f"http://127.0.0.1:{sp}"
@@ -169,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gpu-memory-utilization", default="0.4")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument(
+        "--use-agg-block",
+        action="store_true",
+        help="every instance (colocated too) keeps its KV block-major: a block's layers are one run",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
+    extra = ["--use-agg-block"] if args.use_agg_block else []
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     vocab = ModelConfig.load(args.model).vocab_size
     results: dict[str, dict[int, dict]] = {}
@@ -192,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             env = {"PDSERVE_IPC_COPY": "driver"} if mode == "direct-dma" else None
             per_len = {}
             with ProcessGroup(env=env) as group:
-                urls = _start(group, args.model, mode, args.gpu_memory_utilization, args.device)
+                urls = _start(
+                    group, args.model, mode, args.gpu_memory_utilization, args.device, extra
+                )
                 for n in prompt_lens:
                     for label, url in urls.items():
                         per_len.setdefault(n, {})[label] = _ttft_ms(url, n, args.repeats, i, vocab)
@@ -206,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(mode, {})[n] = times
     summary = {
         "model": args.model,
+        "use_agg_block": args.use_agg_block,
         "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),
         "ttft_ms": {},
     }
