@@ -13,7 +13,9 @@ Set-ups (--modes), one after another, each with the GPU to itself:
 Each request streams one token of a fresh prompt (no cache hits); TTFT is the time to the first
 streamed data line: the prefill plus, when disaggregated, the reservation on D and whatever part of
 the KV transfer does not overlap the prefill (P answers once D holds every byte). Median of
---repeats after one warm-up request.
+--repeats after one warm-up request. Disaggregated rows also give P's mean `pdserve_kv_send_wait_seconds`
+(first token to D holding every byte: the transfer's unhidden part). --use-agg-block: every instance
+keeps its KV block-major (a block's layers are one contiguous run).
 
     python bench/bench_disagg_ttft.py [--model llama-2-7b] [--prompt-lens 16,2048] [--modes ...]
 """
@@ -39,7 +41,8 @@ MODES = ["engine", "colocated", "direct", "direct-dma", "direct-whole", "staged"
 def _start(
     group: ProcessGroup, model: str, mode: str, util: str, device: str, extra: list[str]
 ) -> dict[str, str]:
-    """Starts one set-up; returns {row label: URL to send completions to}."""
+    """Starts one set-up; returns {row label: URL to send completions to} and the prefill instance's
+    URL (None when colocated)."""
     common = ["--model", model, "--load-format", "dummy", "--device", device, *extra]
     common += ["--gpu-memory-utilization", util, "--heartbeat-interval", "0.5"]
     sp = free_port()
@@ -65,6 +68,8 @@ def _start(
         flags += ["--enable-direct"] if mode.startswith("direct") else []
         for role in ("prefill", "decode"):
             port = free_port()
+            if role == "prefill":
+                prefill_url = f"http://127.0.0.1:{port}"
             group.start(
                 role,
                 [
@@ -91,8 +96,25 @@ def _start(
             if time.monotonic() > deadline:
                 raise RuntimeError("the scheduler never linked prefill and decode")
             time.sleep(0.2)
-        return {mode: surl}
-    return {"instance": f"http://127.0.0.1:{ip}", "colocated": surl}
+        return {mode: surl}, prefill_url
+    return {"instance": f"http://127.0.0.1:{ip}", "colocated": surl}, None
+
+
+def _send_wait(prefill_url: str) -> tuple[float, float]:
+    """(sum in seconds, count) of the prefill instance's pdserve_kv_send_wait_seconds histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    token = auth.cluster_headers(auth.secret_from(None, auth.CLUSTER_TOKEN_ENV))
+    host, port = prefill_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/metrics", headers=token)
+    text = conn.getresponse().read().decode()
+    conn.close()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "pdserve_kv_send_wait_seconds":
+            values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+    return values.get("sum", 0.0), values.get("count", 0.0)
 
 
 def _first_token_ms(url: str, prompt: list[int]) -> float:
@@ -182,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     vocab = ModelConfig.load(args.model).vocab_size
     results: dict[str, dict[int, dict]] = {}
+    # mode -> prompt length -> P's mean KV send wait (warm-up included): the transfer's unhidden part
+    send_wait_ms: dict[str, dict[int, float | None]] = {}
     for i, mode in enumerate(args.modes):
         if mode == "engine":
             # in a process of its own, so that its GPU memory is given back for the next set-ups
@@ -200,12 +224,19 @@ def main(argv: list[str] | None = None) -> int:
             env = {"PDSERVE_IPC_COPY": "driver"} if mode == "direct-dma" else None
             per_len = {}
             with ProcessGroup(env=env) as group:
-                urls = _start(
+                urls, prefill_url = _start(
                     group, args.model, mode, args.gpu_memory_utilization, args.device, extra
                 )
                 for n in prompt_lens:
+                    before = _send_wait(prefill_url) if prefill_url else None
                     for label, url in urls.items():
                         per_len.setdefault(n, {})[label] = _ttft_ms(url, n, args.repeats, i, vocab)
+                    if before is not None:
+                        after = _send_wait(prefill_url)
+                        count = after[1] - before[1]
+                        send_wait_ms.setdefault(mode, {})[n] = (
+                            (after[0] - before[0]) / count * 1e3 if count else None
+                        )
             # one set-up may be measured at two URLs (the colocated instance, with and without
             # the scheduler in front): each becomes its own row
             for n, by_label in per_len.items():
@@ -229,10 +260,14 @@ def main(argv: list[str] | None = None) -> int:
             row = {"median_ms": med, "all_ms": times}
             if base:
                 row["of_colocated"] = med / base
+            wait = send_wait_ms.get(label, {}).get(n)
+            if wait is not None:
+                row["mean_kv_send_wait_ms"] = wait
             summary["ttft_ms"].setdefault(str(n), {})[label] = row
             ratio = f" = {med / base:.3f}x colocated" if base else ""
+            waited = f", KV send wait {wait:.2f} ms" if wait is not None else ""
             lines.append(
-                f"{n:>6} tokens {label:>14}: TTFT median {med:8.1f} ms{ratio}  "
+                f"{n:>6} tokens {label:>14}: TTFT median {med:8.1f} ms{ratio}{waited}  "
                 f"{[round(t, 1) for t in times]}"
             )
     print("\n".join(lines))

@@ -497,5 +497,12 @@ def test_models_health_and_metrics_parse(cluster):
     ):
         with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
             text = resp.read().decode()
-        names = {f.name for f in text_string_to_metric_families(text)}
-        assert must in names, (url, sorted(names))
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert must in families, (url, sorted(families))
+        if url == lay.prefill:  # every prefill observed how long its KV send outlasted it
+            count = next(
+                s.value
+                for s in families["pdserve_kv_send_wait_seconds"].samples
+                if s.name.endswith("_count")
+            )
+            assert count >= 1

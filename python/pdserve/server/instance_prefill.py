@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,7 @@ class PrefillHandlersMixin:
                 if d.num_cached_tokens is not None:
                     num_cached = d.num_cached_tokens
                 finish_reason = d.finish_reason
+            computed = time.perf_counter()
             await self._wait_targets(state)
             if state.error:
                 raise RuntimeError(state.error)
@@ -190,6 +192,7 @@ class PrefillHandlersMixin:
                     f"the decode peer reserved {num_expected}"
                 )
             await self.transport.flush(peer_id, request_id)
+            self.metrics.kv_send_wait.observe(time.perf_counter() - computed)
             ok = True
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler, which releases D
             log.warning("prefill %s failed: %s", request_id, exc)

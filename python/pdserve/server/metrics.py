@@ -80,6 +80,13 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.kv_send_wait = Histogram(
+            f"{p}_kv_send_wait_seconds",
+            "prefill instance: from a prefill's first token to its decode peer holding every byte "
+            "(the part of the KV transfer not hidden behind the prefill)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._last_bytes = {"sent": 0, "received": 0}
         self._last_seconds = 0.0
         self._last_counts: dict[str, int] = {}
