@@ -14,7 +14,7 @@ Each request streams one token of a fresh prompt (no cache hits); TTFT is the ti
 streamed data line: the prefill plus, when disaggregated, the reservation on D and whatever part of
 the KV transfer does not overlap the prefill (P answers once D holds every byte). Median of
 --repeats after one warm-up request. Disaggregated rows also give P's mean `pdserve_kv_send_wait_seconds`
-(first token to D holding every byte: the transfer's unhidden part). --use-agg-block: every instance
+over the same requests (first token to D holding every byte: the transfer's unhidden part). --use-agg-block: every instance
 keeps its KV block-major (a block's layers are one contiguous run).
 
     python bench/bench_disagg_ttft.py [--model llama-2-7b] [--prompt-lens 16,2048] [--modes ...]
@@ -151,9 +151,15 @@ def _prompts(prompt_len: int, repeats: int, seed: int, vocab: int) -> list[list[
     ]
 
 
-def _ttft_ms(url: str, prompt_len: int, repeats: int, seed: int, vocab: int) -> list[float]:
-    times = [_first_token_ms(url, p) for p in _prompts(prompt_len, repeats, seed, vocab)]
-    return times[1:]
+def _ttft_ms(
+    url: str, prompt_len: int, repeats: int, seed: int, vocab: int, after_warm_up=None
+) -> list[float]:
+    """TTFT of `repeats` fresh prompts after one warm-up request (then `after_warm_up()` is called)."""
+    warm_up, *prompts = _prompts(prompt_len, repeats, seed, vocab)
+    _first_token_ms(url, warm_up)
+    if after_warm_up is not None:
+        after_warm_up()
+    return [_first_token_ms(url, p) for p in prompts]
 
 
 def _engine_ms(
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     vocab = ModelConfig.load(args.model).vocab_size
     results: dict[str, dict[int, dict]] = {}
-    # mode -> prompt length -> P's mean KV send wait (warm-up included): the transfer's unhidden part
+    # mode -> prompt length -> P's mean KV send wait after the warm-up: the transfer's unhidden part
     send_wait_ms: dict[str, dict[int, float | None]] = {}
     for i, mode in enumerate(args.modes):
         if mode == "engine":
@@ -228,14 +234,21 @@ def main(argv: list[str] | None = None) -> int:
                     group, args.model, mode, args.gpu_memory_utilization, args.device, extra
                 )
                 for n in prompt_lens:
-                    before = _send_wait(prefill_url) if prefill_url else None
+                    before = []  # P's send-wait histogram after the warm-up request
+
+                    def scrape(before=before, prefill_url=prefill_url):
+                        if prefill_url:
+                            before.append(_send_wait(prefill_url))
+
                     for label, url in urls.items():
-                        per_len.setdefault(n, {})[label] = _ttft_ms(url, n, args.repeats, i, vocab)
-                    if before is not None:
+                        per_len.setdefault(n, {})[label] = _ttft_ms(
+                            url, n, args.repeats, i, vocab, scrape
+                        )
+                    if before:
                         after = _send_wait(prefill_url)
-                        count = after[1] - before[1]
+                        count = after[1] - before[0][1]
                         send_wait_ms.setdefault(mode, {})[n] = (
-                            (after[0] - before[0]) / count * 1e3 if count else None
+                            (after[0] - before[0][0]) / count * 1e3 if count else None
                         )
             # one set-up may be measured at two URLs (the colocated instance, with and without
             # the scheduler in front): each becomes its own row

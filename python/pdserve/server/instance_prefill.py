@@ -67,15 +67,18 @@ class PrefillState:
     num_prompt_tokens: int
     block_size: int
     first_hook_block: int
+    num_hook_blocks: int  # blocks the hook hands over in all: the prompt's from first_hook_block on
     hooked_per_layer: list[int]  # blocks the hook handed over, per layer (engine thread only)
     sent_per_layer: list[int]  # blocks pushed to D's targets, per layer
     targets: PeerTargets | None = None
     targets_known: asyncio.Event = field(default_factory=asyncio.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     queued: list[_Send] = field(default_factory=list)  # layer-wise sends waiting for the targets
-    # whole-request mode: blocks whose every layer is written, in hook order, and an event after them
+    # whole-request mode: blocks (or their staging slots) whose every layer is written, in hook order,
+    # and an event after them; all of them go in one push once the last is written and the targets known
     whole_local: list[int] = field(default_factory=list)
     whole_event: Any = None
+    whole_pushed: bool = False
     error: str | None = None
     nbytes_sent: int = 0
     # with host staging: slot i stages the hook's i-th block
@@ -138,6 +141,7 @@ class PrefillHandlersMixin:
             return json_error(409, f"request {request_id} is already prefilling here")
         bs = self.config.block_size
         first_hook_block = targets.num_cached_tokens // bs if targets is not None else 0
+        num_hook_blocks = max(0, -(-len(token_ids) // bs) - first_hook_block)
         num_layers = self.layout.num_layers
         state = PrefillState(
             request_id,
@@ -146,6 +150,7 @@ class PrefillHandlersMixin:
             len(token_ids),
             bs,
             first_hook_block,
+            num_hook_blocks,
             [0] * num_layers,
             [0] * num_layers,
         )
@@ -159,7 +164,6 @@ class PrefillHandlersMixin:
             self._set_targets(state, targets)
         if self.arena is not None:
             try:
-                num_hook_blocks = max(0, -(-len(token_ids) // bs) - first_hook_block)
                 state.slots = self.arena.alloc(num_hook_blocks)
             except Exception as exc:  # noqa: BLE001
                 return json_error(503, f"prefill of {request_id}: {exc}")
@@ -183,8 +187,9 @@ class PrefillHandlersMixin:
             await self._wait_targets(state)
             if state.error:
                 raise RuntimeError(state.error)
-            if not layerwise and state.whole_local:
-                await self._push_whole(state)
+            if not layerwise:
+                with state.lock:  # normally pushed already, by the hook or with the targets
+                    self._push_whole(state, force=True)
             num_expected = len(state.targets.block_ids)
             if min(state.sent_per_layer, default=num_expected) != num_expected:
                 raise RuntimeError(
@@ -269,6 +274,8 @@ class PrefillHandlersMixin:
             try:
                 for send in queued:
                     self._push(state, send)
+                if not state.layerwise:
+                    self._push_whole(state)
             except Exception as exc:  # noqa: BLE001 - the handler reports it
                 state.error = state.error or f"KV send failed: {exc}"
         state.targets_known.set()
@@ -308,22 +315,6 @@ class PrefillHandlersMixin:
         kept[0].cancel()
         return kept[1]
 
-    async def _push_whole(self, state: PrefillState) -> None:
-        """Whole-request mode, after the prefill: every layer of the blocks D lacks in one push."""
-        local, remote = state.remote_pairs(0, state.whole_local)
-        if not local:
-            return
-        if self.arena is not None:
-            first = len(state.whole_local) - len(local)  # the skipped blocks come first
-            slots = state.slots[first : first + len(local)]
-            await self.call(lambda e: self.arena.gather(local, slots))
-            local = slots
-        event = state.whole_event
-        state.nbytes_sent += self.transport.push_request(
-            state.peer_id, state.request_id, local, remote, event.cuda_event if event else 0
-        )
-        state.sent_per_layer = [n + len(remote) for n in state.sent_per_layer]
-
     # ---- the layer hook (engine thread)
     def _layer_hook(self, layer_idx: int | None, items) -> None:
         """Engine thread, after layer `layer_idx`'s KV is written (None: every layer's, a step replayed
@@ -353,9 +344,16 @@ class PrefillHandlersMixin:
                         else:
                             self._push(state, send)
                 elif all_layers or layer_idx == len(state.hooked_per_layer) - 1:
-                    # all layers of these blocks are done
-                    state.whole_local.extend(block_ids)
-                    state.whole_event = self._kv_ready_event()
+                    # every layer of these blocks is written
+                    local = block_ids
+                    if self.arena is not None:
+                        local = state.slots[start : start + len(block_ids)]
+                        self.arena.gather(block_ids, local)
+                    event = self._kv_ready_event()
+                    with state.lock:
+                        state.whole_local.extend(local)
+                        state.whole_event = event
+                        self._push_whole(state)
             except Exception as exc:  # noqa: BLE001 - never kill the engine thread; the handler reports it
                 state.error = f"KV send failed: {exc}"
 
@@ -375,6 +373,22 @@ class PrefillHandlersMixin:
                 state.peer_id, state.request_id, send.layer_idx, local, remote, ready
             )
             state.sent_per_layer[send.layer_idx] += len(remote)
+
+    def _push_whole(self, state: PrefillState, force: bool = False) -> None:
+        """Whole-request mode (with `state.lock` held): every layer of the blocks D lacks in one push,
+        once the targets are known and the hook handed over the prompt's last block (`force`: what
+        was handed over, after the prefill). At most once."""
+        complete = len(state.whole_local) >= state.num_hook_blocks
+        if state.whole_pushed or state.targets is None or not (complete or force):
+            return
+        state.whole_pushed = True
+        local, remote = state.remote_pairs(0, state.whole_local)
+        event, state.whole_event = state.whole_event, None
+        if local:
+            state.nbytes_sent += self.transport.push_request(
+                state.peer_id, state.request_id, local, remote, event.cuda_event if event else 0
+            )
+            state.sent_per_layer = [n + len(remote) for n in state.sent_per_layer]
 
     def _kv_ready_event(self) -> Any:
         """Engine thread: with --enable-direct, a CUDA event after the KV written so far, which a send
