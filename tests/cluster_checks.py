@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.request
+from http.client import HTTPResponse
 
 import pytest
 from pdserve.server.auth import cluster_headers
@@ -16,6 +18,16 @@ def post_error(url: str, body: dict | None, headers: dict | None = None) -> tupl
     with pytest.raises(urllib.error.HTTPError) as info:
         http_json(url, body, headers=headers)
     return info.value.code, json.loads(info.value.read())["error"]["message"]
+
+
+def open_stream(
+    url: str, body: dict, headers: dict | None = None, timeout: float = 60
+) -> HTTPResponse:
+    """POSTs body as JSON and returns the open response (SSE or NDJSON lines; close it, or use `with`)."""
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+    )
+    return urllib.request.urlopen(req, timeout=timeout)
 
 
 def settle_and_check(

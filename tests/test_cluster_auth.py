@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from cluster_checks import post_error, settle_and_check
+from cluster_checks import open_stream, post_error, settle_and_check
 from pdserve.cli import main
 from pdserve.server.auth import CLUSTER_TOKEN_HEADER, cluster_headers
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
@@ -99,11 +99,8 @@ def completion_body(stream: bool = False) -> dict:
 
 
 def sse_token_ids(url: str, body: dict) -> list[int]:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json", **BEARER}
-    )
     ids = []
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    with open_stream(url, body, BEARER) as resp:
         for raw in resp.read().decode().splitlines():
             if raw.startswith("data: {"):
                 for choice in json.loads(raw[len("data: ") :])["choices"]:
@@ -182,12 +179,7 @@ def test_colocated_generate_with_the_token(cluster):
         "prompt_token_ids": list(range(30, 70)),
         "sampling": {"max_tokens": 6, "temperature": 0, "ignore_eos": True},
     }
-    req = urllib.request.Request(
-        f"{cluster['colo']}/internal/v1/generate",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json", **INTERNAL},
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    with open_stream(f"{cluster['colo']}/internal/v1/generate", body, INTERNAL) as resp:
         lines = [json.loads(x) for x in resp.read().decode().splitlines() if x.strip()]
     assert sum(len(x["token_ids"]) for x in lines) == 6 and lines[-1]["finish_reason"] == "length"
 

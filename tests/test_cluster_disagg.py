@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cluster_checks import post_error, settle_and_check
+from cluster_checks import open_stream, post_error, settle_and_check
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 from prometheus_client.parser import text_string_to_metric_families
@@ -204,11 +204,8 @@ def test_max_tokens_one_ends_at_prefill(cluster):
 
 
 def sse_events(url: str, body: dict) -> list:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
     events = []
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    with open_stream(url, body) as resp:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         for raw in resp:
             line = raw.decode().strip()
@@ -318,12 +315,7 @@ def test_client_disconnect_mid_stream_releases_both_sides(cluster):
         "ignore_eos": True,
         "stream": True,
     }
-    req = urllib.request.Request(
-        f"{lay.url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    resp = urllib.request.urlopen(req, timeout=60)
+    resp = open_stream(f"{lay.url}/v1/completions", body)
     got = 0
     for raw in resp:
         if raw.strip():

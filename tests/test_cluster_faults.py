@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cluster_checks import post_error
+from cluster_checks import open_stream, post_error
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 FLAGS = [
@@ -181,13 +181,8 @@ def test_decode_instance_killed_mid_stream_then_restarted(cluster):
         "ignore_eos": True,
         "stream": True,
     }
-    req = urllib.request.Request(
-        f"{url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
     events = []
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    with open_stream(f"{url}/v1/completions", body) as resp:
         for raw in resp:
             line = raw.decode().strip()
             if not line:
@@ -282,19 +277,13 @@ def test_targets_that_arrive_before_the_prefill_wait_for_it(cluster):
     pre = http_json(f"{p}/internal/v1/prefill", _await_peer_prefill("t-early-1", prompt, d))
     assert pre["nbytes_sent"] == res["num_expected_bytes"] > 0  # D's cached blocks stayed home
     tokens = [pre["first_token_id"]]
-    req = urllib.request.Request(
-        f"{d}/internal/v1/decode",
-        data=json.dumps(
-            {
-                "request_id": "t-early-1",
-                "prompt_token_ids": prompt,
-                "first_token_id": pre["first_token_id"],
-                "sampling": {"max_tokens": 4, "temperature": 0, "ignore_eos": True},
-            }
-        ).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    decode = {
+        "request_id": "t-early-1",
+        "prompt_token_ids": prompt,
+        "first_token_id": pre["first_token_id"],
+        "sampling": {"max_tokens": 4, "temperature": 0, "ignore_eos": True},
+    }
+    with open_stream(f"{d}/internal/v1/decode", decode) as resp:
         for raw in resp:
             line = json.loads(raw)
             tokens += line.get("token_ids", [])

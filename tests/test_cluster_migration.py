@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import signal
 import time
-import urllib.request
 
 import pytest
+from cluster_checks import open_stream
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 FLAGS = [
@@ -60,13 +60,8 @@ def test_stream_survives_a_decode_instance_dying(cluster):
     prompt = [(i * 9 + 4) % 250 for i in range(37)]
     body = {"prompt": prompt, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
     reference = http_json(f"{url}/v1/completions", body)["choices"][0]["token_ids"]
-    req = urllib.request.Request(
-        f"{url}/v1/completions",
-        data=json.dumps({**body, "stream": True}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
     tokens, finish, killed = [], None, None
-    with urllib.request.urlopen(req, timeout=120) as resp:
+    with open_stream(f"{url}/v1/completions", {**body, "stream": True}, timeout=120) as resp:
         for raw in resp:
             line = raw.decode().strip()
             if not line or line == "data: [DONE]":

@@ -7,11 +7,10 @@ each request went.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 
 import pytest
+from cluster_checks import open_stream
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 from pdserve.server.policies import InstanceSnapshot, RouteContext, make_policy
 
@@ -184,12 +183,7 @@ def test_least_decode_avoids_the_busy_decode_instance(cluster):
         "ignore_eos": True,
         "stream": True,
     }
-    req = urllib.request.Request(
-        f"{url}/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    resp = urllib.request.urlopen(req, timeout=60)
+    resp = open_stream(f"{url}/v1/completions", body)
     try:
         for raw in resp:
             if raw.strip():

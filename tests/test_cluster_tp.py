@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cluster_checks import post_error, settle_and_check
+from cluster_checks import open_stream, post_error, settle_and_check
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 COMMON = ["--model", "tiny", "--device", "cpu", "--kv-cache-gb", "0.01", "--block-size", "16"]
@@ -211,20 +211,14 @@ def test_whole_request_tp2_matches_tp1(tp):
     rank0 = http_json(f"{url['p2']}/internal/v1/info")["layouts"][0]
     num_blocks = len(res["block_ids"])
     assert res["num_expected_bytes"] == 2 * num_blocks * rank0["num_layers"] * rank0["piece_nbytes"]
-    req = urllib.request.Request(
-        f"{url['d2']}/internal/v1/decode",
-        data=json.dumps(
-            {
-                "request_id": rid,
-                "prompt_token_ids": prompt,
-                "sampling": SAMPLING,
-                "first_token_id": pre["first_token_id"],
-            }
-        ).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    decode = {
+        "request_id": rid,
+        "prompt_token_ids": prompt,
+        "sampling": SAMPLING,
+        "first_token_id": pre["first_token_id"],
+    }
     tokens = [pre["first_token_id"]]
-    with urllib.request.urlopen(req, timeout=60) as resp:
+    with open_stream(f"{url['d2']}/internal/v1/decode", decode) as resp:
         for line in resp:
             msg = json.loads(line)
             tokens += msg.get("token_ids", [])
