@@ -174,6 +174,56 @@ def test_connect_to_nothing_raises_transfer_error():
             e.connect(dead, timeout_s=2)
 
 
+def _moves_bytes(sender: TransferEngine, receiver: TransferEngine, request_id: str) -> bool:
+    """Connects sender to receiver and pushes 4 KiB under request_id; whether it all landed."""
+    src = np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    sender.register_memory(src)
+    receiver.register_memory(dst)
+    sender.connect(receiver.address, timeout_s=5)
+    receiver.expect(request_id, src.nbytes, timeout_s=10)
+    ticket = sender.send(receiver.address, request_id, [(addr(src), addr(dst), 4096)])
+    sent = sender.wait(ticket, timeout_s=10)
+    return sent.ok and receiver.wait_recv(request_id, 10).ok and np.array_equal(src, dst)
+
+
+def test_same_cluster_token_connects_and_moves_bytes():
+    with (
+        TransferEngine(cluster_token="tok-a") as sender,
+        TransferEngine(cluster_token="tok-a") as receiver,
+    ):
+        assert _moves_bytes(sender, receiver, "same-token")
+
+
+def test_wrong_or_missing_cluster_token_is_refused_and_the_receiver_keeps_serving():
+    with (
+        TransferEngine(cluster_token="tok-a") as receiver,
+        TransferEngine(cluster_token="tok-b") as wrong,
+        TransferEngine() as none,
+        TransferEngine(cluster_token="tok-a") as right,
+    ):
+        for sender, side in ((wrong, "this engine's token is not the peer's"), (none, "has none")):
+            with pytest.raises(TransferError) as info:
+                sender.connect(receiver.address, timeout_s=5)
+            msg = str(info.value)
+            assert f"peer {receiver.address} refused the connection" in msg, msg
+            assert "the cluster tokens differ" in msg and side in msg, msg
+            assert "--cluster-token" in msg and "PDSERVE_CLUSTER_TOKEN" in msg, msg
+            assert "tok-" not in msg, msg  # neither token is echoed
+            assert not sender.connected(receiver.address)
+        assert _moves_bytes(right, receiver, "after-refusals")
+
+
+def test_receiver_without_cluster_token_accepts_a_sender_with_one():
+    with TransferEngine(cluster_token="tok-a") as sender, TransferEngine() as receiver:
+        assert _moves_bytes(sender, receiver, "open-receiver")
+
+
+def test_cluster_token_longer_than_the_handshake_allows_is_refused():
+    with pytest.raises(ValueError, match="cluster_token is 1025 bytes long.*at most 1024"):
+        TransferEngine(cluster_token="x" * 1025)
+
+
 def test_stats_count_bytes_per_peer(pair):
     sender, receiver, src, dst = pair
     receiver.expect("s", 5000, timeout_s=10)

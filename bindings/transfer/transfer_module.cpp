@@ -74,7 +74,7 @@ PYBIND11_MODULE(_transfer, m) {
   py::class_<tr::TransferEngine>(m, "Engine")
       .def(py::init([](const std::string& backend, const std::string& host, int port,
                        double stall_timeout_s, uint64_t max_message_nbytes, double retention_s,
-                       uint64_t device_copy_fn) {
+                       uint64_t device_copy_fn, const std::string& cluster_token) {
              tr::EngineConfig config;
              config.backend = backend;
              config.transport.host = host;
@@ -83,11 +83,13 @@ PYBIND11_MODULE(_transfer, m) {
              config.transport.max_message_nbytes = max_message_nbytes;
              config.retention_s = retention_s;
              config.transport.device_copy_fn = device_copy_fn;
+             config.transport.cluster_token = cluster_token;
              py::gil_scoped_release release;
              return std::make_unique<tr::TransferEngine>(config);
            }),
            "backend"_a = "tcp", "host"_a = "127.0.0.1", "port"_a = 0, "stall_timeout_s"_a = 30.0,
-           "max_message_nbytes"_a = 1ull << 20, "retention_s"_a = 60.0, "device_copy_fn"_a = 0)
+           "max_message_nbytes"_a = 1ull << 20, "retention_s"_a = 60.0, "device_copy_fn"_a = 0,
+           "cluster_token"_a = "")
       .def_property_readonly("backend", &tr::TransferEngine::backend)
       .def_property_readonly("address", &tr::TransferEngine::address)
       .def("register_memory", &tr::TransferEngine::register_memory, "addr"_a, "nbytes"_a,

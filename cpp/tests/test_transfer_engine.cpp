@@ -217,4 +217,81 @@ TRANSFER_TEST(concurrent_senders_and_aborts_all_settle) {
   CHECK(sender.stats().num_pending_tickets == 0);
 }
 
+namespace {
+
+EngineConfig with_token(const std::string& token) {
+  EngineConfig config;
+  config.transport.cluster_token = token;
+  return config;
+}
+
+// The TransferError connect() throws, or "" when it connects.
+std::string connect_error(TransferEngine& sender, const std::string& peer) {
+  try {
+    sender.connect(peer, 5.0);
+  } catch (const TransferError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Whether sender (connected to receiver already) moves 64 bytes into receiver's dst under rid.
+bool exchanges_bytes(TransferEngine& sender, TransferEngine& receiver, const std::string& rid,
+                     std::vector<uint8_t>& src, std::vector<uint8_t>& dst) {
+  receiver.expect(rid, 64, 10.0);
+  Ticket t = sender.send(receiver.address(), rid, {{addr_of(src), addr_of(dst), 64}});
+  return sender.wait(t, 10.0).status == Status::kDone &&
+         receiver.wait_recv(rid, 10.0).status == Status::kDone &&
+         std::memcmp(src.data(), dst.data(), 64) == 0;
+}
+
+}  // namespace
+
+TRANSFER_TEST(same_cluster_token_connects_and_exchanges_bytes) {
+  TransferEngine sender(with_token("s3cret")), receiver(with_token("s3cret"));
+  std::vector<uint8_t> src(64, 7), dst(64, 0);
+  sender.register_memory(addr_of(src), src.size());
+  receiver.register_memory(addr_of(dst), dst.size());
+  CHECK(connect_error(sender, receiver.address()).empty());
+  CHECK(exchanges_bytes(sender, receiver, "tok", src, dst));
+}
+
+TRANSFER_TEST(wrong_or_missing_cluster_token_is_refused_at_connect) {
+  TransferEngine receiver(with_token("s3cret"));
+  TransferEngine wrong(with_token("s3creT")), none{EngineConfig{}};
+  for (TransferEngine* sender : {&wrong, &none}) {
+    std::string error = connect_error(*sender, receiver.address());
+    CHECK(error.find("peer " + receiver.address() + " refused the connection") !=
+          std::string::npos);
+    CHECK(error.find("the cluster tokens differ") != std::string::npos);
+    CHECK(error.find("--cluster-token") != std::string::npos);
+    CHECK(error.find("s3cre") == std::string::npos);  // neither token is echoed
+    CHECK(!sender->connected(receiver.address()));
+  }
+  CHECK(connect_error(none, receiver.address()).find("this engine has none") != std::string::npos);
+  // The refusals left the receiver serving peers with the token.
+  TransferEngine right(with_token("s3cret"));
+  std::vector<uint8_t> src(64, 9), dst(64, 0);
+  right.register_memory(addr_of(src), src.size());
+  receiver.register_memory(addr_of(dst), dst.size());
+  CHECK(connect_error(right, receiver.address()).empty());
+  CHECK(exchanges_bytes(right, receiver, "after-refusals", src, dst));
+}
+
+TRANSFER_TEST(receiver_without_cluster_token_accepts_any) {
+  TransferEngine sender(with_token("s3cret")), receiver{EngineConfig{}};
+  std::vector<uint8_t> src(64, 5), dst(64, 0);
+  sender.register_memory(addr_of(src), src.size());
+  receiver.register_memory(addr_of(dst), dst.size());
+  CHECK(connect_error(sender, receiver.address()).empty());
+  CHECK(exchanges_bytes(sender, receiver, "open", src, dst));
+}
+
+TRANSFER_TEST(cluster_token_longer_than_1024_bytes_is_refused_at_construction) {
+  std::string too_long(1025, 'x'), longest_token(1024, 'x');
+  CHECK_THROWS(TransferEngine{with_token(too_long)}, std::invalid_argument);
+  TransferEngine sender(with_token(longest_token)), receiver(with_token(longest_token));
+  CHECK(connect_error(sender, receiver.address()).empty());  // the longest token fits the HELLO
+}
+
 int main() { return transfer_check::run_all(); }

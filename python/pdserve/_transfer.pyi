@@ -38,6 +38,7 @@ class Engine:
         max_message_nbytes: int = 1048576,
         retention_s: float = 60.0,
         device_copy_fn: int = 0,  # cuda_ipc: address of pdserve_copy_runs (pdserve._cuda)
+        cluster_token: str = "",  # "": no check; else peers must connect with the same token
     ) -> None: ...
     @property
     def backend(self) -> str: ...

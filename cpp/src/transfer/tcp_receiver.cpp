@@ -53,18 +53,30 @@ IoResult TcpTransport::reply(InConn& conn, FrameType type, uint64_t ticket,
   return write_control_frame(conn.fd, type, ticket, "", text, config_.stall_timeout_s, stop_);
 }
 
-void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
+IoResult TcpTransport::handshake(InConn& conn) {
   FrameHeader header;
-  std::string rid, text;
+  std::string token, text;
   IoResult r =
-      read_frame_head(conn->fd, &header, &rid, &text, config_.stall_timeout_s, stop_, false);
-  if (r.ok && header.type != static_cast<uint8_t>(FrameType::kHello)) {
-    r = {false, "protocol error: expected HELLO"};
+      read_frame_head(conn.fd, &header, &token, &text, config_.stall_timeout_s, stop_, false);
+  if (!r.ok) return r;
+  if (header.type != static_cast<uint8_t>(FrameType::kHello)) {
+    return {false, "protocol error: expected HELLO"};
   }
-  if (r.ok) {
-    conn->peer = text;
-    r = reply(*conn, FrameType::kHelloAck, 0, address_);
+  // Once per connection, never per frame: an accepted connection is trusted from here on.
+  if (!config_.cluster_token.empty() && !same_token(token, config_.cluster_token)) {
+    // Neither token is echoed: the refusal only says which side lacks what.
+    std::string why = std::string(kTokenMismatch) + ": the receiver at " + address_ +
+                      " requires the cluster token and the HELLO carried " +
+                      (token.empty() ? "none" : "a different one");
+    reply(conn, FrameType::kNack, 0, why);  // best effort: the caller hangs up either way
+    return {false, why};
   }
+  conn.peer = text;
+  return reply(conn, FrameType::kHelloAck, 0, address_);
+}
+
+void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
+  IoResult r = handshake(*conn);
   if (!r.ok) {
     conn->dead = true;
     ::shutdown(conn->fd, SHUT_RDWR);
@@ -75,6 +87,8 @@ void TcpTransport::reader_loop(std::shared_ptr<InConn> conn) {
     std::lock_guard<std::mutex> lk(mu_);
     in_.push_back(conn);
   }
+  FrameHeader header;
+  std::string rid, text;
   std::unordered_set<Ticket> refused;  // batches NACKed already; their later messages are dropped
   std::vector<WirePiece> table;
   std::vector<iovec> iov;

@@ -42,10 +42,15 @@ void TcpTransport::connect(const std::string& peer, double timeout_s) {
   int port = 0;
   split_address(peer, &host, &port);
   int fd = connect_to(host, port, timeout_s);
-  IoResult r = write_control_frame(fd, FrameType::kHello, 0, "", address_, timeout_s, stop_);
+  IoResult r = write_control_frame(fd, FrameType::kHello, 0, config_.cluster_token, address_,
+                                   timeout_s, stop_);
   FrameHeader header;
   std::string rid, text;
   if (r.ok) r = read_frame_head(fd, &header, &rid, &text, timeout_s, stop_, false);
+  if (r.ok && header.type == static_cast<uint8_t>(FrameType::kNack)) {
+    ::close(fd);
+    throw TransferError(handshake_refusal(peer, text));
+  }
   if (r.ok && header.type != static_cast<uint8_t>(FrameType::kHelloAck)) {
     r = {false, "protocol error: expected HELLO_ACK"};
   }
@@ -64,6 +69,16 @@ void TcpTransport::connect(const std::string& peer, double timeout_s) {
     all_out_.push_back(conn);
   }
   if (old) join_out(old);
+}
+
+std::string TcpTransport::handshake_refusal(const std::string& peer, const std::string& why) const {
+  if (why.rfind(kTokenMismatch, 0) != 0) {
+    return "peer " + peer + " refused the connection: " + why;
+  }
+  return "peer " + peer + " refused the connection: the cluster tokens differ (" +
+         (config_.cluster_token.empty() ? "this engine has none, the peer requires one"
+                                        : "this engine's token is not the peer's") +
+         "); set the same --cluster-token / PDSERVE_CLUSTER_TOKEN on every instance";
 }
 
 bool TcpTransport::connected(const std::string& peer) const {

@@ -106,6 +106,12 @@ class TcpTransport final : public Transport {
     if (config_.max_message_nbytes == 0) {
       throw std::invalid_argument("max_message_nbytes must be > 0");
     }
+    if (config_.cluster_token.size() > kMaxRequestIdLen) {
+      throw std::invalid_argument("cluster_token is " +
+                                  std::to_string(config_.cluster_token.size()) +
+                                  " bytes long; the transfer handshake carries at most " +
+                                  std::to_string(kMaxRequestIdLen) + " bytes");
+    }
   }
 
   ~TcpTransport() override { shutdown(); }
@@ -128,6 +134,8 @@ class TcpTransport final : public Transport {
   // ---- sender side (tcp_transport.cpp) ----
   std::shared_ptr<OutConn> find_out(const std::string& peer) const;
   std::vector<std::shared_ptr<OutConn>> live_and_dead_out() const;
+  // The TransferError text for a peer that answered our HELLO with a NACK saying `why`.
+  std::string handshake_refusal(const std::string& peer, const std::string& why) const;
   void join_out(const std::shared_ptr<OutConn>& conn);
   // A batch is reported once the writer let go of it and its outcome is known. Caller holds
   // conn.mu.
@@ -162,6 +170,9 @@ class TcpTransport final : public Transport {
   void reap_dead_in_locked();
   // Writes ACK / NACK / HELLO_ACK on an inbound connection (under its write_mu).
   IoResult reply(InConn& conn, FrameType type, uint64_t ticket, const std::string& text);
+  // Reads the sender's HELLO and answers it: HELLO_ACK, or a NACK when its cluster token is not
+  // ours (then the result is not ok). Sets conn.peer.
+  IoResult handshake(InConn& conn);
   void reader_loop(std::shared_ptr<InConn> conn);
 
   TransportConfig config_;

@@ -3,8 +3,11 @@
 //
 // Every frame is a 32-byte FrameHeader, then request_id_len bytes of request id, text_len bytes of
 // text, num_pieces WirePieces (16 bytes each) and payload_nbytes bytes of payload, in that order.
-//   HELLO      connector -> acceptor: text = the connector's own listening address
+//   HELLO      connector -> acceptor: request id = the connector's cluster token (empty: none),
+//              text = the connector's own listening address
 //   HELLO_ACK  acceptor -> connector: text = the acceptor's address
+//   NACK       acceptor -> connector, instead of HELLO_ACK: the acceptor refuses the connection
+//              (text = why; starts with kTokenMismatch when the cluster tokens differ) and hangs up
 //   DATA       connector -> acceptor: request id, ticket, pieces (destination ranges), payload =
 //              the pieces' bytes back to back; flag LAST on the final message of a batch
 //   ACK / NACK acceptor -> connector: ticket (+ text = why, for NACK); one per batch (tcp); for
@@ -43,7 +46,7 @@ enum class FrameType : uint8_t {
 };
 constexpr uint8_t kFlagLast = 1;
 
-constexpr uint32_t kMaxRequestIdLen = 1024;
+constexpr uint32_t kMaxRequestIdLen = 1024;  // also bounds the cluster token (HELLO's request id)
 constexpr uint32_t kMaxTextLen = 64 * 1024;
 constexpr uint32_t kMaxPiecesPerMessage = 512;  // one readv/sendmsg covers a message (IOV_MAX 1024)
 
@@ -61,6 +64,13 @@ struct FrameHeader {
 #pragma pack(pop)
 static_assert(sizeof(FrameHeader) == 32, "wire header must stay 32 bytes");
 static_assert(sizeof(WirePiece) == 16, "wire piece must stay 16 bytes");
+
+// How a NACK answering HELLO begins when the acceptor's cluster token is not the connector's.
+constexpr char kTokenMismatch[] = "cluster token mismatch";
+
+// Whether a and b hold the same bytes, in a time that depends on their lengths only (an early exit
+// at the first differing byte would let a prober guess a token byte by byte).
+bool same_token(const std::string& a, const std::string& b);
 
 // Outcome of a blocking socket operation.
 struct IoResult {

@@ -100,6 +100,7 @@ class InstanceServer(PDHandlersMixin):
                     self.instance_id,
                     self.config.transfer_timeout,
                     backend="cuda_ipc" if self.config.enable_direct else "tcp",
+                    cluster_token=self.config.cluster_token,
                 )
         except BaseException as exc:
             await self._shutdown_engine()  # no worker outlives a failed start

@@ -88,7 +88,9 @@ class _PeerLink:
 class KVLinks:
     """Owns the TransferEngine; thread-safe where the engine thread calls it (`push_*`).
 
-    `layouts[i]` is rank i's registered KV memory (the engine's shard, or its host staging arena)."""
+    `layouts[i]` is rank i's registered KV memory (the engine's shard, or its host staging arena).
+    `cluster_token`: the instance's --cluster-token; the engine refuses peers without it and
+    presents it when connecting (None: no check)."""
 
     def __init__(
         self,
@@ -100,6 +102,7 @@ class KVLinks:
         instance_id: str,
         timeout_s: float,
         backend: str = "tcp",
+        cluster_token: str | None = None,
     ):
         layouts = list(layouts)
         on_gpu = backend != "tcp"
@@ -113,7 +116,9 @@ class KVLinks:
         self.layouts = layouts
         self.layout = layouts[0]
         self.timeout_s = timeout_s
-        self.engine = TransferEngine(backend, host=bind_host, port=port)
+        self.engine = TransferEngine(
+            backend, host=bind_host, port=port, cluster_token=cluster_token
+        )
         for layout in layouts:
             device = int(layout.device.partition(":")[2] or 0) if on_gpu else -1
             self.engine.register_memory(layout.base_addr, layout.nbytes, device)

@@ -131,6 +131,11 @@ class TransferEngine:
     `unregister_memory` and `close` block (with the GIL released) and may be run in an executor;
     `expect`, `send`, `poll`, `poll_recv` and `stats` return at once and are safe on the event
     loop. In asyncio code prefer `wait_async` / `wait_recv_async`, which use no threads.
+
+    `cluster_token` (the cluster's --cluster-token; None or "": none) guards the listening port:
+    with one, a peer's `connect` is refused unless it presents the same token (checked once per
+    connection, in constant time), and its `connect` raises TransferError saying the tokens
+    differ. `connect` always presents this engine's own token. At most 1024 bytes (ValueError).
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class TransferEngine:
         stall_timeout_s: float = 30.0,
         max_message_nbytes: int | None = None,
         retention_s: float = 60.0,
+        cluster_token: str | None = None,
     ) -> None:
         self._native = _transfer.Engine(
             backend=backend,
@@ -155,6 +161,7 @@ class TransferEngine:
             ),
             retention_s=retention_s,
             device_copy_fn=_device_copy_fn() if backend == "cuda_ipc" else 0,
+            cluster_token=cluster_token or "",
         )
         self._async_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -203,7 +210,8 @@ class TransferEngine:
     # ---- peers ----
     def connect(self, peer: str, timeout_s: float = 10.0) -> str:
         """Opens (or reopens after a failure) the channel to `peer` ("host:port"); returns the peer
-        name to pass to `send`. Blocks; raises TransferError when unreachable."""
+        name to pass to `send`. Blocks; raises TransferError when unreachable or when the peer
+        refuses this engine's cluster token."""
         self._native.connect(peer, timeout_s)
         return peer
 

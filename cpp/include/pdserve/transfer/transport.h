@@ -84,6 +84,13 @@ struct TransportConfig {
   // error code otherwise); pdserve._cuda's pdserve_copy_runs. 0: the driver's copies (one per
   // piece, or cuMemcpyBatchAsync), which cost microseconds per piece.
   uint64_t device_copy_fn = 0;
+  // The cluster's shared secret (--cluster-token / PDSERVE_CLUSTER_TOKEN), checked once per
+  // connection, never per frame. Empty: no check, any peer that speaks the protocol is accepted.
+  // Non-empty: a connecting peer must present the same token in its HELLO (compared in constant
+  // time); a peer with another token, or none, is refused during the handshake and its connect()
+  // throws TransferError saying the tokens differ. Either way connect() sends this token. At most
+  // 1024 bytes (tcp_wire.h's kMaxRequestIdLen; longer: std::invalid_argument at construction).
+  std::string cluster_token;
 };
 
 // A wire backend. Thread-safe. The engine owns it and calls start() once before anything else.
