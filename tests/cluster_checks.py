@@ -12,6 +12,9 @@ import pytest
 from pdserve.server.auth import cluster_headers
 from pdserve.server.launcher import http_json
 
+# what every CPU cluster test's instances share: the tiny model, a KV pool of a few hundred blocks
+TINY_CPU = ["--model", "tiny", "--device", "cpu", "--kv-cache-gb", "0.02"]
+
 
 def post_error(url: str, body: dict | None, headers: dict | None = None) -> tuple[int, str]:
     """POSTs body (GET when None), which must fail: returns the HTTP status and the error message."""

@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 import pytest
-from cluster_checks import open_stream, post_error, settle_and_check
+from cluster_checks import TINY_CPU, open_stream, post_error, settle_and_check
 from pdserve.cli import main
 from pdserve.server.auth import CLUSTER_TOKEN_HEADER, cluster_headers
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
@@ -23,12 +23,7 @@ TOKEN = "test-cluster-token"
 BEARER = {"Authorization": f"Bearer {KEY}"}
 INTERNAL = cluster_headers(TOKEN)
 COMMON = [
-    "--model",
-    "tiny",
-    "--device",
-    "cpu",
-    "--kv-cache-gb",
-    "0.02",
+    *TINY_CPU,
     "--heartbeat-interval",
     "0.3",
 ]

@@ -18,19 +18,14 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cluster_checks import open_stream, post_error, settle_and_check
+from cluster_checks import TINY_CPU, open_stream, post_error, settle_and_check
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 from prometheus_client.parser import text_string_to_metric_families
 
 BS = 16
 COMMON = [
-    "--model",
-    "tiny",
-    "--device",
-    "cpu",
-    "--kv-cache-gb",
-    "0.02",
+    *TINY_CPU,
     "--block-size",
     str(BS),
     "--heartbeat-interval",

@@ -12,16 +12,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cluster_checks import open_stream, post_error
+from cluster_checks import TINY_CPU, open_stream, post_error
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 FLAGS = [
-    "--model",
-    "tiny",
-    "--device",
-    "cpu",
-    "--kv-cache-gb",
-    "0.02",
+    *TINY_CPU,
     "--enable-radix-caching",
     "--enable-layer",
     "--transfer-timeout",

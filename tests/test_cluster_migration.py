@@ -8,16 +8,11 @@ import signal
 import time
 
 import pytest
-from cluster_checks import open_stream
+from cluster_checks import TINY_CPU, open_stream
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 FLAGS = [
-    "--model",
-    "tiny",
-    "--device",
-    "cpu",
-    "--kv-cache-gb",
-    "0.02",
+    *TINY_CPU,
     "--enable-layer",
     "--heartbeat-interval",
     "0.3",

@@ -10,17 +10,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from cluster_checks import open_stream
+from cluster_checks import TINY_CPU, open_stream
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 from pdserve.server.policies import InstanceSnapshot, RouteContext, make_policy
 
 COMMON = [
-    "--model",
-    "tiny",
-    "--device",
-    "cpu",
-    "--kv-cache-gb",
-    "0.02",
+    *TINY_CPU,
     "--scheduler",
     "none",
     "--enable-radix-caching",

@@ -64,7 +64,6 @@ class PrefillState:
     request_id: str
     peer_id: str
     layerwise: bool
-    num_prompt_tokens: int
     block_size: int
     first_hook_block: int
     num_hook_blocks: int  # blocks the hook hands over in all: the prompt's from first_hook_block on
@@ -147,7 +146,6 @@ class PrefillHandlersMixin:
             request_id,
             peer_id,
             layerwise,
-            len(token_ids),
             bs,
             first_hook_block,
             num_hook_blocks,
@@ -358,7 +356,8 @@ class PrefillHandlersMixin:
                 state.error = f"KV send failed: {exc}"
 
     def _push(self, state: PrefillState, send: _Send) -> None:
-        """Queues one hook send to D's blocks (with `state.lock` held, the targets known)."""
+        """Queues one send (a layer hook's, or the whole request's) to D's blocks (with `state.lock` held,
+        the targets known)."""
         local, remote = state.remote_pairs(send.start, send.local_ids)
         if not local:
             return
@@ -382,13 +381,8 @@ class PrefillHandlersMixin:
         if state.whole_pushed or state.targets is None or not (complete or force):
             return
         state.whole_pushed = True
-        local, remote = state.remote_pairs(0, state.whole_local)
         event, state.whole_event = state.whole_event, None
-        if local:
-            state.nbytes_sent += self.transport.push_request(
-                state.peer_id, state.request_id, local, remote, event.cuda_event if event else 0
-            )
-            state.sent_per_layer = [n + len(remote) for n in state.sent_per_layer]
+        self._push(state, _Send(None, 0, state.whole_local, event))
 
     def _kv_ready_event(self) -> Any:
         """Engine thread: with --enable-direct, a CUDA event after the KV written so far, which a send
