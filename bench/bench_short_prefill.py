@@ -1,7 +1,7 @@
 """Short prompts: time to the first token of one request, its prompt chunk replayed through the step
-CUDA graphs (one row per token) vs run eagerly, on the same engine and weights in the same run; the
-batch-1 decode step (the weight-read floor of any small step) alongside. Also a mixed step: a short
-prompt joining a running decode batch.
+CUDA graphs (one row per token, attention in tiles of rows) vs run eagerly, on the same engine and
+weights in the same run; the batch-1 decode step (the weight-read floor of any small step) alongside.
+Also a mixed step: a short prompt joining a running decode batch.
 
     python3 bench/bench_short_prefill.py --model llama-2-7b --new-tokens 1,8,16,32,64,128,256,512 \
         --prefix-tokens 0,1024,3072 --json short_prefill.json
@@ -143,8 +143,8 @@ def main() -> None:
                     "graph_ms": graph_ms,
                     "eager_ms": eager_ms,
                     "graph_over_eager": graph_ms / eager_ms,
-                    "kv_reads": n * prefix_len + n * (n + 1) // 2,
-                    "engine_replays": n * prefix_len + n * (n + 1) // 2 <= default_kv_reads,
+                    "kv_reads": graphs.kv_reads([prefix_len], [n]),
+                    "engine_replays": graphs.kv_reads([prefix_len], [n]) <= default_kv_reads,
                 }
             )
     graphs.max_prefill_tokens = largest

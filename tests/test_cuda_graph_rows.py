@@ -11,7 +11,12 @@ import torch
 from pdserve import SamplingParams
 from pdserve.engine import LLMEngine
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.cuda_graph import GraphInputs, fill_rows_from_batch, fill_rows_from_inputs
+from pdserve.engine.cuda_graph import (
+    GraphInputs,
+    fill_rows_from_batch,
+    fill_rows_from_inputs,
+    tile_kv_reads,
+)
 
 BLOCK_SIZE = 4
 MAX_ROWS, MAX_BLOCKS = 64, 16
@@ -44,7 +49,22 @@ def _rows_of(host: GraphInputs, num_rows: int) -> list[tuple[int, int, int, int,
     return rows
 
 
-def test_every_scheduled_step_becomes_one_row_per_token():
+def _expected_tiles(batch, rows_per_tile: int) -> list[tuple[int, int]]:
+    """(first row, number of rows) of each attention tile: a sequence's rows in groups."""
+    tiles, row = [], 0
+    for n in batch.num_new_tokens:
+        for start in range(0, n, rows_per_tile):
+            tiles.append((row + start, min(rows_per_tile, n - start)))
+        row += n
+    return tiles
+
+
+def _tiles_of(host: GraphInputs, num_tiles: int) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in zip(*host.tiles_np[:, :num_tiles], strict=True)]
+
+
+@pytest.mark.parametrize("rows_per_tile", [1, 4, 16])
+def test_every_scheduled_step_becomes_one_row_per_token(rows_per_tile):
     engine = LLMEngine(
         model="tiny",
         device="cpu",
@@ -61,13 +81,25 @@ def test_every_scheduled_step_becomes_one_row_per_token():
     def checked_run(batch, after_layer=None):
         expected = _expected_rows(batch)
         by_batch, by_inputs = _host(), _host()
-        cols_batch = fill_rows_from_batch(by_batch, batch, BLOCK_SIZE)
+        cols_batch, tiles_batch = fill_rows_from_batch(by_batch, batch, BLOCK_SIZE, rows_per_tile)
         inputs = runner.prepare_inputs(batch)
-        cols_inputs = fill_rows_from_inputs(by_inputs, inputs, BLOCK_SIZE)
+        cols_inputs, tiles_inputs = fill_rows_from_inputs(
+            by_inputs, inputs, BLOCK_SIZE, rows_per_tile
+        )
         assert _rows_of(by_batch, len(expected)) == expected
         assert _rows_of(by_inputs, len(expected)) == expected
         widest = max(len(row[4]) for row in expected)
         assert cols_batch == widest and cols_inputs >= widest
+        tiles = _expected_tiles(batch, rows_per_tile)
+        assert tiles_batch == tiles_inputs == len(tiles)
+        assert _tiles_of(by_batch, len(tiles)) == tiles == _tiles_of(by_inputs, len(tiles))
+        # each tile reads its last row's length; the step's sum is what the graphs' bound counts
+        reads = sum(expected[first + n - 1][3] for first, n in tiles)
+        starts = [seq.num_computed_tokens for seq in batch.seqs]
+        assert reads == sum(
+            tile_kv_reads(s, n, rows_per_tile)
+            for s, n in zip(starts, batch.num_new_tokens, strict=True)
+        )
         seen["steps"] += 1
         decode = [n == 1 for n in batch.num_new_tokens]
         seen["prefill_steps"] += not all(decode)
@@ -96,6 +128,18 @@ def test_rows_from_inputs_pad_nothing_past_the_step():
     batch, _ = engine.scheduler.schedule()
     fill_rows_from_inputs(host, engine.runner.prepare_inputs(batch), BLOCK_SIZE)
     assert np.all(host.tokens_np[2, 7:] == -1) and np.all(host.seq_lens_np[7:] == 1)
+
+
+def test_padding_rows_are_one_row_tiles_after_the_step_tiles():
+    """Every row belongs to one tile: the step's tiles, then one per padding row, then unused slots."""
+    host = _host()
+    host.tiles_np[:] = 7  # stale values from an earlier step
+    host.pad(10, 3)
+    pad = [(r, 1) for r in range(10, MAX_ROWS)]
+    assert _tiles_of(host, 3 + len(pad))[3:] == pad
+    assert np.all(host.tiles_np[:, 3 + len(pad) :] == 0)
+    host.pad(0)  # capture: every row its own tile
+    assert _tiles_of(host, MAX_ROWS) == [(r, 1) for r in range(MAX_ROWS)]
 
 
 @pytest.mark.parametrize("bad", [-1, -64])

@@ -68,11 +68,102 @@ def test_paged_decode_matches_reference_gpu(case, dtype):
         assert _rel_err(out, ref) < 2e-2
 
 
+def _make_tiled_case(chunks, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, seed):
+    """Rows of prompt chunks as the step CUDA graphs lay them out: chunk (prefix, n) is n rows of one
+    sequence, row j reading prefix + j + 1 tokens through the sequence's table; tiles of at most
+    decode_rows_per_tile rows per chunk, then two padding rows (length 1, block 0) as one-row tiles and
+    two unused tile slots. Returns q, k, v, row tables, row lengths, tiles."""
+    from pdserve.ops.paged_decode import decode_rows_per_tile
+
+    g = torch.Generator().manual_seed(seed)
+    per_tile = decode_rows_per_tile(num_q_heads // num_kv_heads)
+    max_blocks = max(-(-(p + n) // block_size) for p, n in chunks)
+    num_blocks = len(chunks) * max_blocks + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    tables, lens, tiles = [], [], []
+    for i, (prefix, n) in enumerate(chunks):
+        table = perm[i * max_blocks : (i + 1) * max_blocks].tolist()
+        for start in range(0, n, per_tile):
+            tiles.append((len(lens), min(per_tile, n - start)))
+            for j in range(start, min(start + per_tile, n)):
+                tables.append(table)
+                lens.append(prefix + j + 1)
+    for _ in range(2):  # padding rows
+        tiles.append((len(lens), 1))
+        tables.append([0] * max_blocks)
+        lens.append(1)
+    num_rows = len(lens)
+    tiles += [(0, 0)] * min(2, num_rows - len(tiles))  # unused slots
+    kv = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(num_rows, num_q_heads, head_dim, generator=g).to(dtype)
+    tiles_t = torch.tensor(tiles, dtype=torch.int32).t().contiguous()
+    tables_t = torch.tensor(tables, dtype=torch.int32)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    kv = kv.to(device)
+    return (
+        q.to(device),
+        kv[:, 0],
+        kv[:, 1],
+        tables_t.to(device),
+        lens_t.to(device),
+        tiles_t.to(device),
+    )
+
+
+TILED_CASES = [
+    # chunks (prefix, new rows), q_heads, kv_heads, head_dim, block_size
+    ([(0, 5), (37, 21), (49, 1)], 4, 4, 64, 16),
+    ([(0, 40), (3, 1), (100, 9)], 8, 2, 64, 16),
+    ([(64, 17), (0, 1)], 8, 1, 128, 32),
+    ([(300, 33), (5, 2), (0, 16)], 16, 2, 128, 16),
+]
+
+
+def _check_tiled(case, dtype, device, max_err, num_sms=None):
+    from pdserve.ops.paged_decode import paged_decode_attention
+
+    chunks, hq, hkv, d, bs = case
+    q, k, v, bt, lens, tiles = _make_tiled_case(
+        chunks, hq, hkv, d, bs, dtype, device, seed=len(chunks)
+    )
+    ref = paged_decode_reference(q.float(), k.float(), v.float(), bt, lens, d**-0.5)
+    longest = max(p + n for p, n in chunks)
+    for max_seq_len in (longest, 8 * longest):  # 8x: more splits than a tile's context fills
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(
+            q, k, v, bt, lens, d**-0.5, max_seq_len, out=out, num_sms=num_sms, tiles=tiles
+        )
+        assert not torch.isnan(out).any(), (case, max_seq_len)
+        err = _rel_err(out, ref)
+        assert err < max_err, (case, max_seq_len, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case", TILED_CASES + [([(4000, 64), (1000, 1), (0, 200)], 40, 40, 128, 16)]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiled_rows_match_reference_gpu(case, dtype):
+    """Tiles of prompt-chunk rows (each row causal) against one reference row per query."""
+    _check_tiled(case, dtype, "cuda", 2e-2)
+
+
+def test_tiled_rows_are_checked():
+    from pdserve.ops.paged_decode import paged_decode_attention
+
+    q, k, v, bt, lens, tiles = _make_tiled_case([(3, 4)], 4, 4, 16, 4, torch.float32, "cpu", 0)
+    with pytest.raises(ValueError, match="tiles must be int32"):
+        paged_decode_attention(q, k, v, bt, lens, 0.25, 8, tiles=tiles.long())
+    with pytest.raises(ValueError, match="at most num_seqs"):
+        wide = torch.zeros(2, q.shape[0] + 1, dtype=torch.int32)
+        paged_decode_attention(q, k, v, bt, lens, 0.25, 8, tiles=wide)
+
+
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import torch, sys
     sys.path.insert(0, {tests_dir!r})
-    from test_paged_decode import CASES, _make_case, _rel_err
+    from test_paged_decode import CASES, TILED_CASES, _check_tiled, _make_case, _rel_err
     from pdserve.ops.paged_decode import paged_decode_attention, paged_decode_reference
     for i, case in enumerate(CASES):
         q, k, v, bt, lens = _make_case(*case, torch.float32, "cpu", seed=i)
@@ -84,6 +175,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             )
             err = _rel_err(out, ref)
             assert err < 1e-4, (case, max_seq_len, err)
+    for case in TILED_CASES:  # one split (the output written directly), then several
+        for num_sms in (4, 256):
+            _check_tiled(case, torch.float32, "cpu", 1e-4, num_sms=num_sms)
     print("OK")
     """
 )

@@ -51,6 +51,9 @@ class KernelInputs:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32: KV length of each sequence after this step
     max_seq_len: int  # host bound on seq_lens: sizes the decode kernel's context split
+    # [2, num_tile_slots] int32 or None: the decode kernel's row tiles (ops/paged_decode.py); a
+    # CUDA graph's prompt-chunk rows read their context once per tile
+    tiles: torch.Tensor | None = None
 
 
 @dataclass
@@ -239,6 +242,7 @@ class TritonPagedAttention(TorchPagedAttention):
                 self.scale,
                 ki.max_seq_len,
                 out=out,
+                tiles=ki.tiles,
             )
             return out.view(num_tokens, -1)
         self._mixed(q, k, v, k_cache, v_cache, meta, ki, out)

@@ -6,9 +6,11 @@ Why: at small batches a decode step is ~400 short kernels whose launch cost exce
 A graph row is one query token with its own KV length and block table, so a step with short prompt
 chunks replays the same graphs: a chunk of n tokens takes n rows of its sequence, row j attending to
 the first start + j + 1 tokens (the layer's KV write for every row runs before its attention, so the
-chunk's own tokens are in the cache when read). Short prefills are host-bound when eager (a 16-token
-7B prefill took 28.8 ms where the decode step takes ~5), so this is what their TTFT needs; long chunks
-stay eager (each row re-reads its sequence's context, and the eager prefill kernels are efficient there).
+chunk's own tokens are in the cache when read). The attention takes a chunk's rows in tiles (up to 16
+rows at one q head per kv head: `decode_rows_per_tile`) that read the context once per tile. Short
+prefills are host-bound when eager (a 16-token 7B prefill took 28.8 ms where the decode step takes
+~5), so this is what their TTFT needs, and prompt chunks after a long cached prefix (a conversation's
+next turn) too; long chunks stay eager (the eager prefill kernels are efficient there).
 
 What a graph needs from the rest of the engine: every input lives in a static buffer that is refilled
 before each replay (token ids, positions, slot mapping, int32 block tables, sequence lengths), and the
@@ -26,18 +28,27 @@ import torch
 
 from pdserve.engine.attention import AttentionMetadata, KernelInputs
 from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.ops.paged_decode import decode_rows_per_tile
 
 if TYPE_CHECKING:
     from pdserve.engine.model_runner import StepInputs
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-# A step with prompt chunks replays a graph only while its rows read at most this many KV tokens in
-# all (row j of a chunk starting at s reads s + j + 1): every row re-reads its sequence's context, at
-# ~70-120 ns per token read (llama-2-7b, H100, bench/bench_short_prefill.py), against an eager step's
-# ~16-25 ms of host time. Seen there at 0110793, replayed vs eager: 256 fresh tokens (33 K reads) 11.5
-# vs 24.4 ms; 32 after a 3,072-token prefix (99 K) 17.8 vs 20.8 ms; 64 after it (199 K) 25.3 vs 21.6 ms;
-# 512 fresh (131 K) 23.8 vs 25.0 ms.
+# A step with prompt chunks replays a graph only while its tiles read at most this many KV tokens in
+# all (a tile reads its last row's length: `tile_kv_reads`), at ~70-120 ns per token read (llama-2-7b,
+# H100, bench/bench_short_prefill.py), against an eager step's ~16-25 ms of host time. Seen there at
+# 0110793 with one row per tile, replayed vs eager: 256 fresh tokens (33 K reads) 11.5 vs 24.4 ms; 32
+# after a 3,072-token prefix (99 K) 17.8 vs 20.8 ms; 64 after it (199 K) 25.3 vs 21.6 ms; 512 fresh
+# (131 K) 23.8 vs 25.0 ms.
 MAX_PREFILL_KV_READS = 128 * 1024
+
+
+def tile_kv_reads(start: int, num_rows: int, rows_per_tile: int) -> int:
+    """KV tokens the tiles of one sequence's rows read: num_rows new tokens after `start` computed
+    ones, in tiles of rows_per_tile rows, each reading up to its last row's length."""
+    full, rest = divmod(num_rows, rows_per_tile)
+    reads = full * start + rows_per_tile * full * (full + 1) // 2
+    return reads + (start + num_rows if rest else 0)
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -70,12 +81,14 @@ class DecodeGraphs:
         max_decode_rows: int,
         device: torch.device,
         max_prefill_tokens: int = 0,
+        group: int = 1,
     ):
         """Decode-only steps of up to max_decode_rows sequences replay a graph. max_prefill_tokens: a
         step with a prompt chunk (more than one new token for a sequence) replays one when it has at
-        most this many tokens in all and its rows read at most max_prefill_kv_reads KV tokens (0:
-        such steps stay eager)."""
+        most this many tokens in all and its tiles read at most max_prefill_kv_reads KV tokens (0:
+        such steps stay eager). group: q heads per kv head (sets the rows per attention tile)."""
         self.model, self.kv_layers = model, kv_layers
+        self.rows_per_tile = decode_rows_per_tile(group)
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prefill_kv_reads = MAX_PREFILL_KV_READS
         self.block_size, self.max_model_len = block_size, max_model_len
@@ -113,6 +126,7 @@ class DecodeGraphs:
             block_tables=inputs.tables,
             seq_lens=inputs.seq_lens,
             max_seq_len=self.max_model_len,
+            tiles=inputs.tiles,
         )
         return AttentionMetadata(
             slot_block_ids=None,
@@ -161,8 +175,8 @@ class DecodeGraphs:
     def fits(self, num_rows: int, num_kv_reads: int | None = None) -> bool:
         """True when a step of num_rows new tokens replays a graph. A decode-only step (num_kv_reads
         None) needs at most max_batch_size rows (the graphs that end with logits); a step with a
-        prompt chunk at most max_prefill_tokens, and its rows' KV lengths must sum to at most
-        max_prefill_kv_reads."""
+        prompt chunk at most max_prefill_tokens, and its tiles must read at most
+        max_prefill_kv_reads KV tokens (`kv_reads`)."""
         if num_kv_reads is None:
             return num_rows <= self.max_batch_size
         return (
@@ -174,35 +188,41 @@ class DecodeGraphs:
         """True when the batch replays a graph (one row per new token; see `fits`)."""
         if all(n == 1 for n in batch.num_new_tokens):
             return self.fits(len(batch.seqs))
-        reads = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            reads += n * seq.num_computed_tokens + n * (n + 1) // 2  # rows read start+1 .. start+n
-        return self.fits(batch.num_tokens, reads)
+        starts = [seq.num_computed_tokens for seq in batch.seqs]
+        return self.fits(batch.num_tokens, self.kv_reads(starts, batch.num_new_tokens))
+
+    def kv_reads(self, starts: list[int], num_rows: list[int]) -> int:
+        """KV tokens a step's attention tiles read: sequence i has num_rows[i] new tokens after
+        starts[i] computed ones."""
+        p = self.rows_per_tile
+        return sum(tile_kv_reads(s, n, p) for s, n in zip(starts, num_rows, strict=True))
 
     def prepare(self, batch: ScheduledBatch) -> int:
         """Fills the static inputs from the batch, one row per new token in batch order; returns the
         padded batch size whose graph to replay."""
         num_rows = batch.num_tokens
         bs = self._size_for(num_rows)
-        max_cols = fill_rows_from_batch(self._host_inputs[bs], batch, self.block_size)
-        return self._upload(bs, num_rows, max_cols)
+        host = self._host_inputs[bs]
+        max_cols, num_tiles = fill_rows_from_batch(host, batch, self.block_size, self.rows_per_tile)
+        return self._upload(bs, num_rows, num_tiles, max_cols)
 
     def prepare_inputs(self, inputs: StepInputs) -> int:
         """prepare() from a step's StepInputs (what tensor-parallel ranks receive)."""
         num_rows = len(inputs.input_ids)
         bs = self._size_for(num_rows)
-        cols = fill_rows_from_inputs(self._host_inputs[bs], inputs, self.block_size)
-        return self._upload(bs, num_rows, cols)
+        host = self._host_inputs[bs]
+        cols, num_tiles = fill_rows_from_inputs(host, inputs, self.block_size, self.rows_per_tile)
+        return self._upload(bs, num_rows, num_tiles, cols)
 
     def _size_for(self, num_seqs: int) -> int:
         return next(s for s in self.batch_sizes if s >= num_seqs)
 
-    def _upload(self, bs: int, num_rows: int, max_cols: int) -> int:
-        """Pads rows num_rows.. of graph bs's host inputs and copies them to its static device inputs
-        in one transfer, up to the last table row's first max_cols entries (columns past a
-        row's blocks are never read); returns bs."""
+    def _upload(self, bs: int, num_rows: int, num_tiles: int, max_cols: int) -> int:
+        """Pads rows num_rows.. (and tile slots num_tiles..) of graph bs's host inputs and copies them
+        to its static device inputs in one transfer, up to the last table row's first max_cols
+        entries (columns past a row's blocks are never read); returns bs."""
         host = self._host_inputs[bs]
-        host.pad(num_rows)
+        host.pad(num_rows, num_tiles)
         self._device_inputs[bs].copy_from(host, host.prefix_nbytes(max_cols), non_blocking=True)
         return bs
 
@@ -221,10 +241,13 @@ class DecodeGraphs:
         return out if self.ends_with_logits(bs) else self.model.compute_logits(out)
 
 
-def fill_rows_from_batch(host: GraphInputs, batch: ScheduledBatch, block_size: int) -> int:
+def fill_rows_from_batch(
+    host: GraphInputs, batch: ScheduledBatch, block_size: int, rows_per_tile: int = 1
+) -> tuple[int, int]:
     """Writes one row per new token of the batch (in batch order) into host's arrays: token id,
-    position, cache slot, KV length (position + 1) and the sequence's block table; returns the
-    widest table written (columns past a row's last block keep stale values: never read)."""
+    position, cache slot, KV length (position + 1) and the sequence's block table, and the tiles
+    (`fill_tiles`); returns (the widest table written, the number of tiles). Columns past a row's
+    last block keep stale values: never read."""
     toks, lens, tables = host.tokens_np, host.seq_lens_np, host.tables_np
     max_cols = 1
     row = 0
@@ -249,12 +272,14 @@ def fill_rows_from_batch(host: GraphInputs, batch: ScheduledBatch, block_size: i
             tables[row : row + n, :num_blocks] = blocks
         max_cols = max(max_cols, num_blocks)
         row += n
-    return max_cols
+    return max_cols, fill_tiles(host, batch.num_new_tokens, rows_per_tile)
 
 
-def fill_rows_from_inputs(host: GraphInputs, inputs: StepInputs, block_size: int) -> int:
+def fill_rows_from_inputs(
+    host: GraphInputs, inputs: StepInputs, block_size: int, rows_per_tile: int = 1
+) -> tuple[int, int]:
     """fill_rows_from_batch from StepInputs (one row per token, each row its sequence's table);
-    returns the table width written."""
+    returns (the table width written, the number of tiles)."""
     n = len(inputs.input_ids)
     host.tokens_np[0, :n] = inputs.input_ids
     host.tokens_np[1, :n] = inputs.positions
@@ -263,42 +288,79 @@ def fill_rows_from_inputs(host: GraphInputs, inputs: StepInputs, block_size: int
     host.seq_lens_np[:n] = inputs.positions
     host.seq_lens_np[:n] += 1
     tables = np.asarray(inputs.block_tables)
-    if n != inputs.num_seqs:  # a prompt chunk: its rows share its table
-        tables = np.repeat(tables, np.diff(inputs.query_start_loc), axis=0)
+    counts = np.diff(inputs.query_start_loc) if n != inputs.num_seqs else None
+    if counts is not None:  # a prompt chunk: its rows share its table
+        tables = np.repeat(tables, counts, axis=0)
     cols = tables.shape[1]
     host.tables_np[:n, :cols] = tables
-    return cols
+    return cols, fill_tiles(host, n if counts is None else counts, rows_per_tile)
+
+
+def fill_tiles(
+    host: GraphInputs, num_rows: int | list[int] | np.ndarray, rows_per_tile: int
+) -> int:
+    """Writes the attention tiles of rows laid out by sequence: num_rows[i] consecutive rows of
+    sequence i (an int: that many one-row sequences) in tiles of at most rows_per_tile rows, from
+    tile slot 0 on; returns the number of tiles."""
+    tiles = host.tiles_np
+    if isinstance(num_rows, int) or rows_per_tile == 1 or max(num_rows) == 1:  # a tile per row
+        n = num_rows if isinstance(num_rows, int) else int(np.sum(num_rows))
+        tiles[0, :n] = np.arange(n)
+        tiles[1, :n] = 1
+        return n
+    counts = np.asarray(num_rows, dtype=np.int64)
+    per_seq = -(-counts // rows_per_tile)
+    num_tiles = int(per_seq.sum())
+    first_tile = np.cumsum(per_seq) - per_seq
+    in_seq = np.arange(num_tiles) - np.repeat(first_tile, per_seq)  # tile's index in its sequence
+    first_row = np.repeat(np.cumsum(counts) - counts, per_seq) + in_seq * rows_per_tile
+    tiles[0, :num_tiles] = first_row
+    tiles[1, :num_tiles] = np.minimum(
+        rows_per_tile, np.repeat(counts, per_seq) - in_seq * rows_per_tile
+    )
+    return num_tiles
 
 
 class GraphInputs:
     """The static inputs of the graph of size bs as views of one byte buffer (device or pinned host):
-    tokens int64 [3, bs] (ids, positions, slots), seq_lens int32 [bs], tables int32 [bs, max_blocks]."""
+    tokens int64 [3, bs] (ids, positions, slots), tiles int32 [2, bs] (first row and number of rows
+    of each attention tile; 0 rows: an unused slot), seq_lens int32 [bs], tables int32 [bs,
+    max_blocks]."""
 
     @staticmethod
     def layout_nbytes(bs: int, max_blocks: int) -> int:
-        return bs * (3 * 8 + 4 + 4 * max_blocks)
+        return bs * (3 * 8 + 2 * 4 + 4 + 4 * max_blocks)
 
     def __init__(self, buffer: torch.Tensor, bs: int, max_blocks: int):
         tokens_end = 3 * 8 * bs
-        self._lens_end = lens_end = tokens_end + 4 * bs
+        tiles_end = tokens_end + 2 * 4 * bs
+        self._lens_end = lens_end = tiles_end + 4 * bs
         self._bs, self._max_blocks = bs, max_blocks
         self.nbytes = self.layout_nbytes(bs, max_blocks)
         self.buffer = buffer
         self.tokens = buffer[:tokens_end].view(torch.int64).view(3, bs)
-        self.seq_lens = buffer[tokens_end:lens_end].view(torch.int32)
+        self.tiles = buffer[tokens_end:tiles_end].view(torch.int32).view(2, bs)
+        self.seq_lens = buffer[tiles_end:lens_end].view(torch.int32)
         self.tables = buffer[lens_end : self.nbytes].view(torch.int32).view(bs, max_blocks)
         if buffer.device.type == "cpu":  # numpy views share the pinned memory
             self.tokens_np = self.tokens.numpy()
+            self.tiles_np = self.tiles.numpy()
             self.seq_lens_np = self.seq_lens.numpy()
             self.tables_np = self.tables.numpy()
 
-    def pad(self, start: int) -> None:
+    def pad(self, start: int, start_tile: int | None = None) -> None:
         """Rows from `start` on become padding: token 0 at position 0, not stored (slot -1), length
-        1, block 0 (host buffers only)."""
+        1, block 0, each its own tile from slot start_tile on (default: `start`, the rows before
+        being one tile each); the slots after them are unused (host buffers only)."""
+        start_tile = start if start_tile is None else start_tile
         self.tokens_np[:2, start:] = 0
         self.tokens_np[2, start:] = -1
         self.seq_lens_np[start:] = 1
         self.tables_np[start:, 0] = 0
+        end_tile = start_tile + self._bs - start
+        self.tiles_np[0, start_tile:end_tile] = np.arange(start, self._bs)
+        self.tiles_np[1, start_tile:end_tile] = 1
+        self.tiles_np[:, end_tile:] = 0
 
     def prefix_nbytes(self, max_cols: int) -> int:
         """Bytes from the start through the first max_cols entries of the last table row."""

@@ -230,6 +230,7 @@ class ModelRunner:
             max_decode_rows,
             self.device,
             max_prefill_tokens=max_prefill_rows,
+            group=mc.num_attention_heads // mc.num_key_value_heads,
         )
 
     def _graph_rows(self) -> tuple[int, int]:
@@ -476,8 +477,10 @@ class ModelRunner:
             return False
         if inputs.is_decode_only:
             return graphs.fits(inputs.num_seqs)
-        num_rows = len(inputs.input_ids)
-        return graphs.fits(num_rows, sum(inputs.positions) + num_rows)
+        qsl = inputs.query_start_loc
+        starts = [inputs.positions[qsl[i]] for i in range(inputs.num_seqs)]
+        counts = [qsl[i + 1] - qsl[i] for i in range(inputs.num_seqs)]
+        return graphs.fits(len(inputs.input_ids), graphs.kv_reads(starts, counts))
 
     @torch.inference_mode()
     def execute(

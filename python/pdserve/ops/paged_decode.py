@@ -1,6 +1,11 @@
 """Paged decode attention (flash-decoding) in Triton: one query token per sequence reads K/V straight
 from the paged KV cache through its block table, split over the context so long sequences fill the GPU.
 
+Tiled mode (`tiles=`): a program takes a tile of up to `decode_rows_per_tile(group)` consecutive query
+rows of one sequence (a prompt chunk replayed through the step CUDA graphs, each row attending causally
+to its own length), so the chunk's context is read once per tile instead of once per row. The tile's
+rows fill the matmul rows a lone decode query pads to 16 anyway: a decode step costs the same.
+
 Why split-K: at batch 1 a single program per (sequence, KV head) would leave most SMs idle; splitting the
 context into partitions and reducing the partial softmax states in a second kernel keeps the read rate
 near HBM bandwidth from 1 to 128 sequences and from 1k to 32k tokens.
@@ -60,6 +65,7 @@ if triton is not None:
         v_ptr,  # same shape and strides as k
         block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
         seq_lens_ptr,  # [num_seqs] int32
+        tiles_ptr,  # TILED: [2, num_programs(0)] int32, first row and number of rows (0: no tile)
         part_out_ptr,  # [num_seqs, num_q_heads, num_splits, HEAD_DIM] fp32
         part_max_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
         part_sum_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
@@ -73,34 +79,56 @@ if triton is not None:
         stride_bt_seq,
         stride_out_seq,
         stride_out_head,
+        stride_tiles,
         num_splits,
         GROUP: tl.constexpr,  # q heads per kv head
-        GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 for tl.dot
+        GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 for tl.dot; TILED: rows x GROUP, padded
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,  # tokens per KV block
         TILE_N: tl.constexpr,  # tokens per inner iteration (a multiple of BLOCK_SIZE)
         DIRECT: tl.constexpr,  # one split: the normalized output straight to out (no reduce kernel)
+        TILED: tl.constexpr,  # program 0-index = a tile of rows (tiles_ptr), else one row
         USE_PDL: tl.constexpr,
     ):
         if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        seq_idx = tl.program_id(0)
         kv_head = tl.program_id(1)
         split_idx = tl.program_id(2)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, TILE_N)
 
-        seq_len = tl.load(seq_lens_ptr + seq_idx)
+        if TILED:
+            # matmul row m = (row m // GROUP of the tile, q head m % GROUP of this kv head)
+            tile = tl.program_id(0)
+            first_row = tl.load(tiles_ptr + tile)
+            num_rows = tl.load(tiles_ptr + stride_tiles + tile)
+            if num_rows == 0:
+                return
+            rows = first_row + offs_g // GROUP  # [GROUP_PAD]
+            mask_g = (offs_g // GROUP < num_rows) & (offs_g < (GROUP_PAD // GROUP) * GROUP)
+            q_heads = kv_head * GROUP + offs_g % GROUP
+            row_lens = tl.load(seq_lens_ptr + rows, mask=mask_g, other=0)  # row r reads row_lens[r]
+            seq_len = tl.max(row_lens, axis=0)  # the tile's last row: all rows share its table
+            table_row = first_row
+            q_offs = rows[:, None] * stride_q_seq
+            out_row_offs = rows[:, None] * stride_out_seq
+        else:
+            seq_idx = tl.program_id(0)
+            rows = seq_idx
+            mask_g = offs_g < GROUP
+            q_heads = kv_head * GROUP + offs_g
+            seq_len = tl.load(seq_lens_ptr + seq_idx)
+            table_row = seq_idx
+            q_offs = seq_idx * stride_q_seq
+            out_row_offs = seq_idx * stride_out_seq
         tokens_per_split = _tokens_per_split(seq_len, num_splits, TILE_N)
         split_start = split_idx * tokens_per_split
         split_end = tl.minimum(split_start + tokens_per_split, seq_len)
 
-        offs_g = tl.arange(0, GROUP_PAD)
-        offs_d = tl.arange(0, HEAD_DIM)
-        offs_n = tl.arange(0, TILE_N)
-        mask_g = offs_g < GROUP
-        q_heads = kv_head * GROUP + offs_g
         q = tl.load(
-            q_ptr + seq_idx * stride_q_seq + q_heads[:, None] * stride_q_head + offs_d[None, :],
+            q_ptr + q_offs + q_heads[:, None] * stride_q_head + offs_d[None, :],
             mask=mask_g[:, None],
             other=0.0,
         )
@@ -115,7 +143,7 @@ if triton is not None:
             mask_n = tok < split_end
             block_idx = tok // BLOCK_SIZE
             block_ids = tl.load(
-                block_tables_ptr + seq_idx * stride_bt_seq + block_idx, mask=mask_n, other=0
+                block_tables_ptr + table_row * stride_bt_seq + block_idx, mask=mask_n, other=0
             )
             kv_offs = (
                 block_ids.to(tl.int64)[:, None] * stride_kv_block
@@ -125,23 +153,30 @@ if triton is not None:
             )
             k = tl.load(k_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k))  # [GROUP_PAD, TILE_N]
-            scores = tl.where(mask_n[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
+            if TILED:  # causal: row r reads its first row_lens[r] tokens; a row may see none here
+                seen = mask_n[None, :] & (tok[None, :] < row_lens[:, None])
+                scores = tl.where(seen, scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                # a row with no token yet keeps max -inf; exp() runs off 0 then, not -inf - -inf
+                m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                scores = tl.where(mask_n[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                m_exp = m_new
+            alpha = tl.exp(m_i - m_exp)
+            p = tl.exp(scores - m_exp[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
         if DIRECT:
-            out_offs = (
-                seq_idx * stride_out_seq + q_heads[:, None] * stride_out_head + offs_d[None, :]
-            )
-            result = acc / l_i[:, None]  # seq_len >= 1: every row saw a token
+            out_offs = out_row_offs + q_heads[:, None] * stride_out_head + offs_d[None, :]
+            result = acc / l_i[:, None]  # lengths >= 1: every row saw a token
             tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
         else:
-            part_idx = (seq_idx * (GROUP * tl.num_programs(1)) + q_heads) * num_splits + split_idx
+            # a row that saw no token in this split stores max -inf, sum 0: weight 0 in the reduce
+            part_idx = (rows * (GROUP * tl.num_programs(1)) + q_heads) * num_splits + split_idx
             tl.store(part_max_ptr + part_idx, m_i, mask=mask_g)
             tl.store(part_sum_ptr + part_idx, l_i, mask=mask_g)
             part_offs = part_idx[:, None] * HEAD_DIM + offs_d[None, :]
@@ -161,6 +196,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
         TILE_N: tl.constexpr,
+        TILED: tl.constexpr,  # every split was written (a tile's split need not cover this row)
         USE_PDL: tl.constexpr,
     ):
         if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
@@ -168,8 +204,11 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         seq_idx = tl.program_id(0)
         head = tl.program_id(1)
-        seq_len = tl.load(seq_lens_ptr + seq_idx)
-        num_used = tl.cdiv(seq_len, _tokens_per_split(seq_len, num_splits, TILE_N))
+        if TILED:
+            num_used = num_splits
+        else:
+            seq_len = tl.load(seq_lens_ptr + seq_idx)
+            num_used = tl.cdiv(seq_len, _tokens_per_split(seq_len, num_splits, TILE_N))
         offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         mask_s = offs_s < num_used
@@ -189,6 +228,17 @@ if triton is not None:
             out_ptr + seq_idx * stride_out_seq + head * stride_out_head + offs_d,
             out.to(out_ptr.dtype.element_ty),
         )
+
+
+def _group_pad(group: int) -> int:
+    """Matmul rows of one program: the q heads of one kv head, padded to >= 16 for tl.dot."""
+    return max(16, 1 << (group - 1).bit_length())
+
+
+def decode_rows_per_tile(group: int) -> int:
+    """Query rows one tiled program takes (group: q heads per kv head): as many as fill its matmul
+    rows, so a tile of n rows costs what one decode row does (16 at group 1, 4 at group 4)."""
+    return _group_pad(group) // group
 
 
 def _check_inputs(
@@ -248,6 +298,7 @@ def paged_decode_attention(
     max_seq_len: int,
     out: torch.Tensor | None = None,
     num_sms: int | None = None,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over the paged KV cache (Triton; CUDA tensors, or CPU under TRITON_INTERPRET=1).
 
@@ -255,6 +306,12 @@ def paged_decode_attention(
     num_kv_heads, head_dim] strided views of one layer of the cache; block_tables: [num_seqs, max_blocks]
     int32; seq_lens: [num_seqs] int32, each ≥ 1 and ≤ max_seq_len. `max_seq_len` is a host-side bound used
     to size the context split (no device sync). Writes into `out` (shaped like q) when given; returns it.
+
+    `tiles` ([2, num_tile_slots] int32, same device; num_tile_slots ≤ num_seqs): row r of q reads the
+    first seq_lens[r] tokens of a sequence, and tile t groups tiles[1, t] rows from tiles[0, t] on (0:
+    an unused slot): at most `decode_rows_per_tile(group)` consecutive rows of one sequence, lengths
+    increasing, all read through the table of the tile's first row, which must cover the last row's
+    length. Every row belongs to exactly one tile. Without `tiles` each row is its own tile.
     """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs Triton, which is not installed")
@@ -262,6 +319,16 @@ def paged_decode_attention(
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
+    if tiles is not None:
+        if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[0] != 2:
+            raise ValueError(
+                f"tiles must be int32 [2, num_tile_slots], got {tiles.dtype} {tuple(tiles.shape)}"
+            )
+        if tiles.shape[1] > num_seqs or tiles.device != q.device or tiles.stride(1) != 1:
+            raise ValueError(
+                f"tiles must be contiguous rows of at most num_seqs={num_seqs} slots on {q.device}, "
+                f"got {tuple(tiles.shape)} on {tiles.device}"
+            )
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
@@ -290,12 +357,15 @@ def paged_decode_attention(
             (num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device
         )
         part_sum = torch.empty_like(part_max)
-    _paged_decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
+    tiled = tiles is not None
+    num_programs = tiles.shape[1] if tiled else num_seqs
+    _paged_decode_partial_kernel[(num_programs, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         seq_lens,
+        tiles if tiled else seq_lens,  # not read untiled
         part_out,
         part_max,
         part_sum,
@@ -309,13 +379,15 @@ def paged_decode_attention(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        tiles.stride(0) if tiled else 0,
         num_splits,
         GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        GROUP_PAD=_group_pad(group),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE_N=tile_n,
         DIRECT=direct,
+        TILED=tiled,
         num_warps=4,
         num_stages=2,
         **launch_kwargs(q),
@@ -335,6 +407,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         TILE_N=tile_n,
+        TILED=tiled,
         num_warps=4,
         **launch_kwargs(q),
     )
