@@ -1,7 +1,8 @@
 """The host side of the step graphs (engine/cuda_graph.py) on the CPU: every step the engine schedules
 (fresh prompts, chunks after a cached prefix, decodes, mixed) laid out as one graph row per new token,
 from the batch (single rank) and from StepInputs (tensor parallelism), both against rows written out
-by hand here. That the rows attend correctly is the GPU tests' part (test_engine_gpu_fast.py)."""
+by hand here, and the prompt-chunk graphs' attention tiles and work lists. That the rows attend
+correctly is the GPU tests' part (test_engine_gpu_fast.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pdserve.engine.cuda_graph import (
     GraphInputs,
     fill_rows_from_batch,
     fill_rows_from_inputs,
+    row_tiles,
     tile_kv_reads,
 )
 
@@ -49,22 +51,7 @@ def _rows_of(host: GraphInputs, num_rows: int) -> list[tuple[int, int, int, int,
     return rows
 
 
-def _expected_tiles(batch, rows_per_tile: int) -> list[tuple[int, int]]:
-    """(first row, number of rows) of each attention tile: a sequence's rows in groups."""
-    tiles, row = [], 0
-    for n in batch.num_new_tokens:
-        for start in range(0, n, rows_per_tile):
-            tiles.append((row + start, min(rows_per_tile, n - start)))
-        row += n
-    return tiles
-
-
-def _tiles_of(host: GraphInputs, num_tiles: int) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in zip(*host.tiles_np[:, :num_tiles], strict=True)]
-
-
-@pytest.mark.parametrize("rows_per_tile", [1, 4, 16])
-def test_every_scheduled_step_becomes_one_row_per_token(rows_per_tile):
+def test_every_scheduled_step_becomes_one_row_per_token():
     engine = LLMEngine(
         model="tiny",
         device="cpu",
@@ -81,25 +68,13 @@ def test_every_scheduled_step_becomes_one_row_per_token(rows_per_tile):
     def checked_run(batch, after_layer=None):
         expected = _expected_rows(batch)
         by_batch, by_inputs = _host(), _host()
-        cols_batch, tiles_batch = fill_rows_from_batch(by_batch, batch, BLOCK_SIZE, rows_per_tile)
+        cols_batch = fill_rows_from_batch(by_batch, batch, BLOCK_SIZE)
         inputs = runner.prepare_inputs(batch)
-        cols_inputs, tiles_inputs = fill_rows_from_inputs(
-            by_inputs, inputs, BLOCK_SIZE, rows_per_tile
-        )
+        cols_inputs = fill_rows_from_inputs(by_inputs, inputs, BLOCK_SIZE)
         assert _rows_of(by_batch, len(expected)) == expected
         assert _rows_of(by_inputs, len(expected)) == expected
         widest = max(len(row[4]) for row in expected)
         assert cols_batch == widest and cols_inputs >= widest
-        tiles = _expected_tiles(batch, rows_per_tile)
-        assert tiles_batch == tiles_inputs == len(tiles)
-        assert _tiles_of(by_batch, len(tiles)) == tiles == _tiles_of(by_inputs, len(tiles))
-        # each tile reads its last row's length; the step's sum is what the graphs' bound counts
-        reads = sum(expected[first + n - 1][3] for first, n in tiles)
-        starts = [seq.num_computed_tokens for seq in batch.seqs]
-        assert reads == sum(
-            tile_kv_reads(s, n, rows_per_tile)
-            for s, n in zip(starts, batch.num_new_tokens, strict=True)
-        )
         seen["steps"] += 1
         decode = [n == 1 for n in batch.num_new_tokens]
         seen["prefill_steps"] += not all(decode)
@@ -130,19 +105,49 @@ def test_rows_from_inputs_pad_nothing_past_the_step():
     assert np.all(host.tokens_np[2, 7:] == -1) and np.all(host.seq_lens_np[7:] == 1)
 
 
-def test_padding_rows_are_one_row_tiles_after_the_step_tiles():
-    """Every row belongs to one tile: the step's tiles, then one per padding row, then unused slots."""
-    host = _host()
-    host.tiles_np[:] = 7  # stale values from an earlier step
-    host.pad(10, 3)
-    pad = [(r, 1) for r in range(10, MAX_ROWS)]
-    assert _tiles_of(host, 3 + len(pad))[3:] == pad
-    assert np.all(host.tiles_np[:, 3 + len(pad) :] == 0)
-    host.pad(0)  # capture: every row its own tile
-    assert _tiles_of(host, MAX_ROWS) == [(r, 1) for r in range(MAX_ROWS)]
-
-
 @pytest.mark.parametrize("bad", [-1, -64])
 def test_negative_prefill_graph_budget_is_refused(bad):
     with pytest.raises(ValueError, match="cuda_graph_max_prefill_tokens must be >= 0"):
         EngineConfig(model="tiny", cuda_graph_max_prefill_tokens=bad)
+
+
+@pytest.mark.parametrize("rows_per_tile", [1, 4, 16])
+def test_row_tiles_group_each_sequences_rows(rows_per_tile):
+    counts = [1, 19, 3, 1, 16, 40]
+    expected, row = [], 0
+    for n in counts:
+        for start in range(0, n, rows_per_tile):
+            expected.append((row + start, min(rows_per_tile, n - start)))
+        row += n
+    tiles = row_tiles(np.array(counts), rows_per_tile)
+    assert [(int(a), int(b)) for a, b in zip(*tiles, strict=True)] == expected
+    # what the graphs' KV-read bound counts: each tile reads up to its last row's length
+    starts = [5, 0, 70, 9, 32, 100]
+    lens = [s + j + 1 for s, n in zip(starts, counts, strict=True) for j in range(n)]
+    reads = sum(lens[first + n - 1] for first, n in expected)
+    assert reads == sum(
+        tile_kv_reads(s, n, rows_per_tile) for s, n in zip(starts, counts, strict=True)
+    )
+
+
+def test_work_rows_of_a_prompt_chunk_graph_cover_every_row():
+    """Capture pads every row as its own one-split item; a step's plan keeps its items (pad with
+    keep_work); the layout of a decode graph has no work list."""
+    rows, slots = 8, 12
+    buffer = torch.zeros(GraphInputs.layout_nbytes(rows, MAX_BLOCKS, slots), dtype=torch.uint8)
+    host = GraphInputs(buffer, rows, MAX_BLOCKS, slots)
+    host.work_np[:] = 5
+    host.pad(0)
+    assert host.work_np[:, :rows].tolist() == [
+        list(range(rows)),
+        [1] * rows,
+        [0] * rows,
+        [1] * rows,
+    ]
+    assert np.all(host.work_np[1, rows:] == 0) and np.all(host.row_splits_np == 1)
+    host.work_np[:, 0] = (0, 3, 0, 2)
+    host.pad(3, keep_work=True)
+    assert host.work_np[:, 0].tolist() == [0, 3, 0, 2]
+    plain_bytes = torch.zeros(GraphInputs.layout_nbytes(rows, MAX_BLOCKS), dtype=torch.uint8)
+    plain = GraphInputs(plain_bytes, rows, MAX_BLOCKS)
+    assert plain.work.numel() == 0 and plain.row_splits.numel() == 0

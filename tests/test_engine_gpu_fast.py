@@ -105,7 +105,8 @@ def test_fast_path_greedy_equals_eager_torch_fp32(ckpt):
     fast = LLM(ckpt, attention_backend="triton", **kw)
     assert fast.engine.runner.decode_graphs is not None
     # decode graphs up to max_num_seqs; prompt-chunk graphs up to max_num_batched_tokens
-    assert fast.engine.runner.decode_graphs.batch_sizes == [1, 2, 4, 6, 8, 16, 32, 40]
+    assert fast.engine.runner.decode_graphs.batch_sizes == [1, 2, 4, 6]
+    assert fast.engine.runner.decode_graphs.prefill_sizes == [2, 4, 8, 16, 32, 40]
     for _ in range(2):
         a = [o.token_ids for o in ref.generate(PROMPTS, params)]
         b = [o.token_ids for o in fast.generate(PROMPTS, params)]
@@ -254,7 +255,8 @@ def test_prefill_graph_logits_close_to_eager_torch_bf16(ckpt):
     assert graphs.can_run(batch)
     # rows read 25..41 and 1..3 tokens; a tile of rows reads up to its last row's length
     p = graphs.rows_per_tile
-    assert p == 8  # 2 q heads per kv head fill 16 matmul rows
+    mc = engine.model_config
+    assert p == 16 // (mc.num_attention_heads // mc.num_key_value_heads)  # 16 matmul rows
     kv_reads = sum(min(24 + s + p, 41) for s in range(0, 17, p)) + 3
     graphs.max_prefill_kv_reads = kv_reads - 1
     assert not graphs.can_run(batch)  # past the bound the step runs eagerly

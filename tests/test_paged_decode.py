@@ -3,12 +3,14 @@ Triton is installed, on the CPU through Triton's interpreter in a subprocess."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from pdserve.ops.paged_decode import paged_decode_reference
@@ -71,8 +73,8 @@ def test_paged_decode_matches_reference_gpu(case, dtype):
 def _make_tiled_case(chunks, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, seed):
     """Rows of prompt chunks as the step CUDA graphs lay them out: chunk (prefix, n) is n rows of one
     sequence, row j reading prefix + j + 1 tokens through the sequence's table; tiles of at most
-    decode_rows_per_tile rows per chunk, then two padding rows (length 1, block 0) as one-row tiles and
-    two unused tile slots. Returns q, k, v, row tables, row lengths, tiles."""
+    decode_rows_per_tile rows per chunk, then two padding rows (length 1, block 0) as one-row tiles.
+    Returns q, k, v, row tables, row lengths, tiles (numpy [2, num_tiles])."""
     from pdserve.ops.paged_decode import decode_rows_per_tile
 
     g = torch.Generator().manual_seed(seed)
@@ -92,21 +94,24 @@ def _make_tiled_case(chunks, num_q_heads, num_kv_heads, head_dim, block_size, dt
         tiles.append((len(lens), 1))
         tables.append([0] * max_blocks)
         lens.append(1)
-    num_rows = len(lens)
-    tiles += [(0, 0)] * min(2, num_rows - len(tiles))  # unused slots
     kv = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
-    q = torch.randn(num_rows, num_q_heads, head_dim, generator=g).to(dtype)
-    tiles_t = torch.tensor(tiles, dtype=torch.int32).t().contiguous()
-    tables_t = torch.tensor(tables, dtype=torch.int32)
-    lens_t = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), num_q_heads, head_dim, generator=g).to(dtype)
     kv = kv.to(device)
-    return (
-        q.to(device),
-        kv[:, 0],
-        kv[:, 1],
-        tables_t.to(device),
-        lens_t.to(device),
-        tiles_t.to(device),
+    tables_t = torch.tensor(tables, dtype=torch.int32).to(device)
+    lens_t = torch.tensor(lens, dtype=torch.int32).to(device)
+    return q.to(device), kv[:, 0], kv[:, 1], tables_t, lens_t, np.array(tiles, dtype=np.int64).T
+
+
+def _work(tiles, lens, num_slots, max_splits, programs_per_kv_head, tile_n, device):
+    """DecodeWork of the tiles (plan_decode_work) in num_slots slots, unused ones after the plan."""
+    from pdserve.ops.paged_decode import DecodeWork, plan_decode_work
+
+    items = np.full((4, num_slots), 7, dtype=np.int32)  # stale values: the plan overwrites
+    row_splits = np.zeros(len(lens), dtype=np.int32)
+    tile_lens = np.asarray(lens.cpu())[tiles[0] + tiles[1] - 1]
+    plan_decode_work(items, row_splits, tiles, tile_lens, max_splits, programs_per_kv_head, tile_n)
+    return DecodeWork(
+        torch.from_numpy(items).to(device), torch.from_numpy(row_splits).to(device), max_splits
     )
 
 
@@ -119,23 +124,24 @@ TILED_CASES = [
 ]
 
 
-def _check_tiled(case, dtype, device, max_err, num_sms=None):
-    from pdserve.ops.paged_decode import paged_decode_attention
+def _check_tiled(case, dtype, device, max_err):
+    """Work lists of one split per tile (the output written directly), of several, and of more
+    splits than the tiles' contexts fill, against one reference row per query."""
+    from pdserve.ops.paged_decode import paged_decode_attention, tile_n_for
 
     chunks, hq, hkv, d, bs = case
-    q, k, v, bt, lens, tiles = _make_tiled_case(
-        chunks, hq, hkv, d, bs, dtype, device, seed=len(chunks)
-    )
+    q, k, v, bt, lens, tiles = _make_tiled_case(chunks, hq, hkv, d, bs, dtype, device, len(chunks))
     ref = paged_decode_reference(q.float(), k.float(), v.float(), bt, lens, d**-0.5)
-    longest = max(p + n for p, n in chunks)
-    for max_seq_len in (longest, 8 * longest):  # 8x: more splits than a tile's context fills
+    num_rows, num_tiles = q.shape[0], tiles.shape[1]
+    tile_n = tile_n_for(d, bs)
+    for max_splits, per_head in ((1, 1), (4, 4 * num_tiles), (64, 64 * num_tiles)):
+        slots = max(num_rows, per_head) + 3  # unused slots after the plan
+        work = _work(tiles, lens, slots, max_splits, per_head, tile_n, device)
         out = torch.full_like(q, float("nan"))
-        paged_decode_attention(
-            q, k, v, bt, lens, d**-0.5, max_seq_len, out=out, num_sms=num_sms, tiles=tiles
-        )
-        assert not torch.isnan(out).any(), (case, max_seq_len)
+        paged_decode_attention(q, k, v, bt, lens, d**-0.5, 0, out=out, work=work)
+        assert not torch.isnan(out).any(), (case, max_splits)
         err = _rel_err(out, ref)
-        assert err < max_err, (case, max_seq_len, err)
+        assert err < max_err, (case, max_splits, err)
 
 
 @pytest.mark.gpu
@@ -148,15 +154,42 @@ def test_tiled_rows_match_reference_gpu(case, dtype):
     _check_tiled(case, dtype, "cuda", 2e-2)
 
 
-def test_tiled_rows_are_checked():
+def test_work_plan_splits_tiles_evenly_within_its_bounds():
+    from pdserve.ops.paged_decode import plan_decode_work
+
+    tiles = np.array([[0, 16, 20], [16, 4, 1]])  # 16 rows, 4 rows, 1 row
+    lens = np.array([400, 40, 1000])
+    items = np.full((4, 12), 9, dtype=np.int32)
+    row_splits = np.zeros(21, dtype=np.int32)
+    # 8 programs per kv head over 3 tiles: 2 splits each (the 40-token tile fills 2 x 32 tokens)
+    assert plan_decode_work(items, row_splits, tiles, lens, 8, 8, 32) == 6
+    assert items[:, :6].tolist() == [
+        [0, 0, 16, 16, 20, 20],
+        [16, 16, 4, 4, 1, 1],
+        [0, 1, 0, 1, 0, 1],
+        [2, 2, 2, 2, 2, 2],
+    ]
+    assert np.all(items[1, 6:] == 0)  # unused slots
+    assert row_splits.tolist() == [2] * 21
+    # max_splits caps; a tile never splits finer than one tile_n of its context
+    assert plan_decode_work(items, row_splits, tiles, lens, 3, 100, 32) == 3 + 2 + 3
+    assert items[3, :8].tolist() == [3, 3, 3, 2, 2, 3, 3, 3]
+    assert row_splits.tolist() == [3] * 16 + [2] * 4 + [3]
+    with pytest.raises(ValueError, match="do not fit"):
+        plan_decode_work(items[:, :5], row_splits, tiles, lens, 3, 100, 32)
+
+
+def test_work_list_is_checked():
     from pdserve.ops.paged_decode import paged_decode_attention
 
     q, k, v, bt, lens, tiles = _make_tiled_case([(3, 4)], 4, 4, 16, 4, torch.float32, "cpu", 0)
-    with pytest.raises(ValueError, match="tiles must be int32"):
-        paged_decode_attention(q, k, v, bt, lens, 0.25, 8, tiles=tiles.long())
-    with pytest.raises(ValueError, match="at most num_seqs"):
-        wide = torch.zeros(2, q.shape[0] + 1, dtype=torch.int32)
-        paged_decode_attention(q, k, v, bt, lens, 0.25, 8, tiles=wide)
+    work = _work(tiles, lens, 8, 2, 2, 32, "cpu")
+    with pytest.raises(ValueError, match="work items must be int32"):
+        bad = dataclasses.replace(work, items=work.items.long())
+        paged_decode_attention(q, k, v, bt, lens, 0.25, 8, work=bad)
+    with pytest.raises(ValueError, match="row_splits must be int32"):
+        bad = dataclasses.replace(work, row_splits=work.row_splits[:-1])
+        paged_decode_attention(q, k, v, bt, lens, 0.25, 8, work=bad)
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
@@ -175,9 +208,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             )
             err = _rel_err(out, ref)
             assert err < 1e-4, (case, max_seq_len, err)
-    for case in TILED_CASES:  # one split (the output written directly), then several
-        for num_sms in (4, 256):
-            _check_tiled(case, torch.float32, "cpu", 1e-4, num_sms=num_sms)
+    for case in TILED_CASES:
+        _check_tiled(case, torch.float32, "cpu", 1e-4)
     print("OK")
     """
 )

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from pdserve.ops.paged_decode import DecodeWork
 
 
 @dataclass
@@ -51,9 +55,9 @@ class KernelInputs:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32: KV length of each sequence after this step
     max_seq_len: int  # host bound on seq_lens: sizes the decode kernel's context split
-    # [2, num_tile_slots] int32 or None: the decode kernel's row tiles (ops/paged_decode.py); a
-    # CUDA graph's prompt-chunk rows read their context once per tile
-    tiles: torch.Tensor | None = None
+    # the decode kernel's work list (ops/paged_decode.py DecodeWork) or None: a prompt-chunk CUDA
+    # graph's rows read their context once per tile of rows
+    work: DecodeWork | None = None
 
 
 @dataclass
@@ -242,7 +246,7 @@ class TritonPagedAttention(TorchPagedAttention):
                 self.scale,
                 ki.max_seq_len,
                 out=out,
-                tiles=ki.tiles,
+                work=ki.work,
             )
             return out.view(num_tokens, -1)
         self._mixed(q, k, v, k_cache, v_cache, meta, ki, out)

@@ -230,7 +230,9 @@ class ModelRunner:
             max_decode_rows,
             self.device,
             max_prefill_tokens=max_prefill_rows,
+            num_kv_heads=max(1, mc.num_key_value_heads // self.tp_size),
             group=mc.num_attention_heads // mc.num_key_value_heads,
+            head_dim=mc.head_dim,
         )
 
     def _graph_rows(self) -> tuple[int, int]:

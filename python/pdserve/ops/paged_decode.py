@@ -1,10 +1,12 @@
 """Paged decode attention (flash-decoding) in Triton: one query token per sequence reads K/V straight
 from the paged KV cache through its block table, split over the context so long sequences fill the GPU.
 
-Tiled mode (`tiles=`): a program takes a tile of up to `decode_rows_per_tile(group)` consecutive query
-rows of one sequence (a prompt chunk replayed through the step CUDA graphs, each row attending causally
-to its own length), so the chunk's context is read once per tile instead of once per row. The tile's
-rows fill the matmul rows a lone decode query pads to 16 anyway: a decode step costs the same.
+Work-list mode (`work=`, `DecodeWork`): a program takes one split of a tile of up to
+`decode_rows_per_tile(group)` consecutive query rows of one sequence (a prompt chunk replayed through
+the step CUDA graphs, each row attending causally to its own length), so the chunk's context is read
+once per tile instead of once per row, and each tile is split as finely as the step's tile count
+allows (`plan_decode_work`: the grid is fixed when a graph is captured, the plan is not). The tile's
+rows fill the matmul rows a lone decode query pads to 16 anyway.
 
 Why split-K: at batch 1 a single program per (sequence, KV head) would leave most SMs idle; splitting the
 context into partitions and reducing the partial softmax states in a second kernel keeps the read rate
@@ -17,7 +19,9 @@ num_kv_heads, head_dim]` (V the same shape); only the last dimension must be con
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdserve.ops.paged_prefill import paged_prefill_reference
@@ -65,7 +69,7 @@ if triton is not None:
         v_ptr,  # same shape and strides as k
         block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
         seq_lens_ptr,  # [num_seqs] int32
-        tiles_ptr,  # TILED: [2, num_programs(0)] int32, first row and number of rows (0: no tile)
+        work_ptr,  # WORK: [4, num_programs(0)] int32: first row, rows (0: none), split, splits
         part_out_ptr,  # [num_seqs, num_q_heads, num_splits, HEAD_DIM] fp32
         part_max_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
         part_sum_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
@@ -79,33 +83,34 @@ if triton is not None:
         stride_bt_seq,
         stride_out_seq,
         stride_out_head,
-        stride_tiles,
-        num_splits,
+        stride_work,
+        num_splits,  # the partials' split stride (WORK: the most splits of any tile)
         GROUP: tl.constexpr,  # q heads per kv head
-        GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 for tl.dot; TILED: rows x GROUP, padded
+        GROUP_PAD: tl.constexpr,  # GROUP padded to >= 16 for tl.dot; WORK: rows x GROUP, padded
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,  # tokens per KV block
         TILE_N: tl.constexpr,  # tokens per inner iteration (a multiple of BLOCK_SIZE)
         DIRECT: tl.constexpr,  # one split: the normalized output straight to out (no reduce kernel)
-        TILED: tl.constexpr,  # program 0-index = a tile of rows (tiles_ptr), else one row
+        WORK: tl.constexpr,  # program 0-index = a work item (a split of a tile of rows), else a row
         USE_PDL: tl.constexpr,
     ):
         if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         kv_head = tl.program_id(1)
-        split_idx = tl.program_id(2)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_DIM)
         offs_n = tl.arange(0, TILE_N)
 
-        if TILED:
+        if WORK:
             # matmul row m = (row m // GROUP of the tile, q head m % GROUP of this kv head)
-            tile = tl.program_id(0)
-            first_row = tl.load(tiles_ptr + tile)
-            num_rows = tl.load(tiles_ptr + stride_tiles + tile)
+            item = tl.program_id(0)
+            first_row = tl.load(work_ptr + item)
+            num_rows = tl.load(work_ptr + stride_work + item)
             if num_rows == 0:
                 return
+            split_idx = tl.load(work_ptr + 2 * stride_work + item)
+            tile_splits = tl.load(work_ptr + 3 * stride_work + item)
             rows = first_row + offs_g // GROUP  # [GROUP_PAD]
             mask_g = (offs_g // GROUP < num_rows) & (offs_g < (GROUP_PAD // GROUP) * GROUP)
             q_heads = kv_head * GROUP + offs_g % GROUP
@@ -123,7 +128,9 @@ if triton is not None:
             table_row = seq_idx
             q_offs = seq_idx * stride_q_seq
             out_row_offs = seq_idx * stride_out_seq
-        tokens_per_split = _tokens_per_split(seq_len, num_splits, TILE_N)
+            split_idx = tl.program_id(2)
+            tile_splits = num_splits
+        tokens_per_split = _tokens_per_split(seq_len, tile_splits, TILE_N)
         split_start = split_idx * tokens_per_split
         split_end = tl.minimum(split_start + tokens_per_split, seq_len)
 
@@ -153,7 +160,7 @@ if triton is not None:
             )
             k = tl.load(k_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k))  # [GROUP_PAD, TILE_N]
-            if TILED:  # causal: row r reads its first row_lens[r] tokens; a row may see none here
+            if WORK:  # causal: row r reads its first row_lens[r] tokens; a row may see none here
                 seen = mask_n[None, :] & (tok[None, :] < row_lens[:, None])
                 scores = tl.where(seen, scores, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -189,6 +196,7 @@ if triton is not None:
         part_sum_ptr,  # [num_seqs, num_q_heads, num_splits] fp32
         out_ptr,  # [num_seqs, num_q_heads, HEAD_DIM]
         seq_lens_ptr,
+        row_splits_ptr,  # WORK: [num_seqs] int32, splits of each row's tile
         stride_out_seq,
         stride_out_head,
         num_q_heads,
@@ -196,7 +204,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         SPLITS_PAD: tl.constexpr,
         TILE_N: tl.constexpr,
-        TILED: tl.constexpr,  # every split was written (a tile's split need not cover this row)
+        WORK: tl.constexpr,  # the row's number of splits from row_splits_ptr
         USE_PDL: tl.constexpr,
     ):
         if USE_PDL:  # see pdserve.ops.pdl: nothing below reads or writes before the wait
@@ -204,8 +212,8 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         seq_idx = tl.program_id(0)
         head = tl.program_id(1)
-        if TILED:
-            num_used = num_splits
+        if WORK:  # every split of the row's tile was written (one may not cover this row: weight 0)
+            num_used = tl.load(row_splits_ptr + seq_idx)
         else:
             seq_len = tl.load(seq_lens_ptr + seq_idx)
             num_used = tl.cdiv(seq_len, _tokens_per_split(seq_len, num_splits, TILE_N))
@@ -239,6 +247,64 @@ def decode_rows_per_tile(group: int) -> int:
     """Query rows one tiled program takes (group: q heads per kv head): as many as fill its matmul
     rows, so a tile of n rows costs what one decode row does (16 at group 1, 4 at group 4)."""
     return _group_pad(group) // group
+
+
+def tile_n_for(head_dim: int, block_size: int) -> int:
+    """Context tokens one inner iteration of the decode kernel reads (the unit of its splits)."""
+    return max(32, block_size) if head_dim <= 128 else max(16, block_size)
+
+
+def wanted_programs(num_sms: int) -> int:
+    """Programs per kv head that cover the SMs about 4 times."""
+    return 4 * num_sms
+
+
+@dataclass
+class DecodeWork:
+    """The work list of the decode kernel's work-list mode: item w is split items[2, w] of the
+    items[3, w] splits of the tile of items[1, w] rows from row items[0, w] (0 rows: an unused
+    slot). row_splits[r] is the number of splits of row r's tile; max_splits (≥ every tile's
+    splits) is the partials' stride. Built by `plan_decode_work`; in a CUDA graph the two tensors are
+    static buffers refilled before each replay."""
+
+    items: torch.Tensor  # [4, num_slots] int32, device
+    row_splits: torch.Tensor  # [num_rows] int32, device
+    max_splits: int
+
+
+def plan_decode_work(
+    items: np.ndarray,
+    row_splits: np.ndarray,
+    tiles: np.ndarray,
+    tile_lens: np.ndarray,
+    max_splits: int,
+    programs_per_kv_head: int,
+    tile_n: int,
+) -> int:
+    """Fills `items` ([4, num_slots] int32) and `row_splits` ([num_rows] int32) for tiles ([2,
+    num_tiles]: first row, number of rows; tile_lens: the tokens each reads): every tile gets the same
+    number of splits, as many as keep about programs_per_kv_head programs busy, at most max_splits
+    and at most one per tile_n tokens it reads. Needs num_slots ≥ max(num_tiles,
+    programs_per_kv_head). Slots past the plan are marked unused; returns the number of items."""
+    num_tiles = tiles.shape[1]
+    if num_tiles == 0:
+        items[1, :] = 0
+        return 0
+    splits = np.clip(
+        -(-tile_lens // tile_n), 1, max(1, min(max_splits, programs_per_kv_head // num_tiles))
+    )
+    num_items = int(splits.sum())
+    if num_items > items.shape[1]:
+        raise ValueError(f"{num_items} work items do not fit {items.shape[1]} slots")
+    first_item = np.cumsum(splits) - splits
+    items[0, :num_items] = np.repeat(tiles[0], splits)
+    items[1, :num_items] = np.repeat(tiles[1], splits)
+    items[2, :num_items] = np.arange(num_items) - np.repeat(first_item, splits)
+    items[3, :num_items] = np.repeat(splits, splits)
+    items[1, num_items:] = 0
+    num_rows = int(tiles[1].sum())
+    row_splits[:num_rows] = np.repeat(splits, tiles[1])
+    return num_items
 
 
 def _check_inputs(
@@ -298,7 +364,7 @@ def paged_decode_attention(
     max_seq_len: int,
     out: torch.Tensor | None = None,
     num_sms: int | None = None,
-    tiles: torch.Tensor | None = None,
+    work: DecodeWork | None = None,
 ) -> torch.Tensor:
     """Decode attention over the paged KV cache (Triton; CUDA tensors, or CPU under TRITON_INTERPRET=1).
 
@@ -307,11 +373,12 @@ def paged_decode_attention(
     int32; seq_lens: [num_seqs] int32, each ≥ 1 and ≤ max_seq_len. `max_seq_len` is a host-side bound used
     to size the context split (no device sync). Writes into `out` (shaped like q) when given; returns it.
 
-    `tiles` ([2, num_tile_slots] int32, same device; num_tile_slots ≤ num_seqs): row r of q reads the
-    first seq_lens[r] tokens of a sequence, and tile t groups tiles[1, t] rows from tiles[0, t] on (0:
-    an unused slot): at most `decode_rows_per_tile(group)` consecutive rows of one sequence, lengths
-    increasing, all read through the table of the tile's first row, which must cover the last row's
-    length. Every row belongs to exactly one tile. Without `tiles` each row is its own tile.
+    `work` (see DecodeWork, tensors on q's device): row r of q reads the first seq_lens[r] tokens of a
+    sequence, and the rows come in tiles of at most `decode_rows_per_tile(group)` consecutive rows of
+    one sequence, lengths increasing, all read through the table of the tile's first row (which
+    must cover the last row's length). Every row belongs to exactly one tile, and every split of
+    every tile to one work item. Without `work` each row is its own tile, split as `max_seq_len` and
+    the SM count suggest.
     """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs Triton, which is not installed")
@@ -319,30 +386,39 @@ def paged_decode_attention(
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
-    if tiles is not None:
-        if tiles.dtype != torch.int32 or tiles.dim() != 2 or tiles.shape[0] != 2:
+    if work is not None:
+        items, row_splits = work.items, work.row_splits
+        if items.dtype != torch.int32 or items.dim() != 2 or items.shape[0] != 4:
             raise ValueError(
-                f"tiles must be int32 [2, num_tile_slots], got {tiles.dtype} {tuple(tiles.shape)}"
+                f"work items must be int32 [4, num_slots], got {items.dtype} {tuple(items.shape)}"
             )
-        if tiles.shape[1] > num_seqs or tiles.device != q.device or tiles.stride(1) != 1:
+        if row_splits.dtype != torch.int32 or row_splits.shape != (num_seqs,):
             raise ValueError(
-                f"tiles must be contiguous rows of at most num_seqs={num_seqs} slots on {q.device}, "
-                f"got {tuple(tiles.shape)} on {tiles.device}"
+                f"row_splits must be int32 [{num_seqs}], got {row_splits.dtype} "
+                f"{tuple(row_splits.shape)}"
             )
+        if {items.device, row_splits.device} != {q.device} or items.stride(1) != 1:
+            raise ValueError(f"work items must be contiguous rows on {q.device}")
+        if work.max_splits < 1:
+            raise ValueError(f"work.max_splits must be >= 1, got {work.max_splits}")
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
 
-    tile_n = max(32, block_size) if head_dim <= 128 else max(16, block_size)
-    # Enough programs to cover the SMs about 4 times, at most one split per tile of the longest context
-    # (a split of one tile is the quickest for short contexts: its few dependent loads run in parallel).
-    sms = num_sms or (
-        torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-    )
-    wanted_splits = max(1, (4 * sms) // max(1, num_seqs * num_kv_heads))
-    max_splits = max(1, math.ceil(max_seq_len / tile_n))
-    num_splits = min(wanted_splits, max_splits, 128)
+    tile_n = tile_n_for(head_dim, block_size)
+    if work is not None:
+        num_splits = work.max_splits
+    else:
+        # Enough programs to cover the SMs about 4 times, at most one split per tile of the longest
+        # context (a split of one tile is the quickest for short contexts: its few dependent loads
+        # run in parallel).
+        sms = num_sms or (
+            torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        )
+        wanted_splits = max(1, wanted_programs(sms) // max(1, num_seqs * num_kv_heads))
+        max_splits = max(1, math.ceil(max_seq_len / tile_n))
+        num_splits = min(wanted_splits, max_splits, 128)
     # the kernels split each sequence's own length (_tokens_per_split); max_seq_len only bounds the
     # number of splits worth launching
 
@@ -357,15 +433,17 @@ def paged_decode_attention(
             (num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device
         )
         part_sum = torch.empty_like(part_max)
-    tiled = tiles is not None
-    num_programs = tiles.shape[1] if tiled else num_seqs
-    _paged_decode_partial_kernel[(num_programs, num_kv_heads, num_splits)](
+    listed = work is not None
+    grid = (
+        (work.items.shape[1], num_kv_heads, 1) if listed else (num_seqs, num_kv_heads, num_splits)
+    )
+    _paged_decode_partial_kernel[grid](
         q,
         k_cache,
         v_cache,
         block_tables,
         seq_lens,
-        tiles if tiled else seq_lens,  # not read untiled
+        work.items if listed else seq_lens,  # not read without a work list
         part_out,
         part_max,
         part_sum,
@@ -379,7 +457,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
-        tiles.stride(0) if tiled else 0,
+        work.items.stride(0) if listed else 0,
         num_splits,
         GROUP=group,
         GROUP_PAD=_group_pad(group),
@@ -387,7 +465,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         TILE_N=tile_n,
         DIRECT=direct,
-        TILED=tiled,
+        WORK=listed,
         num_warps=4,
         num_stages=2,
         **launch_kwargs(q),
@@ -400,6 +478,7 @@ def paged_decode_attention(
         part_sum,
         out,
         seq_lens,
+        work.row_splits if listed else seq_lens,  # not read without a work list
         out.stride(0),
         out.stride(1),
         num_q_heads,
@@ -407,7 +486,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         TILE_N=tile_n,
-        TILED=tiled,
+        WORK=listed,
         num_warps=4,
         **launch_kwargs(q),
     )
