@@ -218,9 +218,9 @@ class EngineConfig:
         128  # decode batches up to min(this, max_num_seqs) replay graphs
     )
     # steps with prompt chunks of at most this many tokens in all (and max_num_batched_tokens) replay
-    # graphs too, one row per token, while their rows read little KV (cuda_graph.py); sizes past the
-    # decode graphs' are captured for them. 0: such steps run eagerly
-    cuda_graph_max_prefill_tokens: int = 256  # 512 fresh rows already read past the KV bound
+    # graphs of their own, one row per token, while their attention tiles read little KV
+    # (cuda_graph.py). 0: such steps run eagerly
+    cuda_graph_max_prefill_tokens: int = 512
     # --worker-use-ray: start the workers as Ray tasks (Ray must be installed) instead of multiprocessing
     worker_use_ray: bool = False
     # tensor parallelism on GPUs of one machine: the model's all-reduce / logits gather go through the

@@ -49,11 +49,11 @@ if TYPE_CHECKING:
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # A step with prompt chunks replays a graph only while its tiles read at most this many KV tokens in
-# all (a tile reads its last row's length: `tile_kv_reads`): ~100-120 ns per token read (llama-2-7b,
-# H100, bench/bench_short_prefill.py) against an eager step's ~15-25 ms of host time. Seen there at
-# 881a06e (tiles of 16 rows), replayed vs eager: 512 new tokens after a 3,072-token prefix (107 K tile
-# reads) 25.0 vs 28.8 ms, 512 fresh (8 K) 13.5 vs 14.8 ms.
-MAX_PREFILL_KV_READS = 128 * 1024
+# all (a tile reads its last row's length: `tile_kv_reads`), against an eager step's ~13-25 ms of host
+# time. Seen at 99cb257 (llama-2-7b, H100, bench/bench_short_prefill.py --ignore-kv-reads), replayed
+# vs eager: 512 new tokens after a 3,072-token prefix (107 K tile reads) 24.6 vs 21.6 ms; 256 after it
+# (51 K) 14.7 vs 19.3 ms; 512 after 1,024 (41 K) 16.9 vs 24.4 ms.
+MAX_PREFILL_KV_READS = 64 * 1024
 
 
 class GraphKey(NamedTuple):
@@ -304,6 +304,7 @@ class DecodeGraphs:
         self.graphs[key].replay()
         return self.outputs[key]
 
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [batch.num_tokens, vocab] fp32, one row per new token in batch order (a view into
         the static output; computed outside the graph for the prompt-chunk graphs)."""
