@@ -345,6 +345,14 @@ STOP_BODIES = {
 }
 
 
+def assert_requests_ended(urls: list[str]) -> None:
+    """Now, no request runs, waits, or holds a reservation or a pinned prefill on any of `urls`. A
+    back-transfer (dcache) may still be under way, off the response path: settle_and_check waits for it."""
+    keys = ("num_running", "num_waiting", "num_reservations", "num_pinned_prefills", "num_pinned")
+    held = {(url, key): n for url in urls for key, n in stats(url).items() if key in keys and n}
+    assert not held, held
+
+
 def _choice_text(choice: dict) -> str:
     """The text of a reply's or a chunk's choice, completions or chat."""
     if "text" in choice:
@@ -393,7 +401,8 @@ def test_stop_string_ends_the_text_and_the_request(cluster, name, path):
     assert (_choice_text(choice), choice["finish_reason"]) == (want_text, "stop")
     assert choice["token_ids"] == want_ids
     assert out["usage"]["completion_tokens"] == len(want_ids)
-    settle_and_check(instances, timeout=0)  # aborted and released before the reply went out
+    assert_requests_ended(instances)  # aborted and released before the reply went out
+    settle_and_check(instances)  # and the back-transfer (cluster L's dcache) after it
 
     events = sse_events(
         f"{url}{path}",
@@ -405,7 +414,7 @@ def test_stop_string_ends_the_text_and_the_request(cluster, name, path):
     assert "".join(_choice_text(c) for c in chunks) == want_text
     assert [t for c in chunks for t in c["token_ids"]] == want_ids
     assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
-    settle_and_check(instances, timeout=0)  # before [DONE]
+    assert_requests_ended(instances)  # before [DONE]
     # ended at the stop, not at max_tokens: the two requests would have generated 2,000 tokens; how
     # many come after the stop before the abort lands depends on the machine's speed (340 seen)
     generated = sum(stats(u)["num_generated_tokens"] for u in instances) - generated_before
@@ -459,6 +468,105 @@ def test_streamed_text_never_shows_the_start_of_a_stop_string(cluster):
     # one ASCII character per token: without the hold-back, chunks would end after stop[:1], stop[:2]
     num_chars_sent = set(itertools.accumulate(len(text) for text in texts))
     assert not num_chars_sent & {len(want_text) + 1, len(want_text) + 2}, texts
+
+
+def _stop_after(
+    url: str, prompts: list[list[int]], min_tokens: int, length: int = 3
+) -> tuple[list[int], str, list[int]]:
+    """(the first of `prompts` whose greedy answer on `url` has one, a stop string that this answer
+    first completes at token `min_tokens` or later, the tokens up to the one that completes it). The
+    stop string is `length` ASCII characters in a row; the random model often loops, so an answer may
+    have none that shows up that late."""
+    tokenizer = Tokenizer.byte_level()
+    for prompt in prompts:
+        ref = complete(url, prompt, max_tokens=min_tokens + 80)["choices"][0]
+        text, ids = ref["text"], ref["token_ids"]
+        for start in range(len(text) - length + 1):
+            stop = text[start : start + length]
+            if not all(ord(c) < 128 for c in stop):
+                continue
+            num_tokens = next(
+                k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:k])
+            )
+            if num_tokens >= min_tokens:
+                return prompt, stop, ids[:num_tokens]
+    raise AssertionError(f"no answer completes {length} ASCII characters after {min_tokens} tokens")
+
+
+def _wait_for_kv_sent(url: str, since: int, timeout: float = 10.0) -> int:
+    """Bytes `url` sent since its `kv_bytes_sent` was `since`, once it sent any (D sends only dcache)."""
+    deadline = time.monotonic() + timeout
+    while (sent := stats(url)["kv_bytes_sent"] - since) == 0:
+        assert time.monotonic() < deadline, "no KV went back to the prefill instance"
+        time.sleep(0.05)
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_after_decode_still_sends_the_kv_back(cluster, stream):
+    """A stop string ends the request on D (aborted: D's tree keeps the blocks it computed), and the
+    back-transfer (dcache) still brings the answer's whole blocks to P: the next turn, the prompt plus
+    the answer, finds them in P's cache."""
+    lay = cluster["layer"]
+    # prompts of 2 whole blocks + 8 tokens, others for each case (P's cache must not hold the answer)
+    candidates = [[(i * 19 + a) % 250 for i in range(40)] for a in range(stream, 40, 2)]
+    # the reference answer from the colocated instance (same weights): P's cache stays without it
+    turn1, stop, want_ids = _stop_after(cluster["colo"], candidates, min_tokens=2 * BS + 4)
+    info = http_json(f"{lay.prefill}/internal/v1/info")["layout"]
+    block_nbytes = info["num_layers"] * info["piece_nbytes"]
+    sent0 = stats(lay.decode)["kv_bytes_sent"]
+
+    body = {"prompt": turn1, "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    if stream:
+        events = sse_events(f"{lay.url}/v1/completions", {**body, "stop": stop, "stream": True})
+        chunks = [e["choices"][0] for e in events[:-1]]
+        got_ids = [t for c in chunks for t in c["token_ids"]]
+        finish_reason = chunks[-1]["finish_reason"]
+    else:
+        choice = http_json(f"{lay.url}/v1/completions", {**body, "stop": stop})["choices"][0]
+        got_ids, finish_reason = choice["token_ids"], choice["finish_reason"]
+    assert (got_ids, finish_reason) == (want_ids, "stop")
+    assert_requests_ended(lay.instances)  # the back-transfer stays off the response path
+
+    # D holds KV for every token it took in (the scheduler saw at least the ones up to the stop)
+    num_tokens = len(turn1) + len(want_ids)
+    num_prompt_cached = len(turn1) // BS * BS  # what P's own prefill left in its tree
+    sent = _wait_for_kv_sent(lay.decode, sent0)
+    assert sent % block_nbytes == 0
+    assert sent // block_nbytes >= (num_tokens - 1) // BS - len(turn1) // BS >= 2
+    settle_and_check(lay.instances)
+
+    turn2 = turn1 + want_ids + [(i * 7 + 5) % 250 for i in range(10)]
+    before = stats(lay.prefill)["num_prefill_computed_tokens"]
+    usage = complete(lay.url, turn2, max_tokens=4)["usage"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert (num_tokens - 1) // BS * BS <= cached <= num_tokens // BS * BS
+    assert cached >= num_prompt_cached + 2 * BS  # the answer's blocks, not only the prompt's
+    assert stats(lay.prefill)["num_prefill_computed_tokens"] - before == len(turn2) - cached
+
+
+def test_client_leaving_mid_answer_sends_no_kv_back(cluster):
+    """The client leaves mid-stream: the request ends on both sides and nothing goes back to P, so
+    the next turn finds only the prompt's blocks in P's cache."""
+    lay = cluster["layer"]
+    turn1 = [(i * 23 + 17) % 250 for i in range(40)]
+    sent0 = stats(lay.decode)["kv_bytes_sent"]
+    body = {"prompt": turn1, "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    got_ids: list[int] = []
+    with open_stream(f"{lay.url}/v1/completions", {**body, "stream": True}) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: {"):
+                got_ids += json.loads(line[len("data: ") :])["choices"][0]["token_ids"]
+            if len(got_ids) >= 2 * BS + 4:
+                break  # the client leaves mid-answer
+    settle_and_check(lay.instances, timeout=15)
+    time.sleep(0.5)  # a back-transfer, had one started, would have sent by now
+    settle_and_check(lay.instances)
+    assert stats(lay.decode)["kv_bytes_sent"] == sent0
+    turn2 = turn1 + got_ids + [(i * 7 + 5) % 250 for i in range(10)]
+    usage = complete(lay.url, turn2, max_tokens=4)["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(turn1) // BS * BS
 
 
 def test_bad_stop_strings_get_400_naming_the_field(cluster):

@@ -1,14 +1,15 @@
 """Turns a stream of generated token ids into an OpenAI response (SSE or one JSON), for instances and scheduler.
 
 The producer is an async generator of `TokenDelta`s; the renderer detokenizes incrementally, cuts the
-text at the request's stop strings (then closes the producer, which ends the request where it runs),
-writes SSE chunks (then an optional usage chunk and `data: [DONE]`) or one JSON body, and records TTFT/TPOT.
+text at the request's stop strings (then tells the caller through `on_stop` and closes the producer,
+which ends the request where it runs), writes SSE chunks (then an optional usage chunk and
+`data: [DONE]`) or one JSON body, and records TTFT/TPOT.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -128,10 +129,12 @@ async def render_response(
     deltas: AsyncGenerator[TokenDelta, None],
     decode,
     metrics: ServerMetrics | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Consumes `deltas` to the end, or until a stop string or the client's leaving: the producer is
     closed then (here on a stop string, before the stream ends; by the caller when the client leaves),
-    which aborts the request and releases its blocks."""
+    which aborts the request and releases its blocks. `on_stop()` is called right before a stop string
+    closes the producer (never when the client leaves), so the producer can tell the two apart."""
     created = int(time.time())
     choice = ChoiceText(decode, req.stop, incremental=req.stream)
     timer = StreamTimer()
@@ -161,6 +164,8 @@ async def render_response(
                     unsent_ids = []
                     first = False
                 if choice.stopped:
+                    if on_stop is not None:
+                        on_stop()
                     await deltas.aclose()  # ends the request now, before the stream's end
                     break
             usage = usage_json(num_prompt_tokens, len(choice.token_ids), num_cached_tokens)
@@ -188,6 +193,8 @@ async def render_response(
                 timer.tokens(len(kept))
                 finish_reason = "stop" if choice.stopped else (d.finish_reason or finish_reason)
                 if choice.stopped:
+                    if on_stop is not None:
+                        on_stop()
                     await deltas.aclose()  # ends the request before the reply goes out
                     break
         except Exception as exc:  # noqa: BLE001 - one JSON error for people

@@ -3,7 +3,8 @@
 Mechanism only: which instance is a policy's business (policies.py), what each instance caches is the
 prefix index's (prefix_index.py). Per request: D reserves (and says what it holds), P prefills the rest
 and pushes the KV D lacks, P's first token goes out, D decodes and streams; P's blocks are released
-once D has the KV, and every failure path releases both sides. With dcache, D's new blocks go back to P.
+once D has the KV, and every failure path releases both sides. With dcache, D's new blocks go back to P
+(after a request that finished, or that a stop string ended once D held it; not when the client left).
 Membership (registration, polling, links) lives in scheduler_cluster.py.
 """
 
@@ -218,7 +219,8 @@ class GlobalScheduler(ClusterMembershipMixin):
             )
         request_id = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.num_requests += 1
-        deltas = self.generate(request_id, token_ids, req)
+        stopped = asyncio.Event()  # set by the renderer at a stop string, not when the client left
+        deltas = self.generate(request_id, token_ids, req, stopped)
         try:
             first = await deltas.__anext__()  # errors before the first token become HTTP errors
         except ClusterError as exc:
@@ -251,6 +253,7 @@ class GlobalScheduler(ClusterMembershipMixin):
                 stream,
                 self._decode_text,
                 self.metrics,
+                on_stop=stopped.set,
             )
         finally:
             await stream.aclose()
@@ -285,10 +288,15 @@ class GlobalScheduler(ClusterMembershipMixin):
         )
 
     async def generate(
-        self, request_id: str, token_ids: list[int], req: GenerateRequest
+        self,
+        request_id: str,
+        token_ids: list[int],
+        req: GenerateRequest,
+        stopped: asyncio.Event | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """The request's tokens. When an instance is lost on the way, the request migrates: the prompt plus
-        the tokens already streamed are prefilled on another pair and the stream goes on (SPEC §7)."""
+        the tokens already streamed are prefilled on another pair and the stream goes on (SPEC §7).
+        `stopped`: set by the consumer right before it closes us at a stop string (see `_disaggregated`)."""
         emitted: list[int] = []
         for attempt in range(MAX_MIGRATIONS + 1):
             prompt = list(token_ids) + emitted
@@ -305,7 +313,7 @@ class GlobalScheduler(ClusterMembershipMixin):
             steps = (
                 self._colocated(p, sub_id, prompt, sub_req)
                 if d is None
-                else self._disaggregated(p, d, sub_id, prompt, sub_req)
+                else self._disaggregated(p, d, sub_id, prompt, sub_req, stopped)
             )
             try:
                 async for delta in steps:
@@ -390,10 +398,16 @@ class GlobalScheduler(ClusterMembershipMixin):
                 await self._release(rec, request_id, abort=True)
             self._after_request(rec, None, request_id, None)
 
-    async def _disaggregated(self, p, d, request_id, token_ids, req) -> AsyncIterator[TokenDelta]:
+    async def _disaggregated(
+        self, p, d, request_id, token_ids, req, stopped: asyncio.Event | None = None
+    ) -> AsyncIterator[TokenDelta]:
+        """SPEC §4 for one request on P and D. Closed by the consumer at a stop string (`stopped` set)
+        after D's request took the KV, it ends on D as when the client leaves (abort), but D's blocks
+        still go back to P (dcache) as after a finished request; when the client left, they do not."""
         bs = int(d.info.get("block_size", 16))
         num_blocks = -(-len(token_ids) // bs)
         d_reserved = p_pinned = False
+        d_owns = False  # D's request holds the KV (kv_ready seen): its abort keeps them in D's tree
         finished = False
         all_tokens = list(token_ids)
         reserve = prefill = None
@@ -482,6 +496,7 @@ class GlobalScheduler(ClusterMembershipMixin):
                     async for line in self._ndjson_lines(resp):
                         if line.get("kv_ready"):
                             d_reserved = False  # D's request owns the blocks now
+                            d_owns = True
                             await self._release(p, request_id)  # D has the KV: unpin P
                             p_pinned = False
                             continue
@@ -514,7 +529,10 @@ class GlobalScheduler(ClusterMembershipMixin):
                 await self._release(p, request_id, abort=True)
             if d_reserved or not finished:
                 await self._release(d, request_id, abort=True)
-            self._after_request(p, d, request_id, all_tokens if finished else None)
+            # ended by a stop string after D took over: D's abort above put the computed blocks into
+            # its tree, so they can go back to P (`stopped` is only ever set at a yield, by the consumer)
+            at_stop = not finished and d_owns and stopped is not None and stopped.is_set()
+            self._after_request(p, d, request_id, all_tokens if finished or at_stop else None)
 
     # ----------------------------------------------------------------- after a request
     def _after_request(self, p, d, request_id: str, all_tokens: list[int] | None) -> None:
