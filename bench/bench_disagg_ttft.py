@@ -10,7 +10,9 @@ Set-ups (--modes), one after another, each with the GPU to itself:
                 of the copy kernel;
   direct-whole  --enable-direct without --enable-layer (the whole request's KV after the prefill);
   staged        prefill + decode instance, --enable-layer, KV through pinned host slots and TCP.
-Each request streams one token of a fresh prompt (no cache hits); TTFT is the time to the first
+Each request streams one token of a fresh prompt (no cache hits; with --cached-prefix N, a prompt is N
+tokens every request shares, cached on every instance by the warm-up request, then fresh ones: a
+conversation's next turn, radix caching on); TTFT is the time to the first
 streamed data line: the prefill plus, when disaggregated, the reservation on D and whatever part of
 the KV transfer does not overlap the prefill (P answers once D holds every byte). Median of
 --repeats after one warm-up request. Disaggregated rows also give P's mean `pdserve_kv_send_wait_seconds`
@@ -18,6 +20,7 @@ over the same requests (first token to D holding every byte: the transfer's unhi
 keeps its KV block-major (a block's layers are one contiguous run).
 
     python bench/bench_disagg_ttft.py [--model llama-2-7b] [--prompt-lens 16,2048] [--modes ...]
+        [--cached-prefix 3072]
 """
 
 from __future__ import annotations
@@ -142,20 +145,29 @@ def _first_token_ms(url: str, prompt: list[int]) -> float:
     return first
 
 
-def _prompts(prompt_len: int, repeats: int, seed: int, vocab: int) -> list[list[int]]:
-    """A fresh prompt every time (nothing cached anywhere); the first one warms up."""
+def _prompts(
+    prompt_len: int, repeats: int, seed: int, vocab: int, prefix: list[int] | None = None
+) -> list[list[int]]:
+    """A fresh prompt every time (nothing cached anywhere but `prefix`, which starts each); the first
+    one warms up."""
     span = vocab - 10
     return [
-        [(seed * 7919 + r * 104729 + i * 31) % span + 5 for i in range(prompt_len)]
+        (prefix or []) + [(seed * 7919 + r * 104729 + i * 31) % span + 5 for i in range(prompt_len)]
         for r in range(repeats + 1)
     ]
 
 
 def _ttft_ms(
-    url: str, prompt_len: int, repeats: int, seed: int, vocab: int, after_warm_up=None
+    url: str,
+    prompt_len: int,
+    repeats: int,
+    seed: int,
+    vocab: int,
+    after_warm_up=None,
+    prefix: list[int] | None = None,
 ) -> list[float]:
     """TTFT of `repeats` fresh prompts after one warm-up request (then `after_warm_up()` is called)."""
-    warm_up, *prompts = _prompts(prompt_len, repeats, seed, vocab)
+    warm_up, *prompts = _prompts(prompt_len, repeats, seed, vocab, prefix)
     _first_token_ms(url, warm_up)
     if after_warm_up is not None:
         after_warm_up()
@@ -204,11 +216,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every instance (colocated too) keeps its KV block-major: a block's layers are one run",
     )
+    parser.add_argument(
+        "--cached-prefix",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every prompt starts with the same N tokens, cached everywhere by the warm-up request "
+        "(radix caching on every instance); --prompt-lens then counts the fresh tokens after them",
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     extra = ["--use-agg-block"] if args.use_agg_block else []
+    if args.cached_prefix < 0:
+        parser.error(f"--cached-prefix must be >= 0, got {args.cached_prefix}")
+    if args.cached_prefix and "engine" in args.modes:
+        parser.error(
+            "--cached-prefix is for the server set-ups: bench_short_prefill.py times the engine"
+        )
+    if args.cached_prefix:
+        extra.append("--enable-radix-caching")
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     vocab = ModelConfig.load(args.model).vocab_size
+    prefix = _prompts(args.cached_prefix, 0, 12345, vocab)[0] if args.cached_prefix else None
     results: dict[str, dict[int, dict]] = {}
     # mode -> prompt length -> P's mean KV send wait after the warm-up: the transfer's unhidden part
     send_wait_ms: dict[str, dict[int, float | None]] = {}
@@ -242,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
                     for label, url in urls.items():
                         per_len.setdefault(n, {})[label] = _ttft_ms(
-                            url, n, args.repeats, i, vocab, scrape
+                            url, n, args.repeats, i, vocab, scrape, prefix
                         )
                     if before:
                         after = _send_wait(prefill_url)
@@ -261,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "model": args.model,
         "use_agg_block": args.use_agg_block,
+        "cached_prefix_tokens": args.cached_prefix,
         "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),
         "ttft_ms": {},
     }
