@@ -269,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                         if prefill_url:
                             before.append(_send_wait(prefill_url))
 
-                    for label, url in urls.items():
+                    for j, (label, url) in enumerate(urls.items()):
+                        # prompts of their own per row: two rows of one set-up share its cache
                         per_len.setdefault(n, {})[label] = _ttft_ms(
-                            url, n, args.repeats, i, vocab, scrape, prefix
+                            url, n, args.repeats, 16 * i + j, vocab, scrape, prefix
                         )
                     if before:
                         after = _send_wait(prefill_url)
