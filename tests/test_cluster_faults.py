@@ -120,6 +120,25 @@ def test_reservation_released_by_hand(cluster):
     assert_nothing_held(d)
 
 
+def test_keep_kv_without_the_kv_keeps_nothing(cluster):
+    """release keep_kv on a reservation whose KV never came: nothing enters D's tree, all is freed."""
+    d = cluster["decode"]
+    prompt = [(i * 5) % 200 + 30 for i in range(40)]
+    body = {
+        "request_id": "t-keep-1",
+        "prompt_token_ids": prompt,
+        "peer_id": pid(cluster["prefill"]),
+    }
+    assert http_json(f"{d}/internal/v1/reserve", body)["num_cached_tokens"] == 0
+    release = {"request_id": "t-keep-1", "keep_kv": True}
+    assert http_json(f"{d}/internal/v1/release", release)["released"]
+    assert_nothing_held(d)
+    body["request_id"] = "t-keep-2"
+    assert http_json(f"{d}/internal/v1/reserve", body)["num_cached_tokens"] == 0
+    assert http_json(f"{d}/internal/v1/release", {"request_id": "t-keep-2"})["released"]
+    assert_nothing_held(d)
+
+
 def test_prefill_that_cannot_deliver_releases_both_sides(cluster):
     p, d = cluster["prefill"], cluster["decode"]
     peer_id = http_json(f"{d}/internal/v1/info")["instance_id"]

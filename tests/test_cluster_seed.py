@@ -5,6 +5,7 @@ scheduler with a fixed pair, then the seed's load client. Also `pdserve demo`, i
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import time
 
 import pytest
-from cluster_checks import post_error
+from cluster_checks import open_stream, post_error
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
 # The seed's flags, verbatim, except the two that need hardware this CPU machine lacks
@@ -136,6 +137,59 @@ def test_link_by_hand_then_fixed_pair_scheduler_then_seed_client(seed_cluster):
             and s["num_reservations"] == 0
             and s["num_pinned_prefills"] == 0
         )
+
+
+def test_decode_keeps_staged_kv_of_a_request_that_ended_at_its_first_token(seed_cluster):
+    """Through host staging slots (block-major): a reservation released with keep_kv moves its staged
+    KV into the blocks before they enter D's tree, so a later decode from them answers as the model
+    does in process."""
+    from pdserve.engine import LLM, SamplingParams
+
+    p, d = seed_cluster["prefill"], seed_cluster["decode"]
+    assert run_cli("link", "--prefill", p, "--decode", d).returncode == 0
+    p_id = http_json(f"{p}/internal/v1/info")["instance_id"]
+    d_id = http_json(f"{d}/internal/v1/info")["instance_id"]
+    prompt = [(i * 31 + 7) % 250 for i in range(40)]  # 2 whole blocks + 8 tokens
+    greedy = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    ref = LLM("tiny", device="cpu", kv_cache_gb=0.01).generate([prompt], SamplingParams(**greedy))
+
+    def prefill(request_id: str, max_tokens: int) -> dict:
+        res = http_json(
+            f"{d}/internal/v1/reserve",
+            {"request_id": request_id, "prompt_token_ids": prompt, "peer_id": p_id},
+        )
+        body = {
+            "request_id": request_id,
+            "prompt_token_ids": prompt,
+            "sampling": {**greedy, "max_tokens": max_tokens},
+            "peer_id": d_id,
+            "num_peer_cached_tokens": res["num_cached_tokens"],
+            "peer_block_ids": res["block_ids"],
+        }
+        pre = http_json(f"{p}/internal/v1/prefill", body)
+        http_json(f"{p}/internal/v1/release", {"request_id": request_id})
+        return {**pre, "num_peer_cached_tokens": res["num_cached_tokens"]}
+
+    pre = prefill("t-keep-staged-1", 1)
+    assert pre["finish_reason"] == "length" and pre["num_peer_cached_tokens"] == 0
+    release = {"request_id": "t-keep-staged-1", "keep_kv": True}
+    assert http_json(f"{d}/internal/v1/release", release)["released"]
+    pre = prefill("t-keep-staged-2", 6)
+    assert pre["num_peer_cached_tokens"] == 32
+    decode = {
+        "request_id": "t-keep-staged-2",
+        "prompt_token_ids": prompt,
+        "sampling": greedy,
+        "first_token_id": pre["first_token_id"],
+    }
+    tokens = [pre["first_token_id"]]
+    with open_stream(f"{d}/internal/v1/decode", decode) as resp:
+        for raw in resp:
+            tokens += json.loads(raw).get("token_ids", [])
+    assert tokens == ref[0].token_ids
+    for inst in (p, d):
+        s = http_json(f"{inst}/internal/v1/stats")
+        assert s["invariant_error"] is None and s["num_reservations"] == 0
 
 
 def test_link_refuses_a_peer_with_other_kv(seed_cluster):

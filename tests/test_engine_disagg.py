@@ -166,6 +166,37 @@ def _run_outputs(engine: LLMEngine):
     return outs
 
 
+def test_cache_reservation_keeps_received_kv_for_the_next_request(ckpt):
+    """A request that ends at P's first token never decodes on D; the KV D received still goes into its
+    tree (its whole prompt blocks), and a later decode from them equals a colocated run."""
+    expected = _colocated(ckpt, PROMPT, GREEDY)
+    p = _engine(ckpt)
+    d = _engine(ckpt, enable_radix_caching=True)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    reservation = d.reserve("first", PROMPT)
+    p.add_request("first", PROMPT, one, mode=RequestMode.PREFILL_ONLY)
+    _run(p)
+    src = p.get_block_ids("first")
+    for layer_idx in range(p.model_config.num_hidden_layers):
+        _copy_layer(p, d, layer_idx, src, reservation.new_block_ids)
+    p.release_request("first")
+    assert d.cache_reservation("first") == 2  # 46 tokens: two whole blocks
+    d.release_request("first")
+    _assert_clean(d)
+    with pytest.raises(KeyError, match="first"):
+        d.cache_reservation("first")
+    tokens, sent = _disaggregated(p, d, "second", PROMPT, GREEDY, layerwise=True)
+    assert tokens == expected
+    assert [len(ids) for layer, ids in sent if layer == 0] == [1]  # only the partial block travels
+    _assert_clean(p, d)
+    # without caching nothing is adopted, and the reservation is released all the same
+    plain = _engine(ckpt)
+    plain.reserve("x", PROMPT)
+    assert plain.cache_reservation("x") == 0
+    plain.release_request("x")
+    _assert_clean(plain)
+
+
 def test_reserve_no_capacity_takes_nothing(ckpt):
     d = _engine(ckpt, num_kv_blocks=5)
     r = d.reserve("a", PROMPT)  # 3 blocks

@@ -281,6 +281,16 @@ class LLMEngine:
         keeps its references (e.g. a reservation: release_request afterwards). Returns blocks adopted."""
         return self.block_manager.insert_cached(list(token_ids), list(block_ids))
 
+    def cache_reservation(self, request_id: str) -> int:
+        """Decode side, for a request that ended at its first token (on P) after its KV arrived: the
+        reservation's whole prompt blocks go into the radix tree; the reservation still holds them
+        (release_request afterwards). Returns blocks adopted (0 without caching); KeyError if the id
+        holds no reservation."""
+        reservation = self.block_manager.get_reservation(request_id)
+        if reservation is None:
+            raise KeyError(f"request {request_id!r} holds no reservation")
+        return self.block_manager.insert_cached(reservation.prompt_token_ids, reservation.block_ids)
+
     def get_block_ids(self, request_id: str) -> list[int]:
         """Block ids a live or pinned request holds (block i = tokens [i*bs, (i+1)*bs)); a copy."""
         seq = self._seqs.get(request_id)

@@ -211,6 +211,10 @@ def insert_cached(engine, token_ids: list[int], block_ids: list[int]) -> int:
     return int(engine.insert_cached(list(token_ids), list(block_ids)) or 0)
 
 
+def cache_reservation(engine, request_id: str) -> int:
+    return int(engine.cache_reservation(request_id) or 0)
+
+
 def set_layer_hook(engine, hook) -> None:
     if hasattr(engine, "set_layer_hook"):
         engine.set_layer_hook(hook)

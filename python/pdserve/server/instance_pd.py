@@ -28,6 +28,10 @@ from pdserve.transfer import KVLayout
 
 log = logging.getLogger("pdserve.instance")
 
+# P answers a prefill only once D acknowledged every byte, so a kept reservation's KV has landed;
+# this only bounds a release that overtook the transfer's last acknowledgement on D's side
+KEEP_WAIT_S = 2.0
+
 
 @dataclass
 class Peer:
@@ -102,6 +106,33 @@ class PDHandlersMixin(PrefillHandlersMixin):
         await self._abort_and_release(request_id)
         return True
 
+    async def _keep_reservation(self, request_id: str) -> bool:
+        """D, for a request that ended at its first token on P: P answered once D held every byte, so
+        the prompt's KV is here; its whole blocks go into the radix tree (a later prompt sharing it
+        hits), then the reservation is dropped. A transfer that did not complete keeps nothing."""
+        handle = self.reservations.pop(request_id, None)
+        if handle is None:
+            return False
+        handle.cancel()
+        staged = self.staged.pop(request_id, None)
+        try:
+            await self.transport.wait(request_id, KEEP_WAIT_S)
+
+            def keep(engine):
+                if staged is not None:
+                    self.arena.scatter(*staged)  # staging slots -> the reserved blocks
+                return ea.cache_reservation(engine, request_id)
+
+            await self.call(keep)
+        except Exception as exc:  # noqa: BLE001 - best effort: a later prompt just hits less
+            log.info("request %s: its KV stays uncached on this instance: %s", request_id, exc)
+            await self.transport.abort(request_id)  # no write lands after this
+        finally:
+            if staged is not None:
+                self.arena.free(staged[1])
+            await self._abort_and_release(request_id)  # the tree keeps its own references
+        return True
+
     def _free_staged(self, key: str) -> None:
         staged = self.staged.pop(key, None)
         if staged is not None:
@@ -156,7 +187,8 @@ class PDHandlersMixin(PrefillHandlersMixin):
                 self.arena.free(staged[1])
 
     async def h_release(self, request):
-        """Either side: drop everything held for a request (pinned prefill, reservation). Idempotent."""
+        """Either side: drop everything held for a request (pinned prefill, reservation). Idempotent.
+        With `keep_kv`, a reservation's received prompt blocks go into D's radix tree first."""
         try:
             body = await self._body(request)
             request_id = str(body["request_id"])
@@ -170,7 +202,10 @@ class PDHandlersMixin(PrefillHandlersMixin):
             # an aborted prefill whose own request may still be on its way: refuse it when it comes
             self._keep_early_targets(request_id, "released before it arrived")
         if request_id in self.reservations:
-            released = await self._release_reservation(request_id) or released
+            if body.get("keep_kv", False):
+                released = await self._keep_reservation(request_id) or released
+            else:
+                released = await self._release_reservation(request_id) or released
         if request_id in self.dcache_reservations:
             released = await self._release_dcache(request_id) or released
         if body.get("abort", False):

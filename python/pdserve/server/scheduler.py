@@ -408,6 +408,9 @@ class GlobalScheduler(ClusterMembershipMixin):
         num_blocks = -(-len(token_ids) // bs)
         d_reserved = p_pinned = False
         d_owns = False  # D's request holds the KV (kv_ready seen): its abort keeps them in D's tree
+        # P answered, so D's reservation holds the prompt's KV, and no decode was asked for yet: a
+        # request that ends here (at its first token) leaves that KV in D's tree (release keep_kv)
+        kv_at_d = False
         finished = False
         all_tokens = list(token_ids)
         reserve = prefill = None
@@ -471,6 +474,7 @@ class GlobalScheduler(ClusterMembershipMixin):
             except ClusterError:
                 p_pinned = False  # P released on its own failure path
                 raise
+            kv_at_d = True
             first = pre["first_token_id"]
             all_tokens.append(first)
             num_cached = int(pre.get("num_cached_tokens") or 0)
@@ -485,6 +489,7 @@ class GlobalScheduler(ClusterMembershipMixin):
                 "sampling": req.sampling.to_dict(),
                 "first_token_id": first,
             }
+            kv_at_d = False  # D's decode takes the reservation (or releases it when it fails)
             try:
                 async with self._stream_session.post(
                     f"{d.url}/internal/v1/decode", json=decode_body
@@ -527,7 +532,9 @@ class GlobalScheduler(ClusterMembershipMixin):
                     task.exception()  # retrieved: the error that counts was raised above
             if p_pinned:
                 await self._release(p, request_id, abort=True)
-            if d_reserved or not finished:
+            if d_reserved and kv_at_d:
+                await self._release(d, request_id, keep_kv=True)
+            elif d_reserved or not finished:
                 await self._release(d, request_id, abort=True)
             # ended by a stop string after D took over: D's abort above put the computed blocks into
             # its tree, so they can go back to P (`stopped` is only ever set at a yield, by the consumer)

@@ -297,14 +297,20 @@ class ClusterMembershipMixin:
         return data
 
     async def _release(
-        self, rec: InstanceRecord | None, request_id: str, abort: bool = False
+        self,
+        rec: InstanceRecord | None,
+        request_id: str,
+        abort: bool = False,
+        keep_kv: bool = False,
     ) -> None:
+        """Drops what `rec` holds for the request; `keep_kv`: D caches the prompt KV it received."""
         if rec is None:
             return
+        body = {"request_id": request_id, "abort": abort}
+        if keep_kv:
+            body["keep_kv"] = True
         try:
-            await self._post(
-                f"{rec.url}/internal/v1/release", {"request_id": request_id, "abort": abort}
-            )
+            await self._post(f"{rec.url}/internal/v1/release", body)
         except Exception as exc:  # noqa: BLE001 - the instance's own expiry is the backstop
             log.warning("release of %s on %s failed: %s", request_id, rec.instance_id, exc)
 
