@@ -362,10 +362,18 @@ def test_bad_requests_get_400_naming_the_field(cluster):
     assert (
         info.value.code == 400 and "scheduler" in json.loads(info.value.read())["error"]["message"]
     )
-    # a prompt longer than the model's context
-    with pytest.raises(urllib.error.HTTPError) as info:
-        complete(cluster["layer"].url, [5] * 3000)
-    assert info.value.code == 400
+    # a prompt longer than the model's context: a 400 before any byte of a stream, everywhere; the
+    # instance that refused it stays in the scheduler's rotation (a client's error is not a lost instance)
+    urls = [cluster["layer"].url, cluster["whole"].url, cluster["colo"], cluster["colo_sched"]]
+    for url in urls:
+        for stream in (False, True):
+            status, msg = post_error(
+                f"{url}/v1/completions",
+                {"prompt": [5] * 3000, "max_tokens": 4, "stream": stream},
+            )
+            assert status == 400 and "max_model_len" in msg, (url, stream, msg)
+    for url in urls:
+        assert complete(url, [5] * 20, max_tokens=2)["choices"][0]["finish_reason"] == "length"
 
 
 STOP_BODIES = {

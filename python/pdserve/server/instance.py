@@ -40,6 +40,41 @@ log = logging.getLogger("pdserve.instance")
 MAX_EVENT_LOG = 200_000
 
 
+class EngineStream:
+    """A started request's TokenDeltas, as an async iterator. `aclose()` (idempotent) ends it: unless
+    it finished, the request is aborted and its blocks released (the client left, an error)."""
+
+    def __init__(self, server: InstanceServer, request_id: str, queue: asyncio.Queue):
+        self._server = server
+        self._request_id = request_id
+        self._queue = queue
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        loop_thread = self._server.loop_thread
+        out = loop_thread.check(await self._queue.get())
+        if out is ENGINE_DEAD:
+            raise RuntimeError(f"engine failed: {loop_thread.error!r}")
+        _, new_ids, finish, num_cached = ea.output_fields(out)
+        # set before returning it: a consumer closing us at the last delta ends nothing
+        self._finished = finish is not None
+        return TokenDelta(new_ids, finish, num_cached)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._server.loop_thread.close_stream(self._request_id)
+        if not self._finished:
+            await self._server._abort_and_release(self._request_id)
+
+
 class InstanceServer(PDHandlersMixin):
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -283,29 +318,19 @@ class InstanceServer(PDHandlersMixin):
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ProtocolError("request body is not valid JSON") from None
 
-    async def _engine_stream(self, request_id: str, add_fn, q=None):
-        """Adds a request through `add_fn(engine)` and yields TokenDeltas until it finishes.
-
-        On any early exit (client gone, error) the request is aborted and its blocks released.
-        """
-        q = q or self.loop_thread.open_stream(request_id)
-        finished = False
+    async def _engine_stream(self, request_id: str, add_fn) -> EngineStream:
+        """Adds a request through `add_fn(engine)` and returns its deltas. What the engine raised while
+        adding (ValueError: it refused the request, e.g. a prompt past the context) is raised here,
+        before the caller answered anything, and leaves nothing held. Close the stream (`aclose`)
+        on every way out: a request that did not finish is aborted and its blocks released."""
+        q = self.loop_thread.open_stream(request_id)
         try:
             await self.call(add_fn)
-            while True:
-                out = self.loop_thread.check(await q.get())
-                if out is ENGINE_DEAD:
-                    raise RuntimeError(f"engine failed: {self.loop_thread.error!r}")
-                _, new_ids, finish, num_cached = ea.output_fields(out)
-                # set before the yield: a consumer closing us at the last delta ends nothing
-                finished = finish is not None
-                yield TokenDelta(new_ids, finish, num_cached)
-                if finished:
-                    return
-        finally:
+        except BaseException:
             self.loop_thread.close_stream(request_id)
-            if not finished:
-                await self._abort_and_release(request_id)
+            await self._abort_and_release(request_id)
+            raise
+        return EngineStream(self, request_id, q)
 
     async def _abort_and_release(self, request_id: str) -> None:
         def both(engine):
@@ -334,9 +359,14 @@ class InstanceServer(PDHandlersMixin):
         request_id = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         spec = req.sampling
         self.num_requests_served += 1
-        deltas = self._engine_stream(
-            request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
-        )
+        try:
+            deltas = await self._engine_stream(
+                request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
+            )
+        except (
+            ValueError
+        ) as exc:  # the engine refused the request (too long, ...): nothing sent yet
+            return json_error(400, str(exc))
         try:
             return await render_response(
                 request,
@@ -348,8 +378,6 @@ class InstanceServer(PDHandlersMixin):
                 self.tokenizer.decode,
                 self.metrics,
             )
-        except ValueError as exc:  # the engine refused the request (too long, ...)
-            return json_error(400, str(exc))
         finally:
             await deltas.aclose()
 
@@ -457,9 +485,12 @@ class InstanceServer(PDHandlersMixin):
         except (KeyError, TypeError, ValueError) as exc:
             return json_error(400, f"generate needs request_id and prompt_token_ids: {exc}")
         self.num_requests_served += 1
-        deltas = self._engine_stream(
-            request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
-        )
+        try:
+            deltas = await self._engine_stream(
+                request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
+            )
+        except ValueError as exc:  # refused by the engine: a 400 the scheduler passes on
+            return json_error(400, str(exc))
         try:
             return await self._ndjson(request, deltas)
         finally:

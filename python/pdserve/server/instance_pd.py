@@ -178,13 +178,19 @@ class PDHandlersMixin(PrefillHandlersMixin):
                     slots_freed.append(True)
             ea.add_decode_only(engine, request_id, token_ids, spec, first_token_id)
 
-        deltas = self._engine_stream(request_id, start_decode)
+        try:
+            deltas = await self._engine_stream(request_id, start_decode)
+        except (
+            ValueError
+        ) as exc:  # refused by the engine (the prompt differs from the reserved one)
+            return json_error(400, f"decode of {request_id}: {exc}")
+        finally:
+            if staged is not None and not slots_freed:  # the engine refused the call (it failed)
+                self.arena.free(staged[1])
         try:
             return await self._ndjson(request, deltas, first={"kv_ready": True})
         finally:
             await deltas.aclose()
-            if staged is not None and not slots_freed:  # the engine refused the call (it failed)
-                self.arena.free(staged[1])
 
     async def h_release(self, request):
         """Either side: drop everything held for a request (pinned prefill, reservation). Idempotent.

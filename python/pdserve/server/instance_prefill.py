@@ -170,11 +170,14 @@ class PrefillHandlersMixin:
         first_token_id = None
         finish_reason = None
         num_cached = 0
-        deltas = self._engine_stream(
-            request_id,
-            lambda e: ea.add_prefill_only(e, request_id, token_ids, spec, first_hook_block * bs),
-        )
+        deltas = None
         try:
+            deltas = await self._engine_stream(
+                request_id,
+                lambda e: ea.add_prefill_only(
+                    e, request_id, token_ids, spec, first_hook_block * bs
+                ),
+            )
             async for d in deltas:
                 if d.new_token_ids and first_token_id is None:
                     first_token_id = d.new_token_ids[0]
@@ -210,7 +213,8 @@ class PrefillHandlersMixin:
                 status = 500
             return json_error(status, f"prefill of {request_id} failed: {exc}")
         finally:
-            await deltas.aclose()
+            if deltas is not None:
+                await deltas.aclose()
             if not ok:
                 self.prefills.pop(request_id, None)
             if self.arena is not None:  # flushed or aborted: no send reads the slots any more
