@@ -172,6 +172,13 @@ def test_greedy_outputs_identical_colocated_layerwise_whole(cluster):
     for prompt in PROMPTS:
         ref = check_greedy_like_colocated(cluster, prompt)
         assert complete(cluster["colo_sched"], prompt)["choices"][0]["token_ids"] == ref
+    # penalties: P samples the first token (nothing generated yet), D the rest counting it
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5}
+    prompt = PROMPTS[0]  # its greedy answer repeats a token
+    ref = complete(cluster["colo"], prompt, **penalties)["choices"][0]["token_ids"]
+    assert ref != complete(cluster["colo"], prompt)["choices"][0]["token_ids"]
+    for url in (cluster["layer"].url, cluster["whole"].url, cluster["colo_sched"]):
+        assert complete(url, prompt, **penalties)["choices"][0]["token_ids"] == ref, url
     text = "The quick brown fox jumps over the lazy dog. " * 2
     ref = complete(cluster["colo"], text)["choices"][0]
     got = complete(cluster["layer"].url, text)["choices"][0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 from pdserve import LLM, SamplingParams
 from pdserve.engine import EngineConfig, LLMEngine, Tokenizer
 from tiny_models import EOS_ID, make_tiny_llama
@@ -40,6 +41,9 @@ def _no_leaks(request):
         (dict(top_k=-3), "top_k"),
         (dict(seed="x"), "seed"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(frequency_penalty=-3), "frequency_penalty"),
+        (dict(frequency_penalty="1"), "frequency_penalty"),
     ],
 )
 def test_invalid_sampling_params(kwargs, match):
@@ -126,6 +130,43 @@ def test_sampling_seeds_and_filters(llm):
         for s in range(4)
     }
     assert len(draws) > 1
+
+
+def test_penalties_lower_the_logits_of_generated_tokens():
+    """apply_penalties against OpenAI's formula written out; sampled rows draw from the penalised
+    distribution; rows without penalties are untouched and need no output ids."""
+    from pdserve.engine.sampler import apply_penalties, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11)
+    params = [
+        SamplingParams(presence_penalty=0.7, frequency_penalty=0.2),
+        SamplingParams(),
+        SamplingParams(presence_penalty=-1.0),
+    ]
+    outputs = [[3, 3, 5, 3], None, []]
+    got = apply_penalties(logits, params, outputs)
+    want = logits.clone()
+    for token in (3, 5):
+        want[0, token] -= 0.7 + 0.2 * outputs[0].count(token)
+    assert torch.allclose(got, want) and torch.equal(logits[1:], got[1:])
+    # greedy picks the penalised argmax: push token 3 from first to last
+    peaked = torch.zeros(1, 11)
+    peaked[0, 3] = 1.0
+    greedy = SamplingParams(temperature=0.0, frequency_penalty=2.0)
+    assert sample(peaked, [greedy], [2], [[3]]) == [
+        int(torch.argmax(apply_penalties(peaked, [greedy], [[3]])))
+    ]
+    assert sample(peaked, [greedy], [2], [[3]]) != [3]
+    # sampled rows draw from the penalised distribution: of two even tokens, the generated one
+    # (2 / 0.05 = 40 logits down) is never drawn again, where unpenalised seeds draw both
+    even = torch.zeros(1, 2)
+    cold = [SamplingParams(temperature=0.05, seed=s, presence_penalty=2.0) for s in range(12)]
+    assert {sample(even, [p], [1], [[1]])[0] for p in cold} == {0}
+    plain = [SamplingParams(temperature=0.05, seed=s) for s in range(12)]
+    assert {sample(even, [p], [1])[0] for p in plain} == {0, 1}
+    with pytest.raises(ValueError, match="output token ids"):
+        apply_penalties(logits, params, None)
 
 
 def test_text_prompts_chat_template_and_outputs(llm):

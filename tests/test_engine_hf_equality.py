@@ -131,3 +131,46 @@ def test_host_tier_demote_and_promote_equal_transformers(checkpoint):
     kinds = {e.kind for e in llm.engine.drain_cache_events()}
     assert {"inserted", "demoted", "promoted"} <= kinds
     _assert_clean(llm)
+
+
+def _hf_penalised_logits(
+    model, prompt: list[int], out: list[int], presence: float, frequency: float
+):
+    """transformers' next-token logits after prompt + out, lowered by OpenAI's penalties by hand
+    (counting `out` only)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out])).logits[0, -1].float()
+    for token in set(out):
+        logits[token] -= presence + frequency * out.count(token)
+    return logits
+
+
+def test_presence_and_frequency_penalties_equal_transformers(checkpoint):
+    """Greedy with penalties, batched with a plain greedy request: each equals its transformers
+    reference (the penalties count only the answer's tokens, not the prompt's)."""
+    path, plain_refs, model = checkpoint
+    presence, frequency = 0.5, 1.5
+    penalised = SamplingParams(
+        temperature=0.0,
+        max_tokens=24,
+        ignore_eos=True,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+    )
+    prompts = _prompts()
+    llm = LLM(path, device="cpu", num_kv_blocks=64)
+    outs = llm.generate([*prompts, prompts[0]], [penalised] * len(prompts) + [GREEDY])
+    changed = False
+    for prompt, out, plain in zip(prompts, outs, plain_refs, strict=False):
+        changed |= out.token_ids != plain
+        # each of our tokens is transformers' penalised argmax after our own prefix (up to a
+        # float-noise near-tie, as in assert_greedy_equal)
+        for i, token in enumerate(out.token_ids):
+            logits = _hf_penalised_logits(model, prompt, out.token_ids[:i], presence, frequency)
+            gap = (logits.max() - logits[token]).item()
+            assert gap <= 1e-3, f"token {i}: ours {token}, transformers {int(logits.argmax())}"
+    assert changed  # the penalties change this model's answers
+    assert_greedy_equal(model, prompts[0], outs[-1].token_ids, plain_refs[0])
+    _assert_clean(llm)

@@ -6,6 +6,7 @@ import pytest
 from pdserve.server.protocol import (
     IncrementalDetokenizer,
     ProtocolError,
+    SamplingSpec,
     parse_chat,
     parse_completion,
     response_json,
@@ -22,6 +23,9 @@ def test_completion_defaults_and_token_prompt():
         {"prompt": ["hello"], "stream": True, "stream_options": {"include_usage": True}}
     )
     assert req.prompt == "hello" and req.stream and req.include_usage
+    req = parse_completion({"prompt": "x", "presence_penalty": -0.5, "frequency_penalty": 2})
+    spec = SamplingSpec.from_dict(req.sampling.to_dict())  # as it travels to the instances
+    assert spec.presence_penalty == -0.5 and spec.frequency_penalty == 2.0
 
 
 @pytest.mark.parametrize(
@@ -43,6 +47,8 @@ def test_completion_defaults_and_token_prompt():
         ({"prompt": "x", "stop": 7}, "stop"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "x", "frequency_penalty": "1"}, "frequency_penalty"),
     ],
 )
 def test_completion_errors_name_the_field(body, field):

@@ -45,6 +45,8 @@ class StepInputs:
     is_decode_only: bool
     # replay the decode CUDA graphs (the driver decides, so every tensor-parallel rank does the same)
     use_graph: bool = False
+    # per sampling sequence: its generated tokens where its penalties need them, else None
+    output_token_ids: list[list[int] | None] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -366,6 +368,7 @@ class ModelRunner:
             sampling_params=[batch.seqs[i].params for i in sample_seq_indices],
             output_positions=[batch.seqs[i].num_output_tokens for i in sample_seq_indices],
             is_decode_only=all(n == 1 for n in batch.num_new_tokens),
+            output_token_ids=_penalised_outputs([batch.seqs[i] for i in sample_seq_indices]),
         )
 
     def _prepare(
@@ -437,6 +440,7 @@ class ModelRunner:
             rows,
             [batch.seqs[i].params for i in seq_indices],
             [batch.seqs[i].num_output_tokens for i in seq_indices],
+            _penalised_outputs([batch.seqs[i] for i in seq_indices]),
         )
 
     def _execute_graph(
@@ -460,6 +464,7 @@ class ModelRunner:
             rows,
             inputs.sampling_params,
             inputs.output_positions,
+            inputs.output_token_ids,
         )
 
     def _graph_logits(
@@ -501,7 +506,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[sample_rows])  # full width on rank 0 only
         if self.tp_rank != 0:
             return result
-        tokens = sample(logits, inputs.sampling_params, inputs.output_positions)
+        tokens = sample(
+            logits, inputs.sampling_params, inputs.output_positions, inputs.output_token_ids
+        )
         for i, token in zip(inputs.sample_seq_indices, tokens, strict=True):
             result[i] = token
         return result
@@ -521,6 +528,7 @@ def _sample_graph_rows(
     rows: list[int],
     params: list[SamplingParams],
     output_positions: list[int],
+    output_token_ids: list[list[int] | None] | None = None,
 ) -> list[int | None]:
     """Samples sequence seq_indices[k] from a replayed graph's logits[rows[k]] (rows increasing); the
     other sequences get None. With nothing to sample it waits for the replay instead: either way the
@@ -532,6 +540,15 @@ def _sample_graph_rows(
     if len(rows) != logits.shape[0]:  # else rows are 0..n-1 (they increase)
         logits = logits[rows]
     result: list[int | None] = [None] * num_seqs
-    for i, token in zip(seq_indices, sample(logits, params, output_positions), strict=True):
+    tokens = sample(logits, params, output_positions, output_token_ids)
+    for i, token in zip(seq_indices, tokens, strict=True):
         result[i] = token
     return result
+
+
+def _penalised_outputs(seqs) -> list[list[int] | None] | None:
+    """Per sequence: its generated token ids where its penalties need them, else None (None for all:
+    no sequence has penalties, the common case, which then costs nothing)."""
+    if not any(seq.params.has_penalties for seq in seqs):
+        return None
+    return [seq.output_token_ids if seq.params.has_penalties else None for seq in seqs]

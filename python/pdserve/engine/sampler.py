@@ -1,4 +1,5 @@
-"""Picks the next token of each sequence from its logits: greedy, temperature, top-k, top-p, seeded.
+"""Picks the next token of each sequence from its logits: presence/frequency penalties, then greedy,
+temperature, top-k, top-p, seeded.
 
 A seeded request draws its noise from a generator keyed by (seed, output position), so its tokens do
 not depend on the batch it shares, nor on which instance (prefill or decode) samples them.
@@ -14,9 +15,15 @@ _POSITION_STRIDE = 1_000_003  # mixes the output position into the seed
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], output_positions: list[int]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    output_positions: list[int],
+    output_token_ids: list[list[int] | None] | None = None,
 ) -> list[int]:
-    """logits [B, V] fp32 (any device) -> B token ids. output_positions[i]: how many tokens row i has generated."""
+    """logits [B, V] fp32 (any device) -> B token ids. output_positions[i]: how many tokens row i has
+    generated; output_token_ids[i]: those tokens, needed for the rows with penalties (else None)."""
+    if any(p.has_penalties for p in params):
+        logits = apply_penalties(logits, params, output_token_ids)
     greedy_ids = logits.argmax(dim=-1)
     if all(p.is_greedy for p in params):
         return greedy_ids.tolist()
@@ -43,3 +50,28 @@ def sample(
         # argmax(p / Exp(1)) draws from p (the exponential-race form of categorical sampling)
         result[row] = int((probs / noise).argmax())
     return result
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    output_token_ids: list[list[int] | None] | None,
+) -> torch.Tensor:
+    """A copy of logits [B, V] with row i's logit of token t lowered by frequency_penalty x (times t
+    was generated) + presence_penalty x (t was generated at all), OpenAI's definition."""
+    out = logits.clone()
+    vocab = logits.shape[-1]
+    for row, p in enumerate(params):
+        if not p.has_penalties:
+            continue
+        generated = output_token_ids[row] if output_token_ids is not None else None
+        if generated is None:
+            raise ValueError(f"row {row} has penalties but its output token ids were not given")
+        if not generated:
+            continue
+        ids = torch.tensor(generated, dtype=torch.long).to(logits.device, non_blocking=True)
+        counts = torch.bincount(ids, minlength=vocab)[:vocab].to(logits.dtype)
+        out[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
+            logits.dtype
+        )
+    return out

@@ -11,6 +11,9 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p 1.0 disables top-p.
     seed makes one request's sampling reproducible independently of the batch it runs in.
+    presence_penalty / frequency_penalty (OpenAI's, in [-2, 2]) lower each token's logit by
+    presence_penalty once it was generated and frequency_penalty per time generated (the prompt does
+    not count), before temperature, top-k and top-p; greedy picks apply them too.
     """
 
     max_tokens: int = 16
@@ -20,6 +23,8 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
@@ -38,6 +43,12 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool)
         ):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         for token_id in self.stop_token_ids:
             if not isinstance(token_id, int) or token_id < 0:
@@ -46,3 +57,7 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -78,8 +78,12 @@ _SAMPLING_FIELDS: dict[str, Field] = {
         "before the first one generated (finish_reason stop)",
     ),
     "logprobs": Field((bool, int), None, doc="not supported"),
-    "presence_penalty": Field(_NUM, 0.0, minimum=0.0, maximum=0.0, doc="only 0 is supported"),
-    "frequency_penalty": Field(_NUM, 0.0, minimum=0.0, maximum=0.0, doc="only 0 is supported"),
+    "presence_penalty": Field(
+        _NUM, 0.0, minimum=-2.0, maximum=2.0, doc="lowers a generated token's logit once"
+    ),
+    "frequency_penalty": Field(
+        _NUM, 0.0, minimum=-2.0, maximum=2.0, doc="lowers a token's logit per time generated"
+    ),
 }
 COMPLETION_FIELDS: dict[str, Field] = {
     "prompt": Field(
@@ -109,6 +113,8 @@ class SamplingSpec:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -226,6 +232,8 @@ def _sampling_from(values: dict[str, Any]) -> SamplingSpec:
         seed=values["seed"],
         stop_token_ids=list(stop_ids),
         ignore_eos=bool(values["ignore_eos"]),
+        presence_penalty=float(values["presence_penalty"]),
+        frequency_penalty=float(values["frequency_penalty"]),
     )
 
 
