@@ -337,6 +337,75 @@ def test_request_ending_at_its_first_token_leaves_its_kv_on_decode(cluster):
     assert stats(lay.prefill)["kv_bytes_sent"] - sent2 == 1 * block_nbytes  # 2 whole blocks stayed
 
 
+def _stream_logprobs(url: str, path: str, body: dict) -> tuple[list[int], list]:
+    """(token ids, the logprobs objects of the chunks that carry tokens) of a streamed request."""
+    tokens, objs = [], []
+    for event in sse_events(f"{url}{path}", {**body, "stream": True}):
+        if event == "[DONE]" or not event.get("choices"):
+            continue
+        choice = event["choices"][0]
+        tokens += choice["token_ids"]
+        if choice["token_ids"]:
+            objs.append(choice["logprobs"])
+    return tokens, objs
+
+
+def test_logprobs_through_every_path_equal_the_colocated_instance(cluster):
+    """Completions (logprobs n) and chat (logprobs + top_logprobs), whole and streamed: the same
+    tokens and log-probabilities from the colocated instance, the scheduler in front of it, and P+D
+    (P's first token's travel with it to D's stream)."""
+    prompt = PROMPTS[3]
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+    ref = http_json(f"{cluster['colo']}/v1/completions", body)["choices"][0]
+    lp = ref["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(ref["token_ids"]) == 6
+    for top, value in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True):
+        # greedy: the token is the likeliest; byte tokens' texts may collide (U+FFFD): 1 to 3 keys
+        assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(value)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert all(v <= 0 for v in lp["token_logprobs"])
+    for url in (cluster["colo_sched"], cluster["layer"].url, cluster["whole"].url):
+        got = http_json(f"{url}/v1/completions", body)["choices"][0]
+        assert got["token_ids"] == ref["token_ids"], url
+        assert got["logprobs"]["tokens"] == lp["tokens"], url
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-4)
+        tokens, objs = _stream_logprobs(url, "/v1/completions", body)
+        assert tokens == ref["token_ids"]
+        streamed = [v for o in objs for v in o["token_logprobs"]]
+        assert streamed == pytest.approx(lp["token_logprobs"], abs=1e-4), url
+        assert [v for o in objs for v in o["text_offset"]] == lp["text_offset"], url
+    chat = {
+        "messages": [{"role": "user", "content": "Hello there"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    ref = http_json(f"{cluster['colo']}/v1/chat/completions", chat)["choices"][0]
+    content = ref["logprobs"]["content"]
+    assert len(content) == 5 and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+    for url in (cluster["layer"].url, cluster["colo_sched"]):
+        got = http_json(f"{url}/v1/chat/completions", chat)["choices"][0]["logprobs"]["content"]
+        assert [c["token"] for c in got] == [c["token"] for c in content]
+        assert [c["logprob"] for c in got] == pytest.approx(
+            [c["logprob"] for c in content], abs=1e-4
+        )
+        tokens, objs = _stream_logprobs(url, "/v1/chat/completions", chat)
+        assert [c["token"] for o in objs for c in o["content"]] == [c["token"] for c in content]
+    # not asked: null; bad values: a 400 naming the field
+    plain = http_json(f"{cluster['layer'].url}/v1/completions", {**body, "logprobs": None})
+    assert plain["choices"][0]["logprobs"] is None
+    for bad, field in (({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs")):
+        status, msg = post_error(f"{cluster['layer'].url}/v1/completions", {**body, **bad})
+        assert status == 400 and field in msg, msg
+    status, msg = post_error(
+        f"{cluster['layer'].url}/v1/chat/completions", {**chat, "logprobs": False}
+    )
+    assert status == 400 and "top_logprobs" in msg, msg
+
+
 def test_client_disconnect_mid_stream_releases_both_sides(cluster):
     lay = cluster["layer"]
     body = {

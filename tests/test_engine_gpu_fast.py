@@ -119,6 +119,15 @@ def test_fast_path_greedy_equals_eager_torch_fp32(ckpt):
     mixed = [penalised if i % 2 else params for i in range(len(PROMPTS))]
     a = [o.token_ids for o in ref.generate(PROMPTS, mixed)]
     assert a == [o.token_ids for o in fast.generate(PROMPTS, mixed)]
+    # log-probabilities from the graphs' logits: those of the eager path, fp32
+    asked = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    for eager, graph in zip(
+        ref.generate(PROMPTS, asked), fast.generate(PROMPTS, asked), strict=True
+    ):
+        assert eager.token_ids == graph.token_ids
+        for e, g in zip(eager.logprobs, graph.logprobs, strict=True):
+            assert abs(e.logprob - g.logprob) < 1e-3 and len(g.top) == 3
+            assert [v for _, v in e.top] == pytest.approx([v for _, v in g.top], abs=1e-3)
     fast.engine.check_invariants()
     assert fast.engine.stats().num_used_blocks == 0
 

@@ -174,3 +174,33 @@ def test_presence_and_frequency_penalties_equal_transformers(checkpoint):
     assert changed  # the penalties change this model's answers
     assert_greedy_equal(model, prompts[0], outs[-1].token_ids, plain_refs[0])
     _assert_clean(llm)
+
+
+def test_logprobs_equal_transformers(checkpoint):
+    """Each generated token's log-probability and the top 5 equal transformers' log-softmax of the
+    raw logits after the same prefix, in a batch where a request without logprobs gets none, and
+    with penalties (they change the choice, not the reported distribution)."""
+    import torch
+
+    path, _, model = checkpoint
+    asked = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=5)
+    penalised = SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0, frequency_penalty=2.0
+    )
+    prompts = _prompts()
+    llm = LLM(path, device="cpu", num_kv_blocks=64, max_num_batched_tokens=32)  # chunked too
+    outs = llm.generate(prompts[:3], [asked, GREEDY, penalised])
+    assert outs[1].logprobs is None
+    for out, prompt, top_n in ((outs[0], prompts[0], 5), (outs[2], prompts[2], 0)):
+        assert len(out.logprobs) == len(out.token_ids)
+        for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + out.token_ids[:i]])).logits[0, -1]
+            ref = torch.log_softmax(logits.float(), dim=-1)
+            assert abs(entry.logprob - ref[token].item()) < 1e-4, (i, entry.logprob)
+            assert len(entry.top) == top_n
+            values, ids = ref.topk(top_n)
+            assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+            if top_n:  # ids agree up to float-noise near-ties
+                assert all(abs(ref[t].item() - lp) < 1e-4 for t, lp in entry.top)
+    _assert_clean(llm)

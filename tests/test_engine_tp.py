@@ -83,8 +83,19 @@ def test_tp2_equals_tp1_and_transformers(checkpoint):
         assert_greedy_equal(hf, prompt, out.token_ids, hf_greedy(hf, prompt, GREEDY.max_tokens))
     # sampling happens on rank 0 only, with the same per-request generator as one rank
     seeded = llm.generate(_prompts()[:2], SEEDED)
-    ref = LLM(path, **kw).generate(_prompts()[:2], SEEDED)
+    one_rank = LLM(path, **kw)
+    ref = one_rank.generate(_prompts()[:2], SEEDED)
     assert [o.token_ids for o in seeded] == [o.token_ids for o in ref]
+    # log-probabilities and penalties, from rank 0's gathered logits, as on one rank
+    asked = SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2, frequency_penalty=1.0
+    )
+    got, want = llm.generate(_prompts()[:2], asked), one_rank.generate(_prompts()[:2], asked)
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        assert [e.logprob for e in g.logprobs] == pytest.approx(
+            [e.logprob for e in w.logprobs], abs=1e-4
+        )
     _assert_clean(llm.engine)
     _assert_stopped(llm.engine)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pdserve.server.openai_render import LogprobsRenderer, TokenDelta, kept_logprobs
 from pdserve.server.protocol import (
     IncrementalDetokenizer,
     ProtocolError,
@@ -48,6 +49,8 @@ def test_completion_defaults_and_token_prompt():
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "max_tokens": True}, "max_tokens"),
         ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "frequency_penalty": "1"}, "frequency_penalty"),
     ],
 )
@@ -124,3 +127,53 @@ def test_incremental_detokenizer_holds_split_characters():
     assert detok.add(euro[:1]) == ""
     assert detok.add(euro[1:]) == "€"
     assert detok.add([], final=True) == ""
+
+
+def test_logprobs_fields_parse():
+    assert parse_completion({"prompt": "x", "logprobs": 0}).sampling.logprobs == 0
+    assert parse_completion({"prompt": "x"}).sampling.logprobs is None
+    messages = [{"role": "user", "content": "hi"}]
+    assert parse_chat({"messages": messages, "logprobs": True}).sampling.logprobs == 0
+    chat = parse_chat({"messages": messages, "logprobs": True, "top_logprobs": 4})
+    assert chat.sampling.logprobs == 4
+    with pytest.raises(ProtocolError, match="top_logprobs"):
+        parse_chat({"messages": messages, "top_logprobs": 4})
+
+
+def test_logprobs_objects_and_a_stop_strings_cut():
+    def decode(ids):
+        return "".join(chr(97 + i) for i in ids)  # token i reads as one letter
+
+    entries = [
+        {"logprob": -0.1 * (i + 1), "top": [[i, -0.1 * (i + 1)], [9, -3.0]]} for i in range(4)
+    ]
+    r = LogprobsRenderer("completion", decode)
+    assert r.render([0, 1], entries[:2]) == {
+        "tokens": ["a", "b"],
+        "token_logprobs": [-0.1, -0.2],
+        "top_logprobs": [{"a": -0.1, "j": -3.0}, {"b": -0.2, "j": -3.0}],
+        "text_offset": [0, 1],
+    }
+    assert r.render([2], entries[2:3])["text_offset"] == [2]  # a stream's next chunk goes on
+    assert LogprobsRenderer("chat", decode).render([1], entries[1:2]) == {
+        "content": [
+            {
+                "token": "b",
+                "logprob": -0.2,
+                "bytes": [98],
+                "top_logprobs": [
+                    {"token": "b", "logprob": -0.2, "bytes": [98]},
+                    {"token": "j", "logprob": -3.0, "bytes": [106]},
+                ],
+            }
+        ]
+    }
+    # a stop string keeps a prefix of a delta's tokens: their entries only
+    assert kept_logprobs(TokenDelta([0, 1, 2], None, None, entries[:3]), [0, 1]) == entries[:2]
+    with pytest.raises(ValueError, match="carried 0"):
+        kept_logprobs(TokenDelta([0]), [0])
+    # texts that collide in a completions top_logprobs dict keep the likeliest's value
+    top = [{"logprob": -1.0, "top": [[0, -1.0], [1, -2.0]]}]
+    assert LogprobsRenderer("completion", lambda ids: "?").render([0], top)["top_logprobs"] == [
+        {"?": -1.0}
+    ]

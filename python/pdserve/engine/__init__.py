@@ -1,7 +1,7 @@
 """The inference engine: Llama-family model, paged KV cache, batch scheduler, sampler, model runner.
 
 Entry points (DESIGN §3): `LLMEngine`, `EngineConfig`, `SamplingParams`, `RequestMode`, `Reservation`,
-`NoCapacity`, `RequestOutput`, `KVLayout`, `WorkerFailure` (a tensor-parallel worker died); the offline API is `LLM`. Imported lazily by callers that
+`NoCapacity`, `RequestOutput` (with `TokenLogprobs`), `KVLayout`, `WorkerFailure` (a tensor-parallel worker died); the offline API is `LLM`. Imported lazily by callers that
 need torch; this module itself stays light.
 """
 
@@ -18,6 +18,7 @@ _LAZY = {
     "SamplingParams": "pdserve.engine.sampling_params",
     "RequestMode": "pdserve.engine.sequence",
     "RequestOutput": "pdserve.engine.sequence",
+    "TokenLogprobs": "pdserve.engine.sequence",
     "Reservation": "pdserve.engine.block_manager",
     "NoCapacity": "pdserve.engine.block_manager",
     "KVLayout": "pdserve.kv_layout",

@@ -7,6 +7,7 @@ from typing import Any
 
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import TokenLogprobs
 
 
 @dataclass
@@ -20,6 +21,9 @@ class GenerateOutput:
     text: str
     finish_reason: str | None
     num_cached_tokens: int
+    logprobs: list[TokenLogprobs] | None = (
+        None  # one per token, when SamplingParams.logprobs is set
+    )
 
 
 class LLM:
@@ -70,6 +74,7 @@ class LLM:
             self.engine.add_request(request_id, tokens, params)
             ids.append(request_id)
         generated: dict[str, list[int]] = {rid: [] for rid in ids}
+        logprobs: dict[str, list[TokenLogprobs]] = {rid: [] for rid in ids}
         reasons: dict[str, Any] = {}
         cached: dict[str, int] = {}
         try:
@@ -78,6 +83,7 @@ class LLM:
                     if out.request_id not in generated:
                         continue  # a request someone else added to this engine
                     generated[out.request_id].extend(out.new_token_ids)
+                    logprobs[out.request_id].extend(out.new_logprobs or [])
                     if out.finished:
                         reasons[out.request_id] = out.finish_reason
                         cached[out.request_id] = out.num_cached_tokens
@@ -94,8 +100,11 @@ class LLM:
                 text=self.tokenizer.decode(generated[rid]),
                 finish_reason=reasons[rid],
                 num_cached_tokens=cached[rid],
+                logprobs=logprobs[rid] if params.logprobs is not None else None,
             )
-            for rid, prompt, tokens in zip(ids, prompts, token_lists, strict=True)
+            for rid, prompt, tokens, params in zip(
+                ids, prompts, token_lists, params_list, strict=True
+            )
         ]
 
     def chat(

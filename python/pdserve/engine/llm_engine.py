@@ -345,8 +345,8 @@ class LLMEngine:
             def after_layer(layer_idx: int | None) -> None:
                 hook(layer_idx, items)
 
-        token_ids = self.runner.run(batch, after_layer)
-        self.scheduler.postprocess(batch, token_ids)
+        sampled = self.runner.run(batch, after_layer)
+        self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
         self.block_manager.run_evictor()
         for seq in batch.seqs:
             if seq.num_new_tokens_unreported or seq.is_finished:
@@ -367,6 +367,9 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,
+            new_logprobs=(seq.output_logprobs[len(seq.output_logprobs) - n :] if n else [])
+            if seq.params.logprobs is not None
+            else None,
         )
 
     # ---- introspection ------------------------------------------------------------------------

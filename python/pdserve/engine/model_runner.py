@@ -19,7 +19,7 @@ from pdserve.engine.attention import AttentionMetadata, triton_attention_availab
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.loader import init_dummy, init_dummy_sharded, load_safetensors
 from pdserve.engine.model import LlamaForCausalLM
-from pdserve.engine.sampler import sample
+from pdserve.engine.sampler import Sampled, sample, token_logprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch
 from pdserve.kv_layout import KVLayout
@@ -407,8 +407,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(
         self, batch: ScheduledBatch, after_layer: Callable[[int | None], None] | None = None
-    ) -> list[int | None]:
-        """Runs the batch; returns the sampled token of each sequence that reached its end (else None).
+    ) -> Sampled:
+        """Runs the batch; returns the sampled token of each sequence that reached its end (else None),
+        with its log-probabilities where asked.
         after_layer(layer_idx) fires once each layer's KV is written; a step replayed from a CUDA
         graph calls after_layer(None) once instead, when every layer's is (queued on this stream)."""
         graphs = self.decode_graphs
@@ -418,7 +419,7 @@ class ModelRunner:
 
     def _run_graph(
         self, graphs, batch: ScheduledBatch, after_layer: Callable[[int | None], None] | None
-    ) -> list[int | None]:
+    ) -> Sampled:
         """A batch replayed from a CUDA graph on a single rank (straight from the batch: no
         StepInputs); samples on the host side as `execute` does."""
         bs = graphs.prepare(batch)
@@ -445,7 +446,7 @@ class ModelRunner:
 
     def _execute_graph(
         self, inputs: StepInputs, after_layer: Callable[[int | None], None] | None
-    ) -> list[int | None]:
+    ) -> Sampled:
         """execute() through the graphs; every tensor-parallel rank replays (the graph holds the
         collectives), rank 0 samples."""
         graphs = self.decode_graphs
@@ -456,7 +457,7 @@ class ModelRunner:
         # every rank: computing logits outside the graph gathers them
         logits, rows = self._graph_logits(graphs, bs, out, inputs.sample_rows)
         if self.tp_rank != 0:
-            return [None] * inputs.num_seqs
+            return Sampled([None] * inputs.num_seqs)
         return _sample_graph_rows(
             logits,
             inputs.num_seqs,
@@ -492,7 +493,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, inputs: StepInputs, after_layer: Callable[[int | None], None] | None = None
-    ) -> list[int | None]:
+    ) -> Sampled:
         """Runs prepared inputs on this rank (replaying a graph when inputs.use_graph; after_layer as
         in `run`). Rank 0 returns one token or None per sequence; other tensor-parallel ranks take
         part in the collectives and return all None."""
@@ -500,18 +501,19 @@ class ModelRunner:
             return self._execute_graph(inputs, after_layer)
         input_ids, positions, meta, sample_rows = self._prepare(inputs)
         hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
-        result: list[int | None] = [None] * inputs.num_seqs
         if sample_rows.numel() == 0:
-            return result
+            return Sampled([None] * inputs.num_seqs)
         logits = self.model.compute_logits(hidden[sample_rows])  # full width on rank 0 only
         if self.tp_rank != 0:
-            return result
-        tokens = sample(
-            logits, inputs.sampling_params, inputs.output_positions, inputs.output_token_ids
+            return Sampled([None] * inputs.num_seqs)
+        return _sample_rows(
+            logits,
+            inputs.num_seqs,
+            inputs.sample_seq_indices,
+            inputs.sampling_params,
+            inputs.output_positions,
+            inputs.output_token_ids,
         )
-        for i, token in zip(inputs.sample_seq_indices, tokens, strict=True):
-            result[i] = token
-        return result
 
     @torch.inference_mode()
     def logits_for(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -529,20 +531,35 @@ def _sample_graph_rows(
     params: list[SamplingParams],
     output_positions: list[int],
     output_token_ids: list[list[int] | None] | None = None,
-) -> list[int | None]:
+) -> Sampled:
     """Samples sequence seq_indices[k] from a replayed graph's logits[rows[k]] (rows increasing); the
     other sequences get None. With nothing to sample it waits for the replay instead: either way the
     step has ended when this returns, which the graphs' reused pinned inputs rely on (see
     DecodeGraphs)."""
     if not rows:
         torch.cuda.current_stream(logits.device).synchronize()
-        return [None] * num_seqs
+        return Sampled([None] * num_seqs)
     if len(rows) != logits.shape[0]:  # else rows are 0..n-1 (they increase)
         logits = logits[rows]
-    result: list[int | None] = [None] * num_seqs
+    return _sample_rows(logits, num_seqs, seq_indices, params, output_positions, output_token_ids)
+
+
+def _sample_rows(
+    logits: torch.Tensor,
+    num_seqs: int,
+    seq_indices: list[int],
+    params: list[SamplingParams],
+    output_positions: list[int],
+    output_token_ids: list[list[int] | None] | None,
+) -> Sampled:
+    """Sequence seq_indices[k] samples from logits[k] [K, V]; the others get None."""
     tokens = sample(logits, params, output_positions, output_token_ids)
-    for i, token in zip(seq_indices, tokens, strict=True):
-        result[i] = token
+    logprobs = token_logprobs(logits, params, tokens)
+    result = Sampled([None] * num_seqs, None if logprobs is None else [None] * num_seqs)
+    for k, i in enumerate(seq_indices):
+        result.token_ids[i] = tokens[k]
+        if logprobs is not None:
+            result.logprobs[i] = logprobs[k]
     return result
 
 

@@ -7,11 +7,23 @@ not depend on the batch it shares, nor on which instance (prefill or decode) sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sequence import TokenLogprobs
 
 _POSITION_STRIDE = 1_000_003  # mixes the output position into the seed
+
+
+@dataclass
+class Sampled:
+    """One step's sampling, per sequence of the batch: its new token (None: it sampled nothing) and,
+    where its params ask for them, that token's log-probabilities (`logprobs` None: none asked)."""
+
+    token_ids: list[int | None]
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 def sample(
@@ -73,5 +85,27 @@ def apply_penalties(
         counts = torch.bincount(ids, minlength=vocab)[:vocab].to(logits.dtype)
         out[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
             logits.dtype
+        )
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, params: list[SamplingParams], token_ids: list[int]
+) -> list[TokenLogprobs | None] | None:
+    """Per row of logits [B, V] (the raw ones, before `apply_penalties`): token_ids[row]'s
+    log-probability and the top `params[row].logprobs`, where asked; None when no row asks."""
+    rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return None
+    logp = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor([[token_ids[r]] for r in rows], device=logp.device))
+    k = max(params[r].logprobs for r in rows)
+    top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0])
+    chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.long().tolist()
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    for i, row in enumerate(rows):
+        n = params[row].logprobs
+        out[row] = TokenLogprobs(
+            chosen[i][0], list(zip(top_ids[i][:n], top_values[i][:n], strict=True))
         )
     return out

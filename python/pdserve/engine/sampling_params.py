@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # most likely tokens returned per generated token, at most
+
 
 @dataclass
 class SamplingParams:
@@ -11,6 +13,9 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p 1.0 disables top-p.
     seed makes one request's sampling reproducible independently of the batch it runs in.
+    logprobs (None: off; k in [0, 20]) returns each generated token's log-probability under the
+    model's own distribution (log-softmax of the raw logits: before penalties, temperature, top-k and
+    top-p) and the k most likely tokens' (vLLM's default).
     presence_penalty / frequency_penalty (OpenAI's, in [-2, 2]) lower each token's logit by
     presence_penalty once it was generated and frequency_penalty per time generated (the prompt does
     not count), before temperature, top-k and top-p; greedy picks apply them too.
@@ -25,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
@@ -49,6 +55,14 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int)
+            or isinstance(self.logprobs, bool)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
         self.stop_token_ids = list(self.stop_token_ids or [])
         for token_id in self.stop_token_ids:
             if not isinstance(token_id, int) or token_id < 0:

@@ -19,6 +19,7 @@ from pdserve.engine.sequence import (
     RequestMode,
     Sequence,
     SequenceStatus,
+    TokenLogprobs,
 )
 
 
@@ -136,13 +137,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(
-        self, batch: ScheduledBatch, sampled_token_ids: list[int | None]
+        self,
+        batch: ScheduledBatch,
+        sampled_token_ids: list[int | None],
+        sampled_logprobs: list[TokenLogprobs | None] | None = None,
     ) -> list[Sequence]:
         """Advances the batch by one step; sampled_token_ids[i] is the new token of batch.seqs[i]
-        (None when it did not sample). Returns the sequences that finished (or got pinned)."""
+        (None when it did not sample), sampled_logprobs[i] its log-probabilities (None: not asked).
+        Returns the sequences that finished (or got pinned)."""
         finished: list[Sequence] = []
-        for seq, n, token_id in zip(
-            batch.seqs, batch.num_new_tokens, sampled_token_ids, strict=True
+        for i, (seq, n, token_id) in enumerate(
+            zip(batch.seqs, batch.num_new_tokens, sampled_token_ids, strict=True)
         ):
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.num_computed_prefill_tokens += min(
@@ -153,6 +158,8 @@ class Scheduler:
                 continue
             seq.token_ids.append(token_id)
             seq.num_new_tokens_unreported += 1
+            if sampled_logprobs is not None and sampled_logprobs[i] is not None:
+                seq.output_logprobs.append(sampled_logprobs[i])
             reason = self.check_stop(seq)
             if reason is None and seq.mode is RequestMode.PREFILL_ONLY:
                 reason = FINISH_PREFILLED

@@ -57,6 +57,9 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     pin_on_finish: bool = False  # keep the blocks after finishing until release_request (dcache)
+    # params.logprobs set: one entry per token this engine sampled (a DECODE_ONLY request's first
+    # token was sampled by the prefill instance, and its entry travelled with it)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +83,15 @@ class Sequence:
 
 
 @dataclass
+class TokenLogprobs:
+    """A generated token's log-probability under the model (log-softmax of its raw logits) and the
+    `SamplingParams.logprobs` most likely tokens' as (token id, log-probability), most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class RequestOutput:
     """What one step() produced for one request.
 
@@ -95,3 +107,6 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    new_logprobs: list[TokenLogprobs] | None = (
+        None  # one per new token, when params.logprobs is set
+    )

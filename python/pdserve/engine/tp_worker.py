@@ -35,6 +35,7 @@ from pdserve.engine import distributed
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.distributed import TPGroup, WorkerFailure
 from pdserve.engine.model_runner import ModelRunner, StepInputs, resolve_device
+from pdserve.engine.sampler import Sampled
 from pdserve.engine.scheduler import ScheduledBatch
 from pdserve.kv_layout import KVLayout
 
@@ -403,7 +404,7 @@ class TensorParallelRunner:
     # ---- what the engine calls -------------------------------------------------------------------
     def run(
         self, batch: ScheduledBatch, after_layer: Callable[[int | None], None] | None = None
-    ) -> list[int | None]:
+    ) -> Sampled:
         """Runs the batch on every rank; returns rank 0's sampled tokens (see ModelRunner.run).
 
         after_layer fires on the driver after rank 0 finished layer l (None: all layers, a graph
@@ -434,9 +435,7 @@ class TensorParallelRunner:
         """Sends (command, args) to every worker (they run it; rank 0 runs its part itself)."""
         _send_command(self._workers, self.group, message)
 
-    def _execute(
-        self, inputs: StepInputs, hook: Callable[[int | None], None] | None
-    ) -> list[int | None]:
+    def _execute(self, inputs: StepInputs, hook: Callable[[int | None], None] | None) -> Sampled:
         self._command(("execute", (inputs,)))
         with distributed.use_group(self.group):
             return self.runner.execute(inputs, hook)

@@ -263,6 +263,18 @@ def kv_layouts(engine) -> list[KVLayout]:
     return list(fn()) if fn is not None else [engine.kv_layout()]
 
 
+def output_logprobs(out) -> list[dict] | None:
+    """The output's new tokens' log-probabilities as JSON, one {"logprob", "top": [[id, logprob],
+    ...]} per token; None when the request did not ask for them."""
+    entries = getattr(out, "new_logprobs", None)
+    if entries is None:
+        return None
+    return [
+        {"logprob": float(e.logprob), "top": [[int(t), float(lp)] for t, lp in e.top]}
+        for e in entries
+    ]
+
+
 def output_fields(out) -> tuple[str, list[int], str | None, int | None]:
     """(request_id, new token ids, finish reason or None, cached prompt tokens if known)."""
     finish = getattr(out, "finish_reason", None)

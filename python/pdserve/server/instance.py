@@ -64,7 +64,7 @@ class EngineStream:
         _, new_ids, finish, num_cached = ea.output_fields(out)
         # set before returning it: a consumer closing us at the last delta ends nothing
         self._finished = finish is not None
-        return TokenDelta(new_ids, finish, num_cached)
+        return TokenDelta(new_ids, finish, num_cached, ea.output_logprobs(out))
 
     async def aclose(self) -> None:
         if self._closed:
@@ -465,6 +465,8 @@ class InstanceServer(PDHandlersMixin):
                 line = {"token_ids": d.new_token_ids, "finish_reason": d.finish_reason}
                 if d.num_cached_tokens is not None:
                     line["num_cached_tokens"] = d.num_cached_tokens
+                if d.logprobs is not None:
+                    line["logprobs"] = d.logprobs
                 await resp.write((json.dumps(line) + "\n").encode())
             await resp.write_eof()
         except ConnectionResetError:

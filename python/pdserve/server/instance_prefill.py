@@ -168,6 +168,7 @@ class PrefillHandlersMixin:
         self.prefills[request_id] = state
         ok = False
         first_token_id = None
+        first_logprobs = None  # the first token's, when asked: they travel with it to D's stream
         finish_reason = None
         num_cached = 0
         deltas = None
@@ -181,6 +182,7 @@ class PrefillHandlersMixin:
             async for d in deltas:
                 if d.new_token_ids and first_token_id is None:
                     first_token_id = d.new_token_ids[0]
+                    first_logprobs = d.logprobs[0] if d.logprobs else None
                 if d.num_cached_tokens is not None:
                     num_cached = d.num_cached_tokens
                 finish_reason = d.finish_reason
@@ -226,6 +228,7 @@ class PrefillHandlersMixin:
             {
                 "request_id": request_id,
                 "first_token_id": first_token_id,
+                "first_token_logprobs": first_logprobs,
                 "finish_reason": finish_reason,
                 "num_cached_tokens": num_cached,
                 "num_computed_tokens": len(token_ids) - num_cached,

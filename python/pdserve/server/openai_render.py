@@ -34,6 +34,8 @@ class TokenDelta:
     new_token_ids: list[int]
     finish_reason: str | None = None
     num_cached_tokens: int | None = None  # set once, when known
+    # when the request asked for them: one {"logprob", "top": [[id, logprob], ...]} per new token
+    logprobs: list[dict] | None = None
 
 
 class ChoiceText:
@@ -91,6 +93,61 @@ class ChoiceText:
         return kept, "".join(parts)
 
 
+class LogprobsRenderer:
+    """OpenAI's logprobs object for a choice's tokens, piece by piece (a stream's chunks) or at once.
+
+    Completions: {tokens, token_logprobs, top_logprobs, text_offset}; chat: {content: [{token, logprob,
+    bytes, top_logprobs: [{token, logprob, bytes}]}]}. A token's text is its own decoding (a byte of
+    a character split over tokens reads U+FFFD), text_offset the sum of the texts before it; in a
+    completions top_logprobs dict, tokens whose texts collide show once, with the likeliest's value.
+    """
+
+    def __init__(self, kind: str, decode):
+        self._kind = kind
+        self._decode = decode
+        self._text_offset = 0
+
+    def render(self, token_ids: list[int], entries: list[dict]) -> dict:
+        """`entries[i]` = {"logprob", "top": [[id, logprob], ...]} of token_ids[i] (TokenDelta)."""
+        texts = [self._decode([t]) for t in token_ids]
+        if self._kind == "chat":
+
+            def item(text: str, logprob: float) -> dict:
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+            content = []
+            for text, entry in zip(texts, entries, strict=True):
+                tops = [item(self._decode([t]), lp) for t, lp in entry["top"]]
+                content.append({**item(text, entry["logprob"]), "top_logprobs": tops})
+            return {"content": content}
+        offsets = []
+        for text in texts:
+            offsets.append(self._text_offset)
+            self._text_offset += len(text)
+        tops = []
+        for entry in entries:
+            top: dict[str, float] = {}
+            for t, lp in entry["top"]:  # tokens whose texts collide keep the likeliest's value
+                top.setdefault(self._decode([t]), lp)
+            tops.append(top)
+        return {
+            "tokens": texts,
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+
+def kept_logprobs(d: TokenDelta, kept: list[int]) -> list[dict]:
+    """The delta's entries for its first len(kept) tokens (the ones a stop string left)."""
+    if d.logprobs is None or len(d.logprobs) < len(d.new_token_ids):
+        raise ValueError(
+            f"logprobs were asked for, but a delta of {len(d.new_token_ids)} tokens carried "
+            f"{0 if d.logprobs is None else len(d.logprobs)}"
+        )
+    return d.logprobs[: len(kept)]
+
+
 class StreamTimer:
     """TTFT and mean TPOT of one request."""
 
@@ -138,6 +195,9 @@ async def render_response(
     created = int(time.time())
     choice = ChoiceText(decode, req.stop, incremental=req.stream)
     timer = StreamTimer()
+    # logprobs asked: one entry per kept token, rendered with the text that carries it
+    lp_renderer = LogprobsRenderer(req.kind, decode) if req.sampling.logprobs is not None else None
+    kept_entries: list[dict] = []
     finish_reason = None
     num_cached_tokens = 0
     if req.stream:
@@ -154,11 +214,17 @@ async def render_response(
                 kept, text = choice.add(d.new_token_ids, final=d.finish_reason is not None)
                 timer.tokens(len(kept))
                 unsent_ids.extend(kept)
+                if lp_renderer is not None:
+                    kept_entries.extend(kept_logprobs(d, kept))
                 end = "stop" if choice.stopped else d.finish_reason
                 finish_reason = end or finish_reason
                 if text or end is not None or (unsent_ids and first):
+                    logprobs = None
+                    if lp_renderer is not None:
+                        logprobs = lp_renderer.render(unsent_ids, kept_entries)
+                        kept_entries = []
                     chunk = chunk_json(
-                        req.kind, request_id, model, text, unsent_ids, end, created, first
+                        req.kind, request_id, model, text, unsent_ids, end, created, first, logprobs
                     )
                     await resp.write(sse(chunk))
                     unsent_ids = []
@@ -191,6 +257,8 @@ async def render_response(
                     num_cached_tokens = d.num_cached_tokens
                 kept, _ = choice.add(d.new_token_ids, final=d.finish_reason is not None)
                 timer.tokens(len(kept))
+                if lp_renderer is not None:
+                    kept_entries.extend(kept_logprobs(d, kept))
                 finish_reason = "stop" if choice.stopped else (d.finish_reason or finish_reason)
                 if choice.stopped:
                     if on_stop is not None:
@@ -217,6 +285,7 @@ async def render_response(
                 finish_reason,
                 usage,
                 created,
+                lp_renderer.render(choice.token_ids, kept_entries) if lp_renderer else None,
             )
         )
     if metrics is not None:

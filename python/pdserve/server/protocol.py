@@ -54,6 +54,7 @@ class Field:
 
 
 _NUM = (int, float)
+MAX_LOGPROBS = 20  # the engine's bound (SamplingParams)
 # Sampling fields common to both endpoints (the engine's SamplingParams takes them by these names).
 _SAMPLING_FIELDS: dict[str, Field] = {
     "model": Field(
@@ -77,7 +78,6 @@ _SAMPLING_FIELDS: dict[str, Field] = {
         doc="a non-empty string or a list of at most 4 non-empty strings: the text ends just "
         "before the first one generated (finish_reason stop)",
     ),
-    "logprobs": Field((bool, int), None, doc="not supported"),
     "presence_penalty": Field(
         _NUM, 0.0, minimum=-2.0, maximum=2.0, doc="lowers a generated token's logit once"
     ),
@@ -90,11 +90,26 @@ COMPLETION_FIELDS: dict[str, Field] = {
         (str, list), None, doc="a string or a list of token ids (one prompt per request)"
     ),
     "echo": Field((bool,), False, doc="only false is supported"),
+    "logprobs": Field(
+        (int,),
+        None,
+        minimum=0,
+        maximum=MAX_LOGPROBS,
+        doc="log-probabilities of each token and of the n most likely",
+    ),
     **_SAMPLING_FIELDS,
 }
 CHAT_FIELDS: dict[str, Field] = {
     "messages": Field(
         (list,), None, doc='[{"role": "system"|"user"|"assistant", "content": str}, ...]'
+    ),
+    "logprobs": Field((bool,), False, doc="log-probabilities of each token"),
+    "top_logprobs": Field(
+        (int,),
+        None,
+        minimum=0,
+        maximum=MAX_LOGPROBS,
+        doc="and of the n most likely (logprobs true)",
     ),
     **_SAMPLING_FIELDS,
 }
@@ -115,6 +130,7 @@ class SamplingSpec:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; n: each token's and the n most likely's
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -209,11 +225,7 @@ def _stop_strings(value: str | list | None) -> list[str]:
     return list(strings)
 
 
-def _sampling_from(values: dict[str, Any]) -> SamplingSpec:
-    if values.get("logprobs") not in (None, False):
-        raise ProtocolError(
-            f"'logprobs' is not supported ({_SAMPLING_FIELDS['logprobs'].doc})", param="logprobs"
-        )
+def _sampling_from(values: dict[str, Any], logprobs: int | None = None) -> SamplingSpec:
     stop_ids = values["stop_token_ids"] or []
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
         raise ProtocolError(
@@ -234,6 +246,7 @@ def _sampling_from(values: dict[str, Any]) -> SamplingSpec:
         ignore_eos=bool(values["ignore_eos"]),
         presence_penalty=float(values["presence_penalty"]),
         frequency_penalty=float(values["frequency_penalty"]),
+        logprobs=logprobs,
     )
 
 
@@ -259,7 +272,7 @@ def parse_completion(body: Any) -> GenerateRequest:
         raise ProtocolError("'echo' is not supported (only false)", param="echo")
     req = GenerateRequest(
         kind="completion",
-        sampling=_sampling_from(values),
+        sampling=_sampling_from(values, values["logprobs"]),
         model=values["model"],
         stop=_stop_strings(values["stop"]),
     )
@@ -301,9 +314,12 @@ def parse_chat(body: Any) -> GenerateRequest:
                 f"got {json.dumps(m)[:120]}",
                 param="messages",
             )
+    top = values["top_logprobs"]
+    if top is not None and not values["logprobs"]:
+        raise ProtocolError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     req = GenerateRequest(
         kind="chat",
-        sampling=_sampling_from(values),
+        sampling=_sampling_from(values, (top or 0) if values["logprobs"] else None),
         model=values["model"],
         stop=_stop_strings(values["stop"]),
     )
@@ -339,19 +355,22 @@ def response_json(
     finish_reason: str | None,
     usage: dict,
     created: int | None = None,
+    logprobs: dict | None = None,
 ) -> dict:
-    """A whole (non-stream) completion or chat completion. `token_ids` is an extension field."""
+    """A whole (non-stream) completion or chat completion. `token_ids` is an extension field;
+    `logprobs` the choice's OpenAI logprobs object (None: not asked)."""
     created = int(time.time()) if created is None else created
     if kind == "chat":
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
             "token_ids": token_ids,
         }
         obj = "chat.completion"
     else:
-        choice = _text_choice(text, token_ids, finish_reason)
+        choice = _text_choice(text, token_ids, finish_reason, logprobs)
         obj = "text_completion"
     return {
         "id": request_id,
@@ -363,14 +382,16 @@ def response_json(
     }
 
 
-def _text_choice(text: str, token_ids: list[int], finish_reason: str | None) -> dict:
+def _text_choice(
+    text: str, token_ids: list[int], finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
     """The one choice of a completions reply or stream chunk (the two have the same shape)."""
     return {
         "index": 0,
         "text": text,
         "finish_reason": finish_reason,
         "token_ids": token_ids,
-        "logprobs": None,
+        "logprobs": logprobs,
     }
 
 
@@ -383,8 +404,9 @@ def chunk_json(
     finish_reason: str | None,
     created: int,
     first: bool = False,
+    logprobs: dict | None = None,
 ) -> dict:
-    """One SSE chunk carrying new text."""
+    """One SSE chunk carrying new text (and its tokens' logprobs object when asked)."""
     if kind == "chat":
         delta: dict = {"content": text}
         if first:
@@ -392,12 +414,13 @@ def chunk_json(
         choice = {
             "index": 0,
             "delta": delta,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
             "token_ids": token_ids,
         }
         obj = "chat.completion.chunk"
     else:
-        choice = _text_choice(text, token_ids, finish_reason)
+        choice = _text_choice(text, token_ids, finish_reason, logprobs)
         obj = "text_completion"
     return {
         "id": request_id,

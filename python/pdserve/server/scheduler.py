@@ -378,7 +378,10 @@ class GlobalScheduler(ClusterMembershipMixin):
                         counted = False
                     finished = bool(line.get("finish_reason"))
                     yield TokenDelta(
-                        line["token_ids"], line.get("finish_reason"), line.get("num_cached_tokens")
+                        line["token_ids"],
+                        line.get("finish_reason"),
+                        line.get("num_cached_tokens"),
+                        line.get("logprobs"),
                     )
                     if finished:
                         return
@@ -478,11 +481,13 @@ class GlobalScheduler(ClusterMembershipMixin):
             first = pre["first_token_id"]
             all_tokens.append(first)
             num_cached = int(pre.get("num_cached_tokens") or 0)
+            first_logprobs = pre.get("first_token_logprobs")
+            first_logprobs = [first_logprobs] if first_logprobs is not None else None
             if pre.get("finish_reason"):
                 finished = True
-                yield TokenDelta([first], pre["finish_reason"], num_cached)
+                yield TokenDelta([first], pre["finish_reason"], num_cached, first_logprobs)
                 return
-            yield TokenDelta([first], None, num_cached)
+            yield TokenDelta([first], None, num_cached, first_logprobs)
             decode_body = {
                 "request_id": request_id,
                 "prompt_token_ids": token_ids,
@@ -509,7 +514,9 @@ class GlobalScheduler(ClusterMembershipMixin):
                         # set before the yield: closed at the last delta, D's request still
                         # finished on its own (no abort; its KV may go back to P)
                         finished = bool(line.get("finish_reason"))
-                        yield TokenDelta(line["token_ids"], line.get("finish_reason"))
+                        yield TokenDelta(
+                            line["token_ids"], line.get("finish_reason"), None, line.get("logprobs")
+                        )
                         if finished:
                             return
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
