@@ -249,6 +249,14 @@ def test_worker_failure_marks_the_instance_lost(tp):
     os.kill(workers[0], signal.SIGKILL)
     status, msg = post_error(f"{url['colo2']}/v1/completions", {"prompt": [1, 2, 3], **SAMPLING})
     assert status == 500 and "worker rank 1" in msg and "died" in msg, msg
+    # streamed, and the scheduler's internal stream: a JSON 500 before any byte (a scheduler takes
+    # it as the instance lost for the request)
+    body = {"prompt": [1, 2, 3], **SAMPLING, "stream": True}
+    status, msg = post_error(f"{url['colo2']}/v1/completions", body)
+    assert status == 500 and "died" in msg, msg
+    body = {"request_id": "t-dead-1", "prompt_token_ids": [1, 2, 3], "sampling": SAMPLING}
+    status, msg = post_error(f"{url['colo2']}/internal/v1/generate", body)
+    assert status == 500 and "engine failed" in msg, msg
     req = urllib.request.Request(f"{url['colo2']}/health")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=10)

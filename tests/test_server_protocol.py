@@ -170,7 +170,7 @@ def test_logprobs_objects_and_a_stop_strings_cut():
     }
     # a stop string keeps a prefix of a delta's tokens: their entries only
     assert kept_logprobs(TokenDelta([0, 1, 2], None, None, entries[:3]), [0, 1]) == entries[:2]
-    with pytest.raises(ValueError, match="carried 0"):
+    with pytest.raises(RuntimeError, match="carried 0"):
         kept_logprobs(TokenDelta([0]), [0])
     # texts that collide in a completions top_logprobs dict keep the likeliest's value
     top = [{"logprob": -1.0, "top": [[0, -1.0], [1, -2.0]]}]

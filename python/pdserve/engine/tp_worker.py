@@ -436,7 +436,11 @@ class TensorParallelRunner:
         _send_command(self._workers, self.group, message)
 
     def _execute(self, inputs: StepInputs, hook: Callable[[int | None], None] | None) -> Sampled:
-        self._command(("execute", (inputs,)))
+        # only rank 0 samples: the penalties' token history stays here
+        sent = inputs
+        if inputs.output_token_ids is not None:
+            sent = dataclasses.replace(inputs, output_token_ids=None)
+        self._command(("execute", (sent,)))
         with distributed.use_group(self.group):
             return self.runner.execute(inputs, hook)
 

@@ -21,7 +21,7 @@ from pdserve.server.auth import auth_middleware, cluster_headers, describe
 from pdserve.server.cli_serve import ConfigError, ServeConfig
 from pdserve.server.engine_loop import ENGINE_DEAD, EngineLoop
 from pdserve.server.instance_pd import PDHandlersMixin, Peer
-from pdserve.server.instance_prefill import PeerTargets, PrefillState, json_error
+from pdserve.server.instance_prefill import PeerTargets, PrefillState, json_error, start_error
 from pdserve.server.kv_staging import StagingArena
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_render import TokenDelta, render_response
@@ -363,10 +363,8 @@ class InstanceServer(PDHandlersMixin):
             deltas = await self._engine_stream(
                 request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
             )
-        except (
-            ValueError
-        ) as exc:  # the engine refused the request (too long, ...): nothing sent yet
-            return json_error(400, str(exc))
+        except Exception as exc:  # noqa: BLE001 - refused or failed: nothing was sent yet
+            return start_error(request_id, exc)
         try:
             return await render_response(
                 request,
@@ -491,8 +489,8 @@ class InstanceServer(PDHandlersMixin):
             deltas = await self._engine_stream(
                 request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
             )
-        except ValueError as exc:  # refused by the engine: a 400 the scheduler passes on
-            return json_error(400, str(exc))
+        except Exception as exc:  # noqa: BLE001 - refused (400: the scheduler passes it on) or failed
+            return start_error(request_id, exc)
         try:
             return await self._ndjson(request, deltas)
         finally:

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from pdserve.server import engine_adapter as ea
-from pdserve.server.instance_prefill import PrefillHandlersMixin, json_error
+from pdserve.server.instance_prefill import PrefillHandlersMixin, json_error, start_error
 from pdserve.server.protocol import ProtocolError, SamplingSpec
 from pdserve.server.transport import (
     TransferAborted,
@@ -115,8 +115,10 @@ class PDHandlersMixin(PrefillHandlersMixin):
             return False
         handle.cancel()
         staged = self.staged.pop(request_id, None)
+        arrived = False
         try:
             await self.transport.wait(request_id, KEEP_WAIT_S)
+            arrived = True
 
             def keep(engine):
                 if staged is not None:
@@ -126,8 +128,9 @@ class PDHandlersMixin(PrefillHandlersMixin):
             await self.call(keep)
         except Exception as exc:  # noqa: BLE001 - best effort: a later prompt just hits less
             log.info("request %s: its KV stays uncached on this instance: %s", request_id, exc)
-            await self.transport.abort(request_id)  # no write lands after this
         finally:
+            if not arrived:  # also when cancelled: no write may land in slots or blocks freed below
+                await self.transport.abort(request_id)
             if staged is not None:
                 self.arena.free(staged[1])
             await self._abort_and_release(request_id)  # the tree keeps its own references
@@ -180,10 +183,8 @@ class PDHandlersMixin(PrefillHandlersMixin):
 
         try:
             deltas = await self._engine_stream(request_id, start_decode)
-        except (
-            ValueError
-        ) as exc:  # refused by the engine (the prompt differs from the reserved one)
-            return json_error(400, f"decode of {request_id}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - refused (the prompt differs from the reserved one) or failed
+            return start_error(request_id, exc)
         finally:
             if staged is not None and not slots_freed:  # the engine refused the call (it failed)
                 self.arena.free(staged[1])

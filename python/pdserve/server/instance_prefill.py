@@ -32,6 +32,16 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response(ProtocolError(message, status).to_json(), status=status)
 
 
+def start_error(request_id: str, exc: Exception) -> web.Response:
+    """The answer to a request whose engine stream did not start: a 400 for a request the engine
+    refused (ValueError: a prompt past the context, ...), else a 500 (the engine failed; a scheduler
+    takes the instance as lost for the request and moves it elsewhere)."""
+    if isinstance(exc, ValueError):
+        return json_error(400, str(exc))
+    log.warning("request %s could not start: %r", request_id, exc)
+    return json_error(500, f"engine failed: {exc!r}")
+
+
 @dataclass(frozen=True)
 class PeerTargets:
     """Where a prefill's KV goes: D holds its first `num_cached_tokens` (a multiple of the block size),

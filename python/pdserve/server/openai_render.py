@@ -141,7 +141,7 @@ class LogprobsRenderer:
 def kept_logprobs(d: TokenDelta, kept: list[int]) -> list[dict]:
     """The delta's entries for its first len(kept) tokens (the ones a stop string left)."""
     if d.logprobs is None or len(d.logprobs) < len(d.new_token_ids):
-        raise ValueError(
+        raise RuntimeError(  # an instance's fault, not the client's: a 500
             f"logprobs were asked for, but a delta of {len(d.new_token_ids)} tokens carried "
             f"{0 if d.logprobs is None else len(d.logprobs)}"
         )

@@ -371,7 +371,7 @@ class GlobalScheduler(ClusterMembershipMixin):
                 f"{rec.url}/internal/v1/generate", json=payload
             ) as resp:
                 if resp.status != 200:
-                    raise ClusterError(error_message(await resp.json(), resp.status), resp.status)
+                    raise _start_failure(rec, resp.status, await resp.json())
                 async for line in self._ndjson_lines(resp):
                     if counted:
                         rec.inflight_prefill_tokens -= len(token_ids)
@@ -500,9 +500,7 @@ class GlobalScheduler(ClusterMembershipMixin):
                     f"{d.url}/internal/v1/decode", json=decode_body
                 ) as resp:
                     if resp.status != 200:
-                        raise ClusterError(
-                            error_message(await resp.json(), resp.status), resp.status
-                        )
+                        raise _start_failure(d, resp.status, await resp.json())
                     async for line in self._ndjson_lines(resp):
                         if line.get("kv_ready"):
                             d_reserved = False  # D's request owns the blocks now
@@ -609,3 +607,12 @@ class GlobalScheduler(ClusterMembershipMixin):
             )
         finally:
             await self._release(p, request_id)  # no-op after a commit
+
+
+def _start_failure(rec, status: int, body: dict) -> ClusterError:
+    """What a generate/decode stream that did not start raises: a 500 (the instance's engine failed)
+    loses the instance for this request, which then migrates; any other status goes to the client."""
+    message = error_message(body, status)
+    if status == 500:
+        return InstanceLost(rec.instance_id, f"{rec.instance_id}: {message}")
+    return ClusterError(message, status)

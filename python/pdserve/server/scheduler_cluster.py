@@ -32,7 +32,8 @@ class ClusterError(RuntimeError):
 
 
 class InstanceLost(ClusterError):
-    """A call to one instance failed at the transport level (process gone, connection cut)."""
+    """A call to one instance failed at the transport level (process gone, connection cut), or a
+    stream there could not start because its engine failed (HTTP 500)."""
 
     def __init__(self, instance_id: str, message: str):
         super().__init__(message, 502)
