@@ -19,6 +19,7 @@ from test_cluster_disagg import (
     PROMPTS,
     _start_cluster,
     _wait_linked,
+    check_first_token_kv_kept_on_decode,
     check_greedy_like_colocated,
     complete,
     stats,
@@ -120,17 +121,4 @@ def test_second_turn_hits_the_blocks_decode_sent_back(cluster):
 
 
 def test_kv_of_a_request_ending_at_its_first_token_stays_on_decode(cluster):
-    """max_tokens 1: D never decodes but keeps the prompt KV P pushed (release keep_kv); the same
-    prompt again sends only its partial block and answers as the colocated instance."""
-    lay = cluster["layer"]
-    info = http_json(f"{lay.prefill}/internal/v1/info")["layout"]
-    block_nbytes = info["num_layers"] * info["piece_nbytes"]
-    prompt = [(i * 23 + 9) % 250 for i in range(70)]  # 4 whole blocks + 6 tokens
-    ref = complete(cluster["colo"], prompt, max_tokens=8)["choices"][0]["token_ids"]
-    sent0 = stats(lay.prefill)["kv_bytes_sent"]
-    assert complete(lay.url, prompt, max_tokens=1)["choices"][0]["token_ids"] == ref[:1]
-    settle_and_check(lay.instances)
-    sent1 = stats(lay.prefill)["kv_bytes_sent"]
-    assert sent1 - sent0 == 5 * block_nbytes
-    assert complete(lay.url, prompt, max_tokens=8)["choices"][0]["token_ids"] == ref
-    assert stats(lay.prefill)["kv_bytes_sent"] - sent1 == 1 * block_nbytes
+    check_first_token_kv_kept_on_decode(cluster["layer"], cluster["colo"])

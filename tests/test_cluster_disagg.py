@@ -308,15 +308,15 @@ def test_transfer_skips_blocks_decode_already_holds(cluster):
     assert stats(whole.prefill)["kv_bytes_sent"] - w0 == 2 * 5 * block_nbytes
 
 
-def test_request_ending_at_its_first_token_leaves_its_kv_on_decode(cluster):
+def check_first_token_kv_kept_on_decode(lay: Cluster, colo_url: str) -> int:
     """max_tokens 1 ends a request with P's first token, so D never decodes; but P answered only once
     D held every byte of the prompt's KV. With caching D keeps it (release keep_kv): the same prompt
-    again moves only its partial block, and the answer is still the colocated one."""
-    lay = cluster["layer"]
+    again moves only its partial block, and the answer is still the colocated one. Returns a block's
+    bytes (all layers)."""
     info = http_json(f"{lay.prefill}/internal/v1/info")["layout"]
     block_nbytes = info["num_layers"] * info["piece_nbytes"]
     prompt = [(i * 23 + 9) % 250 for i in range(70)]  # 4 whole blocks + 6 tokens
-    ref = complete(cluster["colo"], prompt, max_tokens=8)["choices"][0]["token_ids"]
+    ref = complete(colo_url, prompt, max_tokens=8)["choices"][0]["token_ids"]
     sent0 = stats(lay.prefill)["kv_bytes_sent"]
     first = complete(lay.url, prompt, max_tokens=1)["choices"][0]["token_ids"]
     settle_and_check(lay.instances)
@@ -326,6 +326,12 @@ def test_request_ending_at_its_first_token_leaves_its_kv_on_decode(cluster):
     assert complete(lay.url, prompt, max_tokens=8)["choices"][0]["token_ids"] == ref
     assert stats(lay.prefill)["kv_bytes_sent"] - sent1 == 1 * block_nbytes
     assert stats(lay.decode)["num_hit_tokens"] - hits == 64
+    return block_nbytes
+
+
+def test_request_ending_at_its_first_token_leaves_its_kv_on_decode(cluster):
+    lay = cluster["layer"]
+    block_nbytes = check_first_token_kv_kept_on_decode(lay, cluster["colo"])
     # a stop token as the first token ends it the same way
     stop_prompt = [(i * 29 + 4) % 250 for i in range(40)]
     stop_first = complete(cluster["colo"], stop_prompt, max_tokens=1)["choices"][0]["token_ids"]
