@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # most likely tokens returned per generated token, at most
+MAX_ABS_PENALTY = 2.0  # presence/frequency penalties lie in [-2, 2] (OpenAI's range)
 
 
 @dataclass
@@ -52,9 +53,14 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
-            if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+                raise ValueError(
+                    f"{name} must be a number in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}], "
+                    f"got {value!r}"
+                )
+            if not -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY:
+                raise ValueError(
+                    f"{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}], got {value}"
+                )
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int)
             or isinstance(self.logprobs, bool)

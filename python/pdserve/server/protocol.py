@@ -13,6 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+# plain constants (the module needs no torch): the engine's own bounds, so the two never disagree
+from pdserve.engine.sampling_params import MAX_ABS_PENALTY, MAX_LOGPROBS
+
 
 class ProtocolError(ValueError):
     """A bad request: `status` is the HTTP status, the message is for people; `kind` is OpenAI's error
@@ -54,7 +57,6 @@ class Field:
 
 
 _NUM = (int, float)
-MAX_LOGPROBS = 20  # the engine's bound (SamplingParams)
 # Sampling fields common to both endpoints (the engine's SamplingParams takes them by these names).
 _SAMPLING_FIELDS: dict[str, Field] = {
     "model": Field(
@@ -79,10 +81,18 @@ _SAMPLING_FIELDS: dict[str, Field] = {
         "before the first one generated (finish_reason stop)",
     ),
     "presence_penalty": Field(
-        _NUM, 0.0, minimum=-2.0, maximum=2.0, doc="lowers a generated token's logit once"
+        _NUM,
+        0.0,
+        minimum=-MAX_ABS_PENALTY,
+        maximum=MAX_ABS_PENALTY,
+        doc="lowers a generated token's logit once",
     ),
     "frequency_penalty": Field(
-        _NUM, 0.0, minimum=-2.0, maximum=2.0, doc="lowers a token's logit per time generated"
+        _NUM,
+        0.0,
+        minimum=-MAX_ABS_PENALTY,
+        maximum=MAX_ABS_PENALTY,
+        doc="lowers a token's logit per time generated",
     ),
 }
 COMPLETION_FIELDS: dict[str, Field] = {
