@@ -109,16 +109,15 @@ class PDHandlersMixin(PrefillHandlersMixin):
     async def _keep_reservation(self, request_id: str) -> bool:
         """D, for a request that ended at its first token on P: P answered once D held every byte, so
         the prompt's KV is here; its whole blocks go into the radix tree (a later prompt sharing it
-        hits), then the reservation is dropped. A transfer that did not complete keeps nothing."""
-        handle = self.reservations.pop(request_id, None)
+        hits), then the reservation is released as any other (the tree keeps its own references).
+        A transfer that did not complete keeps nothing."""
+        handle = self.reservations.get(request_id)
         if handle is None:
             return False
-        handle.cancel()
-        staged = self.staged.pop(request_id, None)
-        arrived = False
+        handle.cancel()  # no expiry while the blocks are kept; the release below drops the entry
+        staged = self.staged.get(request_id)
         try:
             await self.transport.wait(request_id, KEEP_WAIT_S)
-            arrived = True
 
             def keep(engine):
                 if staged is not None:
@@ -128,12 +127,8 @@ class PDHandlersMixin(PrefillHandlersMixin):
             await self.call(keep)
         except Exception as exc:  # noqa: BLE001 - best effort: a later prompt just hits less
             log.info("request %s: its KV stays uncached on this instance: %s", request_id, exc)
-        finally:
-            if not arrived:  # also when cancelled: no write may land in slots or blocks freed below
-                await self.transport.abort(request_id)
-            if staged is not None:
-                self.arena.free(staged[1])
-            await self._abort_and_release(request_id)  # the tree keeps its own references
+        finally:  # also when cancelled: aborts the receive, frees the slots and the reservation
+            await self._release_reservation(request_id)
         return True
 
     def _free_staged(self, key: str) -> None:
