@@ -90,3 +90,70 @@ def test_watermark_evictor_frees_cached_prefixes():
     assert bm.run_evictor() >= 4 and bm.pool.num_cached <= 2  # 60% used > 50%: down to <= 20%
     assert bm.run_evictor() == 0
     bm.check_invariants()
+
+
+def test_a_running_requests_computed_blocks_are_hits_for_the_next():
+    s, bm = _sched(num_blocks=16, block_size=4, caching=True)
+    a = _seq("a", 10, max_tokens=8)
+    s.add(a)
+    _step(s, bm)  # a's prompt computed: 2 whole blocks, offered to the tree while a decodes
+    assert bm.pool.num_in_use == 3 and bm.tree.num_tree_blocks() == 2
+    s.add(_seq("b", 9, max_tokens=1))  # shares a's first 8 tokens
+    assert _step(s, bm)[0] == [("a", 1), ("b", 1)]  # b computes only its 9th token
+    assert bm.num_hit_tokens == 8 and a.status is SequenceStatus.RUNNING
+    _step(s, bm)  # a's 12th token computed: its 3rd block is whole and cached too
+    assert a.num_computed_tokens == 12 and bm.tree.num_tree_blocks() == 3
+    while s.has_unfinished():
+        _step(s, bm)
+    assert bm.pool.num_in_use == 0 and bm.pool.num_cached == bm.tree.num_tree_blocks()
+
+
+def test_twins_computed_in_one_step_keep_the_tree_evictable():
+    # a and b compute the same prompt in one step; a's blocks go to the tree first, b's copies stay
+    # b's (a block adopted under a's would pin a's blocks, which b does not hold, once a ends)
+    s, bm = _sched(num_blocks=10, block_size=4, caching=True)
+    a, b = _seq("a", 8, max_tokens=1), _seq("b", 8, max_tokens=12)
+    s.add(a), s.add(b)
+    _step(s, bm)
+    assert a.status is SequenceStatus.FINISHED and set(a.block_ids).isdisjoint(b.block_ids)
+    for _ in range(6):
+        _step(s, bm)  # b: 8 + 5 computed tokens, 3 whole blocks, its path not the tree's
+    assert bm.tree.num_tree_blocks() == 2 and bm.pool.num_cached == 2
+    # everything the pool calls available can be taken while b runs
+    c = Sequence("c", [50] * 12, 12, SamplingParams(max_tokens=1))
+    assert bm.can_grow(c, 12) and bm.num_available_blocks() == 10 - len(b.block_ids)
+    bm.grow(c, 12)
+    bm.check_invariants()
+
+
+def test_a_hit_that_stops_inside_a_cached_node_leaves_its_tail_evictable():
+    # a's 3 blocks are cached as one node; b's prompt is those 12 tokens, so b takes 2 blocks (one
+    # token must stay to compute) and the third, not held by anyone, must still be evictable
+    s, bm = _sched(num_blocks=6, block_size=4, caching=True)
+    s.add(_seq("a", 13, max_tokens=1))
+    _step(s, bm)
+    assert bm.pool.num_cached == 3
+    b = _seq("b", 12, max_tokens=4)
+    s.add(b)
+    _step(s, bm)
+    assert b.num_cached_tokens == 8 and bm.pool.num_cached == 1
+    c = Sequence("c", [50] * 12, 12, SamplingParams(max_tokens=1))
+    assert bm.num_available_blocks() == 3
+    bm.grow(c, 12)  # 2 free + the evicted tail
+    bm.check_invariants()
+
+
+def test_a_prefix_cached_step_by_step_demotes_whole_to_the_host_tier():
+    # a's prompt blocks and its later decode block enter the tree as a parent and a child node; making
+    # room for all 6 GPU blocks must demote both (one demote ticket takes the current leaves only)
+    copies = []
+    bm = BlockManager(6, 4, True, num_host_blocks=6, copy_blocks=lambda t: copies.append(t) or True)
+    s = Scheduler(bm, [999], 4, 64, 1000, True)
+    s.add(_seq("a", 8, max_tokens=6))
+    while s.has_unfinished():
+        _step(s, bm)
+    assert bm.pool.num_cached == 3 and bm.tree.num_nodes == 2
+    c = Sequence("c", [50] * 24, 24, SamplingParams(max_tokens=1))
+    bm.grow(c, 24)
+    assert len(copies) == 2 and bm.host_pool.num_cached == 3
+    bm.check_invariants()

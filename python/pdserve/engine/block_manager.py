@@ -104,18 +104,29 @@ class BlockManager:
         return ok
 
     def _make_room(self, num_blocks: int) -> None:
-        """Frees GPU blocks until num_blocks are free: demotes cached prefixes to the host tier when
-        there is one (making host room by dropping its LRU prefixes), then drops what remains."""
-        short = num_blocks - self.pool.num_free
-        if short <= 0 or self.tree is None:
+        """Frees GPU blocks until num_blocks are free (or nothing more can go): demotes cached prefixes
+        to the host tier when there is one (making host room by dropping its LRU prefixes), then drops
+        what remains."""
+        if self.tree is None:
             return
-        if self.host_pool is not None:
-            if self.host_pool.num_free < short:
-                self.tree.evict(short - self.host_pool.num_free, Tier.HOST)
-            self._run_ticket(self.tree.begin_demote(short))
-            short = num_blocks - self.pool.num_free
-        if short > 0:
-            self.tree.evict(short, Tier.GPU)
+        while (short := num_blocks - self.pool.num_free) > 0:
+            if self.host_pool is not None and self._demote_round(short):
+                continue
+            if len(self.tree.evict(short, Tier.GPU)):
+                continue
+            # what is left is GPU prefixes with children in the host tier, too big for the host's
+            # free room: dropping host leaves makes them leaves (evictable) or makes room to demote
+            if self.host_pool is None or not len(self.tree.evict(short, Tier.HOST)):
+                return
+
+    def _demote_round(self, num_blocks: int) -> bool:
+        """Demotes up to num_blocks of the LRU GPU leaves to the host tier; True if any moved. One ticket
+        takes the current leaves only (a parent keeps its GPU child until the commit), so a chain of
+        nodes (a prefix cached step by step while its request ran) takes a round per node."""
+        if self.host_pool.num_free < num_blocks:
+            self.tree.evict(num_blocks - self.host_pool.num_free, Tier.HOST)
+        ticket = self.tree.begin_demote(num_blocks)
+        return self._run_ticket(ticket) and len(ticket.src_block_ids) > 0
 
     def _take(self, num_blocks: int) -> list[int]:
         """Allocates num_blocks, demoting/evicting cached prefixes first if needed. Caller checked capacity."""
@@ -135,8 +146,10 @@ class BlockManager:
         caller owns one new reference on each id."""
         if self.tree is None or max_num_tokens < self.block_size:
             return 0, []
-        tokens = list(token_ids)
         max_blocks = max_num_tokens // self.block_size
+        # matched no further than max_blocks, so the tree splits a node there: a tail of a node we
+        # hold would count as cached (ref count 0) yet could not be evicted while we hold the rest
+        tokens = list(token_ids[: max_blocks * self.block_size])
         match = self.tree.match_prefix(tokens)
         block_ids = self._leading_gpu_blocks(match, max_blocks, 0)
         if block_ids:
@@ -180,6 +193,7 @@ class BlockManager:
         seq.block_ids = block_ids
         seq.num_computed_tokens = num_tokens
         seq.num_cached_tokens = num_tokens
+        seq.num_tree_blocks = len(block_ids)
         self.num_hit_tokens += num_tokens
 
     def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
@@ -193,6 +207,32 @@ class BlockManager:
         """Make seq.block_ids cover num_tokens tokens. Raises NoCapacity (nothing taken) if it can't."""
         seq.block_ids.extend(self._take(self.num_missing_blocks(seq, num_tokens)))
 
+    def cache_computed(self, seq: Sequence) -> None:
+        """Offers the tree the whole blocks seq has computed since the last call, while seq still runs,
+        so a request sharing the prefix (a system prompt, another choice of the same prompt) hits it
+        now rather than when seq ends. seq keeps its references, so none of them can be evicted while
+        it runs; a whole computed block is never written again (block tables are append-only).
+
+        Only a path made of seq's own blocks grows: where the tree caches seq's leading tokens in
+        other blocks (a twin computed in the same step), blocks adopted below them would keep their
+        ancestors, which seq does not hold, from ever being evicted. Such a sequence waits for its
+        release, when nothing holds the new leaf any more."""
+        if self.tree is None:
+            return
+        num_whole = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        if num_whole <= seq.num_tree_blocks:
+            return
+        seq.num_tree_blocks = num_whole
+        tokens = seq.token_ids[: num_whole * self.block_size]
+        match = self.tree.match_prefix(tokens)
+        num_matched = len(match.block_ids)
+        if [int(b) for b in match.block_ids] != seq.block_ids[:num_matched] or any(
+            int(t) != int(Tier.GPU) for t in match.tiers
+        ):
+            return
+        if num_matched < num_whole:
+            self.tree.insert(tokens, seq.block_ids[:num_whole])
+
     def release(self, seq: Sequence, cache: bool = True) -> None:
         """Drop the sequence's blocks; with radix caching its computed whole blocks go to the tree first."""
         if self.tree is not None and cache and seq.block_ids:
@@ -201,6 +241,7 @@ class BlockManager:
             self.pool.decref(seq.block_ids)
         seq.block_ids = []
         seq.num_computed_tokens = 0
+        seq.num_tree_blocks = 0
 
     def insert_cached(self, token_ids: list[int], block_ids: list[int]) -> int:
         """Puts the whole blocks of token_ids (block i = block_ids[i]) into the tree. The caller keeps

@@ -154,6 +154,7 @@ class Scheduler:
                     n, seq.num_prompt_tokens - seq.num_computed_tokens
                 )
             seq.num_computed_tokens += n
+            self.block_manager.cache_computed(seq)
             if token_id is None:
                 continue
             seq.token_ids.append(token_id)

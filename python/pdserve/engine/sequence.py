@@ -51,6 +51,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix tokens whose KV came from the radix tree at admission
+    num_tree_blocks: int = 0  # leading blocks of block_ids already offered to the radix tree
     num_peer_cached_tokens: int = 0  # PREFILL_ONLY: tokens the decode peer already holds
     num_sent_blocks: int = 0  # PREFILL_ONLY: blocks already handed to layer_hook
     num_new_tokens_unreported: int = 0  # generated tokens not yet returned by step()
