@@ -8,6 +8,7 @@ from pdserve.server.protocol import (
     IncrementalDetokenizer,
     ProtocolError,
     SamplingSpec,
+    choice_json,
     parse_chat,
     parse_completion,
     response_json,
@@ -39,7 +40,8 @@ def test_completion_defaults_and_token_prompt():
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "top_k": 0}, "top_k"),
-        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 65}, "n"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "bogus": 1}, "bogus"),
         ({"prompt": [1, -2]}, "prompt"),
@@ -111,10 +113,25 @@ def test_chat_messages_checked():
 def test_response_shapes():
     usage = usage_json(10, 3, 8)
     assert usage["prompt_tokens_details"]["cached_tokens"] == 8 and usage["total_tokens"] == 13
-    chat = response_json("chat", "id1", "m", "abc", [1, 2, 3], "length", usage)
+    choices = [choice_json("chat", 0, "abc", [1, 2, 3], "length")]
+    chat = response_json("chat", "id1", "m", choices, usage)
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] == "abc"
-    comp = response_json("completion", "id2", "m", "abc", [1], "stop", usage)
-    assert comp["object"] == "text_completion" and comp["choices"][0]["text"] == "abc"
+    choices = [choice_json("completion", i, t, [i], "stop") for i, t in enumerate(["ab", "c"])]
+    comp = response_json("completion", "id2", "m", choices, usage)
+    assert comp["object"] == "text_completion" and [c["text"] for c in comp["choices"]] == [
+        "ab",
+        "c",
+    ]
+    assert [c["index"] for c in comp["choices"]] == [0, 1]
+
+
+def test_choice_sampling_offsets_the_seed():
+    req = parse_completion({"prompt": "x", "n": 3, "seed": 7, "temperature": 0.8})
+    assert req.n == 3
+    assert [req.choice_sampling(i).seed for i in range(3)] == [7, 8, 9]
+    assert req.choice_sampling(2).temperature == 0.8
+    unseeded = parse_completion({"prompt": "x", "n": 2})
+    assert unseeded.choice_sampling(1).seed is None
 
 
 def test_incremental_detokenizer_holds_split_characters():

@@ -24,7 +24,7 @@ from pdserve.server.instance_pd import PDHandlersMixin, Peer
 from pdserve.server.instance_prefill import PeerTargets, PrefillState, json_error, start_error
 from pdserve.server.kv_staging import StagingArena
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
-from pdserve.server.openai_render import TokenDelta, render_response
+from pdserve.server.openai_render import TokenDelta, render_response, start_choices
 from pdserve.server.protocol import (
     ProtocolError,
     SamplingSpec,
@@ -357,12 +357,18 @@ class InstanceServer(PDHandlersMixin):
         except ProtocolError as exc:
             return web.json_response(exc.to_json(), status=exc.status)
         request_id = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        spec = req.sampling
+        arrived = time.perf_counter()
         self.num_requests_served += 1
-        try:
-            deltas = await self._engine_stream(
-                request_id, lambda e: ea.add_colocated(e, request_id, token_ids, spec)
+
+        async def start(i: int) -> EngineStream:
+            choice_id = request_id if i == 0 else f"{request_id}.n{i}"
+            spec = req.choice_sampling(i)
+            return await self._engine_stream(
+                choice_id, lambda e: ea.add_colocated(e, choice_id, token_ids, spec)
             )
+
+        try:
+            streams = await start_choices(req.n, start)
         except Exception as exc:  # noqa: BLE001 - refused or failed: nothing was sent yet
             return start_error(request_id, exc)
         try:
@@ -372,12 +378,14 @@ class InstanceServer(PDHandlersMixin):
                 request_id,
                 self.config.served_model_name,
                 len(token_ids),
-                deltas,
+                streams,
                 self.tokenizer.decode,
                 self.metrics,
+                started=arrived,
             )
         finally:
-            await deltas.aclose()
+            for stream in streams:
+                await stream.aclose()
 
     def _tokenize(self, req) -> list[int]:
         if req.prompt_token_ids is not None:

@@ -8,8 +8,9 @@ which ends the request where it runs), writes SSE chunks (then an optional usage
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from pdserve.server.protocol import (
     IncrementalDetokenizer,
     ProtocolError,
     StopStringMatcher,
+    choice_json,
     chunk_json,
     response_json,
     sse,
@@ -149,10 +151,10 @@ def kept_logprobs(d: TokenDelta, kept: list[int]) -> list[dict]:
 
 
 class StreamTimer:
-    """TTFT and mean TPOT of one request."""
+    """TTFT and mean TPOT of one choice, from `start` (`time.perf_counter()`, default now)."""
 
-    def __init__(self):
-        self.start = time.perf_counter()
+    def __init__(self, start: float | None = None):
+        self.start = time.perf_counter() if start is None else start
         self.first: float | None = None
         self.last: float | None = None
         self.num_tokens = 0
@@ -177,119 +179,287 @@ class StreamTimer:
         return (self.last - self.first) / (self.num_tokens - 1)
 
 
+class _ChoiceState:
+    """One choice while the reply renders: its text, timer, logprobs and what is not sent yet."""
+
+    def __init__(self, index: int, req: GenerateRequest, decode, started: float):
+        self.index = index
+        self.text = ChoiceText(decode, req.stop, incremental=req.stream)
+        self.timer = StreamTimer(started)
+        # logprobs asked: one entry per kept token, rendered with the text that carries it
+        self.lp = LogprobsRenderer(req.kind, decode) if req.sampling.logprobs is not None else None
+        self.entries: list[dict] = []
+        self.unsent_ids: list[
+            int
+        ] = []  # tokens whose text is held back (a split character, a stop)
+        self.first = True  # no chunk sent yet
+        self.finish_reason: str | None = None
+        self.num_cached_tokens = 0
+
+    def add(self, d: TokenDelta) -> tuple[str, str | None]:
+        """Takes a delta: (the text that may go out now, the finish reason when the choice ended)."""
+        if d.num_cached_tokens is not None:
+            self.num_cached_tokens = d.num_cached_tokens
+        kept, text = self.text.add(d.new_token_ids, final=d.finish_reason is not None)
+        self.timer.tokens(len(kept))
+        self.unsent_ids.extend(kept)
+        if self.lp is not None:
+            self.entries.extend(kept_logprobs(d, kept))
+        end = "stop" if self.text.stopped else d.finish_reason
+        self.finish_reason = end or self.finish_reason
+        return text, end
+
+    def chunk(
+        self, req, request_id, model, text: str, end: str | None, created: int
+    ) -> dict | None:
+        """The SSE chunk for what `add` returned, or None when nothing is due yet."""
+        if not (text or end is not None or (self.unsent_ids and self.first)):
+            return None
+        logprobs = None
+        if self.lp is not None:
+            logprobs = self.lp.render(self.unsent_ids, self.entries)
+            self.entries = []
+        chunk = chunk_json(
+            req.kind,
+            request_id,
+            model,
+            self.index,
+            text,
+            self.unsent_ids,
+            end,
+            created,
+            self.first,
+            logprobs,
+        )
+        self.unsent_ids = []
+        self.first = False
+        return chunk
+
+    def whole(self, kind: str) -> dict:
+        """The whole choice, for a non-stream reply."""
+        logprobs = self.lp.render(self.text.token_ids, self.entries) if self.lp else None
+        return choice_json(
+            kind, self.index, self.text.text, self.text.token_ids, self.finish_reason, logprobs
+        )
+
+
+class _Arrivals:
+    """(choice index, delta) from the choices' streams as they arrive. One stream is read directly;
+    several are read by a task each, so a choice that waits never holds back the others."""
+
+    def __init__(self, streams: list[AsyncIterator[TokenDelta]]):
+        self._streams = streams
+        self._ended: set[int] = set()
+        self._queue: asyncio.Queue | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def next(self) -> tuple[int, TokenDelta] | None:
+        """The next delta of any choice; None once every choice ended. Raises what a stream raised."""
+        if len(self._streams) == 1:
+            if self._ended:
+                return None
+            try:
+                return 0, await self._streams[0].__anext__()
+            except StopAsyncIteration:
+                self._ended.add(0)
+                return None
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._tasks = [
+                asyncio.create_task(self._pump(i, stream)) for i, stream in enumerate(self._streams)
+            ]
+        while len(self._ended) < len(self._streams):
+            i, item = await self._queue.get()
+            if i in self._ended:  # what a closed choice had queued
+                continue
+            if item is None:
+                self._ended.add(i)
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return i, item
+        return None
+
+    async def _pump(self, i: int, stream: AsyncIterator[TokenDelta]) -> None:
+        try:
+            async for d in stream:
+                self._queue.put_nowait((i, d))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which reports it
+            self._queue.put_nowait((i, exc))
+            return
+        self._queue.put_nowait((i, None))
+
+    async def close(self, i: int) -> None:
+        """Ends choice i now: its stream is closed, which ends its request where it runs."""
+        self._ended.add(i)
+        if self._tasks:
+            self._tasks[i].cancel()
+            await asyncio.gather(self._tasks[i], return_exceptions=True)
+        await self._streams[i].aclose()
+
+    async def aclose(self) -> None:
+        """Stops reading (the streams themselves are the caller's to close)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def start_choices(
+    n: int, start: Callable[[int], Awaitable[AsyncIterator[TokenDelta]]]
+) -> list[AsyncGenerator[TokenDelta, None]]:
+    """Starts a request's n choices (`start(i)` starts choice i and returns its deltas) and waits for
+    each one's first delta, so a failure to start (a refused request, no instance free) is raised
+    here, before any byte of the reply. Choice 0 goes first; the others start once its first token
+    came, when its prompt's KV is computed and in the radix cache, so they compute only the prompt's
+    last partial block. A failure closes every choice started (nothing stays held). Returns one
+    stream per choice (its first delta, then the rest); close each (`aclose`) when done."""
+    started: dict[int, AsyncIterator[TokenDelta]] = {}
+
+    async def begin(i: int) -> TokenDelta | None:
+        stream = await start(i)
+        started[i] = stream
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    try:
+        firsts = [await begin(0)]
+        if n > 1:
+            rest = [asyncio.ensure_future(begin(i)) for i in range(1, n)]
+            try:
+                firsts += await asyncio.gather(*rest)
+            finally:  # one failed: stop the others before closing what they started
+                for task in rest:
+                    task.cancel()
+                await asyncio.gather(*rest, return_exceptions=True)
+    except BaseException:
+        for stream in started.values():
+            await stream.aclose()
+        raise
+    return [_primed(first, started[i]) for i, first in enumerate(firsts)]
+
+
+async def _primed(
+    first: TokenDelta | None, stream: AsyncIterator[TokenDelta]
+) -> AsyncGenerator[TokenDelta, None]:
+    try:
+        if first is not None:
+            yield first
+        async for d in stream:
+            yield d
+    finally:
+        await stream.aclose()
+
+
 async def render_response(
     http_request: web.Request,
     req: GenerateRequest,
     request_id: str,
     model: str,
     num_prompt_tokens: int,
-    deltas: AsyncGenerator[TokenDelta, None],
+    streams: list[AsyncGenerator[TokenDelta, None]],
     decode,
     metrics: ServerMetrics | None = None,
-    on_stop: Callable[[], None] | None = None,
+    on_stop: Callable[[int], None] | None = None,
+    started: float | None = None,
 ) -> web.StreamResponse:
-    """Consumes `deltas` to the end, or until a stop string or the client's leaving: the producer is
-    closed then (here on a stop string, before the stream ends; by the caller when the client leaves),
-    which aborts the request and releases its blocks. `on_stop()` is called right before a stop string
-    closes the producer (never when the client leaves), so the producer can tell the two apart."""
+    """Renders the choices' deltas (`streams[i]` is choice i) to their ends, or until a stop string
+    ends a choice or the client leaves: a choice's stream is closed then (here on a stop string,
+    before the reply ends; by the caller when the client leaves), which aborts its request and
+    releases its blocks. `on_stop(i)` is called right before a stop string closes choice i (never
+    when the client leaves), so the producer can tell the two apart. `started`: the request's
+    arrival (`time.perf_counter()`), which TTFT counts from (default: now)."""
     created = int(time.time())
-    choice = ChoiceText(decode, req.stop, incremental=req.stream)
-    timer = StreamTimer()
-    # logprobs asked: one entry per kept token, rendered with the text that carries it
-    lp_renderer = LogprobsRenderer(req.kind, decode) if req.sampling.logprobs is not None else None
-    kept_entries: list[dict] = []
-    finish_reason = None
-    num_cached_tokens = 0
-    if req.stream:
-        resp = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await resp.prepare(http_request)
-        try:
-            first = True
-            unsent_ids: list[int] = []  # tokens whose text is held back (a split character, a stop)
-            async for d in deltas:
-                if d.num_cached_tokens is not None:
-                    num_cached_tokens = d.num_cached_tokens
-                kept, text = choice.add(d.new_token_ids, final=d.finish_reason is not None)
-                timer.tokens(len(kept))
-                unsent_ids.extend(kept)
-                if lp_renderer is not None:
-                    kept_entries.extend(kept_logprobs(d, kept))
-                end = "stop" if choice.stopped else d.finish_reason
-                finish_reason = end or finish_reason
-                if text or end is not None or (unsent_ids and first):
-                    logprobs = None
-                    if lp_renderer is not None:
-                        logprobs = lp_renderer.render(unsent_ids, kept_entries)
-                        kept_entries = []
-                    chunk = chunk_json(
-                        req.kind, request_id, model, text, unsent_ids, end, created, first, logprobs
-                    )
-                    await resp.write(sse(chunk))
-                    unsent_ids = []
-                    first = False
-                if choice.stopped:
-                    if on_stop is not None:
-                        on_stop()
-                    await deltas.aclose()  # ends the request now, before the stream's end
-                    break
-            usage = usage_json(num_prompt_tokens, len(choice.token_ids), num_cached_tokens)
-            if req.include_usage:
-                await resp.write(sse(usage_chunk_json(req.kind, request_id, model, created, usage)))
-            await resp.write(SSE_DONE)
-            await resp.write_eof()
-        except ConnectionResetError:
-            return resp  # the client left: the producer's `finally` releases the request
-        except Exception as exc:  # noqa: BLE001 - headers are out: report in-band, as OpenAI does
-            status = getattr(exc, "status", 500)
+    started = time.perf_counter() if started is None else started
+    choices = [_ChoiceState(i, req, decode, started) for i in range(len(streams))]
+    arrivals = _Arrivals(streams)
+
+    async def stop_choice(i: int) -> None:
+        if on_stop is not None:
+            on_stop(i)
+        await arrivals.close(i)  # ends the request now, before the reply ends
+
+    try:
+        if req.stream:
+            resp = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await resp.prepare(http_request)
             try:
-                await resp.write(sse(ProtocolError(f"generation failed: {exc}", status).to_json()))
+                while (arrival := await arrivals.next()) is not None:
+                    i, d = arrival
+                    choice = choices[i]
+                    text, end = choice.add(d)
+                    chunk = choice.chunk(req, request_id, model, text, end, created)
+                    if chunk is not None:
+                        await resp.write(sse(chunk))
+                    if choice.text.stopped:
+                        await stop_choice(i)
+                usage = _usage(choices, num_prompt_tokens)
+                if req.include_usage:
+                    await resp.write(
+                        sse(usage_chunk_json(req.kind, request_id, model, created, usage))
+                    )
                 await resp.write(SSE_DONE)
                 await resp.write_eof()
             except ConnectionResetError:
-                pass
-            return resp
-    else:
-        try:
-            async for d in deltas:
-                if d.num_cached_tokens is not None:
-                    num_cached_tokens = d.num_cached_tokens
-                kept, _ = choice.add(d.new_token_ids, final=d.finish_reason is not None)
-                timer.tokens(len(kept))
-                if lp_renderer is not None:
-                    kept_entries.extend(kept_logprobs(d, kept))
-                finish_reason = "stop" if choice.stopped else (d.finish_reason or finish_reason)
-                if choice.stopped:
-                    if on_stop is not None:
-                        on_stop()
-                    await deltas.aclose()  # ends the request before the reply goes out
-                    break
-        except Exception as exc:  # noqa: BLE001 - one JSON error for people
-            status = getattr(exc, "status", 500)
-            if not isinstance(status, int) or status < 400:
-                status = 500
-            if isinstance(exc, ValueError):
-                status = 400
-            return web.json_response(
-                ProtocolError(f"generation failed: {exc}", status).to_json(), status=status
+                return resp  # the client left: the caller closes the streams
+            except Exception as exc:  # noqa: BLE001 - headers are out: report in-band, as OpenAI does
+                status = getattr(exc, "status", 500)
+                try:
+                    await resp.write(
+                        sse(ProtocolError(f"generation failed: {exc}", status).to_json())
+                    )
+                    await resp.write(SSE_DONE)
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    pass
+                return resp
+        else:
+            try:
+                while (arrival := await arrivals.next()) is not None:
+                    i, d = arrival
+                    choices[i].add(d)
+                    if choices[i].text.stopped:
+                        await stop_choice(i)  # before the reply goes out
+            except Exception as exc:  # noqa: BLE001 - one JSON error for people
+                status = getattr(exc, "status", 500)
+                if not isinstance(status, int) or status < 400:
+                    status = 500
+                if isinstance(exc, ValueError):
+                    status = 400
+                return web.json_response(
+                    ProtocolError(f"generation failed: {exc}", status).to_json(), status=status
+                )
+            resp = web.json_response(
+                response_json(
+                    req.kind,
+                    request_id,
+                    model,
+                    [choice.whole(req.kind) for choice in choices],
+                    _usage(choices, num_prompt_tokens),
+                    created,
+                )
             )
-        usage = usage_json(num_prompt_tokens, len(choice.token_ids), num_cached_tokens)
-        resp = web.json_response(
-            response_json(
-                req.kind,
-                request_id,
-                model,
-                choice.text,
-                choice.token_ids,
-                finish_reason,
-                usage,
-                created,
-                lp_renderer.render(choice.token_ids, kept_entries) if lp_renderer else None,
-            )
-        )
+    finally:
+        await arrivals.aclose()
     if metrics is not None:
+        firsts = [c.timer.ttft for c in choices if c.timer.ttft is not None]
         metrics.observe_request(
-            timer.ttft, timer.tpot, finish_reason, num_prompt_tokens, len(choice.token_ids)
+            min(firsts) if firsts else None,
+            choices[0].timer.tpot,
+            choices[0].finish_reason,
+            num_prompt_tokens,
+            sum(len(c.text.token_ids) for c in choices),
         )
     return resp
+
+
+def _usage(choices: list[_ChoiceState], num_prompt_tokens: int) -> dict:
+    """The prompt once (its cache hit as the first choice saw it), the completions of every choice."""
+    return usage_json(
+        num_prompt_tokens,
+        sum(len(c.text.token_ids) for c in choices),
+        choices[0].num_cached_tokens,
+    )

@@ -8,6 +8,7 @@ message naming the field, the value seen and what is accepted. Responses follow 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any
 
 # plain constants (the module needs no torch): the engine's own bounds, so the two never disagree
 from pdserve.engine.sampling_params import MAX_ABS_PENALTY, MAX_LOGPROBS
+
+MAX_CHOICES = 64  # `n`: each choice is one engine request
 
 
 class ProtocolError(ValueError):
@@ -72,7 +75,13 @@ _SAMPLING_FIELDS: dict[str, Field] = {
     "stream_options": Field((dict,), None, doc='{"include_usage": bool}'),
     "stop_token_ids": Field((list,), None, doc="token ids that end the sequence"),
     "ignore_eos": Field((bool,), False),
-    "n": Field((int,), 1, minimum=1, maximum=1, doc="one choice per request"),
+    "n": Field(
+        (int,),
+        1,
+        minimum=1,
+        maximum=MAX_CHOICES,
+        doc="choices to sample for the prompt (choice i samples with seed + i when seed is set)",
+    ),
     "user": Field((str,), None),
     "stop": Field(
         (str, list),
@@ -165,6 +174,14 @@ class GenerateRequest:
     # Stop strings act on text, so whoever renders the text applies them (openai_render.ChoiceText);
     # they stay out of SamplingSpec, which is what the engines see.
     stop: list[str] = field(default_factory=list)
+    n: int = 1  # choices: one engine request each (see openai_render.start_choices)
+
+    def choice_sampling(self, index: int) -> SamplingSpec:
+        """The sampling of choice `index`: the request's, with seed + index when a seed is set (so
+        choice 0 is what the same request with n = 1 returns, and the choices differ)."""
+        if index == 0 or self.sampling.seed is None:
+            return self.sampling
+        return dataclasses.replace(self.sampling, seed=self.sampling.seed + index)
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -285,6 +302,7 @@ def parse_completion(body: Any) -> GenerateRequest:
         sampling=_sampling_from(values, values["logprobs"]),
         model=values["model"],
         stop=_stop_strings(values["stop"]),
+        n=int(values["n"]),
     )
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -332,6 +350,7 @@ def parse_chat(body: Any) -> GenerateRequest:
         sampling=_sampling_from(values, (top or 0) if values["logprobs"] else None),
         model=values["model"],
         stop=_stop_strings(values["stop"]),
+        n=int(values["n"]),
     )
     req.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     req.stream, req.include_usage = _stream_flags(values)
@@ -356,48 +375,57 @@ def usage_json(num_prompt_tokens: int, num_completion_tokens: int, num_cached_to
     }
 
 
-def response_json(
+def choice_json(
     kind: str,
-    request_id: str,
-    model: str,
+    index: int,
     text: str,
     token_ids: list[int],
     finish_reason: str | None,
-    usage: dict,
-    created: int | None = None,
     logprobs: dict | None = None,
 ) -> dict:
-    """A whole (non-stream) completion or chat completion. `token_ids` is an extension field;
-    `logprobs` the choice's OpenAI logprobs object (None: not asked)."""
-    created = int(time.time()) if created is None else created
+    """One whole choice of a (non-stream) reply. `token_ids` is an extension field; `logprobs` the
+    choice's OpenAI logprobs object (None: not asked)."""
     if kind == "chat":
-        choice = {
-            "index": 0,
+        return {
+            "index": index,
             "message": {"role": "assistant", "content": text},
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "token_ids": token_ids,
         }
-        obj = "chat.completion"
-    else:
-        choice = _text_choice(text, token_ids, finish_reason, logprobs)
-        obj = "text_completion"
+    return _text_choice(index, text, token_ids, finish_reason, logprobs)
+
+
+def response_json(
+    kind: str,
+    request_id: str,
+    model: str,
+    choices: list[dict],
+    usage: dict,
+    created: int | None = None,
+) -> dict:
+    """A whole (non-stream) completion or chat completion of `choices` (`choice_json`s)."""
+    created = int(time.time()) if created is None else created
     return {
         "id": request_id,
-        "object": obj,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage,
     }
 
 
 def _text_choice(
-    text: str, token_ids: list[int], finish_reason: str | None, logprobs: dict | None = None
+    index: int,
+    text: str,
+    token_ids: list[int],
+    finish_reason: str | None,
+    logprobs: dict | None = None,
 ) -> dict:
-    """The one choice of a completions reply or stream chunk (the two have the same shape)."""
+    """A choice of a completions reply or stream chunk (the two have the same shape)."""
     return {
-        "index": 0,
+        "index": index,
         "text": text,
         "finish_reason": finish_reason,
         "token_ids": token_ids,
@@ -409,6 +437,7 @@ def chunk_json(
     kind: str,
     request_id: str,
     model: str,
+    index: int,
     text: str,
     token_ids: list[int],
     finish_reason: str | None,
@@ -416,13 +445,14 @@ def chunk_json(
     first: bool = False,
     logprobs: dict | None = None,
 ) -> dict:
-    """One SSE chunk carrying new text (and its tokens' logprobs object when asked)."""
+    """One SSE chunk carrying new text of choice `index` (and its tokens' logprobs object when
+    asked); `first`: the choice's first chunk (chat adds the role)."""
     if kind == "chat":
         delta: dict = {"content": text}
         if first:
             delta["role"] = "assistant"
         choice = {
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
@@ -430,7 +460,7 @@ def chunk_json(
         }
         obj = "chat.completion.chunk"
     else:
-        choice = _text_choice(text, token_ids, finish_reason, logprobs)
+        choice = _text_choice(index, text, token_ids, finish_reason, logprobs)
         obj = "text_completion"
     return {
         "id": request_id,

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from pdserve.server.auth import auth_middleware, cluster_headers, describe
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
-from pdserve.server.openai_render import TokenDelta, render_response
+from pdserve.server.openai_render import TokenDelta, render_response, start_choices
 from pdserve.server.policies import InstanceSnapshot, Policy, RouteContext, make_policy
 from pdserve.server.prefix_index import PrefixIndex
 from pdserve.server.protocol import (
@@ -198,6 +198,7 @@ class GlobalScheduler(ClusterMembershipMixin):
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
 
     async def _public(self, request: web.Request, parse) -> web.StreamResponse:
+        arrived = time.perf_counter()
         try:
             try:
                 body = await request.json()
@@ -219,30 +220,23 @@ class GlobalScheduler(ClusterMembershipMixin):
             )
         request_id = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.num_requests += 1
-        stopped = asyncio.Event()  # set by the renderer at a stop string, not when the client left
-        deltas = self.generate(request_id, token_ids, req, stopped)
+        # set by the renderer at a stop string of choice i, not when the client left
+        stopped = [asyncio.Event() for _ in range(req.n)]
+
+        async def start(i: int) -> AsyncIterator[TokenDelta]:
+            choice_id = request_id if i == 0 else f"{request_id}.n{i}"
+            choice_req = (
+                req if i == 0 else dataclasses.replace(req, sampling=req.choice_sampling(i))
+            )
+            return self.generate(choice_id, token_ids, choice_req, stopped[i])
+
         try:
-            first = await deltas.__anext__()  # errors before the first token become HTTP errors
+            streams = await start_choices(req.n, start)  # errors before any token: HTTP errors
         except ClusterError as exc:
-            await deltas.aclose()
             headers = {"Retry-After": "1"} if exc.status == 503 else None
             return web.json_response(
                 ProtocolError(str(exc), exc.status).to_json(), status=exc.status, headers=headers
             )
-        except StopAsyncIteration:
-            first = None
-
-        async def chained() -> AsyncIterator[TokenDelta]:
-            try:
-                if first is not None:
-                    yield first
-                async for d in deltas:
-                    yield d
-            finally:
-                # the renderer closing us (a stop string) ends the request on P and D now
-                await deltas.aclose()
-
-        stream = chained()
         try:
             return await render_response(
                 request,
@@ -250,14 +244,17 @@ class GlobalScheduler(ClusterMembershipMixin):
                 request_id,
                 self.config.model,
                 len(token_ids),
-                stream,
+                streams,
                 self._decode_text,
                 self.metrics,
-                on_stop=stopped.set,
+                on_stop=lambda i: stopped[i].set(),
+                started=arrived,
             )
         finally:
-            await stream.aclose()
-            await deltas.aclose()
+            # the renderer closing a choice (a stop string) ends its request on P and D now; the
+            # rest end here (the client left, an error)
+            for stream in streams:
+                await stream.aclose()
 
     # ----------------------------------------------------------------- routing
     def _candidates(self, role: str) -> list[InstanceSnapshot]:
