@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pdserve.server.detokenize import IncrementalDetokenizer
 from pdserve.server.openai_render import LogprobsRenderer, TokenDelta, kept_logprobs
 from pdserve.server.protocol import (
-    IncrementalDetokenizer,
     ProtocolError,
     SamplingSpec,
     choice_json,

@@ -9,8 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from pdserve.server.openai_render import ChoiceText
-from pdserve.server.protocol import StopStringMatcher
+from pdserve.server.detokenize import ChoiceText, StopStringMatcher
 
 
 def feed(matcher: StopStringMatcher, pieces: list[str]) -> list[str]:

@@ -1,8 +1,9 @@
-"""Turns a stream of generated token ids into an OpenAI response (SSE or one JSON), for instances and scheduler.
+"""Turns streams of generated token ids into an OpenAI response (SSE or one JSON), for instances and scheduler.
 
-The producer is an async generator of `TokenDelta`s; the renderer detokenizes incrementally, cuts the
-text at the request's stop strings (then tells the caller through `on_stop` and closes the producer,
-which ends the request where it runs), writes SSE chunks (then an optional usage chunk and
+One producer per choice (`n`), each an async iterator of `TokenDelta`s, started by `start_choices`; the
+renderer reads them as they arrive, detokenizes each choice incrementally, cuts it at the request's
+stop strings (then tells the caller through `on_stop` and closes that producer, which ends its request
+where it runs), writes SSE chunks under each choice's index (then an optional usage chunk and
 `data: [DONE]`) or one JSON body, and records TTFT/TPOT.
 """
 
@@ -15,13 +16,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from pdserve.server.detokenize import ChoiceText
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.protocol import (
     SSE_DONE,
     GenerateRequest,
-    IncrementalDetokenizer,
     ProtocolError,
-    StopStringMatcher,
     choice_json,
     chunk_json,
     response_json,
@@ -38,61 +38,6 @@ class TokenDelta:
     num_cached_tokens: int | None = None  # set once, when known
     # when the request asked for them: one {"logprob", "top": [[id, logprob], ...]} per new token
     logprobs: list[dict] | None = None
-
-
-class ChoiceText:
-    """One choice's text as its tokens arrive: incremental detokenization, then the stop strings.
-
-    With stop strings the tokens are detokenized one at a time, so the token that completes a stop
-    string is known: it is the last one kept (usage counts up to it) and later ones are dropped.
-    Not `incremental` (a whole reply without stop strings), the text is decoded once, at the end.
-    """
-
-    def __init__(self, decode, stop: list[str], incremental: bool = True):
-        self._decode = decode  # decode(list[int]) -> str
-        self._detok = IncrementalDetokenizer(decode)
-        self._stop = StopStringMatcher(stop) if stop else None
-        self._incremental = incremental or self._stop is not None
-        self._parts: list[str] = []  # the text handed out so far
-        self.token_ids: list[int] = []  # the tokens kept: all received, or up to the stop string
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop is not None and self._stop.stopped
-
-    @property
-    def text(self) -> str:
-        """All of the text so far (after the last `add`, the whole reply)."""
-        return "".join(self._parts) if self._incremental else self._decode(self.token_ids)
-
-    def add(self, new_token_ids: list[int], final: bool) -> tuple[list[int], str]:
-        """(the tokens of `new_token_ids` kept, the text that may go out now); `final`: no more follow."""
-        if self.stopped:
-            return [], ""
-        if not self._incremental:
-            self.token_ids.extend(new_token_ids)
-            return list(new_token_ids), ""
-        if self._stop is None:
-            kept, text = list(new_token_ids), self._detok.add(new_token_ids, final)
-        else:
-            kept, text = self._add_until_stop(new_token_ids, final)
-        self.token_ids.extend(kept)
-        self._parts.append(text)
-        return kept, text
-
-    def _add_until_stop(self, new_token_ids: list[int], final: bool) -> tuple[list[int], str]:
-        kept: list[int] = []
-        parts: list[str] = []
-        for token_id in new_token_ids:
-            kept.append(token_id)
-            parts.append(self._stop.add(self._detok.add([token_id])))
-            if self._stop.stopped:
-                return kept, "".join(parts)
-        if final:  # the detokenizer's held bytes, then the text held for the stop strings
-            parts.append(self._stop.add(self._detok.add([], final=True)))
-            if not self._stop.stopped:
-                parts.append(self._stop.flush())
-        return kept, "".join(parts)
 
 
 class LogprobsRenderer:
