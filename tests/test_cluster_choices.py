@@ -146,7 +146,7 @@ def test_a_stream_carries_every_choice_under_its_index(urls, name):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("name", ["colo", "layer"])
+@pytest.mark.parametrize("name", ["colo", "colo_sched", "layer"])
 def test_a_stop_string_ends_its_choice_and_not_the_others(urls, name, stream):
     url = urls[name]
     body = {"prompt": "The quick brown fox", "max_tokens": 30, "n": 2, "seed": 5, **SAMPLED}
@@ -172,7 +172,7 @@ def test_a_stop_string_ends_its_choice_and_not_the_others(urls, name, stream):
 
 def test_the_client_leaving_ends_every_choice(urls):
     body = {"prompt": list(range(5, 70)), "max_tokens": 400, "n": 3, "stream": True, **SAMPLED}
-    for url in (urls["colo"], urls["layer"]):
+    for url in (urls["colo"], urls["colo_sched"], urls["layer"]):
         resp = open_stream(f"{url}/v1/completions", body)
         seen = set()
         for raw in resp:

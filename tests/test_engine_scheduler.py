@@ -101,10 +101,13 @@ def test_a_running_requests_computed_blocks_are_hits_for_the_next():
     s.add(_seq("b", 9, max_tokens=1))  # shares a's first 8 tokens
     assert _step(s, bm)[0] == [("a", 1), ("b", 1)]  # b computes only its 9th token
     assert bm.num_hit_tokens == 8 and a.status is SequenceStatus.RUNNING
-    _step(s, bm)  # a's 12th token computed: its 3rd block is whole and cached too
-    assert a.num_computed_tokens == 12 and bm.tree.num_tree_blocks() == 3
+    _step(
+        s, bm
+    )  # a's 12th token computed: its 3rd block is whole, but generated: offered at the end
+    assert a.num_computed_tokens == 12 and bm.tree.num_tree_blocks() == 2
     while s.has_unfinished():
         _step(s, bm)
+    assert bm.tree.num_tree_blocks() == 4  # 17 computed tokens at the end
     assert bm.pool.num_in_use == 0 and bm.pool.num_cached == bm.tree.num_tree_blocks()
 
 
@@ -144,7 +147,8 @@ def test_a_hit_that_stops_inside_a_cached_node_leaves_its_tail_evictable():
 
 
 def test_a_prefix_cached_step_by_step_demotes_whole_to_the_host_tier():
-    # a's prompt blocks and its later decode block enter the tree as a parent and a child node; making
+    # a's prompt blocks (while it runs) and its decode block (when it ends) enter the tree as a parent
+    # and a child node; making
     # room for all 6 GPU blocks must demote both (one demote ticket takes the current leaves only)
     copies = []
     bm = BlockManager(6, 4, True, num_host_blocks=6, copy_blocks=lambda t: copies.append(t) or True)
@@ -157,3 +161,22 @@ def test_a_prefix_cached_step_by_step_demotes_whole_to_the_host_tier():
     bm.grow(c, 24)
     assert len(copies) == 2 and bm.host_pool.num_cached == 3
     bm.check_invariants()
+
+
+def test_a_host_hit_with_no_gpu_room_leaves_the_host_tier_alone():
+    # the GPU is all held by a running request: a waiting prompt whose prefix sits in the host tier
+    # cannot be promoted now, and looking for room must not drop the host's cached prefixes
+    bm = BlockManager(4, 4, True, num_host_blocks=8, copy_blocks=lambda t: True)
+    s = Scheduler(bm, [999], 4, 64, 1000, True)
+    s.add(_seq("a", 9, max_tokens=1))
+    _step(s, bm)  # a's 2 whole blocks cached on the GPU
+    b = Sequence("b", [50] * 13, 13, SamplingParams(max_tokens=3, ignore_eos=True))
+    s.add(b)
+    _step(s, bm)  # b takes all 4 GPU blocks: a's prefix moves to the host tier
+    assert bm.host_pool.num_cached == 2 and bm.pool.num_free == 0 and bm.pool.num_cached == 0
+    s.add(_seq("c", 9, max_tokens=1))  # a's prompt: its prefix is on the host
+    _step(s, bm)
+    assert bm.host_pool.num_cached == 2 and [q.request_id for q in s.waiting] == ["c"]
+    while s.has_unfinished():
+        _step(s, bm)
+    assert bm.num_hit_tokens == 8  # c, once b ended, took a's prefix back from the host

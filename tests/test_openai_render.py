@@ -44,6 +44,7 @@ def test_later_choices_start_after_the_first_ones_first_delta():
         got = []
         for stream in streams:
             got.append([t for d in [d async for d in stream] for t in d.new_token_ids])
+            await stream.aclose()
         return got
 
     assert asyncio.run(run()) == [[0, 0], [1, 1], [2, 2]]
@@ -60,6 +61,21 @@ def test_a_choice_that_cannot_start_closes_every_started_one():
     with pytest.raises(ValueError, match="choice 2 refused"):
         asyncio.run(start_choices(3, start))
     assert sorted(e for e in log if e[0] == "closed") == [("closed", i) for i in range(3)]
+
+
+def test_a_started_choice_closed_before_it_was_read_is_closed():
+    log: list = []
+
+    async def start(i: int) -> FakeStream:
+        return FakeStream(i, log)
+
+    async def run() -> None:
+        streams = await start_choices(2, start)
+        for stream in streams:  # e.g. the reply failed before reading any choice
+            await stream.aclose()
+
+    asyncio.run(run())
+    assert sorted(e for e in log if e[0] == "closed") == [("closed", 0), ("closed", 1)]
 
 
 def test_closing_one_choice_leaves_the_others_running():

@@ -114,9 +114,11 @@ class BlockManager:
                 continue
             if len(self.tree.evict(short, Tier.GPU)):
                 continue
+            if self.host_pool is None or self.pool.num_cached == 0:
+                return  # the GPU holds no cached block that more work could free
             # what is left is GPU prefixes with children in the host tier, too big for the host's
             # free room: dropping host leaves makes them leaves (evictable) or makes room to demote
-            if self.host_pool is None or not len(self.tree.evict(short, Tier.HOST)):
+            if not len(self.tree.evict(short, Tier.HOST)):
                 return
 
     def _demote_round(self, num_blocks: int) -> bool:
@@ -155,7 +157,12 @@ class BlockManager:
         if block_ids:
             self.pool.incref(block_ids)  # also keeps them from being demoted while we promote
         num_host = sum(1 for t in match.tiers if int(t) == int(Tier.HOST))
-        if self.host_pool is not None and num_host and len(block_ids) < max_blocks:
+        if (
+            self.host_pool is not None
+            and num_host
+            and len(block_ids) < max_blocks
+            and self.num_available_blocks() >= num_host
+        ):
             self._make_room(num_host)
             ticket = None
             if self.pool.num_free >= num_host:
@@ -208,10 +215,12 @@ class BlockManager:
         seq.block_ids.extend(self._take(self.num_missing_blocks(seq, num_tokens)))
 
     def cache_computed(self, seq: Sequence) -> None:
-        """Offers the tree the whole blocks seq has computed since the last call, while seq still runs,
-        so a request sharing the prefix (a system prompt, another choice of the same prompt) hits it
-        now rather than when seq ends. seq keeps its references, so none of them can be evicted while
-        it runs; a whole computed block is never written again (block tables are append-only).
+        """Offers the tree the whole prompt blocks seq has computed since the last call, while seq still
+        runs, so a request sharing the prefix (a system prompt, another choice of the same prompt)
+        hits it now rather than when seq ends (which offers the generated blocks too). seq keeps its
+        references, so none of them can be evicted while it runs; a whole computed block is never
+        written again (block tables are append-only). Prompt blocks only: a prefix is shared while
+        its request runs, an answer rarely; and each offer walks the path from the root.
 
         Only a path made of seq's own blocks grows: where the tree caches seq's leading tokens in
         other blocks (a twin computed in the same step), blocks adopted below them would keep their
@@ -219,7 +228,8 @@ class BlockManager:
         release, when nothing holds the new leaf any more."""
         if self.tree is None:
             return
-        num_whole = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        num_computed = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+        num_whole = min(num_computed // self.block_size, len(seq.block_ids))
         if num_whole <= seq.num_tree_blocks:
             return
         seq.num_tree_blocks = num_whole
@@ -271,8 +281,13 @@ class BlockManager:
                 f"request {request_id!r} needs {num_new} KV blocks, "
                 f"{self.num_available_blocks()} free or evictable of {self.pool.num_total}"
             )
-        self._make_room(num_new)
-        new_ids = self.pool.reserve(request_id, num_new).tolist() if num_new > 0 else []
+        try:
+            self._make_room(num_new)
+            new_ids = self.pool.reserve(request_id, num_new).tolist() if num_new > 0 else []
+        except BaseException:
+            if cached_ids:
+                self.pool.decref(cached_ids)
+            raise
         reservation = Reservation(
             request_id, num_cached, cached_ids, new_ids, list(prompt_token_ids)
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -251,7 +251,7 @@ class _Arrivals:
 
 async def start_choices(
     n: int, start: Callable[[int], Awaitable[AsyncIterator[TokenDelta]]]
-) -> list[AsyncGenerator[TokenDelta, None]]:
+) -> list[_Primed]:
     """Starts a request's n choices (`start(i)` starts choice i and returns its deltas) and waits for
     each one's first delta, so a failure to start (a refused request, no instance free) is raised
     here, before any byte of the reply. Choice 0 goes first; the others start once its first token
@@ -282,19 +282,29 @@ async def start_choices(
         for stream in started.values():
             await stream.aclose()
         raise
-    return [_primed(first, started[i]) for i, first in enumerate(firsts)]
+    return [_Primed(first, started[i]) for i, first in enumerate(firsts)]
 
 
-async def _primed(
-    first: TokenDelta | None, stream: AsyncIterator[TokenDelta]
-) -> AsyncGenerator[TokenDelta, None]:
-    try:
-        if first is not None:
-            yield first
-        async for d in stream:
-            yield d
-    finally:
-        await stream.aclose()
+class _Primed:
+    """A started choice's stream with its first delta pulled already. `aclose()` closes the stream
+    even when this was never iterated (an async generator closed before its start runs no `finally`)."""
+
+    def __init__(self, first: TokenDelta | None, stream: AsyncIterator[TokenDelta]):
+        self._first = first
+        self._stream = stream
+
+    def __aiter__(self) -> _Primed:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._stream.aclose()
 
 
 async def render_response(
@@ -303,7 +313,7 @@ async def render_response(
     request_id: str,
     model: str,
     num_prompt_tokens: int,
-    streams: list[AsyncGenerator[TokenDelta, None]],
+    streams: list[_Primed],
     decode,
     metrics: ServerMetrics | None = None,
     on_stop: Callable[[int], None] | None = None,

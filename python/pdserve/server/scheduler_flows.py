@@ -77,8 +77,10 @@ class RequestFlowsMixin:
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise InstanceLost(rec.instance_id, f"stream of {request_id}: {exc!r}") from exc
-        except GeneratorExit:
-            closed_early = not finished  # by the consumer: a stop string, or the client left
+        except (GeneratorExit, asyncio.CancelledError):
+            # by the consumer (a stop string, the client left): closed at a yield, or cancelled
+            # while waiting for the next line (a choice of several, read by its own task)
+            closed_early = not finished
             raise
         finally:
             if counted:
@@ -229,7 +231,9 @@ class RequestFlowsMixin:
             elif d_reserved or not finished:
                 await self._release(d, request_id, abort=True)
             # ended by a stop string after D took over: D's abort above put the computed blocks into
-            # its tree, so they can go back to P (`stopped` is only ever set at a yield, by the consumer)
+            # its tree, so they can go back to P (`stopped` is set by the consumer, at a yield or,
+            # for a choice of several, while this waits for D's next line: all_tokens may then hold
+            # a few tokens past the stop, whose KV D computed as well)
             at_stop = not finished and d_owns and stopped is not None and stopped.is_set()
             self._after_request(p, d, request_id, all_tokens if finished or at_stop else None)
 
