@@ -185,6 +185,25 @@ def test_greedy_outputs_identical_colocated_layerwise_whole(cluster):
     assert got["token_ids"] == ref["token_ids"] and got["text"] == ref["text"]
 
 
+def test_logit_bias_through_every_path_equals_the_colocated_instance(cluster):
+    """P samples the first token and D the rest, both with the request's bias: the answers equal
+    the colocated instance's, and the banned token never comes. Bad biases are 400s naming the field."""
+    prompt = PROMPTS[2]
+    plain = complete(cluster["colo"], prompt)["choices"][0]["token_ids"]
+    bias = {str(plain[0]): -100, str(plain[1]): -100, "65": 2.5}
+    ref = complete(cluster["colo"], prompt, logit_bias=bias)["choices"][0]["token_ids"]
+    assert ref != plain and plain[0] not in ref and plain[1] not in ref
+    for url in (cluster["layer"].url, cluster["whole"].url, cluster["colo_sched"]):
+        assert complete(url, prompt, logit_bias=bias)["choices"][0]["token_ids"] == ref, url
+    for url in (cluster["layer"].url, cluster["colo"], cluster["colo_sched"]):
+        for bad, words in (({"x": 1}, "token ids"), ({"5": 101}, "[-100, 100]")):
+            status, msg = post_error(f"{url}/v1/completions", {"prompt": "x", "logit_bias": bad})
+            assert status == 400 and "logit_bias" in msg and words in msg, (url, msg)
+        body = {"prompt": "x", "logit_bias": {"100000": 1}, "max_tokens": 2}
+        status, msg = post_error(f"{url}/v1/completions", body)
+        assert status == 400 and "vocabulary" in msg, (url, msg)
+
+
 def test_layerwise_sends_each_layer_as_it_is_done(cluster):
     """Layer-wise: one send per layer, queued from the layer hook during the forward pass; whole: one."""
     prompt = [(i * 3 + 7) % 250 for i in range(40)]  # one prefill step

@@ -4,6 +4,7 @@ options (stop ids, EOS, seeds, top-k/top-p), tokenizer and chat template, preset
 from __future__ import annotations
 
 import time
+from array import array
 
 import pytest
 import torch
@@ -167,6 +168,29 @@ def test_penalties_lower_the_logits_of_generated_tokens():
     assert {sample(even, [p], [1])[0] for p in plain} == {0, 1}
     with pytest.raises(ValueError, match="output token ids"):
         apply_penalties(logits, params, None)
+    # the engine hands generated ids over as array('q'), read in place: the same result
+    arrays = [array("q", o) if o is not None else None for o in outputs]
+    assert torch.equal(apply_penalties(logits, params, arrays), got)
+
+
+def test_logit_bias_adds_to_the_logits_of_its_rows():
+    from pdserve.engine.sampler import apply_logit_bias, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11)
+    params = [
+        SamplingParams(logit_bias={2: 1.5, 7: -100.0}),
+        SamplingParams(),
+        SamplingParams(logit_bias={2: -0.25}),
+    ]
+    got = apply_logit_bias(logits, params)
+    want = logits.clone()
+    want[0, 2] += 1.5
+    want[0, 7] -= 100.0
+    want[2, 2] -= 0.25
+    assert torch.allclose(got, want) and torch.equal(got[1], logits[1])
+    forced = SamplingParams(temperature=0.0, logit_bias={9: 100.0})
+    assert sample(logits[:1], [forced], [0]) == [9]
 
 
 def test_text_prompts_chat_template_and_outputs(llm):

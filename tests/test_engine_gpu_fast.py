@@ -111,10 +111,15 @@ def test_fast_path_greedy_equals_eager_torch_fp32(ckpt):
         a = [o.token_ids for o in ref.generate(PROMPTS, params)]
         b = [o.token_ids for o in fast.generate(PROMPTS, params)]
         assert a == b
-    # penalties, mixed with plain greedy requests: the graph steps sample from the same penalised
-    # logits as the eager ones
+    # penalties and a logit bias, mixed with plain greedy requests: the graph steps sample from the
+    # same penalised, biased logits as the eager ones
     penalised = SamplingParams(
-        temperature=0, max_tokens=12, ignore_eos=True, presence_penalty=0.5, frequency_penalty=1.5
+        temperature=0,
+        max_tokens=12,
+        ignore_eos=True,
+        presence_penalty=0.5,
+        frequency_penalty=1.5,
+        logit_bias={a[0][0]: -100.0, 17: 2.0},
     )
     mixed = [penalised if i % 2 else params for i in range(len(PROMPTS))]
     a = [o.token_ids for o in ref.generate(PROMPTS, mixed)]

@@ -176,6 +176,37 @@ def test_presence_and_frequency_penalties_equal_transformers(checkpoint):
     _assert_clean(llm)
 
 
+def test_logit_bias_equals_transformers(checkpoint):
+    """Greedy with a logit bias (a ban, two boosts) and a frequency penalty, batched with a plain
+    greedy request: each token is transformers' argmax of the biased, penalised logits after our own
+    prefix; the banned token never comes; an id outside the vocabulary is refused, nothing taken."""
+    path, plain_refs, model = checkpoint
+    banned = plain_refs[1][0]  # the plain answer's first token
+    bias = {banned: -100.0, 17: 3.0, 42: 1.5}
+    biased = SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True, logit_bias=bias, frequency_penalty=0.5
+    )
+    prompts = _prompts()
+    llm = LLM(path, device="cpu", num_kv_blocks=64)
+    outs = llm.generate([prompts[1], prompts[2], prompts[0]], [biased, biased, GREEDY])
+    for prompt, out in zip(prompts[1:3], outs, strict=False):
+        assert banned not in out.token_ids
+        for i, token in enumerate(out.token_ids):
+            logits = _hf_penalised_logits(model, prompt, out.token_ids[:i], 0.0, 0.5)
+            for t, b in bias.items():
+                logits[t] += b
+            gap = (logits.max() - logits[token]).item()
+            assert gap <= 1e-3, f"token {i}: ours {token}, transformers {int(logits.argmax())}"
+    assert outs[0].token_ids[0] != plain_refs[1][0]
+    assert_greedy_equal(model, prompts[0], outs[2].token_ids, plain_refs[0])
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.engine.add_request("bad", prompts[0], SamplingParams(logit_bias={vocab: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 100.5})
+    _assert_clean(llm)
+
+
 def test_logprobs_equal_transformers(checkpoint):
     """Each generated token's log-probability and the top 5 equal transformers' log-softmax of the
     raw logits after the same prefix, in a batch where a request without logprobs gets none, and

@@ -86,9 +86,14 @@ def test_tp2_equals_tp1_and_transformers(checkpoint):
     one_rank = LLM(path, **kw)
     ref = one_rank.generate(_prompts()[:2], SEEDED)
     assert [o.token_ids for o in seeded] == [o.token_ids for o in ref]
-    # log-probabilities and penalties, from rank 0's gathered logits, as on one rank
+    # log-probabilities, penalties and a logit bias, from rank 0's gathered logits, as on one rank
     asked = SamplingParams(
-        temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2, frequency_penalty=1.0
+        temperature=0.0,
+        max_tokens=6,
+        ignore_eos=True,
+        logprobs=2,
+        frequency_penalty=1.0,
+        logit_bias={7: 3.0, 11: -100.0},
     )
     got, want = llm.generate(_prompts()[:2], asked), one_rank.generate(_prompts()[:2], asked)
     for g, w in zip(got, want, strict=True):

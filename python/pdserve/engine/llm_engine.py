@@ -181,6 +181,13 @@ class LLMEngine:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self._seqs:
             raise ValueError(f"request {request_id!r} is already in the engine")
+        vocab = self.model_config.vocab_size
+        outside = [t for t in params.logit_bias or {} if t >= vocab]
+        if outside:
+            raise ValueError(
+                f"request {request_id!r}: logit_bias names token ids {outside[:5]} outside the "
+                f"vocabulary [0, {vocab})"
+            )
         if mode is RequestMode.DECODE_ONLY:
             self._add_decode_only(
                 request_id, prompt_token_ids, params, first_token_id, pin_on_finish

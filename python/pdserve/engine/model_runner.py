@@ -9,6 +9,7 @@ on this rank; only rank 0 samples.
 from __future__ import annotations
 
 import contextlib
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ class StepInputs:
     # replay the decode CUDA graphs (the driver decides, so every tensor-parallel rank does the same)
     use_graph: bool = False
     # per sampling sequence: its generated tokens where its penalties need them, else None
-    output_token_ids: list[list[int] | None] | None = None
+    output_token_ids: list[array | None] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -530,7 +531,7 @@ def _sample_graph_rows(
     rows: list[int],
     params: list[SamplingParams],
     output_positions: list[int],
-    output_token_ids: list[list[int] | None] | None = None,
+    output_token_ids: list[array | None] | None = None,
 ) -> Sampled:
     """Samples sequence seq_indices[k] from a replayed graph's logits[rows[k]] (rows increasing); the
     other sequences get None. With nothing to sample it waits for the replay instead: either way the
@@ -550,7 +551,7 @@ def _sample_rows(
     seq_indices: list[int],
     params: list[SamplingParams],
     output_positions: list[int],
-    output_token_ids: list[list[int] | None] | None,
+    output_token_ids: list[array | None] | None,
 ) -> Sampled:
     """Sequence seq_indices[k] samples from logits[k] [K, V]; the others get None."""
     tokens = sample(logits, params, output_positions, output_token_ids)
@@ -563,9 +564,9 @@ def _sample_rows(
     return result
 
 
-def _penalised_outputs(seqs) -> list[list[int] | None] | None:
-    """Per sequence: its generated token ids where its penalties need them, else None (None for all:
-    no sequence has penalties, the common case, which then costs nothing)."""
+def _penalised_outputs(seqs) -> list[array | None] | None:
+    """Per sequence: its generated token ids (array('q')) where its penalties need them, else None
+    (None for all: no sequence has penalties, the common case, which then costs nothing)."""
     if not any(seq.params.has_penalties for seq in seqs):
         return None
-    return [seq.output_token_ids if seq.params.has_penalties else None for seq in seqs]
+    return [seq.output_id_array() if seq.params.has_penalties else None for seq in seqs]

@@ -1,5 +1,5 @@
-"""Picks the next token of each sequence from its logits: presence/frequency penalties, then greedy,
-temperature, top-k, top-p, seeded.
+"""Picks the next token of each sequence from its logits: presence/frequency penalties and logit bias,
+then greedy, temperature, top-k, top-p, seeded.
 
 A seeded request draws its noise from a generator keyed by (seed, output position), so its tokens do
 not depend on the batch it shares, nor on which instance (prefill or decode) samples them.
@@ -7,6 +7,8 @@ not depend on the batch it shares, nor on which instance (prefill or decode) sam
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +32,14 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     output_positions: list[int],
-    output_token_ids: list[list[int] | None] | None = None,
+    output_token_ids: list[Sequence[int] | None] | None = None,
 ) -> list[int]:
     """logits [B, V] fp32 (any device) -> B token ids. output_positions[i]: how many tokens row i has
     generated; output_token_ids[i]: those tokens, needed for the rows with penalties (else None)."""
     if any(p.has_penalties for p in params):
         logits = apply_penalties(logits, params, output_token_ids)
+    if any(p.logit_bias for p in params):
+        logits = apply_logit_bias(logits, params)
     greedy_ids = logits.argmax(dim=-1)
     if all(p.is_greedy for p in params):
         return greedy_ids.tolist()
@@ -67,25 +71,64 @@ def sample(
 def apply_penalties(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    output_token_ids: list[list[int] | None] | None,
+    output_token_ids: list[Sequence[int] | None] | None,
 ) -> torch.Tensor:
     """A copy of logits [B, V] with row i's logit of token t lowered by frequency_penalty x (times t
-    was generated) + presence_penalty x (t was generated at all), OpenAI's definition."""
-    out = logits.clone()
-    vocab = logits.shape[-1]
-    for row, p in enumerate(params):
-        if not p.has_penalties:
-            continue
+    was generated) + presence_penalty x (t was generated at all), OpenAI's definition.
+    output_token_ids[i]: row i's generated ids (a list, or an array('q') read without a copy per id),
+    needed where params[i] has penalties. One batched count for all rows: a fixed number of kernels
+    however many rows ask."""
+    rows = [row for row, p in enumerate(params) if p.has_penalties]
+    pieces, lengths = [], []
+    for row in rows:
         generated = output_token_ids[row] if output_token_ids is not None else None
         if generated is None:
             raise ValueError(f"row {row} has penalties but its output token ids were not given")
-        if not generated:
-            continue
-        ids = torch.tensor(generated, dtype=torch.long).to(logits.device, non_blocking=True)
-        counts = torch.bincount(ids, minlength=vocab)[:vocab].to(logits.dtype)
-        out[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
-            logits.dtype
+        pieces.append(_long_tensor(generated))
+        lengths.append(len(generated))
+    out = logits.clone()
+    if not sum(lengths):
+        return out
+    dev = logits.device
+    ids = torch.cat(pieces).to(dev, non_blocking=True)
+    row_ids = torch.repeat_interleave(torch.tensor(rows), torch.tensor(lengths)).to(dev)
+    counts = torch.zeros_like(logits)
+    counts.index_put_(
+        (row_ids, ids),
+        torch.ones((), dtype=logits.dtype, device=dev).expand(len(ids)),
+        accumulate=True,
+    )
+    frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype)
+    presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype)
+    out -= frequency.to(dev)[:, None] * counts + presence.to(dev)[:, None] * (counts > 0)
+    return out
+
+
+def _long_tensor(ids: Sequence[int]) -> torch.Tensor:
+    """int64 CPU tensor of ids: an array('q') is read in place (then copied by the caller's cat)."""
+    if isinstance(ids, array) and ids.typecode == "q":
+        return (
+            torch.frombuffer(ids, dtype=torch.int64)
+            if len(ids)
+            else torch.empty(0, dtype=torch.long)
         )
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """A copy of logits [B, V] with row i's logit of each token in params[i].logit_bias raised by its
+    bias (ids checked against the vocabulary when the request was added); one scatter for all rows."""
+    rows, ids, bias = [], [], []
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            rows += [row] * len(p.logit_bias)
+            ids += p.logit_bias.keys()
+            bias += p.logit_bias.values()
+    out = logits.clone()
+    if rows:
+        dev = logits.device
+        index = (torch.tensor(rows).to(dev), torch.tensor(ids).to(dev))
+        out.index_put_(index, torch.tensor(bias, dtype=logits.dtype).to(dev), accumulate=True)
     return out
 
 

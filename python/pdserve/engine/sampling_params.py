@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # most likely tokens returned per generated token, at most
 MAX_ABS_PENALTY = 2.0  # presence/frequency penalties lie in [-2, 2] (OpenAI's range)
+MAX_ABS_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
 
 
 @dataclass
@@ -20,6 +21,9 @@ class SamplingParams:
     presence_penalty / frequency_penalty (OpenAI's, in [-2, 2]) lower each token's logit by
     presence_penalty once it was generated and frequency_penalty per time generated (the prompt does
     not count), before temperature, top-k and top-p; greedy picks apply them too.
+    logit_bias ({token id: bias in [-100, 100]}, OpenAI's) adds each bias to its token's logit after
+    the penalties (-100 in effect bans a token, +100 forces it); the engine checks the ids against
+    its vocabulary.
     """
 
     max_tokens: int = 16
@@ -32,6 +36,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
@@ -69,10 +74,32 @@ class SamplingParams:
             raise ValueError(
                 f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
+        self._check_logit_bias()
         self.stop_token_ids = list(self.stop_token_ids or [])
         for token_id in self.stop_token_ids:
             if not isinstance(token_id, int) or token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative ints, got {token_id!r}")
+
+    def _check_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(
+                f"logit_bias must be a dict {{token id: bias}}, got {type(self.logit_bias).__name__}"
+            )
+        for token_id, bias in self.logit_bias.items():
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}")
+            if (
+                isinstance(bias, bool)
+                or not isinstance(bias, (int, float))
+                or not -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS
+            ):
+                raise ValueError(
+                    f"logit_bias[{token_id}] must be a number in [-{MAX_ABS_LOGIT_BIAS:g}, "
+                    f"{MAX_ABS_LOGIT_BIAS:g}], got {bias!r}"
+                )
+        self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
 
     @property
     def is_greedy(self) -> bool:

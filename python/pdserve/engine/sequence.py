@@ -6,6 +6,7 @@ No torch here: the scheduler and block manager work on plain ints, and tests dri
 from __future__ import annotations
 
 import enum
+from array import array
 from dataclasses import dataclass, field
 
 from pdserve.engine.sampling_params import SamplingParams
@@ -61,6 +62,7 @@ class Sequence:
     # params.logprobs set: one entry per token this engine sampled (a DECODE_ONLY request's first
     # token was sampled by the prefill instance, and its entry travelled with it)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    _output_ids: array = field(default_factory=lambda: array("q"), repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +75,14 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def output_id_array(self) -> array:
+        """The generated ids as an array('q') kept across steps (caught up from token_ids, which stay
+        the truth), so penalties read them in place instead of converting every id every step."""
+        have = len(self._output_ids)
+        if have < self.num_output_tokens:
+            self._output_ids.extend(self.token_ids[self.num_prompt_tokens + have :])
+        return self._output_ids
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # plain constants (the module needs no torch): the engine's own bounds, so the two never disagree
-from pdserve.engine.sampling_params import MAX_ABS_PENALTY, MAX_LOGPROBS
+from pdserve.engine.sampling_params import MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_LOGPROBS
 
 MAX_CHOICES = 64  # `n`: each choice is one engine request
 
@@ -103,6 +103,12 @@ _SAMPLING_FIELDS: dict[str, Field] = {
         maximum=MAX_ABS_PENALTY,
         doc="lowers a token's logit per time generated",
     ),
+    "logit_bias": Field(
+        (dict,),
+        None,
+        doc=f'{{"token id": bias in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]}}, added to '
+        "the token's logit after the penalties",
+    ),
 }
 COMPLETION_FIELDS: dict[str, Field] = {
     "prompt": Field(
@@ -150,13 +156,19 @@ class SamplingSpec:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; n: each token's and the n most likely's
+    logit_bias: dict[int, float] | None = None  # token id -> bias
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingSpec:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        spec = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        if spec.logit_bias is not None:  # JSON made its keys strings
+            if not isinstance(spec.logit_bias, dict):
+                raise ValueError(f"sampling.logit_bias must be an object, got {spec.logit_bias!r}")
+            spec.logit_bias = {int(t): float(b) for t, b in spec.logit_bias.items()}
+        return spec
 
 
 @dataclass
@@ -274,7 +286,33 @@ def _sampling_from(values: dict[str, Any], logprobs: int | None = None) -> Sampl
         presence_penalty=float(values["presence_penalty"]),
         frequency_penalty=float(values["frequency_penalty"]),
         logprobs=logprobs,
+        logit_bias=_logit_bias(values["logit_bias"]),
     )
+
+
+def _logit_bias(value: dict | None) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} as {token id: bias}; ProtocolError naming the field otherwise."""
+    if not value:
+        return None
+    bias: dict[int, float] = {}
+    for key, b in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise ProtocolError(
+                f"'logit_bias' keys must be token ids (non-negative integers as strings), got {key!r}",
+                param="logit_bias",
+            )
+        if (
+            isinstance(b, bool)
+            or not isinstance(b, (int, float))
+            or not -MAX_ABS_LOGIT_BIAS <= b <= MAX_ABS_LOGIT_BIAS
+        ):
+            raise ProtocolError(
+                f"'logit_bias' values must be numbers in [-{MAX_ABS_LOGIT_BIAS:g}, "
+                f"{MAX_ABS_LOGIT_BIAS:g}], got {b!r} for token {key}",
+                param="logit_bias",
+            )
+        bias[int(key)] = float(b)
+    return bias
 
 
 def _stream_flags(values: dict[str, Any]) -> tuple[bool, bool]:
