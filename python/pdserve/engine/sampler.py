@@ -76,59 +76,57 @@ def apply_penalties(
     """A copy of logits [B, V] with row i's logit of token t lowered by frequency_penalty x (times t
     was generated) + presence_penalty x (t was generated at all), OpenAI's definition.
     output_token_ids[i]: row i's generated ids (a list, or an array('q') read without a copy per id),
-    needed where params[i] has penalties. One batched count for all rows: a fixed number of kernels
-    however many rows ask."""
-    rows = [row for row, p in enumerate(params) if p.has_penalties]
-    pieces, lengths = [], []
-    for row in rows:
+    needed where params[i] has penalties. One count for the whole batch (ids flattened to row * V +
+    id, one copy to the device, one scatter): a fixed number of kernels however many rows ask."""
+    num_rows, vocab = logits.shape
+    pieces = []
+    for row, p in enumerate(params):
+        if not p.has_penalties:
+            continue
         generated = output_token_ids[row] if output_token_ids is not None else None
         if generated is None:
             raise ValueError(f"row {row} has penalties but its output token ids were not given")
-        pieces.append(_long_tensor(generated))
-        lengths.append(len(generated))
+        if len(generated):
+            pieces.append(_long_tensor(generated) + row * vocab)
     out = logits.clone()
-    if not sum(lengths):
+    if not pieces:
         return out
     dev = logits.device
-    ids = torch.cat(pieces).to(dev, non_blocking=True)
-    row_ids = torch.repeat_interleave(torch.tensor(rows), torch.tensor(lengths)).to(dev)
-    counts = torch.zeros_like(logits)
-    counts.index_put_(
-        (row_ids, ids),
-        torch.ones((), dtype=logits.dtype, device=dev).expand(len(ids)),
-        accumulate=True,
+    flat_ids = torch.cat(pieces).to(dev, non_blocking=True)
+    counts = torch.zeros(num_rows * vocab, dtype=logits.dtype, device=dev)
+    counts.scatter_add_(
+        0, flat_ids, torch.ones((), dtype=logits.dtype, device=dev).expand_as(flat_ids)
     )
-    frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype)
-    presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype)
-    out -= frequency.to(dev)[:, None] * counts + presence.to(dev)[:, None] * (counts > 0)
+    counts = counts.view(num_rows, vocab)
+    coefficients = torch.tensor(
+        [[p.frequency_penalty, p.presence_penalty] for p in params], dtype=logits.dtype
+    ).to(dev, non_blocking=True)
+    out -= coefficients[:, :1] * counts + coefficients[:, 1:] * (counts > 0)
     return out
 
 
 def _long_tensor(ids: Sequence[int]) -> torch.Tensor:
-    """int64 CPU tensor of ids: an array('q') is read in place (then copied by the caller's cat)."""
+    """int64 CPU tensor of ids: an array('q') is read in place (the caller's arithmetic copies it)."""
     if isinstance(ids, array) and ids.typecode == "q":
-        return (
-            torch.frombuffer(ids, dtype=torch.int64)
-            if len(ids)
-            else torch.empty(0, dtype=torch.long)
-        )
+        return torch.frombuffer(ids, dtype=torch.int64)
     return torch.tensor(list(ids), dtype=torch.long)
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """A copy of logits [B, V] with row i's logit of each token in params[i].logit_bias raised by its
     bias (ids checked against the vocabulary when the request was added); one scatter for all rows."""
-    rows, ids, bias = [], [], []
+    vocab = logits.shape[-1]
+    flat_ids: list[int] = []
+    bias: list[float] = []
     for row, p in enumerate(params):
         if p.logit_bias:
-            rows += [row] * len(p.logit_bias)
-            ids += p.logit_bias.keys()
+            flat_ids += (row * vocab + t for t in p.logit_bias)
             bias += p.logit_bias.values()
     out = logits.clone()
-    if rows:
+    if flat_ids:
         dev = logits.device
-        index = (torch.tensor(rows).to(dev), torch.tensor(ids).to(dev))
-        out.index_put_(index, torch.tensor(bias, dtype=logits.dtype).to(dev), accumulate=True)
+        index = torch.tensor(flat_ids).to(dev, non_blocking=True)
+        out.view(-1).index_add_(0, index, torch.tensor(bias, dtype=logits.dtype).to(dev))
     return out
 
 
