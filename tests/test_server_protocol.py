@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 from pdserve.server.detokenize import IncrementalDetokenizer
+from pdserve.server.openai_json import choice_json, response_json, usage_json
 from pdserve.server.openai_render import LogprobsRenderer, TokenDelta, kept_logprobs
 from pdserve.server.protocol import (
     ProtocolError,
     SamplingSpec,
-    choice_json,
     parse_chat,
     parse_completion,
-    response_json,
-    usage_json,
 )
 
 

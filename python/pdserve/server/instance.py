@@ -24,12 +24,12 @@ from pdserve.server.instance_pd import PDHandlersMixin, Peer
 from pdserve.server.instance_prefill import PeerTargets, PrefillState, json_error, start_error
 from pdserve.server.kv_staging import StagingArena
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pdserve.server.openai_json import models_json
 from pdserve.server.openai_render import TokenDelta, render_response, start_choices
 from pdserve.server.protocol import (
     ProtocolError,
     SamplingSpec,
     error_message,
-    models_json,
     parse_chat,
     parse_completion,
 )

@@ -18,10 +18,8 @@ from aiohttp import web
 
 from pdserve.server.detokenize import ChoiceText
 from pdserve.server.metrics import ServerMetrics
-from pdserve.server.protocol import (
+from pdserve.server.openai_json import (
     SSE_DONE,
-    GenerateRequest,
-    ProtocolError,
     choice_json,
     chunk_json,
     response_json,
@@ -29,6 +27,7 @@ from pdserve.server.protocol import (
     usage_chunk_json,
     usage_json,
 )
+from pdserve.server.protocol import GenerateRequest, ProtocolError
 
 
 @dataclass
