@@ -9,6 +9,15 @@ MAX_ABS_PENALTY = 2.0  # presence/frequency penalties lie in [-2, 2] (OpenAI's r
 MAX_ABS_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
 
 
+def is_logit_bias_value(bias: object) -> bool:
+    """True for a number (not a bool) in [-MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS]."""
+    return (
+        isinstance(bias, (int, float))
+        and not isinstance(bias, bool)
+        and -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS
+    )
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
@@ -90,11 +99,7 @@ class SamplingParams:
         for token_id, bias in self.logit_bias.items():
             if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
                 raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}")
-            if (
-                isinstance(bias, bool)
-                or not isinstance(bias, (int, float))
-                or not -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS
-            ):
+            if not is_logit_bias_value(bias):
                 raise ValueError(
                     f"logit_bias[{token_id}] must be a number in [-{MAX_ABS_LOGIT_BIAS:g}, "
                     f"{MAX_ABS_LOGIT_BIAS:g}], got {bias!r}"

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # plain constants (the module needs no torch): the engine's own bounds, so the two never disagree
-from pdserve.engine.sampling_params import MAX_ABS_LOGIT_BIAS, MAX_ABS_PENALTY, MAX_LOGPROBS
+from pdserve.engine.sampling_params import (
+    MAX_ABS_LOGIT_BIAS,
+    MAX_ABS_PENALTY,
+    MAX_LOGPROBS,
+    is_logit_bias_value,
+)
 
 MAX_CHOICES = 64  # `n`: each choice is one engine request
 
@@ -299,11 +304,7 @@ def _logit_bias(value: dict | None) -> dict[int, float] | None:
                 f"'logit_bias' keys must be token ids (non-negative integers as strings), got {key!r}",
                 param="logit_bias",
             )
-        if (
-            isinstance(b, bool)
-            or not isinstance(b, (int, float))
-            or not -MAX_ABS_LOGIT_BIAS <= b <= MAX_ABS_LOGIT_BIAS
-        ):
+        if not is_logit_bias_value(b):
             raise ProtocolError(
                 f"'logit_bias' values must be numbers in [-{MAX_ABS_LOGIT_BIAS:g}, "
                 f"{MAX_ABS_LOGIT_BIAS:g}], got {b!r} for token {key}",
