@@ -123,6 +123,29 @@ def test_response_shapes():
     assert [c["index"] for c in comp["choices"]] == [0, 1]
 
 
+def test_logit_bias_parses_token_ids_and_bounds():
+    req = parse_completion({"prompt": "x", "logit_bias": {"5": 100, "17": -2.5}})
+    assert req.sampling.logit_bias == {5: 100.0, 17: -2.5}
+    assert parse_completion({"prompt": "x", "logit_bias": {}}).sampling.logit_bias is None
+    bad = [
+        {"x": 1},
+        {"-1": 1},
+        {"\u00b2": 1},  # a digit to str.isdigit, not to int()
+        {"9" * 5000: 1},
+        {"5": 100.5},
+        {"5": True},
+        {"5": "1"},
+        {str(i): 1 for i in range(1025)},
+    ]
+    for logit_bias in bad:
+        with pytest.raises(ProtocolError) as info:
+            parse_completion({"prompt": "x", "logit_bias": logit_bias})
+        assert info.value.param == "logit_bias" and len(str(info.value)) < 200
+    # the internal JSON form (string keys) comes back as ints; values are SamplingParams' to check
+    spec = SamplingSpec.from_dict({"logit_bias": {"5": 2.0}})
+    assert spec.logit_bias == {5: 2.0}
+
+
 def test_choice_sampling_offsets_the_seed():
     req = parse_completion({"prompt": "x", "n": 3, "seed": 7, "temperature": 0.8})
     assert req.n == 3

@@ -436,10 +436,8 @@ class TensorParallelRunner:
         _send_command(self._workers, self.group, message)
 
     def _execute(self, inputs: StepInputs, hook: Callable[[int | None], None] | None) -> Sampled:
-        # only rank 0 samples: the penalties' token history stays here
-        sent = inputs
-        if inputs.output_token_ids is not None:
-            sent = dataclasses.replace(inputs, output_token_ids=None)
+        # only rank 0 samples: the sampling params and the penalties' token history stay here
+        sent = dataclasses.replace(inputs, sampling_params=[], output_token_ids=None)
         self._command(("execute", (sent,)))
         with distributed.use_group(self.group):
             return self.runner.execute(inputs, hook)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from pdserve.engine.sampling_params import (
 )
 
 MAX_CHOICES = 64  # `n`: each choice is one engine request
+MAX_LOGIT_BIAS_ENTRIES = 1024  # logit_bias tokens per request (each costs sampling work every step)
 
 
 class ProtocolError(ValueError):
@@ -170,7 +172,9 @@ class SamplingSpec:
         if spec.logit_bias is not None:  # JSON made its keys strings
             if not isinstance(spec.logit_bias, dict):
                 raise ValueError(f"sampling.logit_bias must be an object, got {spec.logit_bias!r}")
-            spec.logit_bias = {int(t): float(b) for t, b in spec.logit_bias.items()}
+            spec.logit_bias = {
+                int(t): b for t, b in spec.logit_bias.items()
+            }  # SamplingParams checks
         return spec
 
 
@@ -297,11 +301,17 @@ def _logit_bias(value: dict | None) -> dict[int, float] | None:
     """OpenAI's {"token id": bias} as {token id: bias}; ProtocolError naming the field otherwise."""
     if not value:
         return None
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ProtocolError(
+            f"'logit_bias' may name at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(value)}",
+            param="logit_bias",
+        )
     bias: dict[int, float] = {}
     for key, b in value.items():
-        if not (isinstance(key, str) and key.isdigit()):
+        if not (isinstance(key, str) and re.fullmatch(r"[0-9]{1,10}", key)):
             raise ProtocolError(
-                f"'logit_bias' keys must be token ids (non-negative integers as strings), got {key!r}",
+                "'logit_bias' keys must be token ids (non-negative integers as strings, at most 10 "
+                f"digits), got {str(key)[:24]!r}",
                 param="logit_bias",
             )
         if not is_logit_bias_value(b):
