@@ -72,10 +72,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
     def output_id_array(self) -> array:
         """The generated ids as an array('q') kept across steps (caught up from token_ids, which stay
         the truth), so penalties read them in place instead of converting every id every step."""

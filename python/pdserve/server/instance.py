@@ -25,7 +25,12 @@ from pdserve.server.instance_prefill import PeerTargets, PrefillState, json_erro
 from pdserve.server.kv_staging import StagingArena
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_json import models_json
-from pdserve.server.openai_render import TokenDelta, render_response, start_choices
+from pdserve.server.openai_render import (
+    TokenDelta,
+    choice_request_id,
+    render_response,
+    start_choices,
+)
 from pdserve.server.protocol import (
     ProtocolError,
     SamplingSpec,
@@ -361,7 +366,7 @@ class InstanceServer(PDHandlersMixin):
         self.num_requests_served += 1
 
         async def start(i: int) -> EngineStream:
-            choice_id = request_id if i == 0 else f"{request_id}.n{i}"
+            choice_id = choice_request_id(request_id, i)
             spec = req.choice_sampling(i)
             return await self._engine_stream(
                 choice_id, lambda e: ea.add_colocated(e, choice_id, token_ids, spec)

@@ -248,6 +248,11 @@ class _Arrivals:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def choice_request_id(request_id: str, index: int) -> str:
+    """The engine request id of choice `index` of `request_id` (choice 0 keeps the request's id)."""
+    return request_id if index == 0 else f"{request_id}.n{index}"
+
+
 async def start_choices(
     n: int, start: Callable[[int], Awaitable[AsyncIterator[TokenDelta]]]
 ) -> list[_Primed]:

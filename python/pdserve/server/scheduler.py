@@ -27,7 +27,12 @@ from aiohttp import web
 from pdserve.server.auth import auth_middleware, cluster_headers, describe
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_json import models_json
-from pdserve.server.openai_render import TokenDelta, render_response, start_choices
+from pdserve.server.openai_render import (
+    TokenDelta,
+    choice_request_id,
+    render_response,
+    start_choices,
+)
 from pdserve.server.policies import InstanceSnapshot, Policy, RouteContext, make_policy
 from pdserve.server.prefix_index import PrefixIndex
 from pdserve.server.protocol import (
@@ -219,11 +224,10 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
         stopped = [asyncio.Event() for _ in range(req.n)]
 
         async def start(i: int) -> AsyncIterator[TokenDelta]:
-            choice_id = request_id if i == 0 else f"{request_id}.n{i}"
-            choice_req = (
-                req if i == 0 else dataclasses.replace(req, sampling=req.choice_sampling(i))
+            choice_req = dataclasses.replace(req, sampling=req.choice_sampling(i))
+            return self.generate(
+                choice_request_id(request_id, i), token_ids, choice_req, stopped[i]
             )
-            return self.generate(choice_id, token_ids, choice_req, stopped[i])
 
         try:
             streams = await start_choices(req.n, start)  # errors before any token: HTTP errors
