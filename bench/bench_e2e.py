@@ -18,9 +18,10 @@ Workload: `pdserve bench`'s multi-turn ShareGPT (or random) conversations at eac
 each turn sent after the previous answer with the whole history. JCT is a request's end-to-end
 latency (send to last token). Before the measured runs each set-up serves --warmup-conversations
 conversations of two turns (kernels compile, graphs warm), not counted. Presets have a byte-level
-tokenizer: the requests carry a logit_bias that keeps answers to ASCII bytes, so an answer's text
-encodes back to the tokens generated (as most text does with a BPE tokenizer) and the next turn can
-hit on it (--no-ascii-answers: random bytes, whose text does not). One summary line per rate;
+tokenizer and a vocabulary far larger than its 260 ids: the requests carry `allowed_token_ids` (the
+printable ASCII bytes and newline), so an answer's text encodes back to the tokens generated (as most
+text does with a BPE tokenizer) and the next turn can hit on it (--no-ascii-answers: any id, whose
+text loses every id past the bytes and every invalid UTF-8 sequence). One summary line per rate;
 --json writes every figure, --result-dir every run's `pdserve bench` result file.
 
     python bench/bench_e2e.py [--model llama-3-8b] [--request-rates 2,4] [--num-conversations 48]
@@ -39,7 +40,6 @@ import time
 
 from pdserve.client import results as client_results
 from pdserve.client.runner import run_benchmark
-from pdserve.engine.tokenizer import BYTE_VOCAB_SIZE
 from pdserve.server import auth
 from pdserve.server.launcher import ProcessGroup, free_port, http_json
 
@@ -130,8 +130,8 @@ def _config(
 ) -> client_results.BenchConfig:
     extra_body = None
     if args.ascii_answers and not os.path.isdir(args.model):
-        # a preset's byte-level tokenizer: byte ids 128..255 and the specials may not be generated
-        extra_body = {"logit_bias": {str(i): -100 for i in range(128, BYTE_VOCAB_SIZE)}}
+        # a preset's byte-level tokenizer: answers of printable ASCII and newlines
+        extra_body = {"allowed_token_ids": [ord("\n"), *range(ord(" "), ord("~") + 1)]}
     return client_results.BenchConfig(
         url=url,
         dataset=args.dataset,

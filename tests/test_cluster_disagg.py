@@ -204,6 +204,37 @@ def test_logit_bias_through_every_path_equals_the_colocated_instance(cluster):
         assert status == 400 and "vocabulary" in msg, (url, msg)
 
 
+def test_allowed_token_ids_through_every_path_equal_the_colocated_instance(cluster):
+    """P samples the first token and D the rest, both from the allowed set: the answers equal the
+    colocated instance's and stay in the set (chat too). Bad sets are 400s naming the field."""
+    prompt = PROMPTS[2]
+    allowed = [66, 70, 101, 117]
+    ref = complete(cluster["colo"], prompt, allowed_token_ids=allowed)["choices"][0]["token_ids"]
+    assert set(ref) <= set(allowed) and len(set(ref)) > 1
+    for url in (cluster["layer"].url, cluster["whole"].url, cluster["colo_sched"]):
+        assert complete(url, prompt, allowed_token_ids=allowed)["choices"][0]["token_ids"] == ref
+    for url in (cluster["layer"].url, cluster["colo"], cluster["colo_sched"]):
+        for bad, words in (
+            ([], "1 to"),
+            ([1, "2"], "non-negative integers"),
+            ([100000], "vocabulary"),
+        ):
+            body = {"prompt": "x", "allowed_token_ids": bad, "max_tokens": 2}
+            status, msg = post_error(f"{url}/v1/completions", body)
+            assert status == 400 and "allowed_token_ids" in msg and words in msg, (url, msg)
+        chat = http_json(
+            f"{url}/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 6,
+                "temperature": 0,
+                "ignore_eos": True,
+                "allowed_token_ids": [ord("a"), ord("b")],
+            },
+        )
+        assert set(chat["choices"][0]["message"]["content"]) <= {"a", "b"}, url
+
+
 def test_layerwise_sends_each_layer_as_it_is_done(cluster):
     """Layer-wise: one send per layer, queued from the layer hook during the forward pass; whole: one."""
     prompt = [(i * 3 + 7) % 250 for i in range(40)]  # one prefill step

@@ -193,6 +193,40 @@ def test_logit_bias_adds_to_the_logits_of_its_rows():
     assert sample(logits[:1], [forced], [0]) == [9]
 
 
+def test_allowed_token_ids_keep_only_their_logits():
+    from pdserve.engine.sampler import apply_allowed_token_ids, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11)
+    params = [
+        SamplingParams(temperature=0.0, allowed_token_ids=[7, 2, 7]),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0, allowed_token_ids=[10]),
+    ]
+    assert params[0].allowed_token_ids == [2, 7]  # sorted, without repeats
+    got = apply_allowed_token_ids(logits, params)
+    want = torch.full_like(logits, float("-inf"))
+    want[0, [2, 7]] = logits[0, [2, 7]]
+    want[1] = logits[1]
+    want[2, 10] = logits[2, 10]
+    assert torch.equal(got, want)
+    assert sample(logits, params, [0, 0, 0]) == [
+        2 if logits[0, 2] > logits[0, 7] else 7,
+        int(logits[1].argmax()),
+        10,
+    ]
+    # sampled (hot, top-k, top-p) requests stay inside the set too; a bias may not leave it
+    hot = [
+        SamplingParams(temperature=2.0, seed=s, allowed_token_ids=[3, 5], logit_bias={4: 100.0})
+        for s in range(40)
+    ]
+    hot[0].top_k, hot[1].top_p = 5, 0.9
+    assert set(sample(logits[:1].expand(40, -1), hot, list(range(40)))) <= {3, 5}
+    for bad in ([], [1, -1], [True], "12"):
+        with pytest.raises(ValueError, match="allowed_token_ids"):
+            SamplingParams(allowed_token_ids=bad)
+
+
 def test_text_prompts_chat_template_and_outputs(llm):
     out = llm.generate("héllo", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
     assert out.prompt == "héllo" and out.prompt_token_ids == [256, 104, 195, 169, 108, 108, 111]

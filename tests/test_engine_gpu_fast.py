@@ -111,8 +111,8 @@ def test_fast_path_greedy_equals_eager_torch_fp32(ckpt):
         a = [o.token_ids for o in ref.generate(PROMPTS, params)]
         b = [o.token_ids for o in fast.generate(PROMPTS, params)]
         assert a == b
-    # penalties and a logit bias, mixed with plain greedy requests: the graph steps sample from the
-    # same penalised, biased logits as the eager ones
+    # penalties and a logit bias, then allowed ids, mixed with plain greedy requests: the graph steps
+    # sample from the same penalised, biased, masked logits as the eager ones
     penalised = SamplingParams(
         temperature=0,
         max_tokens=12,
@@ -124,6 +124,13 @@ def test_fast_path_greedy_equals_eager_torch_fp32(ckpt):
     mixed = [penalised if i % 2 else params for i in range(len(PROMPTS))]
     a = [o.token_ids for o in ref.generate(PROMPTS, mixed)]
     assert a == [o.token_ids for o in fast.generate(PROMPTS, mixed)]
+    only = SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True, allowed_token_ids=[3, 17, 40]
+    )
+    mixed = [only if i % 2 else params for i in range(len(PROMPTS))]
+    a = [o.token_ids for o in ref.generate(PROMPTS, mixed)]
+    assert a == [o.token_ids for o in fast.generate(PROMPTS, mixed)]
+    assert all(set(t) <= {3, 17, 40} for t in a[1::2])
     # log-probabilities from the graphs' logits: greedy tokens are their own top entry, and the values
     # are the eager path's up to the Triton kernels' tf32 dots (bound 2e-2; seen 4.5e-3 on an H100)
     asked = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)

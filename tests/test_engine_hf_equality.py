@@ -207,6 +207,44 @@ def test_logit_bias_equals_transformers(checkpoint):
     _assert_clean(llm)
 
 
+def test_allowed_token_ids_equal_transformers(checkpoint):
+    """Greedy restricted to a set of ids (with a penalty, batched with a plain greedy request): each
+    token is transformers' argmax over the set after our own prefix; the logprobs stay the model's
+    own; an id outside the vocabulary is refused, nothing taken."""
+    import torch
+
+    path, plain_refs, model = checkpoint
+    allowed = sorted({plain_refs[1][0] + 1, 3, 17, 42, 99, 120} - {plain_refs[1][0]})
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=10,
+        ignore_eos=True,
+        allowed_token_ids=allowed,
+        frequency_penalty=0.5,
+        logprobs=0,
+    )
+    prompts = _prompts()
+    llm = LLM(path, device="cpu", num_kv_blocks=64)
+    outs = llm.generate([prompts[1], prompts[0]], [params, GREEDY])
+    out = outs[0]
+    assert set(out.token_ids) <= set(allowed) and len(set(out.token_ids)) > 1
+    for i, token in enumerate(out.token_ids):
+        logits = _hf_penalised_logits(model, prompts[1], out.token_ids[:i], 0.0, 0.5)
+        masked = torch.full_like(logits, float("-inf"))
+        masked[allowed] = logits[allowed]
+        gap = (masked.max() - masked[token]).item()
+        assert gap <= 1e-3, f"token {i}: ours {token}, transformers {int(masked.argmax())}"
+        raw = torch.log_softmax(
+            _hf_penalised_logits(model, prompts[1], out.token_ids[:i], 0, 0), -1
+        )
+        assert abs(out.logprobs[i].logprob - raw[token].item()) <= 1e-3
+    assert_greedy_equal(model, prompts[0], outs[1].token_ids, plain_refs[0])
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.engine.add_request("bad", prompts[0], SamplingParams(allowed_token_ids=[1, vocab]))
+    _assert_clean(llm)
+
+
 def test_logprobs_equal_transformers(checkpoint):
     """Each generated token's log-probability and the top 5 equal transformers' log-softmax of the
     raw logits after the same prefix, in a batch where a request without logprobs gets none, and

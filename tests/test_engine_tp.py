@@ -86,7 +86,8 @@ def test_tp2_equals_tp1_and_transformers(checkpoint):
     one_rank = LLM(path, **kw)
     ref = one_rank.generate(_prompts()[:2], SEEDED)
     assert [o.token_ids for o in seeded] == [o.token_ids for o in ref]
-    # log-probabilities, penalties and a logit bias, from rank 0's gathered logits, as on one rank
+    # log-probabilities, penalties, a logit bias and allowed ids, from rank 0's gathered logits, as on
+    # one rank
     asked = SamplingParams(
         temperature=0.0,
         max_tokens=6,
@@ -95,6 +96,13 @@ def test_tp2_equals_tp1_and_transformers(checkpoint):
         frequency_penalty=1.0,
         logit_bias={7: 3.0, 11: -100.0},
     )
+    only = SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, allowed_token_ids=[5, 9, 40]
+    )
+    for got_one, want_one in zip(
+        llm.generate(_prompts()[:2], only), one_rank.generate(_prompts()[:2], only), strict=True
+    ):
+        assert got_one.token_ids == want_one.token_ids and set(got_one.token_ids) <= {5, 9, 40}
     got, want = llm.generate(_prompts()[:2], asked), one_rank.generate(_prompts()[:2], asked)
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids

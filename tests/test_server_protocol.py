@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pdserve.server.detokenize import IncrementalDetokenizer
 from pdserve.server.openai_json import choice_json, response_json, usage_json
@@ -144,6 +146,21 @@ def test_logit_bias_parses_token_ids_and_bounds():
     # the internal JSON form (string keys) comes back as ints; values are SamplingParams' to check
     spec = SamplingSpec.from_dict({"logit_bias": {"5": 2.0}})
     assert spec.logit_bias == {5: 2.0}
+
+
+def test_allowed_token_ids_parse_sorted_and_bounded():
+    req = parse_chat(
+        {"messages": [{"role": "user", "content": "x"}], "allowed_token_ids": [9, 3, 9]}
+    )
+    assert req.sampling.allowed_token_ids == [3, 9]
+    assert parse_completion({"prompt": "x"}).sampling.allowed_token_ids is None
+    for bad in ([], [1, -2], [1.5], [True], [None], "12", {"1": 1}, list(range((1 << 17) + 1))):
+        with pytest.raises(ProtocolError) as info:
+            parse_completion({"prompt": "x", "allowed_token_ids": bad})
+        assert info.value.param == "allowed_token_ids" and len(str(info.value)) < 200
+    # the spec crosses to the instances as JSON and comes back the same
+    spec = SamplingSpec.from_dict(json.loads(json.dumps(req.sampling.to_dict())))
+    assert spec.allowed_token_ids == [3, 9]
 
 
 def test_choice_sampling_offsets_the_seed():

@@ -188,6 +188,12 @@ class LLMEngine:
                 f"request {request_id!r}: logit_bias names token ids {outside[:5]} outside the "
                 f"vocabulary [0, {vocab})"
             )
+        if params.allowed_token_ids and params.allowed_token_ids[-1] >= vocab:  # sorted
+            outside = [t for t in params.allowed_token_ids if t >= vocab]
+            raise ValueError(
+                f"request {request_id!r}: allowed_token_ids names token ids {outside[:5]} outside "
+                f"the vocabulary [0, {vocab})"
+            )
         if mode is RequestMode.DECODE_ONLY:
             self._add_decode_only(
                 request_id, prompt_token_ids, params, first_token_id, pin_on_finish

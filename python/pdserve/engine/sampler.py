@@ -1,5 +1,5 @@
-"""Picks the next token of each sequence from its logits: presence/frequency penalties and logit bias,
-then greedy, temperature, top-k, top-p, seeded.
+"""Picks the next token of each sequence from its logits: presence/frequency penalties, logit bias and
+allowed token ids, then greedy, temperature, top-k, top-p, seeded.
 
 A seeded request draws its noise from a generator keyed by (seed, output position), so its tokens do
 not depend on the batch it shares, nor on which instance (prefill or decode) samples them.
@@ -40,6 +40,8 @@ def sample(
         logits = apply_penalties(logits, params, output_token_ids)
     if any(p.logit_bias for p in params):
         logits = apply_logit_bias(logits, params)
+    if any(p.allowed_token_ids for p in params):
+        logits = apply_allowed_token_ids(logits, params)
     greedy_ids = logits.argmax(dim=-1)
     if all(p.is_greedy for p in params):
         return greedy_ids.tolist()
@@ -128,6 +130,27 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
         index = torch.tensor(flat_ids).to(dev, non_blocking=True)
         out.view(-1).index_add_(0, index, torch.tensor(bias, dtype=logits.dtype).to(dev))
     return out
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """A copy of logits [B, V] where row i keeps only the logits of params[i].allowed_token_ids (the
+    rest -inf; rows without the setting keep all); ids checked against the vocabulary when the
+    request was added. One mask for the whole batch: the kept ids flattened to row * V + id."""
+    num_rows, vocab = logits.shape
+    dev = logits.device
+    pieces = [
+        torch.frombuffer(p.allowed_token_id_array, dtype=torch.int64) + row * vocab
+        for row, p in enumerate(params)
+        if p.allowed_token_id_array is not None
+    ]
+    keep = torch.zeros(num_rows * vocab, dtype=torch.bool, device=dev)
+    if pieces:
+        keep[torch.cat(pieces).to(dev, non_blocking=True)] = True
+    keep = keep.view(num_rows, vocab)
+    unrestricted = [row for row, p in enumerate(params) if p.allowed_token_id_array is None]
+    if unrestricted:
+        keep[torch.tensor(unrestricted).to(dev, non_blocking=True)] = True
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def token_logprobs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # most likely tokens returned per generated token, at most
@@ -33,6 +34,9 @@ class SamplingParams:
     logit_bias ({token id: bias in [-100, 100]}, OpenAI's) adds each bias to its token's logit after
     the penalties (-100 in effect bans a token, +100 forces it); the engine checks the ids against
     its vocabulary.
+    allowed_token_ids (vLLM's) restricts sampling to those ids: every other token's logit becomes
+    -inf after the penalties and the bias (greedy picks too); kept sorted without repeats; the
+    engine checks the ids against its vocabulary. Log-probabilities stay the model's own.
     """
 
     max_tokens: int = 16
@@ -46,6 +50,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    # allowed_token_ids as int64s, made once here and read in place by the sampler every step
+    allowed_token_id_array: array | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
@@ -84,6 +91,7 @@ class SamplingParams:
                 f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
             )
         self._check_logit_bias()
+        self._check_allowed_token_ids()
         self.stop_token_ids = list(self.stop_token_ids or [])
         for token_id in self.stop_token_ids:
             if not isinstance(token_id, int) or token_id < 0:
@@ -105,6 +113,23 @@ class SamplingParams:
                     f"{MAX_ABS_LOGIT_BIAS:g}], got {bias!r}"
                 )
         self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
+
+    def _check_allowed_token_ids(self) -> None:
+        self.allowed_token_id_array = None
+        if self.allowed_token_ids is None:
+            return
+        ids = self.allowed_token_ids
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ValueError(
+                f"allowed_token_ids must be a non-empty list of token ids, got {ids!r:.80}"
+            )
+        for token_id in ids:
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise ValueError(
+                    f"allowed_token_ids must be token ids (ints >= 0), got {token_id!r}"
+                )
+        self.allowed_token_ids = sorted(set(ids))
+        self.allowed_token_id_array = array("q", self.allowed_token_ids)
 
     @property
     def is_greedy(self) -> bool:

@@ -23,6 +23,7 @@ from pdserve.engine.sampling_params import (
 
 MAX_CHOICES = 64  # `n`: each choice is one engine request
 MAX_LOGIT_BIAS_ENTRIES = 1024  # logit_bias tokens per request (each costs sampling work every step)
+MAX_ALLOWED_TOKEN_IDS = 1 << 17  # allowed_token_ids per request: a whole Llama-3 vocabulary fits
 
 
 class ProtocolError(ValueError):
@@ -114,6 +115,11 @@ _SAMPLING_FIELDS: dict[str, Field] = {
         doc=f'{{"token id": bias in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]}}, added to '
         "the token's logit after the penalties",
     ),
+    "allowed_token_ids": Field(
+        (list,),
+        None,
+        doc="only these token ids may be generated (vLLM's; the engine checks its vocabulary)",
+    ),
 }
 COMPLETION_FIELDS: dict[str, Field] = {
     "prompt": Field(
@@ -162,6 +168,7 @@ class SamplingSpec:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; n: each token's and the n most likely's
     logit_bias: dict[int, float] | None = None  # token id -> bias
+    allowed_token_ids: list[int] | None = None  # None: any token
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -294,7 +301,27 @@ def _sampling_from(values: dict[str, Any], logprobs: int | None = None) -> Sampl
         frequency_penalty=float(values["frequency_penalty"]),
         logprobs=logprobs,
         logit_bias=_logit_bias(values["logit_bias"]),
+        allowed_token_ids=_allowed_token_ids(values["allowed_token_ids"]),
     )
+
+
+def _allowed_token_ids(value: list | None) -> list[int] | None:
+    """A non-empty list of at most MAX_ALLOWED_TOKEN_IDS token ids, sorted without repeats
+    (None: any token); ProtocolError naming the field otherwise."""
+    if value is None:
+        return None
+    if not 1 <= len(value) <= MAX_ALLOWED_TOKEN_IDS:
+        raise ProtocolError(
+            f"'allowed_token_ids' must list 1 to {MAX_ALLOWED_TOKEN_IDS} token ids, got {len(value)}",
+            param="allowed_token_ids",
+        )
+    for t in value:
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ProtocolError(
+                f"'allowed_token_ids' must be non-negative integers, got {json.dumps(t)[:24]}",
+                param="allowed_token_ids",
+            )
+    return sorted(set(value))
 
 
 def _logit_bias(value: dict | None) -> dict[int, float] | None:
