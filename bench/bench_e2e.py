@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+import urllib.request
 
 from pdserve.client import results as client_results
 from pdserve.client.runner import run_benchmark
@@ -94,7 +95,23 @@ def _start(
     return sched_url
 
 
-def _instance_stats(sched_url: str, internal: dict[str, str]) -> dict[str, dict[str, int]]:
+def _send_wait(url: str, internal: dict[str, str]) -> tuple[float, float]:
+    """(sum in seconds, count) of an instance's pdserve_kv_send_wait_seconds histogram: on P, from
+    a prefill's first token to D holding every byte (the transfer's part of the TTFT)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{url}/metrics", headers=internal), timeout=30
+    ) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "pdserve_kv_send_wait_seconds":
+            values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+            return values.get("sum", 0.0), values.get("count", 0.0)
+    return 0.0, 0.0
+
+
+def _instance_stats(sched_url: str, internal: dict[str, str]) -> dict[str, dict[str, float]]:
     """Each instance's cumulative prefill/cache/transfer counters, by role."""
     cluster = http_json(f"{sched_url}/internal/v1/cluster", headers=internal)
     out = {}
@@ -109,6 +126,9 @@ def _instance_stats(sched_url: str, internal: dict[str, str]) -> dict[str, dict[
                 "kv_bytes_received",
             )
         }
+        if inst["role"] == "prefill":
+            wait_s, count = _send_wait(inst["url"], internal)
+            out["prefill"].update(kv_send_wait_s=wait_s, num_kv_sends=count)
     return out
 
 
@@ -171,6 +191,12 @@ def _row(result: client_results.BenchResult, counters: dict) -> dict:
         "output_token_throughput": s.output_token_throughput,
         "total_prompt_tokens": s.total_prompt_tokens,
         "prefix_hit_ratio": s.prefix_hit_ratio,
+        # P's mean time from a prefill's first token to D holding every byte
+        "mean_kv_send_wait_ms": (
+            counters["prefill"]["kv_send_wait_s"] / counters["prefill"]["num_kv_sends"] * 1e3
+            if counters.get("prefill", {}).get("num_kv_sends")
+            else None
+        ),
         "instances": counters,
     }
 
@@ -263,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{system:>16} rate {rate:g}/s: mean JCT {_fmt(row['mean_jct_ms'])} ms, "
                     f"TTFT {_fmt(row['mean_ttft_ms'])} ms, TPOT {_fmt(row['mean_tpot_ms'])} ms, "
-                    f"goodput {_fmt(row['goodput'], 2)}/s, failed {row['num_failed']}",
+                    f"goodput {_fmt(row['goodput'], 2)}/s, failed {row['num_failed']}"
+                    + (
+                        f", P's KV send wait {row['mean_kv_send_wait_ms']:.1f} ms"
+                        if row["mean_kv_send_wait_ms"] is not None
+                        else ""
+                    ),
                     flush=True,
                 )
     summary = {

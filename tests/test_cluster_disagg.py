@@ -306,9 +306,12 @@ def test_streaming_through_the_scheduler(cluster):
 def test_second_turn_computes_only_new_tokens_with_dcache(cluster):
     lay = cluster["layer"]
     turn1 = [(i * 11 + 3) % 250 for i in range(45)]
+    hits0 = {url: stats(url)["num_hit_tokens"] for url in (lay.prefill, lay.decode)}
     out1 = complete(lay.url, turn1, max_tokens=20)["choices"][0]["token_ids"]
     time.sleep(0.1)
     settle_and_check(lay.instances)  # the back-transfer finished
+    # the back-transfer's locks (D's blocks to send, P's cached prefix) are no prompt hits
+    assert {url: stats(url)["num_hit_tokens"] for url in hits0} == hits0
     turn2 = turn1 + out1 + [(i * 7 + 5) % 250 for i in range(30)]
     before = stats(lay.prefill)["num_prefill_computed_tokens"]
     resp = complete(lay.url, turn2, max_tokens=4)
@@ -318,6 +321,10 @@ def test_second_turn_computes_only_new_tokens_with_dcache(cluster):
     assert computed == len(turn2) - num_back
     assert computed < len(turn2) - len(turn1)  # less than even the new tokens + the answer
     assert resp["usage"]["prompt_tokens_details"]["cached_tokens"] == num_back
+    # P did not compute num_back tokens; D did not receive the blocks it kept of turn 1
+    assert stats(lay.prefill)["num_hit_tokens"] - hits0[lay.prefill] == num_back
+    d_kept = (len(turn1) + len(out1) - 1) // BS * BS
+    assert stats(lay.decode)["num_hit_tokens"] - hits0[lay.decode] == d_kept
     # without caching and dcache (cluster W) the whole second turn is computed again
     whole = cluster["whole"]
     complete(whole.url, turn1, max_tokens=20)

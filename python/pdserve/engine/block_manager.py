@@ -267,9 +267,12 @@ class BlockManager:
         return int(result.num_adopted)
 
     # ---- decode-side reservations -------------------------------------------------------------
-    def reserve(self, request_id: str, prompt_token_ids: list[int]) -> Reservation:
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], count_hits: bool = True
+    ) -> Reservation:
         """Locks the cached prefix and reserves blocks for the rest of the prompt. Raises NoCapacity
-        (nothing taken) when it cannot, ValueError for a request id already reserved."""
+        (nothing taken) when it cannot, ValueError for a request id already reserved. count_hits:
+        add the cached prefix to `num_hit_tokens` (False for locks that only move KV back)."""
         if request_id in self._reservations:
             raise ValueError(f"request {request_id!r} already holds a reservation")
         num_cached, cached_ids = self.match_prefix(prompt_token_ids, len(prompt_token_ids))
@@ -292,7 +295,8 @@ class BlockManager:
             request_id, num_cached, cached_ids, new_ids, list(prompt_token_ids)
         )
         self._reservations[request_id] = reservation
-        self.num_hit_tokens += num_cached
+        if count_hits:
+            self.num_hit_tokens += num_cached
         return reservation
 
     def has_reservation(self, request_id: str) -> bool:

@@ -44,7 +44,9 @@ class EngineStats:
     num_cached_blocks: int
     num_used_blocks: int
     num_reserved_blocks: int
-    num_hit_tokens: int  # cumulative prompt tokens served from the radix cache (incl. reservations)
+    # cumulative prompt tokens served from the radix cache: not computed (a prompt admitted here) or
+    # not received (a decode-side reservation); each request's prompt counts once per instance
+    num_hit_tokens: int
     num_computed_prefill_tokens: int  # cumulative prompt tokens actually computed
     num_generated_tokens: int
     num_preemptions: int
@@ -261,13 +263,16 @@ class LLMEngine:
         self._arrivals += 1
         return self._arrivals
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int]) -> Reservation:
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], count_hits: bool = True
+    ) -> Reservation:
         """Decode side: lock the cached prefix, reserve blocks for the rest. Raises NoCapacity (nothing
-        taken) or ValueError (bad prompt, id in use)."""
+        taken) or ValueError (bad prompt, id in use). count_hits: the cached prefix counts in
+        `num_hit_tokens` (a prompt's KV to receive; not a lock taken to move KV back, dcache)."""
         if request_id in self._seqs:
             raise ValueError(f"request {request_id!r} is already in the engine")
         tokens = self._validate_prompt(request_id, prompt_token_ids)
-        return self.block_manager.reserve(request_id, tokens)
+        return self.block_manager.reserve(request_id, tokens, count_hits=count_hits)
 
     def release_request(self, request_id: str) -> int:
         """Frees whatever the request holds (pinned prefill blocks, a reservation, or a live request,

@@ -183,8 +183,11 @@ def add_decode_only(
     )
 
 
-def reserve(engine, request_id: str, token_ids: list[int]) -> ReserveResult:
-    r = engine.reserve(request_id, list(token_ids))
+def reserve(
+    engine, request_id: str, token_ids: list[int], count_hits: bool = True
+) -> ReserveResult:
+    """Reserves (see LLMEngine.reserve); count_hits False for dcache's locks and back-transfers."""
+    r = engine.reserve(request_id, list(token_ids), count_hits=count_hits)
     return ReserveResult(
         int(r.num_cached_tokens),
         [int(b) for b in r.cached_block_ids],

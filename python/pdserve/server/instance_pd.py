@@ -261,7 +261,7 @@ class PDHandlersMixin(PrefillHandlersMixin):
         token_ids = token_ids[: len(token_ids) // bs * bs]
         key = f"{request_id}.dcache"
         try:
-            res = await self.call(lambda e: ea.reserve(e, key, token_ids))
+            res = await self.call(lambda e: ea.reserve(e, key, token_ids, count_hits=False))
         except Exception as exc:  # noqa: BLE001 - dcache is best effort
             return json_error(503, f"no room for the back-transfer: {exc}")
         self.dcache_reservations[request_id] = (res.cached_block_ids, res.new_block_ids)
@@ -308,7 +308,7 @@ class PDHandlersMixin(PrefillHandlersMixin):
         def lock_and_send(engine):
             # Lock what this instance holds of the sequence (its radix tree kept it at finish) and send it;
             # the blocks stay locked (reserved under `key`) until the send is flushed.
-            res = ea.reserve(engine, key, token_ids)
+            res = ea.reserve(engine, key, token_ids, count_hits=False)
             try:
                 held = res.cached_block_ids[from_block : from_block + len(peer_block_ids)]
                 if len(held) < len(peer_block_ids):
