@@ -235,6 +235,30 @@ def test_allowed_token_ids_through_every_path_equal_the_colocated_instance(clust
         assert set(chat["choices"][0]["message"]["content"]) <= {"a", "b"}, url
 
 
+def test_min_tokens_through_every_path_equal_the_colocated_instance(cluster):
+    """A stop id the plain answer produces at once: with min_tokens, P's first token and D's next
+    ones hold it back until min_tokens, on every path as on the colocated instance; stop strings
+    wait too. min_tokens above max_tokens is a 400 naming the field."""
+    prompt = PROMPTS[2]
+    plain = complete(cluster["colo"], prompt)["choices"][0]["token_ids"]
+    stop = {"stop_token_ids": [plain[0]], "ignore_eos": False}
+    assert complete(cluster["colo"], prompt, **stop)["choices"][0]["token_ids"] == [plain[0]]
+    ref = complete(cluster["colo"], prompt, min_tokens=5, **stop)["choices"][0]
+    assert len(ref["token_ids"]) >= 5 and plain[0] not in ref["token_ids"][:5]
+    text_stop = Tokenizer.byte_level().decode(ref["token_ids"][:1])
+    assert text_stop.strip(), ref  # a printable first character: the stop string below
+    for url in (cluster["layer"].url, cluster["whole"].url, cluster["colo_sched"]):
+        got = complete(url, prompt, min_tokens=5, **stop)["choices"][0]
+        assert got["token_ids"] == ref["token_ids"], url
+        # a stop string matching the first token waits for min_tokens as well
+        later = complete(url, prompt, min_tokens=5, stop=[text_stop])["choices"][0]
+        assert len(later["token_ids"]) >= 5, (url, later)
+        status, msg = post_error(
+            f"{url}/v1/completions", {"prompt": "x", "min_tokens": 3, "max_tokens": 2}
+        )
+        assert status == 400 and "min_tokens" in msg, (url, msg)
+
+
 def test_layerwise_sends_each_layer_as_it_is_done(cluster):
     """Layer-wise: one send per layer, queued from the layer hook during the forward pass; whole: one."""
     prompt = [(i * 3 + 7) % 250 for i in range(40)]  # one prefill step

@@ -227,6 +227,39 @@ def test_allowed_token_ids_keep_only_their_logits():
             SamplingParams(allowed_token_ids=bad)
 
 
+def test_min_tokens_holds_back_stop_and_eos_ids_until_reached():
+    from pdserve.engine.sampler import apply_min_tokens, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11)
+    logits[:, 4] = 50.0  # the EOS below: every row's greedy pick
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3, stop_token_ids=[6]),
+        SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=8),
+    ]
+    resolved = [p.with_min_tokens_resolved([4]) for p in params]
+    assert resolved[0].min_tokens_banned_ids == [4, 6] and params[0].min_tokens_banned_ids == []
+    assert resolved[1].min_tokens_banned_ids == [] and resolved[2] is params[2]
+    got = apply_min_tokens(logits, resolved, [2, 0, 0])
+    want = logits.clone()
+    want[0, [4, 6]] = float("-inf")
+    assert torch.equal(got, want)
+    assert apply_min_tokens(logits, resolved, [3, 0, 0]) is logits  # reached: nothing banned
+    assert (
+        sample(logits, resolved, [2, 2, 2])[0] != 4
+        and sample(logits, resolved, [3, 2, 2]) == [4] * 3
+    )
+    with pytest.raises(ValueError, match="min_tokens must be in"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=-1)
+    with pytest.raises(ValueError, match="nothing could be sampled"):
+        SamplingParams(
+            min_tokens=1, allowed_token_ids=[4, 6], stop_token_ids=[6]
+        ).with_min_tokens_resolved([4])
+
+
 def test_text_prompts_chat_template_and_outputs(llm):
     out = llm.generate("héllo", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
     assert out.prompt == "héllo" and out.prompt_token_ids == [256, 104, 195, 169, 108, 108, 111]

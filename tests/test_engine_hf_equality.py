@@ -245,6 +245,36 @@ def test_allowed_token_ids_equal_transformers(checkpoint):
     _assert_clean(llm)
 
 
+def test_min_tokens_equal_transformers(checkpoint):
+    """A stop id that the plain greedy answer produces early: with min_tokens the answer goes on,
+    each token transformers' argmax with the stop id held back until min_tokens tokens exist, then
+    free again (it may end the answer); batched with a plain request that stops at once."""
+    import torch
+
+    path, plain_refs, model = checkpoint
+    prompts = _prompts()
+    stop = plain_refs[1][2]
+    first = plain_refs[1].index(stop)  # the plain answer stops here
+    plain = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop])
+    held = SamplingParams(
+        temperature=0.0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop], min_tokens=8
+    )
+    llm = LLM(path, device="cpu", num_kv_blocks=64)
+    outs = llm.generate([prompts[1], prompts[1]], [plain, held])
+    assert outs[0].token_ids == plain_refs[1][: first + 1]
+    got = outs[1].token_ids
+    assert len(got) >= 8 and stop not in got[:8]
+    assert got[-1] == stop or len(got) == 20
+    for i, token in enumerate(got):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompts[1] + got[:i]])).logits[0, -1].float()
+        if i < 8:
+            logits[stop] = float("-inf")
+        gap = (logits.max() - logits[token]).item()
+        assert gap <= 1e-3, f"token {i}: ours {token}, transformers {int(logits.argmax())}"
+    _assert_clean(llm)
+
+
 def test_logprobs_equal_transformers(checkpoint):
     """Each generated token's log-probability and the top 5 equal transformers' log-softmax of the
     raw logits after the same prefix, in a batch where a request without logprobs gets none, and

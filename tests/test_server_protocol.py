@@ -163,6 +163,25 @@ def test_allowed_token_ids_parse_sorted_and_bounded():
     assert spec.allowed_token_ids == [3, 9]
 
 
+def test_min_tokens_parse_and_bounds():
+    assert (
+        parse_completion({"prompt": "x", "min_tokens": 5, "max_tokens": 5}).sampling.min_tokens == 5
+    )
+    assert parse_completion({"prompt": "x"}).sampling.min_tokens == 0
+    for body in ({"min_tokens": 17}, {"min_tokens": -1}, {"min_tokens": 1.5}, {"min_tokens": True}):
+        with pytest.raises(ProtocolError) as info:
+            parse_completion({"prompt": "x", **body})
+        assert info.value.param == "min_tokens", body
+    with pytest.raises(ProtocolError, match="must not exceed max_tokens"):
+        parse_chat(
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "min_tokens": 9,
+                "max_completion_tokens": 8,
+            }
+        )
+
+
 def test_choice_sampling_offsets_the_seed():
     req = parse_completion({"prompt": "x", "n": 3, "seed": 7, "temperature": 0.8})
     assert req.n == 3

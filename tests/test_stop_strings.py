@@ -114,6 +114,19 @@ def test_choice_text_keeps_tokens_up_to_the_one_that_completes_the_stop():
     assert choice.add([ord("x")], final=True) == ([], "")  # after the stop: nothing
 
 
+def test_choice_text_looks_for_stop_strings_only_after_min_tokens():
+    ids = list(b"ab STOP cd STOP ef")
+    # the first STOP lies in the first 7 tokens ("ab STOP"): kept; the second one ends the text
+    choice = ChoiceText(byte_decode, ["STOP"], min_tokens=7)
+    got = [choice.add(ids[i : i + 4], final=False) for i in range(0, len(ids), 4)]
+    assert choice.stopped and "".join(text for _, text in got) == choice.text == "ab STOP cd "
+    assert choice.token_ids == ids[: ids.index(ord("P"), 8) + 1]
+    # a stop string that starts inside the first min_tokens tokens does not count
+    choice = ChoiceText(byte_decode, ["STOP"], min_tokens=4)
+    parts = [choice.add([t], final=False)[1] for t in ids[:7]]
+    assert not choice.stopped and "".join(parts) == "ab STOP"
+
+
 def test_choice_text_without_a_hit_gives_the_whole_text():
     ids = list("tail €".encode())
     choice = ChoiceText(byte_decode, ["€!"])

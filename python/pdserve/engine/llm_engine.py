@@ -196,6 +196,8 @@ class LLMEngine:
                 f"request {request_id!r}: allowed_token_ids names token ids {outside[:5]} outside "
                 f"the vocabulary [0, {vocab})"
             )
+        # the sequence keeps its own copy holding the EOS/stop ids min_tokens bans (else params)
+        params = params.with_min_tokens_resolved(sorted(self.scheduler.eos_token_ids))
         if mode is RequestMode.DECODE_ONLY:
             self._add_decode_only(
                 request_id, prompt_token_ids, params, first_token_id, pin_on_finish

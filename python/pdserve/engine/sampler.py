@@ -1,5 +1,5 @@
-"""Picks the next token of each sequence from its logits: presence/frequency penalties, logit bias and
-allowed token ids, then greedy, temperature, top-k, top-p, seeded.
+"""Picks the next token of each sequence from its logits: presence/frequency penalties, logit bias,
+allowed token ids and min_tokens, then greedy, temperature, top-k, top-p, seeded.
 
 A seeded request draws its noise from a generator keyed by (seed, output position), so its tokens do
 not depend on the batch it shares, nor on which instance (prefill or decode) samples them.
@@ -42,6 +42,8 @@ def sample(
         logits = apply_logit_bias(logits, params)
     if any(p.allowed_token_ids for p in params):
         logits = apply_allowed_token_ids(logits, params)
+    if any(p.min_tokens_banned_ids for p in params):
+        logits = apply_min_tokens(logits, params, output_positions)
     greedy_ids = logits.argmax(dim=-1)
     if all(p.is_greedy for p in params):
         return greedy_ids.tolist()
@@ -151,6 +153,25 @@ def apply_allowed_token_ids(logits: torch.Tensor, params: list[SamplingParams]) 
     if unrestricted:
         keep[torch.tensor(unrestricted).to(dev, non_blocking=True)] = True
     return logits.masked_fill(~keep, float("-inf"))
+
+
+def apply_min_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], output_positions: list[int]
+) -> torch.Tensor:
+    """logits [B, V], or a copy where row i, having generated output_positions[i] < min_tokens tokens,
+    has its `min_tokens_banned_ids` (stop and EOS ids, resolved by the engine) at -inf."""
+    vocab = logits.shape[-1]
+    flat_ids = [
+        row * vocab + t
+        for row, p in enumerate(params)
+        if output_positions[row] < p.min_tokens
+        for t in p.min_tokens_banned_ids
+    ]
+    if not flat_ids:
+        return logits
+    out = logits.clone()
+    out.view(-1)[torch.tensor(flat_ids).to(logits.device, non_blocking=True)] = float("-inf")
+    return out
 
 
 def token_logprobs(

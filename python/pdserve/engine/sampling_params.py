@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MAX_LOGPROBS = 20  # most likely tokens returned per generated token, at most
 MAX_ABS_PENALTY = 2.0  # presence/frequency penalties lie in [-2, 2] (OpenAI's range)
@@ -37,6 +37,8 @@ class SamplingParams:
     allowed_token_ids (vLLM's) restricts sampling to those ids: every other token's logit becomes
     -inf after the penalties and the bias (greedy picks too); kept sorted without repeats; the
     engine checks the ids against its vocabulary. Log-probabilities stay the model's own.
+    min_tokens (vLLM's, <= max_tokens): until that many tokens are generated, the stop token ids and
+    (unless ignore_eos) the EOS ids cannot be sampled; the engine resolves which ids those are.
     """
 
     max_tokens: int = 16
@@ -51,8 +53,11 @@ class SamplingParams:
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    min_tokens: int = 0
     # allowed_token_ids as int64s, made once here and read in place by the sampler every step
     allowed_token_id_array: array | None = field(init=False, repr=False, compare=False)
+    # the ids min_tokens holds back (stop ids, EOS unless ignore_eos): set by the engine on its own copy
+    min_tokens_banned_ids: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
@@ -89,6 +94,12 @@ class SamplingParams:
         ):
             raise ValueError(
                 f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool):
+            raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}"
             )
         self._check_logit_bias()
         self._check_allowed_token_ids()
@@ -130,6 +141,22 @@ class SamplingParams:
                 )
         self.allowed_token_ids = sorted(set(ids))
         self.allowed_token_id_array = array("q", self.allowed_token_ids)
+
+    def with_min_tokens_resolved(self, eos_token_ids: list[int]) -> SamplingParams:
+        """This params' copy whose `min_tokens_banned_ids` are the stop ids and, unless ignore_eos,
+        `eos_token_ids` (self when min_tokens is 0). Raises ValueError when allowed_token_ids leaves
+        nothing else to sample before min_tokens."""
+        if not self.min_tokens:
+            return self
+        banned = set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
+        if self.allowed_token_ids is not None and set(self.allowed_token_ids) <= banned:
+            raise ValueError(
+                "min_tokens holds back every id of allowed_token_ids (they are all stop or EOS ids): "
+                "nothing could be sampled"
+            )
+        resolved = replace(self)
+        resolved.min_tokens_banned_ids = sorted(banned)
+        return resolved
 
     @property
     def is_greedy(self) -> bool:

@@ -84,15 +84,18 @@ class ChoiceText:
     With stop strings the tokens are detokenized one at a time, so the token that completes a stop
     string is known: it is the last one kept (usage counts up to it) and later ones are dropped.
     Not `incremental` (a whole reply without stop strings), the text is decoded once, at the end.
+    The first `min_tokens` tokens' text goes out unsearched: a stop string counts only where it
+    starts in the text of a later token (vLLM's min_tokens, which holds back stop strings too).
     """
 
-    def __init__(self, decode, stop: list[str], incremental: bool = True):
+    def __init__(self, decode, stop: list[str], incremental: bool = True, min_tokens: int = 0):
         self._decode = decode  # decode(list[int]) -> str
         self._detok = IncrementalDetokenizer(decode)
         self._stop = StopStringMatcher(stop) if stop else None
         self._incremental = incremental or self._stop is not None
         self._parts: list[str] = []  # the text handed out so far
         self.token_ids: list[int] = []  # the tokens kept: all received, or up to the stop string
+        self._min_tokens = min_tokens
 
     @property
     def stopped(self) -> bool:
@@ -123,7 +126,11 @@ class ChoiceText:
         parts: list[str] = []
         for token_id in new_token_ids:
             kept.append(token_id)
-            parts.append(self._stop.add(self._detok.add([token_id])))
+            text = self._detok.add([token_id])
+            if len(self.token_ids) + len(kept) <= self._min_tokens:
+                parts.append(text)  # nothing is searched yet, so the matcher holds nothing
+                continue
+            parts.append(self._stop.add(text))
             if self._stop.stopped:
                 return kept, "".join(parts)
         if final:  # the detokenizer's held bytes, then the text held for the stop strings

@@ -128,7 +128,9 @@ class _ChoiceState:
 
     def __init__(self, index: int, req: GenerateRequest, decode, started: float):
         self.index = index
-        self.text = ChoiceText(decode, req.stop, incremental=req.stream)
+        self.text = ChoiceText(
+            decode, req.stop, incremental=req.stream, min_tokens=req.sampling.min_tokens
+        )
         self.timer = StreamTimer(started)
         # logprobs asked: one entry per kept token, rendered with the text that carries it
         self.lp = LogprobsRenderer(req.kind, decode) if req.sampling.logprobs is not None else None

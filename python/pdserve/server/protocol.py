@@ -81,6 +81,12 @@ _SAMPLING_FIELDS: dict[str, Field] = {
     "stream_options": Field((dict,), None, doc='{"include_usage": bool}'),
     "stop_token_ids": Field((list,), None, doc="token ids that end the sequence"),
     "ignore_eos": Field((bool,), False),
+    "min_tokens": Field(
+        (int,),
+        0,
+        minimum=0,
+        doc="tokens generated before a stop id, EOS or stop string may end the answer (<= max_tokens)",
+    ),
     "n": Field(
         (int,),
         1,
@@ -169,6 +175,7 @@ class SamplingSpec:
     logprobs: int | None = None  # None: off; n: each token's and the n most likely's
     logit_bias: dict[int, float] | None = None  # token id -> bias
     allowed_token_ids: list[int] | None = None  # None: any token
+    min_tokens: int = 0  # no stop id, EOS or stop string ends the answer before this many tokens
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -289,6 +296,11 @@ def _sampling_from(values: dict[str, Any], logprobs: int | None = None) -> Sampl
     if top_k == 0:
         raise ProtocolError("'top_k' must be -1 (off) or >= 1, got 0", param="top_k")
     max_tokens = values["max_completion_tokens"] or values["max_tokens"]
+    if values["min_tokens"] > max_tokens:
+        raise ProtocolError(
+            f"'min_tokens' ({values['min_tokens']}) must not exceed max_tokens ({max_tokens})",
+            param="min_tokens",
+        )
     return SamplingSpec(
         max_tokens=int(max_tokens),
         temperature=float(values["temperature"]),
@@ -302,6 +314,7 @@ def _sampling_from(values: dict[str, Any], logprobs: int | None = None) -> Sampl
         logprobs=logprobs,
         logit_bias=_logit_bias(values["logit_bias"]),
         allowed_token_ids=_allowed_token_ids(values["allowed_token_ids"]),
+        min_tokens=int(values["min_tokens"]),
     )
 
 

@@ -299,8 +299,12 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
             sub_req = req
             if emitted:
                 left = req.sampling.max_tokens - len(emitted)
+                min_left = max(0, req.sampling.min_tokens - len(emitted))
                 sub_req = dataclasses.replace(
-                    req, sampling=dataclasses.replace(req.sampling, max_tokens=left)
+                    req,
+                    sampling=dataclasses.replace(
+                        req.sampling, max_tokens=left, min_tokens=min_left
+                    ),
                 )
             sub_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
             p, d = self.route(prompt)
