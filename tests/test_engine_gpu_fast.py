@@ -136,6 +136,16 @@ def test_fast_path_greedy_equals_eager_torch_fp32(ckpt):
     a = [o.token_ids for o in ref.generate(PROMPTS, mixed)]
     assert a == [o.token_ids for o in fast.generate(PROMPTS, mixed)]
     assert all(set(t) <= {3, 17, 40} and 40 not in t[:6] for t in a[1::2])
+    # prompt log-probabilities need every prompt row's logits: those steps run eager, the same
+    prompt_lp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
+    mixed = [prompt_lp if i % 2 else params for i in range(len(PROMPTS))]
+    eager, graph = ref.generate(PROMPTS, mixed), fast.generate(PROMPTS, mixed)
+    assert [o.token_ids for o in eager] == [o.token_ids for o in graph]
+    for e, g in zip(eager[1::2], graph[1::2], strict=True):
+        assert len(g.prompt_logprobs) == len(g.prompt_token_ids) and g.prompt_logprobs[0] is None
+        assert [x.logprob for x in e.prompt_logprobs[1:]] == pytest.approx(
+            [x.logprob for x in g.prompt_logprobs[1:]], abs=2e-2
+        )
     # log-probabilities from the graphs' logits: greedy tokens are their own top entry, and the values
     # are the eager path's up to the Triton kernels' tf32 dots (bound 2e-2; seen 4.5e-3 on an H100)
     asked = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)

@@ -245,6 +245,40 @@ def test_allowed_token_ids_equal_transformers(checkpoint):
     _assert_clean(llm)
 
 
+def test_prompt_logprobs_equal_transformers(checkpoint):
+    """Every prompt token's log-probability given those before it, and the top 3 there, equal
+    transformers' log-softmax over one forward of the whole prompt. The prompt is computed whole in
+    chunks although its prefix is cached (cached KV has no logits), batched with requests that ask
+    for nothing; the generated tokens stay greedy's."""
+    import torch
+
+    path, plain_refs, model = checkpoint
+    prompts = _prompts()
+    prompt = prompts[3]  # 72 tokens: several 32-token chunks
+    llm = LLM(
+        path, device="cpu", num_kv_blocks=64, max_num_batched_tokens=32, enable_radix_caching=True
+    )
+    llm.generate([prompt], GREEDY)  # its blocks are in the radix cache now
+    asked = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=3)
+    outs = llm.generate([prompts[0], prompt, prompt], [GREEDY, asked, GREEDY])
+    out = outs[1]
+    assert outs[0].prompt_logprobs is None and outs[2].prompt_logprobs is None
+    assert out.num_cached_tokens == 0 and outs[2].num_cached_tokens > 0
+    assert out.token_ids == plain_refs[3][:4] and out.logprobs is None
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    for p in range(1, len(prompt)):
+        entry = out.prompt_logprobs[p]
+        assert abs(entry.logprob - ref[p - 1, prompt[p]].item()) < 1e-4, p
+        values, _ = ref[p - 1].topk(3)
+        assert [lp for _, lp in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert all(abs(ref[p - 1, t].item() - lp) < 1e-4 for t, lp in entry.top)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
+    _assert_clean(llm)
+
+
 def test_min_tokens_equal_transformers(checkpoint):
     """A stop id that the plain greedy answer produces early: with min_tokens the answer goes on,
     each token transformers' argmax with the stop id held back until min_tokens tokens exist, then

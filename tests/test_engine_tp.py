@@ -103,6 +103,18 @@ def test_tp2_equals_tp1_and_transformers(checkpoint):
         llm.generate(_prompts()[:2], only), one_rank.generate(_prompts()[:2], only), strict=True
     ):
         assert got_one.token_ids == want_one.token_ids and set(got_one.token_ids) <= {5, 9, 40}
+    # prompt log-probabilities: every rank makes the prompt rows' logits (the gather is collective)
+    prompt_lp = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    for got_one, want_one in zip(
+        llm.generate(_prompts()[:2], prompt_lp),
+        one_rank.generate(_prompts()[:2], prompt_lp),
+        strict=True,
+    ):
+        assert got_one.token_ids == want_one.token_ids
+        assert got_one.prompt_logprobs[0] is None and want_one.prompt_logprobs[0] is None
+        assert [e.logprob for e in got_one.prompt_logprobs[1:]] == pytest.approx(
+            [e.logprob for e in want_one.prompt_logprobs[1:]], abs=1e-4
+        )
     got, want = llm.generate(_prompts()[:2], asked), one_rank.generate(_prompts()[:2], asked)
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids

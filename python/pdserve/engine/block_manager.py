@@ -196,6 +196,8 @@ class BlockManager:
         """Attach the cached prefix to a sequence that holds no blocks. At least one token stays
         uncomputed so the step that completes the prompt produces logits."""
         assert not seq.block_ids and seq.num_computed_tokens == 0
+        if seq.wants_prompt_logprobs:  # cached KV has no logits: compute the whole prompt
+            return
         num_tokens, block_ids = self.match_prefix(seq.token_ids, seq.num_tokens - 1)
         seq.block_ids = block_ids
         seq.num_computed_tokens = num_tokens

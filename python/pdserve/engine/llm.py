@@ -24,6 +24,8 @@ class GenerateOutput:
     logprobs: list[TokenLogprobs] | None = (
         None  # one per token, when SamplingParams.logprobs is set
     )
+    # one per prompt token (None for the first), when SamplingParams.prompt_logprobs is set
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class LLM:
@@ -77,6 +79,7 @@ class LLM:
         logprobs: dict[str, list[TokenLogprobs]] = {rid: [] for rid in ids}
         reasons: dict[str, Any] = {}
         cached: dict[str, int] = {}
+        prompt_lps: dict[str, list[TokenLogprobs | None]] = {}
         try:
             while len(reasons) < len(ids):
                 for out in self.engine.step():
@@ -84,6 +87,8 @@ class LLM:
                         continue  # a request someone else added to this engine
                     generated[out.request_id].extend(out.new_token_ids)
                     logprobs[out.request_id].extend(out.new_logprobs or [])
+                    if out.prompt_logprobs is not None:
+                        prompt_lps[out.request_id] = out.prompt_logprobs
                     if out.finished:
                         reasons[out.request_id] = out.finish_reason
                         cached[out.request_id] = out.num_cached_tokens
@@ -101,6 +106,7 @@ class LLM:
                 finish_reason=reasons[rid],
                 num_cached_tokens=cached[rid],
                 logprobs=logprobs[rid] if params.logprobs is not None else None,
+                prompt_logprobs=prompt_lps.get(rid),
             )
             for rid, prompt, tokens, params in zip(
                 ids, prompts, token_lists, params_list, strict=True

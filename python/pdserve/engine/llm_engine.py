@@ -7,7 +7,7 @@ DECODE_ONLY (from a reserve() reservation plus the first token). Not thread-safe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pdserve.engine.block_manager import BlockManager, NoCapacity, Reservation
@@ -22,6 +22,7 @@ from pdserve.engine.sequence import (
     RequestOutput,
     Sequence,
     SequenceStatus,
+    TokenLogprobs,
 )
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.kv_layout import KVLayout
@@ -199,6 +200,8 @@ class LLMEngine:
         # the sequence keeps its own copy holding the EOS/stop ids min_tokens bans (else params)
         params = params.with_min_tokens_resolved(sorted(self.scheduler.eos_token_ids))
         if mode is RequestMode.DECODE_ONLY:
+            if params.prompt_logprobs is not None:  # the prefill instance computed the prompt
+                params = replace(params, prompt_logprobs=None)
             self._add_decode_only(
                 request_id, prompt_token_ids, params, first_token_id, pin_on_finish
             )
@@ -366,7 +369,9 @@ class LLMEngine:
                 hook(layer_idx, items)
 
         sampled = self.runner.run(batch, after_layer)
-        self.scheduler.postprocess(batch, sampled.token_ids, sampled.logprobs)
+        self.scheduler.postprocess(
+            batch, sampled.token_ids, sampled.logprobs, sampled.prompt_logprobs
+        )
         self.block_manager.run_evictor()
         for seq in batch.seqs:
             if seq.num_new_tokens_unreported or seq.is_finished:
@@ -390,7 +395,16 @@ class LLMEngine:
             new_logprobs=(seq.output_logprobs[len(seq.output_logprobs) - n :] if n else [])
             if seq.params.logprobs is not None
             else None,
+            prompt_logprobs=self._report_prompt_logprobs(seq) if n else None,
         )
+
+    @staticmethod
+    def _report_prompt_logprobs(seq: Sequence) -> list[TokenLogprobs | None] | None:
+        """seq's prompt log-probabilities the first time it reports tokens (when asked), else None."""
+        if seq.params.prompt_logprobs is None or seq.prompt_logprobs_reported:
+            return None
+        seq.prompt_logprobs_reported = True
+        return list(seq.prompt_logprobs)
 
     # ---- introspection ------------------------------------------------------------------------
     def kv_layout(self) -> KVLayout:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,8 +23,10 @@ from pdserve.engine.model import LlamaForCausalLM
 from pdserve.engine.sampler import Sampled, sample, token_logprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.sequence import TokenLogprobs
 from pdserve.kv_layout import KVLayout
 
+PROMPT_LOGPROB_ROWS = 256  # rows of prompt logits made at once (each is vocab_size fp32 values)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -48,6 +50,12 @@ class StepInputs:
     use_graph: bool = False
     # per sampling sequence: its generated tokens where its penalties need them, else None
     output_token_ids: list[array | None] | None = None
+    # prompt log-probabilities: rows whose next token is a prompt token of a sequence that asked
+    # (SamplingParams.prompt_logprobs), with that token, the sequence's index and its top-k
+    prompt_logprob_rows: list[int] = field(default_factory=list)
+    prompt_logprob_targets: list[int] = field(default_factory=list)
+    prompt_logprob_seq_indices: list[int] = field(default_factory=list)
+    prompt_logprob_ks: list[int] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -339,8 +347,18 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         sample_seq_indices: list[int] = []
+        lp_rows: list[int] = []
+        lp_targets: list[int] = []
+        lp_seqs: list[int] = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_computed_tokens
+            if seq.wants_prompt_logprobs:
+                # the row at position p predicts token p + 1: rows for the tokens without an entry
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                for p in range(first, min(start + n, seq.num_prompt_tokens - 1)):
+                    lp_rows.append(query_start_loc[-1] + p - start)
+                    lp_targets.append(seq.token_ids[p + 1])
+                    lp_seqs.append(i)
             input_ids.extend(seq.token_ids[start : start + n])
             span = range(start, start + n)
             positions.extend(span)
@@ -370,6 +388,10 @@ class ModelRunner:
             output_positions=[batch.seqs[i].num_output_tokens for i in sample_seq_indices],
             is_decode_only=all(n == 1 for n in batch.num_new_tokens),
             output_token_ids=_penalised_outputs([batch.seqs[i] for i in sample_seq_indices]),
+            prompt_logprob_rows=lp_rows,
+            prompt_logprob_targets=lp_targets,
+            prompt_logprob_seq_indices=lp_seqs,
+            prompt_logprob_ks=[batch.seqs[i].params.prompt_logprobs for i in lp_seqs],
         )
 
     def _prepare(
@@ -414,7 +436,11 @@ class ModelRunner:
         after_layer(layer_idx) fires once each layer's KV is written; a step replayed from a CUDA
         graph calls after_layer(None) once instead, when every layer's is (queued on this stream)."""
         graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(batch):
+        if (
+            graphs is not None
+            and not any(seq.wants_prompt_logprobs for seq in batch.seqs)
+            and graphs.can_run(batch)
+        ):
             return self._run_graph(graphs, batch, after_layer)
         return self.execute(self.prepare_inputs(batch), after_layer)
 
@@ -482,7 +508,7 @@ class ModelRunner:
     def graph_eligible(self, inputs: StepInputs) -> bool:
         """True when a graph can run these inputs (see DecodeGraphs.fits)."""
         graphs = self.decode_graphs
-        if graphs is None:
+        if graphs is None or inputs.prompt_logprob_rows:  # those need every row's logits
             return False
         if inputs.is_decode_only:
             return graphs.fits(inputs.num_seqs)
@@ -502,12 +528,13 @@ class ModelRunner:
             return self._execute_graph(inputs, after_layer)
         input_ids, positions, meta, sample_rows = self._prepare(inputs)
         hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
+        prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if sample_rows.numel() == 0:
-            return Sampled([None] * inputs.num_seqs)
+            return Sampled([None] * inputs.num_seqs, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_rows])  # full width on rank 0 only
         if self.tp_rank != 0:
             return Sampled([None] * inputs.num_seqs)
-        return _sample_rows(
+        sampled = _sample_rows(
             logits,
             inputs.num_seqs,
             inputs.sample_seq_indices,
@@ -515,6 +542,42 @@ class ModelRunner:
             inputs.output_positions,
             inputs.output_token_ids,
         )
+        sampled.prompt_logprobs = prompt_logprobs
+        return sampled
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, inputs: StepInputs
+    ) -> dict[int, list[TokenLogprobs]] | None:
+        """The prompt log-probabilities the inputs ask for (see StepInputs.prompt_logprob_rows), by
+        sequence index, on rank 0; None elsewhere or when none is asked. Logits are made
+        PROMPT_LOGPROB_ROWS rows at a time (a 2,048-token prompt's whole [2048, V] fp32 logits
+        would be 1 GB for a 128k vocabulary); every rank takes part (tensor parallelism gathers)."""
+        rows = inputs.prompt_logprob_rows
+        if not rows:
+            return None
+        out: dict[int, list[TokenLogprobs]] = {}
+        max_k = max(inputs.prompt_logprob_ks)
+        for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            hi = min(lo + PROMPT_LOGPROB_ROWS, len(rows))
+            idx = torch.tensor(rows[lo:hi], dtype=torch.long).to(hidden.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden.index_select(0, idx))
+            if self.tp_rank != 0:
+                continue
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            targets = torch.tensor(inputs.prompt_logprob_targets[lo:hi], dtype=torch.long)
+            chosen = lp.gather(1, targets.to(lp.device)[:, None])[:, 0].tolist()
+            top_ids: list[list[int]] = [[] for _ in chosen]
+            top_lps: list[list[float]] = [[] for _ in chosen]
+            if max_k:
+                values, ids = lp.topk(max_k, dim=-1)
+                top_ids, top_lps = ids.tolist(), values.tolist()
+            for j in range(hi - lo):
+                k = inputs.prompt_logprob_ks[lo + j]
+                entry = TokenLogprobs(
+                    chosen[j], list(zip(top_ids[j][:k], top_lps[j][:k], strict=True))
+                )
+                out.setdefault(inputs.prompt_logprob_seq_indices[lo + j], []).append(entry)
+        return out if self.tp_rank == 0 else None
 
     @torch.inference_mode()
     def logits_for(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -26,6 +26,9 @@ class Sampled:
 
     token_ids: list[int | None]
     logprobs: list[TokenLogprobs | None] | None = None
+    # sequence index -> the log-probabilities of the prompt tokens its rows predicted this step, in
+    # order (see StepInputs.prompt_logprob_rows); None: no sequence asked
+    prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None
 
 
 def sample(

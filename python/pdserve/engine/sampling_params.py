@@ -37,6 +37,9 @@ class SamplingParams:
     allowed_token_ids (vLLM's) restricts sampling to those ids: every other token's logit becomes
     -inf after the penalties and the bias (greedy picks too); kept sorted without repeats; the
     engine checks the ids against its vocabulary. Log-probabilities stay the model's own.
+    prompt_logprobs (vLLM's; None: off; k in [0, 20]) returns each prompt token's log-probability
+    given the tokens before it (the first has none) and the k most likely there; such a prompt is
+    computed whole, its cached prefix not used (cached KV has no logits).
     min_tokens (vLLM's, <= max_tokens): until that many tokens are generated, the stop token ids and
     (unless ignore_eos) the EOS ids cannot be sampled; the engine resolves which ids those are.
     """
@@ -51,6 +54,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     min_tokens: int = 0
@@ -100,6 +104,15 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}"
+            )
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int)
+            or isinstance(self.prompt_logprobs, bool)
+            or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"prompt_logprobs must be None or an int in [0, {MAX_LOGPROBS}], "
+                f"got {self.prompt_logprobs!r}"
             )
         self._check_logit_bias()
         self._check_allowed_token_ids()

@@ -141,10 +141,12 @@ class Scheduler:
         batch: ScheduledBatch,
         sampled_token_ids: list[int | None],
         sampled_logprobs: list[TokenLogprobs | None] | None = None,
+        prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None,
     ) -> list[Sequence]:
         """Advances the batch by one step; sampled_token_ids[i] is the new token of batch.seqs[i]
-        (None when it did not sample), sampled_logprobs[i] its log-probabilities (None: not asked).
-        Returns the sequences that finished (or got pinned)."""
+        (None when it did not sample), sampled_logprobs[i] its log-probabilities (None: not asked),
+        prompt_logprobs[i] the entries of the prompt tokens after those it has (see
+        StepInputs.prompt_logprob_rows). Returns the sequences that finished (or got pinned)."""
         finished: list[Sequence] = []
         for i, (seq, n, token_id) in enumerate(
             zip(batch.seqs, batch.num_new_tokens, sampled_token_ids, strict=True)
@@ -154,6 +156,8 @@ class Scheduler:
                     n, seq.num_prompt_tokens - seq.num_computed_tokens
                 )
             seq.num_computed_tokens += n
+            if prompt_logprobs is not None and i in prompt_logprobs:
+                seq.prompt_logprobs.extend(prompt_logprobs[i])
             self.block_manager.cache_computed(seq)
             if token_id is None:
                 continue

@@ -62,6 +62,10 @@ class Sequence:
     # params.logprobs set: one entry per token this engine sampled (a DECODE_ONLY request's first
     # token was sampled by the prefill instance, and its entry travelled with it)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # params.prompt_logprobs set: entry p is prompt token p's (None for token 0), filled as the
+    # prompt's chunks are computed; reported once, with the first generated token
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
+    prompt_logprobs_reported: bool = False
     _output_ids: array = field(default_factory=lambda: array("q"), repr=False, compare=False)
 
     @property
@@ -83,6 +87,14 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """True while prompt log-probabilities are asked and not all computed yet."""
+        return (
+            self.params.prompt_logprobs is not None
+            and len(self.prompt_logprobs) < self.num_prompt_tokens
+        )
 
     @property
     def is_finished(self) -> bool:
@@ -117,3 +129,6 @@ class RequestOutput:
     new_logprobs: list[TokenLogprobs] | None = (
         None  # one per new token, when params.logprobs is set
     )
+    # params.prompt_logprobs set: one per prompt token (None for the first), in the output that
+    # carries the first generated token; else None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
