@@ -437,6 +437,46 @@ def _stream_logprobs(url: str, path: str, body: dict) -> tuple[list[int], list]:
     return tokens, objs
 
 
+def test_echo_with_logprobs_through_every_path_equal_the_colocated_instance(cluster):
+    """echo + logprobs (what lm-eval's loglikelihood sends): the text starts with the prompt, the
+    logprobs with the prompt's tokens (the first without a value), then the answer's; the same
+    from every path, whole and streamed, with a prefix cached or not, for every choice of n = 2."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    body |= {"echo": True, "logprobs": 2}
+    plain = http_json(f"{cluster['colo']}/v1/completions", {**body, "echo": False})
+    ref = http_json(f"{cluster['colo']}/v1/completions", body)["choices"][0]
+    num_prompt = plain["usage"]["prompt_tokens"]
+    lp = ref["logprobs"]
+    assert ref["text"] == prompt + plain["choices"][0]["text"]
+    assert ref["token_ids"] == plain["choices"][0]["token_ids"]
+    assert len(lp["tokens"]) == num_prompt + 3 and "".join(lp["tokens"][1:]).startswith(prompt)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert lp["token_logprobs"][num_prompt:] == pytest.approx(
+        plain["choices"][0]["logprobs"]["token_logprobs"], abs=1e-4
+    )
+    for url in (cluster["colo_sched"], cluster["layer"].url, cluster["whole"].url, cluster["colo"]):
+        for _ in range(2):  # the second time, the prompt's prefix is cached where it ran
+            got = http_json(f"{url}/v1/completions", {**body, "n": 2})
+            for choice in got["choices"]:
+                assert choice["text"].startswith(prompt), url
+                assert choice["logprobs"]["tokens"][:num_prompt] == lp["tokens"][:num_prompt]
+                assert choice["logprobs"]["token_logprobs"][1:num_prompt] == pytest.approx(
+                    lp["token_logprobs"][1:num_prompt], abs=1e-4
+                ), url
+            assert got["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+                lp["token_logprobs"], abs=1e-4
+            )
+        tokens, objs = _stream_logprobs(url, "/v1/completions", body)
+        assert tokens == ref["token_ids"], url
+        assert [v for o in objs for v in o["text_offset"]] == lp["text_offset"], url
+        streamed = [v for o in objs for v in o["token_logprobs"]]
+        assert streamed[0] is None and streamed[1:] == pytest.approx(
+            lp["token_logprobs"][1:], abs=1e-4
+        ), url
+
+
 def test_logprobs_through_every_path_equal_the_colocated_instance(cluster):
     """Completions (logprobs n) and chat (logprobs + top_logprobs), whole and streamed: the same
     tokens and log-probabilities from the colocated instance, the scheduler in front of it, and P+D

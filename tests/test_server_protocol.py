@@ -48,7 +48,7 @@ def test_completion_defaults_and_token_prompt():
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "stop": ""}, "stop"),
         ({"prompt": "x", "stop": 7}, "stop"),
-        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "echo": 1}, "echo"),
         ({"prompt": "x", "max_tokens": True}, "max_tokens"),
         ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
@@ -212,6 +212,24 @@ def test_logprobs_fields_parse():
     assert chat.sampling.logprobs == 4
     with pytest.raises(ProtocolError, match="top_logprobs"):
         parse_chat({"messages": messages, "top_logprobs": 4})
+
+
+def test_echo_asks_choice_0_for_the_prompt_logprobs():
+    req = parse_completion({"prompt": "x", "echo": True, "logprobs": 2, "n": 3, "seed": 5})
+    assert req.echo and req.sampling.prompt_logprobs == 2 and req.sampling.logprobs == 2
+    assert [req.choice_sampling(i).prompt_logprobs for i in range(3)] == [2, None, None]
+    assert [req.choice_sampling(i).seed for i in range(3)] == [5, 6, 7]
+    plain = parse_completion({"prompt": "x", "echo": True})
+    assert plain.echo and plain.sampling.prompt_logprobs is None
+    assert parse_completion({"prompt": "x", "logprobs": 2}).sampling.prompt_logprobs is None
+    # an echoed prompt's first token has no log-probability
+    r = LogprobsRenderer("completion", lambda ids: "".join(chr(97 + i) for i in ids))
+    assert r.render([0, 1], [None, {"logprob": -1.0, "top": [[1, -1.0]]}]) == {
+        "tokens": ["a", "b"],
+        "token_logprobs": [None, -1.0],
+        "top_logprobs": [None, {"b": -1.0}],
+        "text_offset": [0, 1],
+    }
 
 
 def test_logprobs_objects_and_a_stop_strings_cut():

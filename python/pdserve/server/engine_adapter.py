@@ -278,6 +278,20 @@ def output_logprobs(out) -> list[dict] | None:
     ]
 
 
+def output_prompt_logprobs(out) -> list[dict | None] | None:
+    """The output's prompt log-probabilities as JSON (None for the first token, then entries as in
+    `output_logprobs`); None when the output carries none."""
+    entries = getattr(out, "prompt_logprobs", None)
+    if entries is None:
+        return None
+    return [
+        None
+        if e is None
+        else {"logprob": float(e.logprob), "top": [[int(t), float(lp)] for t, lp in e.top]}
+        for e in entries
+    ]
+
+
 def output_fields(out) -> tuple[str, list[int], str | None, int | None]:
     """(request_id, new token ids, finish reason or None, cached prompt tokens if known)."""
     finish = getattr(out, "finish_reason", None)

@@ -69,7 +69,9 @@ class EngineStream:
         _, new_ids, finish, num_cached = ea.output_fields(out)
         # set before returning it: a consumer closing us at the last delta ends nothing
         self._finished = finish is not None
-        return TokenDelta(new_ids, finish, num_cached, ea.output_logprobs(out))
+        return TokenDelta(
+            new_ids, finish, num_cached, ea.output_logprobs(out), ea.output_prompt_logprobs(out)
+        )
 
     async def aclose(self) -> None:
         if self._closed:
@@ -387,6 +389,7 @@ class InstanceServer(PDHandlersMixin):
                 self.tokenizer.decode,
                 self.metrics,
                 started=arrived,
+                prompt_token_ids=token_ids,
             )
         finally:
             for stream in streams:
@@ -478,6 +481,8 @@ class InstanceServer(PDHandlersMixin):
                     line["num_cached_tokens"] = d.num_cached_tokens
                 if d.logprobs is not None:
                     line["logprobs"] = d.logprobs
+                if d.prompt_logprobs is not None:
+                    line["prompt_logprobs"] = d.prompt_logprobs
                 await resp.write((json.dumps(line) + "\n").encode())
             await resp.write_eof()
         except ConnectionResetError:

@@ -179,6 +179,7 @@ class PrefillHandlersMixin:
         ok = False
         first_token_id = None
         first_logprobs = None  # the first token's, when asked: they travel with it to D's stream
+        prompt_logprobs = None  # echo with logprobs: the prompt's, for the scheduler's reply
         finish_reason = None
         num_cached = 0
         deltas = None
@@ -193,6 +194,7 @@ class PrefillHandlersMixin:
                 if d.new_token_ids and first_token_id is None:
                     first_token_id = d.new_token_ids[0]
                     first_logprobs = d.logprobs[0] if d.logprobs else None
+                    prompt_logprobs = d.prompt_logprobs
                 if d.num_cached_tokens is not None:
                     num_cached = d.num_cached_tokens
                 finish_reason = d.finish_reason
@@ -239,6 +241,7 @@ class PrefillHandlersMixin:
                 "request_id": request_id,
                 "first_token_id": first_token_id,
                 "first_token_logprobs": first_logprobs,
+                "prompt_logprobs": prompt_logprobs,
                 "finish_reason": finish_reason,
                 "num_cached_tokens": num_cached,
                 "num_computed_tokens": len(token_ids) - num_cached,

@@ -37,6 +37,8 @@ class TokenDelta:
     num_cached_tokens: int | None = None  # set once, when known
     # when the request asked for them: one {"logprob", "top": [[id, logprob], ...]} per new token
     logprobs: list[dict] | None = None
+    # echo with logprobs: one entry per prompt token (None for the first), on the first delta only
+    prompt_logprobs: list[dict | None] | None = None
 
 
 class LogprobsRenderer:
@@ -53,8 +55,9 @@ class LogprobsRenderer:
         self._decode = decode
         self._text_offset = 0
 
-    def render(self, token_ids: list[int], entries: list[dict]) -> dict:
-        """`entries[i]` = {"logprob", "top": [[id, logprob], ...]} of token_ids[i] (TokenDelta)."""
+    def render(self, token_ids: list[int], entries: list[dict | None]) -> dict:
+        """`entries[i]` = {"logprob", "top": [[id, logprob], ...]} of token_ids[i] (TokenDelta), or
+        None (completions only: an echoed prompt's first token, which has no log-probability)."""
         texts = [self._decode([t]) for t in token_ids]
         if self._kind == "chat":
 
@@ -70,15 +73,18 @@ class LogprobsRenderer:
         for text in texts:
             offsets.append(self._text_offset)
             self._text_offset += len(text)
-        tops = []
+        tops: list[dict[str, float] | None] = []
         for entry in entries:
+            if entry is None:
+                tops.append(None)
+                continue
             top: dict[str, float] = {}
             for t, lp in entry["top"]:  # tokens whose texts collide keep the likeliest's value
                 top.setdefault(self._decode([t]), lp)
             tops.append(top)
         return {
             "tokens": texts,
-            "token_logprobs": [e["logprob"] for e in entries],
+            "token_logprobs": [None if e is None else e["logprob"] for e in entries],
             "top_logprobs": tops,
             "text_offset": offsets,
         }
@@ -123,11 +129,24 @@ class StreamTimer:
         return (self.last - self.first) / (self.num_tokens - 1)
 
 
+@dataclass
+class _Echo:
+    """What an `echo` reply puts before each choice's text: the prompt's text, and with logprobs its
+    tokens and their entries (None for the first token)."""
+
+    text: str
+    token_ids: list[int]
+    entries: list[dict | None] | None
+
+
 class _ChoiceState:
     """One choice while the reply renders: its text, timer, logprobs and what is not sent yet."""
 
-    def __init__(self, index: int, req: GenerateRequest, decode, started: float):
+    def __init__(
+        self, index: int, req: GenerateRequest, decode, started: float, echo: _Echo | None = None
+    ):
         self.index = index
+        self.echo = echo
         self.text = ChoiceText(
             decode, req.stop, incremental=req.stream, min_tokens=req.sampling.min_tokens
         )
@@ -159,12 +178,14 @@ class _ChoiceState:
         self, req, request_id, model, text: str, end: str | None, created: int
     ) -> dict | None:
         """The SSE chunk for what `add` returned, or None when nothing is due yet."""
-        if not (text or end is not None or (self.unsent_ids and self.first)):
+        if not (text or end is not None or (self.first and (self.unsent_ids or self.echo))):
             return None
         logprobs = None
         if self.lp is not None:
-            logprobs = self.lp.render(self.unsent_ids, self.entries)
+            logprobs = self._render_logprobs(self.unsent_ids, self.entries)
             self.entries = []
+        if self.first and self.echo is not None:
+            text = self.echo.text + text
         chunk = chunk_json(
             req.kind,
             request_id,
@@ -183,10 +204,19 @@ class _ChoiceState:
 
     def whole(self, kind: str) -> dict:
         """The whole choice, for a non-stream reply."""
-        logprobs = self.lp.render(self.text.token_ids, self.entries) if self.lp else None
+        logprobs = self._render_logprobs(self.text.token_ids, self.entries) if self.lp else None
+        text = self.text.text if self.echo is None else self.echo.text + self.text.text
         return choice_json(
-            kind, self.index, self.text.text, self.text.token_ids, self.finish_reason, logprobs
+            kind, self.index, text, self.text.token_ids, self.finish_reason, logprobs
         )
+
+    def _render_logprobs(self, token_ids: list[int], entries: list[dict]) -> dict:
+        """The logprobs object of these tokens, after the echoed prompt's when this is the first."""
+        if not (self.first and self.echo is not None and self.echo.entries is not None):
+            return self.lp.render(token_ids, entries)
+        head = self.lp.render(self.echo.token_ids, self.echo.entries)
+        tail = self.lp.render(token_ids, entries)
+        return {key: head[key] + tail[key] for key in head}
 
 
 class _Arrivals:
@@ -308,6 +338,10 @@ class _Primed:
             return first
         return await self._stream.__anext__()
 
+    def peek(self) -> TokenDelta | None:
+        """The first delta when not yet taken (None for a choice that ended without one)."""
+        return self._first
+
     async def aclose(self) -> None:
         self._first = None
         await self._stream.aclose()
@@ -324,16 +358,19 @@ async def render_response(
     metrics: ServerMetrics | None = None,
     on_stop: Callable[[int], None] | None = None,
     started: float | None = None,
+    prompt_token_ids: list[int] | None = None,
 ) -> web.StreamResponse:
     """Renders the choices' deltas (`streams[i]` is choice i) to their ends, or until a stop string
     ends a choice or the client leaves: a choice's stream is closed then (here on a stop string,
     before the reply ends; by the caller when the client leaves), which aborts its request and
     releases its blocks. `on_stop(i)` is called right before a stop string closes choice i (never
     when the client leaves), so the producer can tell the two apart. `started`: the request's
-    arrival (`time.perf_counter()`), which TTFT counts from (default: now)."""
+    arrival (`time.perf_counter()`), which TTFT counts from (default: now). `prompt_token_ids`:
+    the prompt's tokens, which an `echo` reply needs."""
     created = int(time.time())
     started = time.perf_counter() if started is None else started
-    choices = [_ChoiceState(i, req, decode, started) for i in range(len(streams))]
+    echo = _echo(req, streams[0], prompt_token_ids, decode) if req.echo else None
+    choices = [_ChoiceState(i, req, decode, started, echo) for i in range(len(streams))]
     arrivals = _Arrivals(streams)
 
     async def stop_choice(i: int) -> None:
@@ -415,6 +452,25 @@ async def render_response(
             sum(len(c.text.token_ids) for c in choices),
         )
     return resp
+
+
+def _echo(
+    req: GenerateRequest, first: _Primed, prompt_token_ids: list[int] | None, decode
+) -> _Echo:
+    """The echoed prompt: its text as sent (a token-id prompt decoded) and, with logprobs, its
+    tokens' entries, which choice 0's first delta carries (only choice 0 computes them)."""
+    if prompt_token_ids is None:
+        raise RuntimeError("an echo reply needs the prompt's token ids")  # our bug: a 500
+    text = req.prompt if req.prompt is not None else decode(prompt_token_ids)
+    entries = None
+    if req.sampling.prompt_logprobs is not None:
+        entries = first.peek().prompt_logprobs if first.peek() is not None else None
+        if entries is None or len(entries) != len(prompt_token_ids):
+            raise RuntimeError(  # an instance's fault, not the client's: a 500
+                f"echo with logprobs: the prompt has {len(prompt_token_ids)} tokens, the first "
+                f"delta carried {None if entries is None else len(entries)} entries"
+            )
+    return _Echo(text, list(prompt_token_ids), entries)
 
 
 def _usage(choices: list[_ChoiceState], num_prompt_tokens: int) -> dict:

@@ -131,7 +131,11 @@ COMPLETION_FIELDS: dict[str, Field] = {
     "prompt": Field(
         (str, list), None, doc="a string or a list of token ids (one prompt per request)"
     ),
-    "echo": Field((bool,), False, doc="only false is supported"),
+    "echo": Field(
+        (bool,),
+        False,
+        doc="the reply's text starts with the prompt; with logprobs, the prompt tokens' come first",
+    ),
     "logprobs": Field(
         (int,),
         None,
@@ -173,6 +177,7 @@ class SamplingSpec:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; n: each token's and the n most likely's
+    prompt_logprobs: int | None = None  # echo with logprobs: the prompt tokens' too
     logit_bias: dict[int, float] | None = None  # token id -> bias
     allowed_token_ids: list[int] | None = None  # None: any token
     min_tokens: int = 0  # no stop id, EOS or stop string ends the answer before this many tokens
@@ -208,13 +213,18 @@ class GenerateRequest:
     # they stay out of SamplingSpec, which is what the engines see.
     stop: list[str] = field(default_factory=list)
     n: int = 1  # choices: one engine request each (see openai_render.start_choices)
+    echo: bool = False  # completions: the reply's text (and logprobs) start with the prompt's
 
     def choice_sampling(self, index: int) -> SamplingSpec:
         """The sampling of choice `index`: the request's, with seed + index when a seed is set (so
-        choice 0 is what the same request with n = 1 returns, and the choices differ)."""
-        if index == 0 or self.sampling.seed is None:
+        choice 0 is what the same request with n = 1 returns, and the choices differ). Only choice
+        0 computes the prompt's log-probabilities (every choice echoes them)."""
+        if index == 0:
             return self.sampling
-        return dataclasses.replace(self.sampling, seed=self.sampling.seed + index)
+        changes: dict[str, Any] = {"prompt_logprobs": None}
+        if self.sampling.seed is not None:
+            changes["seed"] = self.sampling.seed + index
+        return dataclasses.replace(self.sampling, **changes)
 
 
 def _type_names(types: tuple[type, ...]) -> str:
@@ -382,15 +392,17 @@ def parse_completion(body: Any) -> GenerateRequest:
         raise ProtocolError(
             "'prompt' is required (a string or a list of token ids)", param="prompt"
         )
-    if values["echo"]:
-        raise ProtocolError("'echo' is not supported (only false)", param="echo")
+    echo = bool(values["echo"])
     req = GenerateRequest(
         kind="completion",
         sampling=_sampling_from(values, values["logprobs"]),
         model=values["model"],
         stop=_stop_strings(values["stop"]),
         n=int(values["n"]),
+        echo=echo,
     )
+    if echo:
+        req.sampling.prompt_logprobs = values["logprobs"]
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one

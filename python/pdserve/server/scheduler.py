@@ -248,6 +248,7 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
                 self.metrics,
                 on_stop=lambda i: stopped[i].set(),
                 started=arrived,
+                prompt_token_ids=token_ids,
             )
         finally:
             # the renderer closing a choice (a stop string) ends its request on P and D now; the
@@ -302,8 +303,9 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
                 min_left = max(0, req.sampling.min_tokens - len(emitted))
                 sub_req = dataclasses.replace(
                     req,
+                    # the reply already has the prompt's log-probabilities (echo)
                     sampling=dataclasses.replace(
-                        req.sampling, max_tokens=left, min_tokens=min_left
+                        req.sampling, max_tokens=left, min_tokens=min_left, prompt_logprobs=None
                     ),
                 )
             sub_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"

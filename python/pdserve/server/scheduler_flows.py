@@ -69,6 +69,7 @@ class RequestFlowsMixin:
                         line.get("finish_reason"),
                         line.get("num_cached_tokens"),
                         line.get("logprobs"),
+                        line.get("prompt_logprobs"),
                     )
                     if finished:
                         return
@@ -172,11 +173,14 @@ class RequestFlowsMixin:
             num_cached = int(pre.get("num_cached_tokens") or 0)
             first_logprobs = pre.get("first_token_logprobs")
             first_logprobs = [first_logprobs] if first_logprobs is not None else None
+            prompt_logprobs = pre.get("prompt_logprobs")
             if pre.get("finish_reason"):
                 finished = True
-                yield TokenDelta([first], pre["finish_reason"], num_cached, first_logprobs)
+                yield TokenDelta(
+                    [first], pre["finish_reason"], num_cached, first_logprobs, prompt_logprobs
+                )
                 return
-            yield TokenDelta([first], None, num_cached, first_logprobs)
+            yield TokenDelta([first], None, num_cached, first_logprobs, prompt_logprobs)
             decode_body = {
                 "request_id": request_id,
                 "prompt_token_ids": token_ids,
