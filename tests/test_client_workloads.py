@@ -164,3 +164,6 @@ def test_extra_body_joins_every_request_but_never_replaces_a_client_field(capsys
     assert bench.run(args) == 2
     err = capsys.readouterr().err
     assert "--extra-body may not set 'temperature'" in err and "--temperature" in err
+    for key in ("n", "max_completion_tokens"):
+        assert bench.run(_parse(["--extra-body", json.dumps({key: 2})])) == 2
+        assert f"--extra-body may not set {key!r}" in capsys.readouterr().err

@@ -257,6 +257,10 @@ def test_min_tokens_through_every_path_equal_the_colocated_instance(cluster):
             f"{url}/v1/completions", {"prompt": "x", "min_tokens": 3, "max_tokens": 2}
         )
         assert status == 400 and "min_tokens" in msg, (url, msg)
+        # a stop id past the vocabulary has nothing to hold back: an answer, not a dead engine
+        far = {"stop_token_ids": [10**6], "min_tokens": 2, "max_tokens": 3}
+        assert len(complete(url, prompt, **far)["choices"][0]["token_ids"]) == 3, url
+    settle_and_check(cluster["layer"].instances)
 
 
 def test_layerwise_sends_each_layer_as_it_is_done(cluster):
@@ -475,6 +479,14 @@ def test_echo_with_logprobs_through_every_path_equal_the_colocated_instance(clus
         assert streamed[0] is None and streamed[1:] == pytest.approx(
             lp["token_logprobs"][1:], abs=1e-4
         ), url
+    # a long prompt with 20 top entries a token: megabytes of logprobs cross from the instance to
+    # the scheduler in many lines (one would pass a reader's line limit)
+    long_body = {**body, "prompt": (prompt + ". ") * 30, "logprobs": 20, "max_tokens": 1}
+    ref = http_json(f"{cluster['colo']}/v1/completions", long_body)["choices"][0]["logprobs"]
+    assert len(ref["tokens"]) > 1300
+    for url in (cluster["colo_sched"], cluster["layer"].url):
+        got = http_json(f"{url}/v1/completions", long_body)["choices"][0]["logprobs"]
+        assert got["token_logprobs"][1:] == pytest.approx(ref["token_logprobs"][1:], abs=1e-4)
 
 
 def test_logprobs_through_every_path_equal_the_colocated_instance(cluster):

@@ -238,7 +238,7 @@ def test_min_tokens_holds_back_stop_and_eos_ids_until_reached():
         SamplingParams(temperature=0.0, max_tokens=8, min_tokens=3, ignore_eos=True),
         SamplingParams(temperature=0.0, max_tokens=8),
     ]
-    resolved = [p.with_min_tokens_resolved([4]) for p in params]
+    resolved = [p.with_min_tokens_resolved([4], 11) for p in params]
     assert resolved[0].min_tokens_banned_ids == [4, 6] and params[0].min_tokens_banned_ids == []
     assert resolved[1].min_tokens_banned_ids == [] and resolved[2] is params[2]
     got = apply_min_tokens(logits, resolved, [2, 0, 0])
@@ -254,10 +254,16 @@ def test_min_tokens_holds_back_stop_and_eos_ids_until_reached():
         SamplingParams(max_tokens=2, min_tokens=3)
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=-1)
+    # a stop id past the vocabulary is never sampled: nothing to hold back (and no index past V)
+    assert SamplingParams(min_tokens=2, stop_token_ids=[11, 6]).with_min_tokens_resolved(
+        [4], 11
+    ).min_tokens_banned_ids == [4, 6]
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[1 << 64])
     with pytest.raises(ValueError, match="nothing could be sampled"):
         SamplingParams(
             min_tokens=1, allowed_token_ids=[4, 6], stop_token_ids=[6]
-        ).with_min_tokens_resolved([4])
+        ).with_min_tokens_resolved([4], 11)
 
 
 def test_text_prompts_chat_template_and_outputs(llm):

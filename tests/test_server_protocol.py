@@ -154,7 +154,17 @@ def test_allowed_token_ids_parse_sorted_and_bounded():
     )
     assert req.sampling.allowed_token_ids == [3, 9]
     assert parse_completion({"prompt": "x"}).sampling.allowed_token_ids is None
-    for bad in ([], [1, -2], [1.5], [True], [None], "12", {"1": 1}, list(range((1 << 17) + 1))):
+    for bad in (
+        [],
+        [1, -2],
+        [1.5],
+        [True],
+        [None],
+        "12",
+        {"1": 1},
+        [1 << 64],  # past int64: a 400, not an overflow deep inside
+        list(range((1 << 17) + 1)),
+    ):
         with pytest.raises(ProtocolError) as info:
             parse_completion({"prompt": "x", "allowed_token_ids": bad})
         assert info.value.param == "allowed_token_ids" and len(str(info.value)) < 200

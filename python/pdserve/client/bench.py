@@ -185,7 +185,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="a JSON object merged into every request body, e.g. "
         '\'{"logit_bias": {"50256": -100}}\' (not a field the client sets: model, prompt, '
-        "messages, max_tokens, temperature, stream, stream_options, ignore_eos)",
+        "messages, max_tokens, max_completion_tokens, temperature, stream, stream_options, "
+        "ignore_eos, n)",
     )
     report = parser.add_argument_group("report")
     report.add_argument(

@@ -38,16 +38,18 @@ DEFAULT_URL = "http://127.0.0.1:8081"  # the global scheduler (DESIGN §5)
 ENDPOINTS = ("completions", "chat")
 DATASETS = ("random", "sharegpt")
 PROMPT_FORMATS = ("auto", "ids", "text")
-# request-body fields the client writes itself, with the flag that sets each (refused in --extra-body)
+# request-body fields --extra-body may not set, and why
 CLIENT_BODY_KEYS = {
-    "model": "--model",
-    "prompt": "the workload",
-    "messages": "the workload",
-    "max_tokens": "--output-len",
-    "temperature": "--temperature",
-    "stream": "--no-stream",
-    "stream_options": "--no-stream",
-    "ignore_eos": "--no-ignore-eos",
+    "model": "the client sets it (use --model)",
+    "prompt": "the workload writes it",
+    "messages": "the workload writes it",
+    "max_tokens": "the client sets it (use --output-len)",
+    "max_completion_tokens": "it would override max_tokens (use --output-len)",
+    "temperature": "the client sets it (use --temperature)",
+    "stream": "the client sets it (use --no-stream)",
+    "stream_options": "the client sets it (use --no-stream)",
+    "ignore_eos": "the client sets it (use --no-ignore-eos)",
+    "n": "each request's record counts one answer",
 }
 
 
@@ -140,10 +142,7 @@ class BenchConfig:
                 )
             for key in self.extra_body:
                 if key in CLIENT_BODY_KEYS:
-                    raise ValueError(
-                        f"--extra-body may not set {key!r}: the client sets it "
-                        f"(use {CLIENT_BODY_KEYS[key]})"
-                    )
+                    raise ValueError(f"--extra-body may not set {key!r}: {CLIENT_BODY_KEYS[key]}")
         if self.prompt_format == "ids" and not self.uses_token_ids():
             raise ValueError(
                 "--prompt-format ids needs --dataset random, --endpoint completions and no "

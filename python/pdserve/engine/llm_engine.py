@@ -198,7 +198,7 @@ class LLMEngine:
                 f"the vocabulary [0, {vocab})"
             )
         # the sequence keeps its own copy holding the EOS/stop ids min_tokens bans (else params)
-        params = params.with_min_tokens_resolved(sorted(self.scheduler.eos_token_ids))
+        params = params.with_min_tokens_resolved(sorted(self.scheduler.eos_token_ids), vocab)
         if mode is RequestMode.DECODE_ONLY:
             if params.prompt_logprobs is not None:  # the prefill instance computed the prompt
                 params = replace(params, prompt_logprobs=None)

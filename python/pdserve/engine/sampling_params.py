@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 MAX_LOGPROBS = 20  # most likely tokens returned per generated token, at most
 MAX_ABS_PENALTY = 2.0  # presence/frequency penalties lie in [-2, 2] (OpenAI's range)
 MAX_ABS_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI's range)
+MAX_TOKEN_ID = 1 << 31  # token ids a request may name lie below this (vocabularies are far smaller)
 
 
 def is_logit_bias_value(bias: object) -> bool:
@@ -148,20 +149,25 @@ class SamplingParams:
                 f"allowed_token_ids must be a non-empty list of token ids, got {ids!r:.80}"
             )
         for token_id in ids:
-            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+            if (
+                not isinstance(token_id, int)
+                or isinstance(token_id, bool)
+                or not 0 <= token_id < MAX_TOKEN_ID
+            ):
                 raise ValueError(
-                    f"allowed_token_ids must be token ids (ints >= 0), got {token_id!r}"
+                    f"allowed_token_ids must be token ids (ints in [0, 2**31)), got {token_id!r:.40}"
                 )
         self.allowed_token_ids = sorted(set(ids))
         self.allowed_token_id_array = array("q", self.allowed_token_ids)
 
-    def with_min_tokens_resolved(self, eos_token_ids: list[int]) -> SamplingParams:
+    def with_min_tokens_resolved(self, eos_token_ids: list[int], vocab_size: int) -> SamplingParams:
         """This params' copy whose `min_tokens_banned_ids` are the stop ids and, unless ignore_eos,
-        `eos_token_ids` (self when min_tokens is 0). Raises ValueError when allowed_token_ids leaves
-        nothing else to sample before min_tokens."""
+        `eos_token_ids`, those inside the vocabulary (self when min_tokens is 0). Raises ValueError
+        when allowed_token_ids leaves nothing else to sample before min_tokens."""
         if not self.min_tokens:
             return self
         banned = set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
+        banned = {t for t in banned if t < vocab_size}  # an id past it is never sampled anyway
         if self.allowed_token_ids is not None and set(self.allowed_token_ids) <= banned:
             raise ValueError(
                 "min_tokens holds back every id of allowed_token_ids (they are all stop or EOS ids): "

@@ -43,6 +43,7 @@ from pdserve.transfer import KVLayout
 
 log = logging.getLogger("pdserve.instance")
 MAX_EVENT_LOG = 200_000
+PROMPT_LOGPROBS_PER_LINE = 128  # prompt log-probability entries per NDJSON line (echo)
 
 
 class EngineStream:
@@ -481,8 +482,11 @@ class InstanceServer(PDHandlersMixin):
                     line["num_cached_tokens"] = d.num_cached_tokens
                 if d.logprobs is not None:
                     line["logprobs"] = d.logprobs
-                if d.prompt_logprobs is not None:
-                    line["prompt_logprobs"] = d.prompt_logprobs
+                for lo in range(0, len(d.prompt_logprobs or ()), PROMPT_LOGPROBS_PER_LINE):
+                    # lines of their own before the delta's: one line stays far below a reader's
+                    # line limit (aiohttp's is 512 KiB; 20 top entries are ~600 bytes a token)
+                    part = d.prompt_logprobs[lo : lo + PROMPT_LOGPROBS_PER_LINE]
+                    await resp.write((json.dumps({"prompt_logprobs": part}) + "\n").encode())
                 await resp.write((json.dumps(line) + "\n").encode())
             await resp.write_eof()
         except ConnectionResetError:

@@ -463,8 +463,10 @@ def _echo(
         raise RuntimeError("an echo reply needs the prompt's token ids")  # our bug: a 500
     text = req.prompt if req.prompt is not None else decode(prompt_token_ids)
     entries = None
-    if req.sampling.prompt_logprobs is not None:
-        entries = first.peek().prompt_logprobs if first.peek() is not None else None
+    delta = first.peek()
+    if req.sampling.prompt_logprobs is not None and delta is not None and delta.new_token_ids:
+        # (a choice that ended without a token has none to report: its echo is the text alone)
+        entries = delta.prompt_logprobs
         if entries is None or len(entries) != len(prompt_token_ids):
             raise RuntimeError(  # an instance's fault, not the client's: a 500
                 f"echo with logprobs: the prompt has {len(prompt_token_ids)} tokens, the first "

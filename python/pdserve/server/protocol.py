@@ -18,6 +18,7 @@ from pdserve.engine.sampling_params import (
     MAX_ABS_LOGIT_BIAS,
     MAX_ABS_PENALTY,
     MAX_LOGPROBS,
+    MAX_TOKEN_ID,
     is_logit_bias_value,
 )
 
@@ -339,9 +340,10 @@ def _allowed_token_ids(value: list | None) -> list[int] | None:
             param="allowed_token_ids",
         )
     for t in value:
-        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < MAX_TOKEN_ID:
             raise ProtocolError(
-                f"'allowed_token_ids' must be non-negative integers, got {json.dumps(t)[:24]}",
+                f"'allowed_token_ids' must be non-negative integers below 2**31, got "
+                f"{json.dumps(t)[:24]}",
                 param="allowed_token_ids",
             )
     return sorted(set(value))

@@ -59,7 +59,11 @@ class RequestFlowsMixin:
             ) as resp:
                 if resp.status != 200:
                     raise _start_failure(rec, resp.status, await resp.json())
+                prompt_logprobs: list | None = None
                 async for line in self._ndjson_lines(resp):
+                    if "token_ids" not in line:  # a part of the next delta's prompt logprobs
+                        prompt_logprobs = (prompt_logprobs or []) + line["prompt_logprobs"]
+                        continue
                     if counted:
                         rec.inflight_prefill_tokens -= len(token_ids)
                         counted = False
@@ -69,8 +73,9 @@ class RequestFlowsMixin:
                         line.get("finish_reason"),
                         line.get("num_cached_tokens"),
                         line.get("logprobs"),
-                        line.get("prompt_logprobs"),
+                        prompt_logprobs,
                     )
+                    prompt_logprobs = None
                     if finished:
                         return
             raise InstanceLost(
