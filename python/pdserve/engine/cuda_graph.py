@@ -45,7 +45,7 @@ from pdserve.ops.paged_decode import (
 )
 
 if TYPE_CHECKING:
-    from pdserve.engine.model_runner import StepInputs
+    from pdserve.engine.step_inputs import StepInputs
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # A step with prompt chunks replays a graph only while its tiles read at most this many KV tokens in
@@ -144,7 +144,7 @@ class DecodeGraphs:
         self._device_inputs = {k: self._inputs(self._device_bytes, k) for k in keys}
         self._host_inputs = {k: self._inputs(self._host_bytes, k) for k in keys}
         # one pinned host buffer: `prepare` may rewrite it only once the previous upload ran. Rank 0
-        # waits for the end of every graph step (model_runner._sample_graph_rows), and its
+        # waits for the end of every graph step (sampler.sample_graph_rows), and its
         # step's end waits (all-reduce) for every other rank's step, so its copy ran too. (A CUDA
         # event guarding the buffer cost ~50 µs a step.)
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}

@@ -9,9 +9,7 @@ on this rank; only rank 0 samples.
 from __future__ import annotations
 
 import contextlib
-from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -20,46 +18,12 @@ from pdserve.engine.attention import AttentionMetadata, triton_attention_availab
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.loader import init_dummy, init_dummy_sharded, load_safetensors
 from pdserve.engine.model import LlamaForCausalLM
-from pdserve.engine.sampler import Sampled, sample, token_logprobs
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampler import Sampled, prompt_logprobs, sample_graph_rows, sample_rows
 from pdserve.engine.scheduler import ScheduledBatch
-from pdserve.engine.sequence import TokenLogprobs
+from pdserve.engine.step_inputs import StepInputs, build_step_inputs, penalised_outputs
 from pdserve.kv_layout import KVLayout
 
-PROMPT_LOGPROB_ROWS = 256  # rows of prompt logits made at once (each is vocab_size fp32 values)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class StepInputs:
-    """One step's batch as host lists: everything a rank needs to run it (the driver builds it once)."""
-
-    input_ids: list[int]  # [T]
-    positions: list[int]  # [T]
-    slot_blocks: list[int]  # [T] cache block of each new token
-    slot_offsets: list[int]  # [T] offset inside that block
-    context_lens: list[int]  # [B] KV length after this step
-    query_start_loc: list[int]  # [B + 1]
-    block_tables: list[list[int]]  # [B][max_blocks], padded with 0
-    sample_seq_indices: list[int]  # sequences that sample this step
-    sample_rows: list[int]  # their last token's row in the flattened batch
-    sampling_params: list[SamplingParams]  # per sampling sequence
-    output_positions: list[int]  # per sampling sequence: tokens it has generated so far
-    is_decode_only: bool
-    # replay the decode CUDA graphs (the driver decides, so every tensor-parallel rank does the same)
-    use_graph: bool = False
-    # per sampling sequence: its generated tokens where its penalties need them, else None
-    output_token_ids: list[array | None] | None = None
-    # prompt log-probabilities: rows whose next token is a prompt token of a sequence that asked
-    # (SamplingParams.prompt_logprobs), with that token, the sequence's index and its top-k
-    prompt_logprob_rows: list[int] = field(default_factory=list)
-    prompt_logprob_targets: list[int] = field(default_factory=list)
-    prompt_logprob_seq_indices: list[int] = field(default_factory=list)
-    prompt_logprob_ks: list[int] = field(default_factory=list)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.context_lens)
 
 
 def kv_budget_nbytes(
@@ -338,61 +302,7 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
     def prepare_inputs(self, batch: ScheduledBatch) -> StepInputs:
         """The batch as host lists (no torch): what execute() needs on every rank."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_blocks: list[int] = []
-        slot_offsets: list[int] = []
-        query_start_loc = [0]
-        context_lens: list[int] = []
-        sample_rows: list[int] = []
-        sample_seq_indices: list[int] = []
-        lp_rows: list[int] = []
-        lp_targets: list[int] = []
-        lp_seqs: list[int] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            start = seq.num_computed_tokens
-            if seq.wants_prompt_logprobs:
-                # the row at position p predicts token p + 1: rows for the tokens without an entry
-                first = max(start, len(seq.prompt_logprobs) - 1)
-                for p in range(first, min(start + n, seq.num_prompt_tokens - 1)):
-                    lp_rows.append(query_start_loc[-1] + p - start)
-                    lp_targets.append(seq.token_ids[p + 1])
-                    lp_seqs.append(i)
-            input_ids.extend(seq.token_ids[start : start + n])
-            span = range(start, start + n)
-            positions.extend(span)
-            slot_blocks.extend(seq.block_ids[t // bs] for t in span)
-            slot_offsets.extend(t % bs for t in span)
-            query_start_loc.append(query_start_loc[-1] + n)
-            context_lens.append(start + n)
-            if batch.samples(i):
-                sample_rows.append(query_start_loc[-1] - 1)
-                sample_seq_indices.append(i)
-        max_blocks = max(-(-c // bs) for c in context_lens)
-        tables = [
-            seq.block_ids[:max_blocks] + [0] * (max_blocks - len(seq.block_ids[:max_blocks]))
-            for seq in batch.seqs
-        ]
-        return StepInputs(
-            input_ids=input_ids,
-            positions=positions,
-            slot_blocks=slot_blocks,
-            slot_offsets=slot_offsets,
-            context_lens=context_lens,
-            query_start_loc=query_start_loc,
-            block_tables=tables,
-            sample_seq_indices=sample_seq_indices,
-            sample_rows=sample_rows,
-            sampling_params=[batch.seqs[i].params for i in sample_seq_indices],
-            output_positions=[batch.seqs[i].num_output_tokens for i in sample_seq_indices],
-            is_decode_only=all(n == 1 for n in batch.num_new_tokens),
-            output_token_ids=_penalised_outputs([batch.seqs[i] for i in sample_seq_indices]),
-            prompt_logprob_rows=lp_rows,
-            prompt_logprob_targets=lp_targets,
-            prompt_logprob_seq_indices=lp_seqs,
-            prompt_logprob_ks=[batch.seqs[i].params.prompt_logprobs for i in lp_seqs],
-        )
+        return build_step_inputs(batch, self.block_size)
 
     def _prepare(
         self, inputs: StepInputs
@@ -461,14 +371,14 @@ class ModelRunner:
                 seq_indices.append(i)
                 rows.append(row)
         logits, rows = self._graph_logits(graphs, bs, out, rows)
-        return _sample_graph_rows(
+        return sample_graph_rows(
             logits,
             len(batch.seqs),
             seq_indices,
             rows,
             [batch.seqs[i].params for i in seq_indices],
             [batch.seqs[i].num_output_tokens for i in seq_indices],
-            _penalised_outputs([batch.seqs[i] for i in seq_indices]),
+            penalised_outputs([batch.seqs[i] for i in seq_indices]),
         )
 
     def _execute_graph(
@@ -485,7 +395,7 @@ class ModelRunner:
         logits, rows = self._graph_logits(graphs, bs, out, inputs.sample_rows)
         if self.tp_rank != 0:
             return Sampled([None] * inputs.num_seqs)
-        return _sample_graph_rows(
+        return sample_graph_rows(
             logits,
             inputs.num_seqs,
             inputs.sample_seq_indices,
@@ -526,15 +436,23 @@ class ModelRunner:
         part in the collectives and return all None."""
         if inputs.use_graph:
             return self._execute_graph(inputs, after_layer)
-        input_ids, positions, meta, sample_rows = self._prepare(inputs)
+        input_ids, positions, meta, sample_idx = self._prepare(inputs)
         hidden = self.model(input_ids, positions, self.kv_layers, meta, after_layer)
-        prompt_logprobs = self._prompt_logprobs(hidden, inputs)
-        if sample_rows.numel() == 0:
-            return Sampled([None] * inputs.num_seqs, prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden[sample_rows])  # full width on rank 0 only
+        prompt_lps = prompt_logprobs(
+            self.model.compute_logits,
+            hidden,
+            inputs.prompt_logprob_rows,
+            inputs.prompt_logprob_targets,
+            inputs.prompt_logprob_seq_indices,
+            inputs.prompt_logprob_ks,
+            self.tp_rank == 0,
+        )
+        if sample_idx.numel() == 0:
+            return Sampled([None] * inputs.num_seqs, prompt_logprobs=prompt_lps)
+        logits = self.model.compute_logits(hidden[sample_idx])  # full width on rank 0 only
         if self.tp_rank != 0:
             return Sampled([None] * inputs.num_seqs)
-        sampled = _sample_rows(
+        sampled = sample_rows(
             logits,
             inputs.num_seqs,
             inputs.sample_seq_indices,
@@ -542,94 +460,12 @@ class ModelRunner:
             inputs.output_positions,
             inputs.output_token_ids,
         )
-        sampled.prompt_logprobs = prompt_logprobs
+        sampled.prompt_logprobs = prompt_lps
         return sampled
-
-    def _prompt_logprobs(
-        self, hidden: torch.Tensor, inputs: StepInputs
-    ) -> dict[int, list[TokenLogprobs]] | None:
-        """The prompt log-probabilities the inputs ask for (see StepInputs.prompt_logprob_rows), by
-        sequence index, on rank 0; None elsewhere or when none is asked. Logits are made
-        PROMPT_LOGPROB_ROWS rows at a time (a 2,048-token prompt's whole [2048, V] fp32 logits
-        would be 1 GB for a 128k vocabulary); every rank takes part (tensor parallelism gathers)."""
-        rows = inputs.prompt_logprob_rows
-        if not rows:
-            return None
-        out: dict[int, list[TokenLogprobs]] = {}
-        max_k = max(inputs.prompt_logprob_ks)
-        for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
-            hi = min(lo + PROMPT_LOGPROB_ROWS, len(rows))
-            idx = torch.tensor(rows[lo:hi], dtype=torch.long).to(hidden.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden.index_select(0, idx))
-            if self.tp_rank != 0:
-                continue
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            targets = torch.tensor(inputs.prompt_logprob_targets[lo:hi], dtype=torch.long)
-            chosen = lp.gather(1, targets.to(lp.device)[:, None])[:, 0].tolist()
-            top_ids: list[list[int]] = [[] for _ in chosen]
-            top_lps: list[list[float]] = [[] for _ in chosen]
-            if max_k:
-                values, ids = lp.topk(max_k, dim=-1)
-                top_ids, top_lps = ids.tolist(), values.tolist()
-            for j in range(hi - lo):
-                k = inputs.prompt_logprob_ks[lo + j]
-                entry = TokenLogprobs(
-                    chosen[j], list(zip(top_ids[j][:k], top_lps[j][:k], strict=True))
-                )
-                out.setdefault(inputs.prompt_logprob_seq_indices[lo + j], []).append(entry)
-        return out if self.tp_rank == 0 else None
 
     @torch.inference_mode()
     def logits_for(self, batch: ScheduledBatch) -> torch.Tensor:
         """Test helper: the fp32 logits [num_sampling_seqs, vocab] the batch would sample from."""
-        input_ids, positions, meta, sample_rows = self._prepare(self.prepare_inputs(batch))
+        input_ids, positions, meta, sample_idx = self._prepare(self.prepare_inputs(batch))
         hidden = self.model(input_ids, positions, self.kv_layers, meta)
-        return self.model.compute_logits(hidden[sample_rows])
-
-
-def _sample_graph_rows(
-    logits: torch.Tensor,
-    num_seqs: int,
-    seq_indices: list[int],
-    rows: list[int],
-    params: list[SamplingParams],
-    output_positions: list[int],
-    output_token_ids: list[array | None] | None = None,
-) -> Sampled:
-    """Samples sequence seq_indices[k] from a replayed graph's logits[rows[k]] (rows increasing); the
-    other sequences get None. With nothing to sample it waits for the replay instead: either way the
-    step has ended when this returns, which the graphs' reused pinned inputs rely on (see
-    DecodeGraphs)."""
-    if not rows:
-        torch.cuda.current_stream(logits.device).synchronize()
-        return Sampled([None] * num_seqs)
-    if len(rows) != logits.shape[0]:  # else rows are 0..n-1 (they increase)
-        logits = logits[rows]
-    return _sample_rows(logits, num_seqs, seq_indices, params, output_positions, output_token_ids)
-
-
-def _sample_rows(
-    logits: torch.Tensor,
-    num_seqs: int,
-    seq_indices: list[int],
-    params: list[SamplingParams],
-    output_positions: list[int],
-    output_token_ids: list[array | None] | None,
-) -> Sampled:
-    """Sequence seq_indices[k] samples from logits[k] [K, V]; the others get None."""
-    tokens = sample(logits, params, output_positions, output_token_ids)
-    logprobs = token_logprobs(logits, params, tokens)
-    result = Sampled([None] * num_seqs, None if logprobs is None else [None] * num_seqs)
-    for k, i in enumerate(seq_indices):
-        result.token_ids[i] = tokens[k]
-        if logprobs is not None:
-            result.logprobs[i] = logprobs[k]
-    return result
-
-
-def _penalised_outputs(seqs) -> list[array | None] | None:
-    """Per sequence: its generated token ids (array('q')) where its penalties need them, else None
-    (None for all: no sequence has penalties, the common case, which then costs nothing)."""
-    if not any(seq.params.has_penalties for seq in seqs):
-        return None
-    return [seq.output_id_array() if seq.params.has_penalties else None for seq in seqs]
+        return self.model.compute_logits(hidden[sample_idx])

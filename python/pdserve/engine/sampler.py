@@ -1,5 +1,7 @@
 """Picks the next token of each sequence from its logits: presence/frequency penalties, logit bias,
-allowed token ids and min_tokens, then greedy, temperature, top-k, top-p, seeded.
+allowed token ids and min_tokens, then greedy, temperature, top-k, top-p, seeded. Also the model
+runner's glue from a step's logits rows to its sequences (`sample_rows`, `sample_graph_rows`) and the
+prompt log-probabilities (`prompt_logprobs`).
 
 A seeded request draws its noise from a generator keyed by (seed, output position), so its tokens do
 not depend on the batch it shares, nor on which instance (prefill or decode) samples them.
@@ -8,7 +10,7 @@ not depend on the batch it shares, nor on which instance (prefill or decode) sam
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import TokenLogprobs
 
 _POSITION_STRIDE = 1_000_003  # mixes the output position into the seed
+PROMPT_LOGPROB_ROWS = 256  # rows of prompt logits made at once (each is vocab_size fp32 values)
 
 
 @dataclass
@@ -197,3 +200,82 @@ def token_logprobs(
             chosen[i][0], list(zip(top_ids[i][:n], top_values[i][:n], strict=True))
         )
     return out
+
+
+def sample_graph_rows(
+    logits: torch.Tensor,
+    num_seqs: int,
+    seq_indices: list[int],
+    rows: list[int],
+    params: list[SamplingParams],
+    output_positions: list[int],
+    output_token_ids: list[array | None] | None = None,
+) -> Sampled:
+    """Samples sequence seq_indices[k] from a replayed graph's logits[rows[k]] (rows increasing); the
+    other sequences get None. With nothing to sample it waits for the replay instead: either way the
+    step has ended when this returns, which the graphs' reused pinned inputs rely on (see
+    DecodeGraphs)."""
+    if not rows:
+        torch.cuda.current_stream(logits.device).synchronize()
+        return Sampled([None] * num_seqs)
+    if len(rows) != logits.shape[0]:  # else rows are 0..n-1 (they increase)
+        logits = logits[rows]
+    return sample_rows(logits, num_seqs, seq_indices, params, output_positions, output_token_ids)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    num_seqs: int,
+    seq_indices: list[int],
+    params: list[SamplingParams],
+    output_positions: list[int],
+    output_token_ids: list[array | None] | None,
+) -> Sampled:
+    """Sequence seq_indices[k] samples from logits[k] [K, V]; the others get None."""
+    tokens = sample(logits, params, output_positions, output_token_ids)
+    logprobs = token_logprobs(logits, params, tokens)
+    result = Sampled([None] * num_seqs, None if logprobs is None else [None] * num_seqs)
+    for k, i in enumerate(seq_indices):
+        result.token_ids[i] = tokens[k]
+        if logprobs is not None:
+            result.logprobs[i] = logprobs[k]
+    return result
+
+
+def prompt_logprobs(
+    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    rows: list[int],
+    targets: list[int],
+    seq_indices: list[int],
+    ks: list[int],
+    is_rank0: bool,
+) -> dict[int, list[TokenLogprobs]] | None:
+    """Prompt log-probabilities by sequence index: row rows[j] of hidden [T, H] predicts token
+    targets[j] of sequence seq_indices[j], which wants its top ks[j] too (StepInputs.prompt_logprob_*).
+    Logits are made PROMPT_LOGPROB_ROWS rows at a time (a 2,048-token prompt's whole [2048, V] fp32
+    logits would be 1 GB for a 128k vocabulary) by `compute_logits`, which every tensor-parallel rank
+    calls alike (it gathers); None on other ranks or when no row is asked."""
+    if not rows:
+        return None
+    out: dict[int, list[TokenLogprobs]] = {}
+    max_k = max(ks)
+    for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+        hi = min(lo + PROMPT_LOGPROB_ROWS, len(rows))
+        idx = torch.tensor(rows[lo:hi], dtype=torch.long).to(hidden.device, non_blocking=True)
+        logits = compute_logits(hidden.index_select(0, idx))
+        if not is_rank0:
+            continue
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        target_ids = torch.tensor(targets[lo:hi], dtype=torch.long).to(lp.device)
+        chosen = lp.gather(1, target_ids[:, None])[:, 0].tolist()
+        top_ids: list[list[int]] = [[] for _ in chosen]
+        top_lps: list[list[float]] = [[] for _ in chosen]
+        if max_k:
+            values, ids = lp.topk(max_k, dim=-1)
+            top_ids, top_lps = ids.tolist(), values.tolist()
+        for j in range(hi - lo):
+            k = ks[lo + j]
+            entry = TokenLogprobs(chosen[j], list(zip(top_ids[j][:k], top_lps[j][:k], strict=True)))
+            out.setdefault(seq_indices[lo + j], []).append(entry)
+    return out if is_rank0 else None

@@ -34,9 +34,10 @@ import torch
 from pdserve.engine import distributed
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.distributed import TPGroup, WorkerFailure
-from pdserve.engine.model_runner import ModelRunner, StepInputs, resolve_device
+from pdserve.engine.model_runner import ModelRunner, resolve_device
 from pdserve.engine.sampler import Sampled
 from pdserve.engine.scheduler import ScheduledBatch
+from pdserve.engine.step_inputs import StepInputs
 from pdserve.kv_layout import KVLayout
 
 _JOIN_TIMEOUT_S = 300.0  # workers import torch and connect within this
