@@ -479,6 +479,23 @@ def test_echo_with_logprobs_through_every_path_equal_the_colocated_instance(clus
         assert streamed[0] is None and streamed[1:] == pytest.approx(
             lp["token_logprobs"][1:], abs=1e-4
         ), url
+    # max_tokens 0: the prompt alone, its logprobs, no completion tokens (whole and streamed)
+    only = {**body, "max_tokens": 0, "ignore_eos": False}
+    for url in (cluster["colo"], cluster["colo_sched"], cluster["layer"].url):
+        got = http_json(f"{url}/v1/completions", only)
+        choice = got["choices"][0]
+        assert (choice["text"], choice["token_ids"], choice["finish_reason"]) == (
+            prompt,
+            [],
+            "length",
+        )
+        assert got["usage"]["completion_tokens"] == 0, url
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(
+            lp["token_logprobs"][:num_prompt], abs=1e-4
+        )
+        events = [e for e in sse_events(f"{url}/v1/completions", {**only, "stream": True})]
+        texts = [e["choices"][0]["text"] for e in events[:-1] if e.get("choices")]
+        assert "".join(texts) == prompt and events[-1] == "[DONE]", (url, events)
     # a long prompt with 20 top entries a token: megabytes of logprobs cross from the instance to
     # the scheduler in many lines (one would pass a reader's line limit)
     long_body = {**body, "prompt": (prompt + ". ") * 30, "logprobs": 20, "max_tokens": 1}

@@ -230,7 +230,16 @@ def test_echo_asks_choice_0_for_the_prompt_logprobs():
     assert [req.choice_sampling(i).prompt_logprobs for i in range(3)] == [2, None, None]
     assert [req.choice_sampling(i).seed for i in range(3)] == [5, 6, 7]
     plain = parse_completion({"prompt": "x", "echo": True})
-    assert plain.echo and plain.sampling.prompt_logprobs is None
+    assert plain.echo and plain.sampling.prompt_logprobs is None and not plain.echo_only
+    # max_tokens 0: the prompt alone (one token is sampled and left out); only with echo
+    only = parse_completion({"prompt": "x", "echo": True, "max_tokens": 0, "logprobs": 1})
+    assert only.echo_only and only.sampling.max_tokens == 1 and only.sampling.prompt_logprobs == 1
+    for body in ({"prompt": "x", "max_tokens": 0}, {"prompt": "x", "max_tokens": -1}):
+        with pytest.raises(ProtocolError) as info:
+            parse_completion(body)
+        assert info.value.param == "max_tokens"
+    with pytest.raises(ProtocolError, match="max_tokens"):
+        parse_chat({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0})
     assert parse_completion({"prompt": "x", "logprobs": 2}).sampling.prompt_logprobs is None
     # an echoed prompt's first token has no log-probability
     r = LogprobsRenderer("completion", lambda ids: "".join(chr(97 + i) for i in ids))

@@ -147,6 +147,7 @@ class _ChoiceState:
     ):
         self.index = index
         self.echo = echo
+        self.echo_only = req.echo_only  # the one token sampled stays out of the reply
         self.text = ChoiceText(
             decode, req.stop, incremental=req.stream, min_tokens=req.sampling.min_tokens
         )
@@ -165,12 +166,15 @@ class _ChoiceState:
         """Takes a delta: (the text that may go out now, the finish reason when the choice ended)."""
         if d.num_cached_tokens is not None:
             self.num_cached_tokens = d.num_cached_tokens
-        kept, text = self.text.add(d.new_token_ids, final=d.finish_reason is not None)
+        new_ids = [] if self.echo_only else d.new_token_ids
+        kept, text = self.text.add(new_ids, final=d.finish_reason is not None)
         self.timer.tokens(len(kept))
         self.unsent_ids.extend(kept)
         if self.lp is not None:
             self.entries.extend(kept_logprobs(d, kept))
         end = "stop" if self.text.stopped else d.finish_reason
+        if end is not None and self.echo_only:
+            end = "length"  # the prompt alone, as asked: whatever ended the one token sampled
         self.finish_reason = end or self.finish_reason
         return text, end
 

@@ -72,7 +72,9 @@ _SAMPLING_FIELDS: dict[str, Field] = {
     "model": Field(
         (str,), None, doc="served model name; any value is accepted when one model is served"
     ),
-    "max_tokens": Field((int,), 16, minimum=1, doc="new tokens to generate"),
+    "max_tokens": Field(
+        (int,), 16, minimum=0, doc="new tokens to generate (0: completions with echo only)"
+    ),
     "max_completion_tokens": Field((int,), None, minimum=1, doc="alias of max_tokens (chat)"),
     "temperature": Field(_NUM, 1.0, minimum=0.0, maximum=2.0, doc="0 = greedy"),
     "top_p": Field(_NUM, 1.0, minimum=0.0, maximum=1.0, exclusive_minimum=True),
@@ -215,6 +217,7 @@ class GenerateRequest:
     stop: list[str] = field(default_factory=list)
     n: int = 1  # choices: one engine request each (see openai_render.start_choices)
     echo: bool = False  # completions: the reply's text (and logprobs) start with the prompt's
+    echo_only: bool = False  # echo with max_tokens 0: the reply leaves out the one token sampled
 
     def choice_sampling(self, index: int) -> SamplingSpec:
         """The sampling of choice `index`: the request's, with seed + index when a seed is set (so
@@ -296,7 +299,12 @@ def _stop_strings(value: str | list | None) -> list[str]:
     return list(strings)
 
 
-def _sampling_from(values: dict[str, Any], logprobs: int | None = None) -> SamplingSpec:
+def _sampling_from(
+    values: dict[str, Any], logprobs: int | None = None, echo: bool = False
+) -> SamplingSpec:
+    """The sampling fields as a SamplingSpec. max_tokens 0 (only with `echo`: the prompt alone comes
+    back) becomes 1: the prefill that makes the prompt's log-probabilities samples a token, which
+    the reply leaves out (GenerateRequest.echo_only)."""
     stop_ids = values["stop_token_ids"] or []
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
         raise ProtocolError(
@@ -307,13 +315,18 @@ def _sampling_from(values: dict[str, Any], logprobs: int | None = None) -> Sampl
     if top_k == 0:
         raise ProtocolError("'top_k' must be -1 (off) or >= 1, got 0", param="top_k")
     max_tokens = values["max_completion_tokens"] or values["max_tokens"]
+    if max_tokens == 0 and not echo:
+        raise ProtocolError(
+            "'max_tokens' must be >= 1 (0 only on completions with echo: the prompt alone)",
+            param="max_tokens",
+        )
     if values["min_tokens"] > max_tokens:
         raise ProtocolError(
             f"'min_tokens' ({values['min_tokens']}) must not exceed max_tokens ({max_tokens})",
             param="min_tokens",
         )
     return SamplingSpec(
-        max_tokens=int(max_tokens),
+        max_tokens=max(1, int(max_tokens)),
         temperature=float(values["temperature"]),
         top_p=float(values["top_p"]),
         top_k=int(top_k),
@@ -397,11 +410,12 @@ def parse_completion(body: Any) -> GenerateRequest:
     echo = bool(values["echo"])
     req = GenerateRequest(
         kind="completion",
-        sampling=_sampling_from(values, values["logprobs"]),
+        sampling=_sampling_from(values, values["logprobs"], echo=echo),
         model=values["model"],
         stop=_stop_strings(values["stop"]),
         n=int(values["n"]),
         echo=echo,
+        echo_only=echo and values["max_tokens"] == 0,
     )
     if echo:
         req.sampling.prompt_logprobs = values["logprobs"]
