@@ -62,7 +62,9 @@ class SamplingParams:
     # allowed_token_ids as int64s, made once here and read in place by the sampler every step
     allowed_token_id_array: array | None = field(init=False, repr=False, compare=False)
     # the ids min_tokens holds back (stop ids, EOS unless ignore_eos): set by the engine on its own copy
-    min_tokens_banned_ids: list[int] = field(default_factory=list, repr=False, compare=False)
+    min_tokens_banned_ids: list[int] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
