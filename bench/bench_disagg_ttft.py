@@ -36,7 +36,7 @@ import time
 
 from pdserve.engine.config import ModelConfig
 from pdserve.server import auth
-from pdserve.server.launcher import ProcessGroup, free_port, http_json
+from pdserve.server.launcher import ProcessGroup, free_port, histogram_sum_count, http_json
 
 MODES = ["engine", "colocated", "direct", "direct-dma", "direct-whole", "staged"]
 
@@ -105,19 +105,8 @@ def _start(
 
 def _send_wait(prefill_url: str) -> tuple[float, float]:
     """(sum in seconds, count) of the prefill instance's pdserve_kv_send_wait_seconds histogram."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     token = auth.cluster_headers(auth.secret_from(None, auth.CLUSTER_TOKEN_ENV))
-    host, port = prefill_url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("GET", "/metrics", headers=token)
-    text = conn.getresponse().read().decode()
-    conn.close()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "pdserve_kv_send_wait_seconds":
-            values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
-    return values.get("sum", 0.0), values.get("count", 0.0)
+    return histogram_sum_count(prefill_url, "pdserve_kv_send_wait_seconds", token)
 
 
 def _first_token_ms(url: str, prompt: list[int]) -> float:

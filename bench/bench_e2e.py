@@ -37,12 +37,11 @@ import math
 import os
 import sys
 import time
-import urllib.request
 
 from pdserve.client import results as client_results
 from pdserve.client.runner import run_benchmark
 from pdserve.server import auth
-from pdserve.server.launcher import ProcessGroup, free_port, http_json
+from pdserve.server.launcher import ProcessGroup, free_port, histogram_sum_count, http_json
 
 SYSTEMS = ["colocated", "colocated-cache", "disagg", "disagg-cache"]
 
@@ -95,22 +94,6 @@ def _start(
     return sched_url
 
 
-def _send_wait(url: str, internal: dict[str, str]) -> tuple[float, float]:
-    """(sum in seconds, count) of an instance's pdserve_kv_send_wait_seconds histogram: on P, from
-    a prefill's first token to D holding every byte (the transfer's part of the TTFT)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(
-        urllib.request.Request(f"{url}/metrics", headers=internal), timeout=30
-    ) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "pdserve_kv_send_wait_seconds":
-            values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
-            return values.get("sum", 0.0), values.get("count", 0.0)
-    return 0.0, 0.0
-
-
 def _instance_stats(sched_url: str, internal: dict[str, str]) -> dict[str, dict[str, float]]:
     """Each instance's cumulative prefill/cache/transfer counters, by role."""
     cluster = http_json(f"{sched_url}/internal/v1/cluster", headers=internal)
@@ -127,7 +110,10 @@ def _instance_stats(sched_url: str, internal: dict[str, str]) -> dict[str, dict[
             )
         }
         if inst["role"] == "prefill":
-            wait_s, count = _send_wait(inst["url"], internal)
+            # P's time from a prefill's first token to D holding every byte
+            wait_s, count = histogram_sum_count(
+                inst["url"], "pdserve_kv_send_wait_seconds", internal
+            )
             out["prefill"].update(kv_send_wait_s=wait_s, num_kv_sends=count)
     return out
 

@@ -22,7 +22,6 @@ from pdserve.engine.sequence import (
     RequestOutput,
     Sequence,
     SequenceStatus,
-    TokenLogprobs,
 )
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.kv_layout import KVLayout
@@ -395,16 +394,11 @@ class LLMEngine:
             new_logprobs=(seq.output_logprobs[len(seq.output_logprobs) - n :] if n else [])
             if seq.params.logprobs is not None
             else None,
-            prompt_logprobs=self._report_prompt_logprobs(seq) if n else None,
+            # with the first tokens reported (then every generated token is among the n)
+            prompt_logprobs=list(seq.prompt_logprobs)
+            if seq.params.prompt_logprobs is not None and n and n == seq.num_output_tokens
+            else None,
         )
-
-    @staticmethod
-    def _report_prompt_logprobs(seq: Sequence) -> list[TokenLogprobs | None] | None:
-        """seq's prompt log-probabilities the first time it reports tokens (when asked), else None."""
-        if seq.params.prompt_logprobs is None or seq.prompt_logprobs_reported:
-            return None
-        seq.prompt_logprobs_reported = True
-        return list(seq.prompt_logprobs)
 
     # ---- introspection ------------------------------------------------------------------------
     def kv_layout(self) -> KVLayout:

@@ -94,28 +94,21 @@ class SamplingParams:
                 raise ValueError(
                     f"{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}], got {value}"
                 )
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int)
-            or isinstance(self.logprobs, bool)
-            or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(
-                f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or not 0 <= value <= MAX_LOGPROBS
+            ):
+                raise ValueError(
+                    f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {value!r}"
+                )
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool):
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}"
-            )
-        if self.prompt_logprobs is not None and (
-            not isinstance(self.prompt_logprobs, int)
-            or isinstance(self.prompt_logprobs, bool)
-            or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(
-                f"prompt_logprobs must be None or an int in [0, {MAX_LOGPROBS}], "
-                f"got {self.prompt_logprobs!r}"
             )
         self._check_logit_bias()
         self._check_allowed_token_ids()

@@ -65,7 +65,6 @@ class Sequence:
     # params.prompt_logprobs set: entry p is prompt token p's (None for token 0), filled as the
     # prompt's chunks are computed; reported once, with the first generated token
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
-    prompt_logprobs_reported: bool = False
     _output_ids: array = field(default_factory=lambda: array("q"), repr=False, compare=False)
 
     @property

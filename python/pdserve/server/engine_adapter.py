@@ -270,26 +270,19 @@ def output_logprobs(out) -> list[dict] | None:
     """The output's new tokens' log-probabilities as JSON, one {"logprob", "top": [[id, logprob],
     ...]} per token; None when the request did not ask for them."""
     entries = getattr(out, "new_logprobs", None)
-    if entries is None:
-        return None
-    return [
-        {"logprob": float(e.logprob), "top": [[int(t), float(lp)] for t, lp in e.top]}
-        for e in entries
-    ]
+    return None if entries is None else [_logprobs_json(e) for e in entries]
 
 
 def output_prompt_logprobs(out) -> list[dict | None] | None:
     """The output's prompt log-probabilities as JSON (None for the first token, then entries as in
     `output_logprobs`); None when the output carries none."""
     entries = getattr(out, "prompt_logprobs", None)
-    if entries is None:
-        return None
-    return [
-        None
-        if e is None
-        else {"logprob": float(e.logprob), "top": [[int(t), float(lp)] for t, lp in e.top]}
-        for e in entries
-    ]
+    return None if entries is None else [None if e is None else _logprobs_json(e) for e in entries]
+
+
+def _logprobs_json(entry) -> dict:
+    """A TokenLogprobs as {"logprob", "top": [[id, logprob], ...]} (what TokenDelta carries)."""
+    return {"logprob": float(entry.logprob), "top": [[int(t), float(lp)] for t, lp in entry.top]}
 
 
 def output_fields(out) -> tuple[str, list[int], str | None, int | None]:

@@ -40,6 +40,23 @@ def http_json(
         return json.loads(resp.read())
 
 
+def histogram_sum_count(
+    url: str, name: str, headers: dict | None = None, timeout: float = 30.0
+) -> tuple[float, float]:
+    """(sum, count) of the Prometheus histogram `name` at `url`/metrics ((0, 0) when absent);
+    `headers` go along (a cluster token). Raises urllib errors on HTTP errors."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(f"{url}/metrics", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+            return values.get("sum", 0.0), values.get("count", 0.0)
+    return 0.0, 0.0
+
+
 @dataclass
 class Child:
     name: str

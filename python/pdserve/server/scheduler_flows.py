@@ -62,7 +62,8 @@ class RequestFlowsMixin:
                 prompt_logprobs: list | None = None
                 async for line in self._ndjson_lines(resp):
                     if "token_ids" not in line:  # a part of the next delta's prompt logprobs
-                        prompt_logprobs = (prompt_logprobs or []) + line["prompt_logprobs"]
+                        prompt_logprobs = prompt_logprobs if prompt_logprobs is not None else []
+                        prompt_logprobs.extend(line["prompt_logprobs"])
                         continue
                     if counted:
                         rec.inflight_prefill_tokens -= len(token_ids)
