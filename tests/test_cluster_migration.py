@@ -1,5 +1,6 @@
 """A decode instance dies mid-stream: the request migrates (prompt + streamed tokens prefilled again, on
-the surviving decode instance) and the client's stream goes on to the same greedy tokens."""
+the surviving decode instance) and the client's stream goes on to the same tokens: seeded sampling
+and penalties count the tokens streamed before the move."""
 
 from __future__ import annotations
 
@@ -53,7 +54,15 @@ def cluster():
 def test_stream_survives_a_decode_instance_dying(cluster):
     url, children = cluster["url"], cluster["children"]
     prompt = [(i * 9 + 4) % 250 for i in range(37)]
-    body = {"prompt": prompt, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    body = {
+        "prompt": prompt,
+        "max_tokens": 300,
+        "temperature": 0.7,
+        "seed": 3,
+        "frequency_penalty": 0.6,
+        "presence_penalty": 0.4,
+        "ignore_eos": True,
+    }
     reference = http_json(f"{url}/v1/completions", body)["choices"][0]["token_ids"]
     tokens, finish, killed = [], None, None
     with open_stream(f"{url}/v1/completions", {**body, "stream": True}, timeout=120) as resp:
@@ -72,7 +81,7 @@ def test_stream_survives_a_decode_instance_dying(cluster):
                 )
                 cluster["group"].stop(children[killed][0], signal.SIGKILL)
     assert killed is not None and finish == "length"
-    assert tokens == reference  # greedy: the migrated request continues exactly
+    assert tokens == reference  # the migrated request continues exactly
     routes = http_json(f"{url}/internal/v1/cluster")["routes"]
     assert routes[-1][0].endswith(".m1")  # it did move
     survivors = [u for n, (_, u) in children.items() if n != killed]

@@ -3,6 +3,7 @@ options (stop ids, EOS, seeds, top-k/top-p), tokenizer and chat template, preset
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from array import array
 
@@ -225,6 +226,42 @@ def test_allowed_token_ids_keep_only_their_logits():
     for bad in ([], [1, -1], [True], "12"):
         with pytest.raises(ValueError, match="allowed_token_ids"):
             SamplingParams(allowed_token_ids=bad)
+
+
+def test_a_migrated_request_goes_on_as_if_it_never_moved(llm):
+    """num_prior_output_tokens: a request re-prefilled with k of its tokens appended to the prompt
+    draws the same tokens as the one that never moved: max_tokens, min_tokens, the penalties and the
+    seeded noise all count the k tokens as generated."""
+    prompt = [256, 17, 99, 3]
+    params = SamplingParams(
+        temperature=0.8,
+        seed=5,
+        max_tokens=24,
+        min_tokens=20,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+    )
+    whole = llm.generate([prompt], params)[0]
+    k = 9
+    moved = llm.generate(
+        [prompt + whole.token_ids[:k]],
+        dataclasses.replace(params, num_prior_output_tokens=k),
+    )[0]
+    assert moved.token_ids == whole.token_ids[k:]
+    assert moved.finish_reason == whole.finish_reason
+    # the same continuation counting from zero (the budgets cut by k, as the scheduler once did)
+    # differs: the test can tell
+    naive = llm.generate(
+        [prompt + whole.token_ids[:k]],
+        dataclasses.replace(params, max_tokens=24 - k, min_tokens=20 - k),
+    )[0]
+    assert naive.token_ids != whole.token_ids[k:]
+    with pytest.raises(ValueError, match="num_prior_output_tokens"):
+        SamplingParams(max_tokens=4, num_prior_output_tokens=4)
+    with pytest.raises(ValueError, match="num_prior_output_tokens"):
+        SamplingParams(num_prior_output_tokens=-1)
+    with pytest.raises(ValueError, match="below the prompt length"):
+        llm.generate([[256, 1]], SamplingParams(max_tokens=8, num_prior_output_tokens=2))
 
 
 def test_min_tokens_holds_back_stop_and_eos_ids_until_reached():

@@ -196,6 +196,13 @@ class LLMEngine:
                 f"request {request_id!r}: allowed_token_ids names token ids {outside[:5]} outside "
                 f"the vocabulary [0, {vocab})"
             )
+        if params.num_prior_output_tokens and params.num_prior_output_tokens >= len(
+            prompt_token_ids
+        ):
+            raise ValueError(
+                f"request {request_id!r}: num_prior_output_tokens={params.num_prior_output_tokens} "
+                f"must be below the prompt length {len(prompt_token_ids)} (the prompt holds them)"
+            )
         # the sequence keeps its own copy holding the EOS/stop ids min_tokens bans (else params)
         params = params.with_min_tokens_resolved(sorted(self.scheduler.eos_token_ids), vocab)
         if mode is RequestMode.DECODE_ONLY:

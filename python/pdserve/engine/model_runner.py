@@ -377,7 +377,7 @@ class ModelRunner:
             seq_indices,
             rows,
             [batch.seqs[i].params for i in seq_indices],
-            [batch.seqs[i].num_output_tokens for i in seq_indices],
+            [batch.seqs[i].output_position for i in seq_indices],
             penalised_outputs([batch.seqs[i] for i in seq_indices]),
         )
 

@@ -43,6 +43,10 @@ class SamplingParams:
     computed whole, its cached prefix not used (cached KV has no logits).
     min_tokens (vLLM's, <= max_tokens): until that many tokens are generated, the stop token ids and
     (unless ignore_eos) the EOS ids cannot be sampled; the engine resolves which ids those are.
+    num_prior_output_tokens (pdserve's, < max_tokens; set by the global scheduler when a request
+    migrates): the prompt's last n tokens are this request's own earlier output, so max_tokens,
+    min_tokens, the penalties and the seeded noise count them as generated, and the request goes on
+    as if it had never moved.
     """
 
     max_tokens: int = 16
@@ -59,6 +63,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     min_tokens: int = 0
+    num_prior_output_tokens: int = 0
     # allowed_token_ids as int64s, made once here and read in place by the sampler every step
     allowed_token_id_array: array | None = field(init=False, repr=False, compare=False)
     # the ids min_tokens holds back (stop ids, EOS unless ignore_eos): set by the engine on its own copy
@@ -109,6 +114,16 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}"
+            )
+        prior = self.num_prior_output_tokens
+        if (
+            not isinstance(prior, int)
+            or isinstance(prior, bool)
+            or not 0 <= prior < self.max_tokens
+        ):
+            raise ValueError(
+                f"num_prior_output_tokens must be an int in [0, max_tokens = {self.max_tokens}), "
+                f"got {prior!r}"
             )
         self._check_logit_bias()
         self._check_allowed_token_ids()

@@ -180,7 +180,7 @@ class Scheduler:
         params = seq.params
         if last in params.stop_token_ids or (not params.ignore_eos and last in self.eos_token_ids):
             return FINISH_STOP
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.output_position >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FINISH_LENGTH
         return None
 

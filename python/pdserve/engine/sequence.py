@@ -75,12 +75,20 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
+    @property
+    def output_position(self) -> int:
+        """Tokens generated for this request so far, those before a migration included (the prompt's
+        last params.num_prior_output_tokens): what max_tokens, min_tokens and seeds count."""
+        return self.num_output_tokens + self.params.num_prior_output_tokens
+
     def output_id_array(self) -> array:
-        """The generated ids as an array('q') kept across steps (caught up from token_ids, which stay
-        the truth), so penalties read them in place instead of converting every id every step."""
+        """The ids generated for this request (output_position of them) as an array('q') kept across
+        steps (caught up from token_ids, which stay the truth), so penalties read them in place
+        instead of converting every id every step."""
+        start = self.num_prompt_tokens - self.params.num_prior_output_tokens
         have = len(self._output_ids)
-        if have < self.num_output_tokens:
-            self._output_ids.extend(self.token_ids[self.num_prompt_tokens + have :])
+        if start + have < len(self.token_ids):
+            self._output_ids.extend(self.token_ids[start + have :])
         return self._output_ids
 
     @property

@@ -92,7 +92,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
         sample_seq_indices=sample_seq_indices,
         sample_rows=sample_rows,
         sampling_params=[batch.seqs[i].params for i in sample_seq_indices],
-        output_positions=[batch.seqs[i].num_output_tokens for i in sample_seq_indices],
+        output_positions=[batch.seqs[i].output_position for i in sample_seq_indices],
         is_decode_only=all(n == 1 for n in batch.num_new_tokens),
         output_token_ids=penalised_outputs([batch.seqs[i] for i in sample_seq_indices]),
         prompt_logprob_rows=lp_rows,

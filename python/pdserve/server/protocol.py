@@ -184,6 +184,9 @@ class SamplingSpec:
     logit_bias: dict[int, float] | None = None  # token id -> bias
     allowed_token_ids: list[int] | None = None  # None: any token
     min_tokens: int = 0  # no stop id, EOS or stop string ends the answer before this many tokens
+    # a migrated request: the prompt's last n tokens are its earlier output (SamplingParams says how
+    # the engine counts them); the scheduler sets it, never a client
+    num_prior_output_tokens: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -299,13 +299,13 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
             prompt = list(token_ids) + emitted
             sub_req = req
             if emitted:
-                left = req.sampling.max_tokens - len(emitted)
-                min_left = max(0, req.sampling.min_tokens - len(emitted))
+                # the engines count the emitted tokens as generated (max_tokens, min_tokens,
+                # penalties, seeds), so the answer goes on as if it had never moved
                 sub_req = dataclasses.replace(
                     req,
                     # the reply already has the prompt's log-probabilities (echo)
                     sampling=dataclasses.replace(
-                        req.sampling, max_tokens=left, min_tokens=min_left, prompt_logprobs=None
+                        req.sampling, num_prior_output_tokens=len(emitted), prompt_logprobs=None
                     ),
                 )
             sub_id = request_id if attempt == 0 else f"{request_id}.m{attempt}"
