@@ -93,6 +93,37 @@ def test_choice_i_is_the_single_request_with_seed_plus_i(urls, name):
     assert all(c["message"]["role"] == "assistant" for c in chat["choices"])
 
 
+@pytest.mark.parametrize("name", ["colo", "colo_sched", "layer"])
+def test_a_batch_of_prompts_answers_each_prompt_as_its_own_request(urls, name):
+    """OpenAI's batched `prompt` (lm-eval sends its requests so): choice c is choice c % n of prompt
+    c // n, what that prompt alone returns; usage sums the prompts; a stream carries every choice
+    under its index; echo + logprobs with max_tokens 0 give each prompt its own."""
+    url = urls[name]
+    prompts = [[(i * 11 + 3 * k) % 250 for i in range(20 + 9 * k)] for k in range(2)]
+    prompts.append("The quick brown fox")
+    body = {"max_tokens": 5, "n": 2, "seed": 9, **SAMPLED}
+    reply = complete(url, prompts, **body)
+    singles = [complete(url, p, **body) for p in prompts]
+    assert _tokens(reply) == [t for single in singles for t in _tokens(single)]
+    assert reply["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in singles)
+    assert reply["usage"]["completion_tokens"] == 30
+    tokens, ends, _ = _stream_choices(url, "/v1/completions", {"prompt": prompts, **body})
+    assert [tokens[c] for c in range(6)] == _tokens(reply)
+    assert [ends[c][1:] for c in range(6)] == [["length"]] * 6
+    only = {"echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    batch = http_json(f"{url}/v1/completions", {"prompt": prompts, **only})["choices"]
+    for choice, prompt in zip(batch, prompts, strict=True):
+        alone = http_json(f"{url}/v1/completions", {"prompt": prompt, **only})["choices"][0]
+        assert (
+            choice["text"] == alone["text"]
+            and choice["logprobs"]["tokens"] == (alone["logprobs"]["tokens"])
+        )
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            alone["logprobs"]["token_logprobs"][1:], abs=1e-4
+        )
+    assert batch[2]["text"] == prompts[2]
+
+
 def test_later_choices_compute_only_the_last_partial_block(urls):
     """Choice 0's prompt blocks enter the radix tree as soon as they are computed (while it decodes),
     and the other choices start after its first token: each computes only what follows the prompt's
@@ -190,8 +221,10 @@ def test_bad_n_and_refused_prompts_hold_nothing(urls):
         for bad in (0, 65, "2"):
             status, msg = post_error(f"{url}/v1/completions", {"prompt": "x", "n": bad})
             assert status == 400 and "'n'" in msg, msg
-        # past the model's context: every choice is refused before any byte, none stays
+        # past the model's context: every choice is refused before any byte, none stays (in a
+        # batch, the other prompts' choices too)
         for stream in (False, True):
-            body = {"prompt": [5] * 3000, "max_tokens": 4, "n": 3, "stream": stream}
-            status, msg = post_error(f"{url}/v1/completions", body)
-            assert status == 400 and "max_model_len" in msg, (url, msg)
+            for prompt in ([5] * 3000, [[1, 2, 3], [5] * 3000, "ok"]):
+                body = {"prompt": prompt, "max_tokens": 4, "n": 3, "stream": stream}
+                status, msg = post_error(f"{url}/v1/completions", body)
+                assert status == 400 and "max_model_len" in msg, (url, msg)

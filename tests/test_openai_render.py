@@ -52,6 +52,58 @@ def test_later_choices_start_after_the_first_ones_first_delta():
     assert {e for e in log if e[0] == "closed"} == {("closed", i) for i in range(3)}
 
 
+def test_a_batchs_prompts_start_together_and_their_choices_after_their_own_first_delta():
+    log: list = []
+    releases = {0: asyncio.Event(), 2: asyncio.Event()}
+
+    class Held(FakeStream):
+        async def __anext__(self) -> TokenDelta:
+            if self.index in releases and self.left == 2:
+                await releases[self.index].wait()  # a prompt's prefill, still running
+            return await super().__anext__()
+
+    async def start(c: int) -> FakeStream:
+        log.append(("start", c))
+        return Held(c, log)
+
+    async def run() -> list[int]:
+        task = asyncio.ensure_future(start_choices(2, start, num_prompts=2))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert [e for e in log if e[0] == "start"] == [("start", 0), ("start", 2)]
+        releases[2].set()  # prompt 1's first token: its choice 1 (choice 3) starts, not choice 1
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert ("start", 3) in log and ("start", 1) not in log
+        releases[0].set()
+        streams = await task
+        firsts = [s.peek().new_token_ids[0] for s in streams]
+        for s in streams:
+            await s.aclose()
+        return firsts
+
+    assert asyncio.run(run()) == [0, 1, 2, 3]
+    assert sorted(e for e in log if e[0] == "closed") == [("closed", c) for c in range(4)]
+
+
+def test_a_batch_choice_that_cannot_start_closes_every_started_one():
+    log: list = []
+
+    class Hangs(FakeStream):
+        async def __anext__(self) -> TokenDelta:
+            await asyncio.Event().wait()  # a prefill that never ends: the failure cancels it
+
+    async def start(c: int) -> FakeStream:
+        if c == 3:
+            await asyncio.sleep(0.01)  # the others are started and read by then
+        return (Hangs if c == 4 else FakeStream)(c, log, fail=c == 3)
+
+    with pytest.raises(ValueError, match="choice 3 refused"):
+        asyncio.run(start_choices(2, start, num_prompts=3))
+    # prompt 2's choice 1 never started (its choice 0 hung); everything started was closed
+    assert sorted(e for e in log if e[0] == "closed") == [("closed", c) for c in range(5)]
+
+
 def test_a_choice_that_cannot_start_closes_every_started_one():
     log: list = []
 

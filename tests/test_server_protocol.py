@@ -30,6 +30,21 @@ def test_completion_defaults_and_token_prompt():
     assert spec.presence_penalty == -0.5 and spec.frequency_penalty == 2.0
 
 
+def test_a_batch_of_prompts_is_one_request_per_prompt():
+    req = parse_completion({"prompt": ["ab", [7, 8], "c"], "n": 2, "seed": 4, "max_tokens": 3})
+    assert req.prompt is None and req.prompt_token_ids is None
+    parts = req.each_prompt()
+    assert [(p.prompt, p.prompt_token_ids, p.prompt_batch) for p in parts] == [
+        ("ab", None, None),
+        (None, [7, 8], None),
+        ("c", None, None),
+    ]
+    assert all(p.n == 2 and p.sampling == req.sampling for p in parts)
+    one = parse_completion({"prompt": [[5, 6]]})  # a batch of one is one prompt
+    assert one.prompt_token_ids == [5, 6] and one.each_prompt() == [one]
+    assert len(parse_completion({"prompt": ["a"] * 128, "n": 2}).each_prompt()) == 128
+
+
 @pytest.mark.parametrize(
     "body, field",
     [
@@ -45,7 +60,13 @@ def test_completion_defaults_and_token_prompt():
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "bogus": 1}, "bogus"),
         ({"prompt": [1, -2]}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt[1]"),
+        ({"prompt": [[1], [2, -1]]}, "prompt[1]"),
+        ({"prompt": [[1], [[2]]]}, "prompt[1]"),
+        ({"prompt": [[]]}, "prompt[0]"),
+        ({"prompt": ["a"] * 257}, "257 prompts"),
+        ({"prompt": ["a"] * 5, "n": 64}, "320 choices"),
         ({"prompt": "x", "stop": ""}, "stop"),
         ({"prompt": "x", "stop": 7}, "stop"),
         ({"prompt": "x", "echo": 1}, "echo"),

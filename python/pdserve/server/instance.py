@@ -361,7 +361,7 @@ class InstanceServer(PDHandlersMixin):
         try:
             self._check_role("both")
             req = parse(await self._body(request))
-            token_ids = self._tokenize(req)
+            token_ids = [self._tokenize(part) for part in req.each_prompt()]
         except ProtocolError as exc:
             return web.json_response(exc.to_json(), status=exc.status)
         request_id = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -370,13 +370,13 @@ class InstanceServer(PDHandlersMixin):
 
         async def start(i: int) -> EngineStream:
             choice_id = choice_request_id(request_id, i)
-            spec = req.choice_sampling(i)
+            spec, prompt = req.choice_sampling(i % req.n), token_ids[i // req.n]
             return await self._engine_stream(
-                choice_id, lambda e: ea.add_colocated(e, choice_id, token_ids, spec)
+                choice_id, lambda e: ea.add_colocated(e, choice_id, prompt, spec)
             )
 
         try:
-            streams = await start_choices(req.n, start)
+            streams = await start_choices(req.n, start, len(token_ids))
         except Exception as exc:  # noqa: BLE001 - refused or failed: nothing was sent yet
             return start_error(request_id, exc)
         try:
@@ -385,12 +385,11 @@ class InstanceServer(PDHandlersMixin):
                 req,
                 request_id,
                 self.config.served_model_name,
-                len(token_ids),
+                token_ids,
                 streams,
                 self.tokenizer.decode,
                 self.metrics,
                 started=arrived,
-                prompt_token_ids=token_ids,
             )
         finally:
             for stream in streams:

@@ -1,7 +1,7 @@
 """Turns streams of generated token ids into an OpenAI response (SSE or one JSON), for instances and scheduler.
 
-One producer per choice (`n`), each an async iterator of `TokenDelta`s, started by `start_choices`; the
-renderer reads them as they arrive, detokenizes each choice incrementally, cuts it at the request's
+One producer per choice (`n` per prompt; a completions batch has several prompts), each an async
+iterator of `TokenDelta`s, started by `start_choices`; the renderer reads them as they arrive, detokenizes each choice incrementally, cuts it at the request's
 stop strings (then tells the caller through `on_stop` and closes that producer, which ends its request
 where it runs), writes SSE chunks under each choice's index (then an optional usage chunk and
 `data: [DONE]`) or one JSON body, and records TTFT/TPOT.
@@ -290,39 +290,46 @@ def choice_request_id(request_id: str, index: int) -> str:
 
 
 async def start_choices(
-    n: int, start: Callable[[int], Awaitable[AsyncIterator[TokenDelta]]]
+    n: int, start: Callable[[int], Awaitable[AsyncIterator[TokenDelta]]], num_prompts: int = 1
 ) -> list[_Primed]:
-    """Starts a request's n choices (`start(i)` starts choice i and returns its deltas) and waits for
-    each one's first delta, so a failure to start (a refused request, no instance free) is raised
-    here, before any byte of the reply. Choice 0 goes first; the others start once its first token
-    came, when its prompt's KV is computed and in the radix cache, so they compute only the prompt's
-    last partial block. A failure closes every choice started (nothing stays held). Returns one
-    stream per choice (its first delta, then the rest); close each (`aclose`) when done."""
+    """Starts a request's choices, n per prompt (choice c is choice c % n of prompt c // n; `start(c)`
+    starts it and returns its deltas), and waits for each one's first delta, so a failure to start (a
+    refused request, no instance free) is raised here, before any byte of the reply. Each prompt's
+    choice 0 starts at once, all prompts together; its other choices start once its first token came,
+    when the prompt's KV is computed and in the radix cache, so they compute only the prompt's last
+    partial block. A failure stops the starts under way and closes every choice started (nothing stays
+    held). Returns one stream per choice (its first delta, then the rest); close each (`aclose`)."""
     started: dict[int, AsyncIterator[TokenDelta]] = {}
+    tasks: list[asyncio.Future] = []  # every start under way, cancelled together on a failure
 
-    async def begin(i: int) -> TokenDelta | None:
-        stream = await start(i)
-        started[i] = stream
+    async def begin(c: int) -> TokenDelta | None:
+        stream = await start(c)
+        started[c] = stream
         try:
             return await stream.__anext__()
         except StopAsyncIteration:
             return None
 
+    def spawn(work: Awaitable) -> asyncio.Future:
+        task = asyncio.ensure_future(work)
+        tasks.append(task)
+        return task
+
+    async def prompt_choices(p: int) -> list[TokenDelta | None]:
+        first = await spawn(begin(p * n))
+        return [first, *await asyncio.gather(*(spawn(begin(p * n + j)) for j in range(1, n)))]
+
     try:
-        firsts = [await begin(0)]
-        if n > 1:
-            rest = [asyncio.ensure_future(begin(i)) for i in range(1, n)]
-            try:
-                firsts += await asyncio.gather(*rest)
-            finally:  # one failed: stop the others before closing what they started
-                for task in rest:
-                    task.cancel()
-                await asyncio.gather(*rest, return_exceptions=True)
+        groups = await asyncio.gather(*(spawn(prompt_choices(p)) for p in range(num_prompts)))
     except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for stream in started.values():
             await stream.aclose()
         raise
-    return [_Primed(first, started[i]) for i, first in enumerate(firsts)]
+    firsts = [first for group in groups for first in group]
+    return [_Primed(first, started[c]) for c, first in enumerate(firsts)]
 
 
 class _Primed:
@@ -356,25 +363,33 @@ async def render_response(
     req: GenerateRequest,
     request_id: str,
     model: str,
-    num_prompt_tokens: int,
+    prompt_token_ids: list[list[int]],
     streams: list[_Primed],
     decode,
     metrics: ServerMetrics | None = None,
     on_stop: Callable[[int], None] | None = None,
     started: float | None = None,
-    prompt_token_ids: list[int] | None = None,
 ) -> web.StreamResponse:
-    """Renders the choices' deltas (`streams[i]` is choice i) to their ends, or until a stop string
+    """Renders the choices' deltas (`streams[i]` is choice i, of prompt i // req.n: `prompt_token_ids`
+    has each prompt's tokens, one prompt unless a completions batch) to their ends, or until a stop string
     ends a choice or the client leaves: a choice's stream is closed then (here on a stop string,
     before the reply ends; by the caller when the client leaves), which aborts its request and
     releases its blocks. `on_stop(i)` is called right before a stop string closes choice i (never
     when the client leaves), so the producer can tell the two apart. `started`: the request's
-    arrival (`time.perf_counter()`), which TTFT counts from (default: now). `prompt_token_ids`:
-    the prompt's tokens, which an `echo` reply needs."""
+    arrival (`time.perf_counter()`), which TTFT counts from (default: now)."""
     created = int(time.time())
     started = time.perf_counter() if started is None else started
-    echo = _echo(req, streams[0], prompt_token_ids, decode) if req.echo else None
-    choices = [_ChoiceState(i, req, decode, started, echo) for i in range(len(streams))]
+    n = req.n
+    if len(streams) != n * len(prompt_token_ids):
+        raise RuntimeError(  # our bug: a 500
+            f"{len(streams)} choice streams for {len(prompt_token_ids)} prompts of {n} choices"
+        )
+    echoes = [
+        _echo(part, streams[p * n], ids, decode) if req.echo else None
+        for p, (part, ids) in enumerate(zip(req.each_prompt(), prompt_token_ids, strict=True))
+    ]
+    choices = [_ChoiceState(i, req, decode, started, echoes[i // n]) for i in range(len(streams))]
+    num_prompt_tokens = sum(len(ids) for ids in prompt_token_ids)
     arrivals = _Arrivals(streams)
 
     async def stop_choice(i: int) -> None:
@@ -398,7 +413,7 @@ async def render_response(
                         await resp.write(sse(chunk))
                     if choice.text.stopped:
                         await stop_choice(i)
-                usage = _usage(choices, num_prompt_tokens)
+                usage = _usage(choices, num_prompt_tokens, n)
                 if req.include_usage:
                     await resp.write(
                         sse(usage_chunk_json(req.kind, request_id, model, created, usage))
@@ -440,7 +455,7 @@ async def render_response(
                     request_id,
                     model,
                     [choice.whole(req.kind) for choice in choices],
-                    _usage(choices, num_prompt_tokens),
+                    _usage(choices, num_prompt_tokens, n),
                     created,
                 )
             )
@@ -458,13 +473,10 @@ async def render_response(
     return resp
 
 
-def _echo(
-    req: GenerateRequest, first: _Primed, prompt_token_ids: list[int] | None, decode
-) -> _Echo:
-    """The echoed prompt: its text as sent (a token-id prompt decoded) and, with logprobs, its
-    tokens' entries, which choice 0's first delta carries (only choice 0 computes them)."""
-    if prompt_token_ids is None:
-        raise RuntimeError("an echo reply needs the prompt's token ids")  # our bug: a 500
+def _echo(req: GenerateRequest, first: _Primed, prompt_token_ids: list[int], decode) -> _Echo:
+    """The echoed prompt of a one-prompt request (`req`; one of a batch's `each_prompt()`): its text
+    as sent (a token-id prompt decoded) and, with logprobs, its tokens' entries, which the prompt's
+    choice 0's first delta (`first`) carries (only choice 0 computes them)."""
     text = req.prompt if req.prompt is not None else decode(prompt_token_ids)
     entries = None
     delta = first.peek()
@@ -479,10 +491,10 @@ def _echo(
     return _Echo(text, list(prompt_token_ids), entries)
 
 
-def _usage(choices: list[_ChoiceState], num_prompt_tokens: int) -> dict:
-    """The prompt once (its cache hit as the first choice saw it), the completions of every choice."""
+def _usage(choices: list[_ChoiceState], num_prompt_tokens: int, n: int) -> dict:
+    """Each prompt once (its cache hit as its choice 0 saw it), the completions of every choice."""
     return usage_json(
         num_prompt_tokens,
         sum(len(c.text.token_ids) for c in choices),
-        choices[0].num_cached_tokens,
+        sum(c.num_cached_tokens for c in choices[::n]),
     )

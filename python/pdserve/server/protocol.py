@@ -23,6 +23,7 @@ from pdserve.engine.sampling_params import (
 )
 
 MAX_CHOICES = 64  # `n`: each choice is one engine request
+MAX_PROMPTS = 256  # prompts in one completions request (a batch), and their choices in all
 MAX_LOGIT_BIAS_ENTRIES = 1024  # logit_bias tokens per request (each costs sampling work every step)
 MAX_ALLOWED_TOKEN_IDS = 1 << 17  # allowed_token_ids per request: a whole Llama-3 vocabulary fits
 
@@ -132,7 +133,10 @@ _SAMPLING_FIELDS: dict[str, Field] = {
 }
 COMPLETION_FIELDS: dict[str, Field] = {
     "prompt": Field(
-        (str, list), None, doc="a string or a list of token ids (one prompt per request)"
+        (str, list),
+        None,
+        doc=f"a string or a list of token ids, or a batch of at most {MAX_PROMPTS} of those "
+        f"(prompts x n <= {MAX_PROMPTS}): choice c of the reply is choice c % n of prompt c // n",
     ),
     "echo": Field(
         (bool,),
@@ -205,7 +209,8 @@ class SamplingSpec:
 
 @dataclass
 class GenerateRequest:
-    """A validated public request. Exactly one of `prompt` / `prompt_token_ids` / `messages` is set."""
+    """A validated public request. Exactly one of `prompt` / `prompt_token_ids` / `messages` /
+    `prompt_batch` is set."""
 
     kind: str  # "completion" | "chat"
     sampling: SamplingSpec
@@ -213,6 +218,8 @@ class GenerateRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[dict] | None = None
+    # completions with several prompts, each a string or token ids (see each_prompt)
+    prompt_batch: list[str | list[int]] | None = None
     stream: bool = False
     include_usage: bool = False
     # Stop strings act on text, so whoever renders the text applies them (openai_render.ChoiceText);
@@ -221,6 +228,21 @@ class GenerateRequest:
     n: int = 1  # choices: one engine request each (see openai_render.start_choices)
     echo: bool = False  # completions: the reply's text (and logprobs) start with the prompt's
     echo_only: bool = False  # echo with max_tokens 0: the reply leaves out the one token sampled
+
+    def each_prompt(self) -> list[GenerateRequest]:
+        """One request per prompt: a batch's prompts, in order, each with `prompt` or
+        `prompt_token_ids` set and the rest of this request; [self] when there is one prompt."""
+        if self.prompt_batch is None:
+            return [self]
+        return [
+            dataclasses.replace(
+                self,
+                prompt_batch=None,
+                prompt=p if isinstance(p, str) else None,
+                prompt_token_ids=None if isinstance(p, str) else list(p),
+            )
+            for p in self.prompt_batch
+        ]
 
     def choice_sampling(self, index: int) -> SamplingSpec:
         """The sampling of choice `index`: the request's, with seed + index when a seed is set (so
@@ -422,25 +444,55 @@ def parse_completion(body: Any) -> GenerateRequest:
     )
     if echo:
         req.sampling.prompt_logprobs = values["logprobs"]
-    if isinstance(prompt, list):
-        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ProtocolError("'prompt' must not be empty", param="prompt")
-        req.prompt = prompt
+    prompts = _prompts(prompt)
+    if len(prompts) * req.n > MAX_PROMPTS:
+        raise ProtocolError(
+            f"{len(prompts)} prompts x n = {req.n} make {len(prompts) * req.n} choices; at most "
+            f"{MAX_PROMPTS} per request",
+            param="prompt",
+        )
+    if len(prompts) > 1:
+        req.prompt_batch = prompts
+    elif isinstance(prompts[0], str):
+        req.prompt = prompts[0]
     else:
-        if not prompt:
-            raise ProtocolError("'prompt' must not be empty", param="prompt")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-            raise ProtocolError(
-                "'prompt' as a list must hold non-negative token ids (one prompt per request; "
-                "send several requests for a batch)",
-                param="prompt",
-            )
-        req.prompt_token_ids = list(prompt)
+        req.prompt_token_ids = prompts[0]
     req.stream, req.include_usage = _stream_flags(values)
     return req
+
+
+def _prompts(prompt: str | list) -> list[str | list[int]]:
+    """A completions `prompt` as a list of prompts, each a non-empty string or list of token ids."""
+
+    def is_token_id(t: object) -> bool:
+        return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+    if isinstance(prompt, str) or (prompt and all(is_token_id(t) for t in prompt)):
+        prompts, where = [prompt], ["'prompt'"]
+    elif prompt and all(isinstance(p, (str, list)) for p in prompt):
+        prompts, where = prompt, [f"'prompt[{i}]'" for i in range(len(prompt))]
+    elif prompt:
+        raise ProtocolError(
+            "'prompt' as a list must hold non-negative token ids (one prompt) or prompts (a batch: "
+            f"strings or lists of token ids), got {json.dumps(prompt)[:80]}",
+            param="prompt",
+        )
+    else:
+        prompts, where = [prompt], ["'prompt'"]
+    if len(prompts) > MAX_PROMPTS:
+        raise ProtocolError(
+            f"'prompt' holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request",
+            param="prompt",
+        )
+    for p, name in zip(prompts, where, strict=True):
+        if not p:
+            raise ProtocolError(f"{name} must not be empty", param="prompt")
+        if not isinstance(p, str) and not all(is_token_id(t) for t in p):
+            raise ProtocolError(
+                f"{name} as a list must hold non-negative token ids, got {json.dumps(p)[:80]}",
+                param="prompt",
+            )
+    return [p if isinstance(p, str) else list(p) for p in prompts]
 
 
 def parse_chat(body: Any) -> GenerateRequest:

@@ -211,7 +211,8 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
                     f"tokenizer of {self.config.model!r} (see its log); use 'stop_token_ids'",
                     param="stop",
                 )
-            token_ids = await self._tokenize(req)
+            parts = req.each_prompt()
+            token_ids = [await self._tokenize(part) for part in parts]
         except ProtocolError as exc:
             return web.json_response(exc.to_json(), status=exc.status)
         except ClusterError as exc:
@@ -221,16 +222,18 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
         request_id = f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.num_requests += 1
         # set by the renderer at a stop string of choice i, not when the client left
-        stopped = [asyncio.Event() for _ in range(req.n)]
+        stopped = [asyncio.Event() for _ in range(req.n * len(parts))]
 
         async def start(i: int) -> AsyncIterator[TokenDelta]:
-            choice_req = dataclasses.replace(req, sampling=req.choice_sampling(i))
+            p = i // req.n
+            choice_req = dataclasses.replace(parts[p], sampling=req.choice_sampling(i % req.n))
             return self.generate(
-                choice_request_id(request_id, i), token_ids, choice_req, stopped[i]
+                choice_request_id(request_id, i), token_ids[p], choice_req, stopped[i]
             )
 
         try:
-            streams = await start_choices(req.n, start)  # errors before any token: HTTP errors
+            # errors before any token: HTTP errors
+            streams = await start_choices(req.n, start, len(parts))
         except ClusterError as exc:
             headers = {"Retry-After": "1"} if exc.status == 503 else None
             return web.json_response(
@@ -242,13 +245,12 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
                 req,
                 request_id,
                 self.config.model,
-                len(token_ids),
+                token_ids,
                 streams,
                 self._decode_text,
                 self.metrics,
                 on_stop=lambda i: stopped[i].set(),
                 started=arrived,
-                prompt_token_ids=token_ids,
             )
         finally:
             # the renderer closing a choice (a stop string) ends its request on P and D now; the
