@@ -212,7 +212,7 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
                     param="stop",
                 )
             parts = req.each_prompt()
-            token_ids = [await self._tokenize(part) for part in parts]
+            token_ids = list(await asyncio.gather(*(self._tokenize(part) for part in parts)))
         except ProtocolError as exc:
             return web.json_response(exc.to_json(), status=exc.status)
         except ClusterError as exc:
