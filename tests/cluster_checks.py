@@ -54,6 +54,7 @@ def settle_and_check(
                 "num_pinned_prefills",
                 "num_dcache_reservations",
                 "num_pending_transfers",
+                "num_open_streams",
                 "num_staged",
                 "num_reserved_blocks",
                 "num_pinned",

@@ -10,6 +10,8 @@ holds nothing anywhere.
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import pytest
 from cluster_checks import TINY_CPU, open_stream, post_error, settle_and_check
@@ -216,6 +218,63 @@ def test_the_client_leaving_ends_every_choice(urls):
         settle_and_check(urls["instances"], timeout=15)
 
 
+def _post_and_leave(url: str, body: dict, until) -> None:
+    """POSTs body on a raw connection and closes it, without reading, once `until()` is true."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        deadline = time.monotonic() + 30
+        while not until():
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.05)
+
+
+def test_the_client_leaving_a_whole_reply_ends_every_choice(urls):
+    """A non-stream reply writes nothing before its end, so only the connection tells that the
+    client left: every choice's request ends then, long before its max_tokens (and so does one
+    still waiting for its first token)."""
+    max_tokens = 1500
+    body = {"prompt": list(range(5, 70)), "max_tokens": max_tokens, "n": 2, **SAMPLED}
+    for url, instance in (
+        (urls["colo"], urls["colo"]),
+        (urls["colo_sched"], urls["colo"]),
+        (urls["layer"], urls["layer_instances"][1]),
+    ):
+        before = stats(instance)["num_generated_tokens"]
+        _post_and_leave(
+            url,
+            body,
+            lambda instance=instance, before=before: (
+                stats(instance)["num_generated_tokens"] > before + 4
+            ),
+        )
+        settle_and_check(urls["instances"], timeout=60)
+        generated = stats(instance)["num_generated_tokens"] - before
+        assert generated < max_tokens, (url, generated)  # 2 x max_tokens had they run on
+
+
+def test_a_release_ends_the_generate_stream_of_its_request(urls):
+    """The scheduler aborts a request through `release` (a stop string, a sibling choice refused, its
+    client gone) and may leave the connection open: the instance's handler streaming it ends too,
+    instead of waiting for outputs an aborted request never makes."""
+    url = urls["colo"]
+    body = {
+        "request_id": "held-open",
+        "prompt_token_ids": list(range(5, 40)),
+        "sampling": {"max_tokens": 1500, "ignore_eos": True},
+    }
+    with open_stream(f"{url}/internal/v1/generate", body, timeout=30) as resp:
+        assert json.loads(resp.readline())["token_ids"]
+        http_json(f"{url}/internal/v1/release", {"request_id": "held-open", "abort": True})
+        rest = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    assert not any(line["finish_reason"] for line in rest)  # it ended unfinished, at the release
+
+
 def test_bad_n_and_refused_prompts_hold_nothing(urls):
     for url in (urls["colo"], urls["colo_sched"], urls["layer"]):
         for bad in (0, 65, "2"):
@@ -224,7 +283,8 @@ def test_bad_n_and_refused_prompts_hold_nothing(urls):
         # past the model's context: every choice is refused before any byte, none stays (in a
         # batch, the other prompts' choices too)
         for stream in (False, True):
-            for prompt in ([5] * 3000, [[1, 2, 3], [5] * 3000, "ok"]):
+            # (prompt 0 still prefilling when prompt 1 is refused: its request ends on the spot)
+            for prompt in ([5] * 3000, [[7] * 1500, [5] * 3000, "ok"]):
                 body = {"prompt": prompt, "max_tokens": 4, "n": 3, "stream": stream}
                 status, msg = post_error(f"{url}/v1/completions", body)
                 assert status == 400 and "max_model_len" in msg, (url, msg)

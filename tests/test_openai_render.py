@@ -104,6 +104,46 @@ def test_a_batch_choice_that_cannot_start_closes_every_started_one():
     assert sorted(e for e in log if e[0] == "closed") == [("closed", c) for c in range(5)]
 
 
+def test_cancelling_the_starts_lets_each_start_clean_up_and_closes_every_stream():
+    """The client leaving cancels the request's task while its choices start: each start is
+    cancelled once (a second cancellation would cut its own clean-up short, e.g. the releases a
+    disaggregated request sends) and every stream started is closed."""
+    log: list = []
+
+    class Prefilling(FakeStream):
+        async def __anext__(self) -> TokenDelta:
+            try:
+                await asyncio.Event().wait()  # a prefill still queued
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.01)  # the request's releases, over the network
+                self.log.append(("cleaned", self.index))
+                raise
+
+    async def start(c: int) -> FakeStream:
+        return (Prefilling if c != 2 else FakeStream)(c, log)
+
+    async def run(cancel_after_s: float, start) -> None:
+        task = asyncio.ensure_future(start_choices(2, start, num_prompts=2))
+        await asyncio.sleep(cancel_after_s)  # prompt 1's choice 0 (choice 2) came by then
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)  # a clean-up still running on its own
+
+    asyncio.run(run(0.01, start))
+    assert sorted(e for e in log if e[0] == "cleaned") == [("cleaned", c) for c in (0, 3)]
+    assert sorted(e for e in log if e[0] == "closed") == [("closed", c) for c in (0, 2, 3)]
+    # a start fails; the client leaves while the others clean up: the clean-up still runs whole
+    log.clear()
+
+    async def start_failing(c: int) -> FakeStream:
+        return (Prefilling if c == 0 else FakeStream)(c, log, fail=c == 2)
+
+    asyncio.run(run(0.005, start_failing))
+    assert [e for e in log if e[0] == "cleaned"] == [("cleaned", 0)]
+    assert sorted(e for e in log if e[0] == "closed") == [("closed", 0), ("closed", 2)]
+
+
 def test_a_choice_that_cannot_start_closes_every_started_one():
     log: list = []
 

@@ -78,6 +78,10 @@ class EngineLoop:
         self._streams[request_id] = q
         return q
 
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 

@@ -19,13 +19,14 @@ from aiohttp import web
 from pdserve.server import engine_adapter as ea
 from pdserve.server.auth import auth_middleware, cluster_headers, describe
 from pdserve.server.cli_serve import ConfigError, ServeConfig
-from pdserve.server.engine_loop import ENGINE_DEAD, EngineLoop
+from pdserve.server.engine_loop import ENGINE_DEAD, EngineLoop, RequestCancelled
 from pdserve.server.instance_pd import PDHandlersMixin, Peer
 from pdserve.server.instance_prefill import PeerTargets, PrefillState, json_error, start_error
 from pdserve.server.kv_staging import StagingArena
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_json import models_json
 from pdserve.server.openai_render import (
+    CancelledOnDisconnect,
     TokenDelta,
     choice_request_id,
     render_response,
@@ -287,6 +288,8 @@ class InstanceServer(PDHandlersMixin):
                 "num_free_staging_slots": self.arena.num_free_slots if self.arena else 0,
                 "num_staging_slots": self.arena.layout.num_blocks if self.arena else 0,
                 "num_pending_transfers": t.num_pending() if t else 0,
+                # handlers reading an engine request's outputs (0 once every request ended)
+                "num_open_streams": self.loop_thread.num_open_streams,
                 "kv_bytes_sent": t.bytes_sent if t else 0,
                 "kv_num_sends": t.num_sends if t else 0,
                 "kv_bytes_received": t.bytes_received if t else 0,
@@ -341,6 +344,10 @@ class InstanceServer(PDHandlersMixin):
         return EngineStream(self, request_id, q)
 
     async def _abort_and_release(self, request_id: str) -> None:
+        """Ends the request here: aborted in the engine, its blocks released, and a handler still
+        reading its stream woken (an aborted request writes nothing more into it)."""
+        self.loop_thread.cancel_stream(request_id, "aborted")
+
         def both(engine):
             try:
                 ea.abort(engine, request_id)
@@ -375,22 +382,24 @@ class InstanceServer(PDHandlersMixin):
                 choice_id, lambda e: ea.add_colocated(e, choice_id, prompt, spec)
             )
 
+        streams = []
         try:
-            streams = await start_choices(req.n, start, len(token_ids))
-        except Exception as exc:  # noqa: BLE001 - refused or failed: nothing was sent yet
-            return start_error(request_id, exc)
-        try:
-            return await render_response(
-                request,
-                req,
-                request_id,
-                self.config.served_model_name,
-                token_ids,
-                streams,
-                self.tokenizer.decode,
-                self.metrics,
-                started=arrived,
-            )
+            async with CancelledOnDisconnect(request):  # the client leaving ends every choice
+                try:
+                    streams = await start_choices(req.n, start, len(token_ids))
+                except Exception as exc:  # noqa: BLE001 - refused or failed: nothing was sent yet
+                    return start_error(request_id, exc)
+                return await render_response(
+                    request,
+                    req,
+                    request_id,
+                    self.config.served_model_name,
+                    token_ids,
+                    streams,
+                    self.tokenizer.decode,
+                    self.metrics,
+                    started=arrived,
+                )
         finally:
             for stream in streams:
                 await stream.aclose()
@@ -491,6 +500,9 @@ class InstanceServer(PDHandlersMixin):
         except ConnectionResetError:
             # the scheduler went away (its client left): the caller's `finally` aborts and releases
             log.info("stream of %s closed by the peer", request.path)
+        except RequestCancelled as exc:
+            # aborted through `release` by the scheduler, which reads this stream no more
+            log.info("stream of %s ended: %s", request.path, exc)
         return resp
 
     async def h_generate(self, request):

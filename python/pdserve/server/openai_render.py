@@ -284,6 +284,34 @@ class _Arrivals:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+DISCONNECT_POLL_S = 0.2  # how often a request checks that its client is still connected
+
+
+class CancelledOnDisconnect:
+    """`async with CancelledOnDisconnect(http_request):` cancels the enclosed work (the task running
+    it) once the client's connection is gone. aiohttp does not cancel handlers itself, so without this
+    a non-stream reply, or any reply still waiting for its first token, would run its requests to
+    their end for nobody. The cancellation lands inside the block (the watcher stops, without an
+    await, before the block's exit can suspend), so the caller's cleanup after it runs whole."""
+
+    def __init__(self, http_request: web.BaseRequest):
+        self._request = http_request
+        self._watcher: asyncio.Task | None = None
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+
+        async def watch() -> None:
+            while self._request.transport is not None:
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            task.cancel()
+
+        self._watcher = asyncio.ensure_future(watch())
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._watcher.cancel()
+
+
 def choice_request_id(request_id: str, index: int) -> str:
     """The engine request id of choice `index` of `request_id` (choice 0 keeps the request's id)."""
     return request_id if index == 0 else f"{request_id}.n{index}"
@@ -300,7 +328,8 @@ async def start_choices(
     partial block. A failure stops the starts under way and closes every choice started (nothing stays
     held). Returns one stream per choice (its first delta, then the rest); close each (`aclose`)."""
     started: dict[int, AsyncIterator[TokenDelta]] = {}
-    tasks: list[asyncio.Future] = []  # every start under way, cancelled together on a failure
+    begins: list[asyncio.Task] = []  # one per choice started; on a failure each is cancelled once
+    closing = False  # a failure is being cleaned up: start nothing more
 
     async def begin(c: int) -> TokenDelta | None:
         stream = await start(c)
@@ -310,25 +339,40 @@ async def start_choices(
         except StopAsyncIteration:
             return None
 
-    def spawn(work: Awaitable) -> asyncio.Future:
-        task = asyncio.ensure_future(work)
-        tasks.append(task)
+    def spawn(c: int) -> asyncio.Task:
+        if closing:
+            raise asyncio.CancelledError
+        task = asyncio.ensure_future(begin(c))
+        begins.append(task)
         return task
 
     async def prompt_choices(p: int) -> list[TokenDelta | None]:
-        first = await spawn(begin(p * n))
-        return [first, *await asyncio.gather(*(spawn(begin(p * n + j)) for j in range(1, n)))]
+        first = await spawn(p * n)
+        rest = [spawn(p * n + j) for j in range(1, n)]
+        return [first, *await asyncio.gather(*rest)]
 
-    try:
-        groups = await asyncio.gather(*(spawn(prompt_choices(p)) for p in range(num_prompts)))
-    except BaseException:
-        for task in tasks:
+    async def close_started() -> None:
+        # only the starts are cancelled (a second cancellation could cut a start's own clean-up
+        # short); each prompt's task ends with its starts
+        for task in begins:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait([*begins, *groups])
         for stream in started.values():
             await stream.aclose()
+
+    groups = [asyncio.ensure_future(prompt_choices(p)) for p in range(num_prompts)]
+    try:
+        pending = set(groups)
+        while pending:  # asyncio.wait, not gather: our own cancellation does not reach the starts
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for group in done:
+                group.result()  # raises what the first failed start raised
+    except BaseException:
+        closing = True
+        # shielded: the clean-up runs whole even when we are cancelled (the client left) meanwhile
+        await asyncio.shield(asyncio.ensure_future(close_started()))
         raise
-    firsts = [first for group in groups for first in group]
+    firsts = [first for group in groups for first in group.result()]
     return [_Primed(first, started[c]) for c, first in enumerate(firsts)]
 
 

@@ -28,6 +28,7 @@ from pdserve.server.auth import auth_middleware, cluster_headers, describe
 from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pdserve.server.openai_json import models_json
 from pdserve.server.openai_render import (
+    CancelledOnDisconnect,
     TokenDelta,
     choice_request_id,
     render_response,
@@ -231,27 +232,31 @@ class GlobalScheduler(ClusterMembershipMixin, RequestFlowsMixin):
                 choice_request_id(request_id, i), token_ids[p], choice_req, stopped[i]
             )
 
+        streams = []
         try:
-            # errors before any token: HTTP errors
-            streams = await start_choices(req.n, start, len(parts))
-        except ClusterError as exc:
-            headers = {"Retry-After": "1"} if exc.status == 503 else None
-            return web.json_response(
-                ProtocolError(str(exc), exc.status).to_json(), status=exc.status, headers=headers
-            )
-        try:
-            return await render_response(
-                request,
-                req,
-                request_id,
-                self.config.model,
-                token_ids,
-                streams,
-                self._decode_text,
-                self.metrics,
-                on_stop=lambda i: stopped[i].set(),
-                started=arrived,
-            )
+            async with CancelledOnDisconnect(request):  # the client leaving ends every choice
+                try:
+                    # errors before any token: HTTP errors
+                    streams = await start_choices(req.n, start, len(parts))
+                except ClusterError as exc:
+                    headers = {"Retry-After": "1"} if exc.status == 503 else None
+                    return web.json_response(
+                        ProtocolError(str(exc), exc.status).to_json(),
+                        status=exc.status,
+                        headers=headers,
+                    )
+                return await render_response(
+                    request,
+                    req,
+                    request_id,
+                    self.config.model,
+                    token_ids,
+                    streams,
+                    self._decode_text,
+                    self.metrics,
+                    on_stop=lambda i: stopped[i].set(),
+                    started=arrived,
+                )
         finally:
             # the renderer closing a choice (a stop string) ends its request on P and D now; the
             # rest end here (the client left, an error)
