@@ -72,6 +72,7 @@ def held(url: str) -> dict:
     keys = (
         "num_reservations",
         "num_pinned_prefills",
+        "num_dcache_reservations",
         "num_pending_transfers",
         "num_reserved_blocks",
         "num_used_blocks",
@@ -303,6 +304,56 @@ def test_targets_that_arrive_before_the_prefill_wait_for_it(cluster):
             tokens += line.get("token_ids", [])
     http_json(f"{p}/internal/v1/release", {"request_id": "t-early-1"})
     assert tokens == via_scheduler
+    assert_nothing_held(p, d)
+
+
+def test_what_p_holds_for_a_scheduler_that_is_gone_expires(cluster):
+    """A finished prefill stays pinned, and a back-transfer reservation open, until the scheduler
+    releases or commits it; should that never come (the scheduler died), both expire after
+    2 x --transfer-timeout (D's reservation does too)."""
+    p, d = cluster["prefill"], cluster["decode"]
+    prompt = [(i * 5) % 200 + 30 for i in range(40)]
+    res = http_json(
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-gone-1", "prompt_token_ids": prompt, "peer_id": pid(p)},
+    )
+    targets = {
+        "request_id": "t-gone-1",
+        "num_peer_cached_tokens": res["num_cached_tokens"],
+        "peer_block_ids": res["block_ids"],
+    }
+    http_json(f"{p}/internal/v1/prefill/peer", targets)
+    http_json(f"{p}/internal/v1/prefill", _await_peer_prefill("t-gone-1", prompt, d))
+    back = [(i * 3) % 200 + 11 for i in range(48)]  # 3 blocks P has never seen
+    dres = http_json(
+        f"{p}/internal/v1/dcache/reserve",
+        {"request_id": "t-gone-2", "token_ids": back, "peer_id": pid(d)},
+    )
+    assert len(dres["block_ids"]) == 3
+    state = held(p)
+    assert state["num_pinned_prefills"] == 1 and state["num_dcache_reservations"] == 1, state
+    assert_nothing_held(p, d, timeout=15)
+
+
+def test_a_prefill_that_comes_after_d_gave_up_is_a_503(cluster):
+    """D waits --transfer-timeout for the KV from its reserve on; a prefill queued past that finds
+    its sends refused: a 503 (overloaded, try again), not a 500, and nothing held on either side."""
+    p, d = cluster["prefill"], cluster["decode"]
+    prompt = [(i * 9) % 200 + 17 for i in range(40)]
+    res = http_json(
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-late-1", "prompt_token_ids": prompt, "peer_id": pid(p)},
+    )
+    time.sleep(2.5)  # past D's --transfer-timeout 2
+    targets = {
+        "request_id": "t-late-1",
+        "num_peer_cached_tokens": res["num_cached_tokens"],
+        "peer_block_ids": res["block_ids"],
+    }
+    http_json(f"{p}/internal/v1/prefill/peer", targets)
+    code, msg = post_error(f"{p}/internal/v1/prefill", _await_peer_prefill("t-late-1", prompt, d))
+    assert code == 503, (code, msg)
+    http_json(f"{d}/internal/v1/release", {"request_id": "t-late-1", "abort": True})
     assert_nothing_held(p, d)
 
 

@@ -109,8 +109,8 @@ class InstanceServer(PDHandlersMixin):
         # they come or the entry expires (event loop only)
         self.early_targets: dict[str, tuple[asyncio.TimerHandle, PeerTargets | str]] = {}
         self.reservations: dict[str, asyncio.TimerHandle] = {}  # decode side: request id -> expiry
-        # prefill side, back-transfer: request id -> (cached block ids, new block ids receiving D's KV)
-        self.dcache_reservations: dict[str, tuple[list[int], list[int]]] = {}
+        # P's back-transfers: request id -> (cached block ids, new block ids, expiry handle)
+        self.dcache_reservations: dict[str, tuple[list[int], list[int], asyncio.TimerHandle]] = {}
         self.event_log: list[dict] = []
         self.event_log_first_seq = 0  # seq of event_log[0]
         self.num_prefill_computed_tokens = 0

@@ -69,7 +69,8 @@ class PDHandlersMixin(PrefillHandlersMixin):
                 return web.json_response(
                     ProtocolError(str(exc), 503).to_json(), status=503, headers={"Retry-After": "1"}
                 )
-            return json_error(400, f"reserve failed: {exc}")
+            # a bad prompt is the caller's (400); anything else means the engine failed (500)
+            return json_error(400 if isinstance(exc, ValueError) else 500, f"reserve failed: {exc}")
         targets = res.new_block_ids
         try:
             if self.arena is not None:  # the KV lands in staging slots, then moves into the blocks
@@ -264,7 +265,12 @@ class PDHandlersMixin(PrefillHandlersMixin):
             res = await self.call(lambda e: ea.reserve(e, key, token_ids, count_hits=False))
         except Exception as exc:  # noqa: BLE001 - dcache is best effort
             return json_error(503, f"no room for the back-transfer: {exc}")
-        self.dcache_reservations[request_id] = (res.cached_block_ids, res.new_block_ids)
+        # a back-transfer whose commit never comes (the scheduler gone) expires
+        expiry = asyncio.get_running_loop().call_later(
+            self.config.transfer_timeout * 2,
+            lambda: asyncio.ensure_future(self._release_dcache(request_id)),
+        )
+        self.dcache_reservations[request_id] = (res.cached_block_ids, res.new_block_ids, expiry)
         targets = res.new_block_ids
         try:
             if self.arena is not None:
@@ -352,10 +358,12 @@ class PDHandlersMixin(PrefillHandlersMixin):
             num_blocks = int(body["num_blocks"])  # how many new blocks D actually sent
         except (ProtocolError, KeyError, TypeError, ValueError) as exc:
             return json_error(400, f"dcache/commit needs request_id, token_ids, num_blocks: {exc}")
-        held = self.dcache_reservations.get(request_id)
+        # taken out for the commit: a release meanwhile (or the expiry) finds nothing to free
+        # under the scatter below, which still reads the staging slots; the commit frees them
+        held = self.dcache_reservations.pop(request_id, None)
         if held is None:
             return json_error(409, f"no back-transfer reserved for {request_id}")
-        cached_ids, new_ids = held
+        cached_ids, new_ids, _ = held
         key = f"{request_id}.dcache"
         num_inserted = 0
         try:
@@ -374,16 +382,22 @@ class PDHandlersMixin(PrefillHandlersMixin):
         except Exception as exc:  # noqa: BLE001 - best effort: the next turn just hits less
             log.warning("dcache commit of %s failed: %s", request_id, exc)
         finally:
-            await self._release_dcache(request_id)
+            await self._drop_dcache(request_id, held)
         return web.json_response({"num_inserted_blocks": num_inserted})
 
     async def _release_dcache(self, request_id: str) -> bool:
-        if self.dcache_reservations.pop(request_id, None) is None:
+        held = self.dcache_reservations.pop(request_id, None)
+        if held is None:
             return False
+        await self._drop_dcache(request_id, held)
+        return True
+
+    async def _drop_dcache(self, request_id: str, held: tuple) -> None:
+        """Frees a back-transfer reservation taken out of `dcache_reservations`."""
+        held[2].cancel()  # its expiry
         key = f"{request_id}.dcache"
         await self.transport.abort(key)
         self._free_staged(key)
         await self._abort_and_release(key)
-        return True
 
     # ----------------------------------------------------------------- registration

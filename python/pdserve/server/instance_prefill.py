@@ -24,6 +24,7 @@ from aiohttp import web
 from pdserve.server import engine_adapter as ea
 from pdserve.server.engine_loop import RequestCancelled
 from pdserve.server.protocol import ProtocolError, SamplingSpec
+from pdserve.server.transport import TransferAborted
 
 log = logging.getLogger("pdserve.instance")
 
@@ -92,6 +93,8 @@ class PrefillState:
     nbytes_sent: int = 0
     # with host staging: slot i stages the hook's i-th block
     slots: list[int] = field(default_factory=list)
+    # answered and pinned: a release that never comes (the scheduler gone) ends it when this fires
+    expiry: asyncio.TimerHandle | None = None
 
     def remote_pairs(self, start: int, local_ids: list[int]) -> tuple[list[int], list[int]]:
         """(local ids, D's block ids) of the hook's blocks [start, start + len(local_ids)) that D lacks.
@@ -221,6 +224,10 @@ class PrefillHandlersMixin:
                 status = 400
             elif isinstance(exc, RequestCancelled):
                 status = 409
+            elif isinstance(exc, TransferAborted):
+                # the decode peer gave up on the KV (its --transfer-timeout passed while this
+                # prefill queued) or the link is gone: overloaded or transient, try again
+                status = 503
             elif isinstance(exc, TimeoutError):
                 status = 504
             else:
@@ -234,6 +241,12 @@ class PrefillHandlersMixin:
             if self.arena is not None:  # flushed or aborted: no send reads the slots any more
                 self.arena.free(state.slots)
         self.num_prefill_computed_tokens += len(token_ids) - num_cached
+        if self.prefills.get(request_id) is state:
+            # pinned until the scheduler's release (D has every byte by now, so it comes in moments)
+            state.expiry = asyncio.get_running_loop().call_later(
+                self.config.transfer_timeout * 2,
+                lambda: asyncio.ensure_future(self._release_prefill(request_id)),
+            )
         if finish_reason == "prefill_done":
             finish_reason = None
         return web.json_response(
@@ -413,6 +426,8 @@ class PrefillHandlersMixin:
     async def _release_prefill(self, request_id: str) -> bool:
         state = self.prefills.pop(request_id, None)
         self._take_early_targets(request_id)
+        if state is not None and state.expiry is not None:
+            state.expiry.cancel()
         if state is not None:  # a prefill still running ends now (its handler answers an error)
             state.error = state.error or "cancelled: released"
             state.targets_known.set()

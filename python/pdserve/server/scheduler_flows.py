@@ -95,6 +95,10 @@ class RequestFlowsMixin:
             if closed_early:
                 # the instance would abort only at its next write into the closed stream: end it now
                 await self._release(rec, request_id, abort=True)
+            elif not finished:
+                # refused, or lost (a cut stream, a read timeout): should the instance still run
+                # it, it ends there too; off the way out, so a migration does not wait on it
+                self._release_later(rec, request_id)
             self._after_request(rec, None, request_id, None)
 
     async def _disaggregated(
@@ -227,10 +231,12 @@ class RequestFlowsMixin:
             # Every way out releases what is still held; release is idempotent on the instances.
             if prefill is not None and not prefill.done():
                 prefill.cancel()  # the release below ends it on P
-            if reserve is not None:
+            tasks = [t for t in (reserve, prefill) if t is not None]
+            if tasks:
                 # D answers before its release goes out (a release that overtook the reservation
-                # would leave it held until it expires)
-                await asyncio.wait([reserve])
+                # would leave it held until it expires); a cancelled prefill's task ends too, so
+                # its outcome can be read below
+                await asyncio.wait(tasks)
             for task in (reserve, prefill):
                 if task is not None and not task.cancelled():
                     task.exception()  # retrieved: the error that counts was raised above
@@ -246,6 +252,12 @@ class RequestFlowsMixin:
             # a few tokens past the stop, whose KV D computed as well)
             at_stop = not finished and d_owns and stopped is not None and stopped.is_set()
             self._after_request(p, d, request_id, all_tokens if finished or at_stop else None)
+
+    def _release_later(self, rec, request_id: str) -> None:
+        """`_release(rec, request_id, abort=True)` in the background (kept until done)."""
+        task = asyncio.create_task(self._release(rec, request_id, abort=True))
+        self._after_tasks.add(task)
+        task.add_done_callback(self._after_tasks.discard)
 
     # ----------------------------------------------------------------- after a request
     def _after_request(self, p, d, request_id: str, all_tokens: list[int] | None) -> None:
@@ -285,11 +297,11 @@ class RequestFlowsMixin:
         tokens = all_tokens[: (len(all_tokens) - 1) // bs * bs]
         if not tokens:
             return
-        res = await self._post(
-            f"{p.url}/internal/v1/dcache/reserve",
-            {"request_id": request_id, "token_ids": tokens, "peer_id": d.instance_id},
-        )
         try:
+            res = await self._post(
+                f"{p.url}/internal/v1/dcache/reserve",
+                {"request_id": request_id, "token_ids": tokens, "peer_id": d.instance_id},
+            )
             if not res["block_ids"]:
                 return
             sent = await self._post(
