@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from pdserve.server.choices import TokenDelta
 from pdserve.server.detokenize import IncrementalDetokenizer
 from pdserve.server.openai_json import choice_json, response_json, usage_json
-from pdserve.server.openai_render import LogprobsRenderer, TokenDelta, kept_logprobs
+from pdserve.server.openai_render import LogprobsRenderer, kept_logprobs
 from pdserve.server.protocol import (
     ProtocolError,
     SamplingSpec,

@@ -1,6 +1,6 @@
 """Stop strings on plain Python: the matcher's hold-back and cut, and one choice's text token by token.
 
-The servers apply them in one place (openai_render.ChoiceText, used by instances and the scheduler);
+The servers apply them in one place (detokenize.ChoiceText, used by instances and the scheduler);
 tests/test_cluster_disagg.py checks them end to end on every serving path.
 """
 

@@ -222,10 +222,10 @@ class GenerateRequest:
     prompt_batch: list[str | list[int]] | None = None
     stream: bool = False
     include_usage: bool = False
-    # Stop strings act on text, so whoever renders the text applies them (openai_render.ChoiceText);
+    # Stop strings act on text, so whoever renders the text applies them (detokenize.ChoiceText);
     # they stay out of SamplingSpec, which is what the engines see.
     stop: list[str] = field(default_factory=list)
-    n: int = 1  # choices: one engine request each (see openai_render.start_choices)
+    n: int = 1  # choices: one engine request each (see choices.start_choices)
     echo: bool = False  # completions: the reply's text (and logprobs) start with the prompt's
     echo_only: bool = False  # echo with max_tokens 0: the reply leaves out the one token sampled
 

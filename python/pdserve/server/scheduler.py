@@ -25,15 +25,15 @@ import aiohttp
 from aiohttp import web
 
 from pdserve.server.auth import auth_middleware, cluster_headers, describe
-from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
-from pdserve.server.openai_json import models_json
-from pdserve.server.openai_render import (
+from pdserve.server.choices import (
     CancelledOnDisconnect,
     TokenDelta,
     choice_request_id,
-    render_response,
     start_choices,
 )
+from pdserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from pdserve.server.openai_json import models_json
+from pdserve.server.openai_render import render_response
 from pdserve.server.policies import InstanceSnapshot, Policy, RouteContext, make_policy
 from pdserve.server.prefix_index import PrefixIndex
 from pdserve.server.protocol import (

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from pdserve.server.openai_render import TokenDelta
+from pdserve.server.choices import TokenDelta
 from pdserve.server.protocol import error_message
 from pdserve.server.scheduler_cluster import ClusterError, InstanceLost, InstanceRecord
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pdserve.server.openai_render import TokenDelta, _Arrivals, start_choices
+from pdserve.server.choices import Arrivals, TokenDelta, start_choices
 
 
 class FakeStream:
@@ -175,7 +175,7 @@ def test_closing_one_choice_leaves_the_others_running():
 
     async def run() -> dict[int, int]:
         streams = [FakeStream(i, log, num_deltas=4) for i in range(3)]
-        arrivals = _Arrivals(streams)
+        arrivals = Arrivals(streams)
         counts = {0: 0, 1: 0, 2: 0}
         try:
             while (arrival := await arrivals.next()) is not None:
