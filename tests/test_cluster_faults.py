@@ -121,6 +121,23 @@ def test_reservation_released_by_hand(cluster):
     assert_nothing_held(d)
 
 
+def test_a_peer_not_linked_is_a_503_to_retry(cluster):
+    """An instance not linked to the named peer (not yet, or not again after a restart) answers 503
+    (the client may retry), not a 4xx (nothing was wrong with the request)."""
+    p, d = cluster["prefill"], cluster["decode"]
+    code, msg = post_error(
+        f"{d}/internal/v1/reserve",
+        {"request_id": "t-nl-1", "prompt_token_ids": [1, 2, 3], "peer_id": "nobody"},
+    )
+    assert code == 503 and "no link" in msg
+    code, msg = post_error(
+        f"{p}/internal/v1/prefill",
+        {**_await_peer_prefill("t-nl-2", [1, 2, 3], d), "peer_id": "nobody"},
+    )
+    assert code == 503 and "no link" in msg
+    assert_nothing_held(p, d)
+
+
 def test_keep_kv_without_the_kv_keeps_nothing(cluster):
     """release keep_kv on a reservation whose KV never came: nothing enters D's tree, all is freed."""
     d = cluster["decode"]

@@ -57,8 +57,13 @@ class PDHandlersMixin(PrefillHandlersMixin):
         except (KeyError, TypeError, ValueError) as exc:
             return json_error(400, f"reserve needs request_id, prompt_token_ids and peer_id: {exc}")
         if peer_id not in self.peers:
-            return json_error(
-                409, f"no link to prefill instance {peer_id}; link first (pdserve link)"
+            # not linked (yet, or again after a restart): transient for the client, a 503
+            return web.json_response(
+                ProtocolError(
+                    f"no link to prefill instance {peer_id}; link first (pdserve link)", 503
+                ).to_json(),
+                status=503,
+                headers={"Retry-After": "1"},
             )
         if request_id in self.reservations:
             return json_error(409, f"request {request_id} already holds a reservation here")

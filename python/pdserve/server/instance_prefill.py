@@ -146,8 +146,13 @@ class PrefillHandlersMixin:
                 f"(or await_peer): {exc}",
             )
         if self.peers.get(peer_id) is None:
-            return json_error(
-                409, f"no link to decode instance {peer_id}; link first (pdserve link)"
+            # not linked (yet, or again after a restart): transient for the client, a 503
+            return web.json_response(
+                ProtocolError(
+                    f"no link to decode instance {peer_id}; link first (pdserve link)", 503
+                ).to_json(),
+                status=503,
+                headers={"Retry-After": "1"},
             )
         if request_id in self.prefills:
             return json_error(409, f"request {request_id} is already prefilling here")
