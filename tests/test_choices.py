@@ -189,3 +189,33 @@ def test_closing_one_choice_leaves_the_others_running():
 
     assert asyncio.run(run()) == {0: 4, 1: 1, 2: 4}
     assert [e for e in log if e[0] == "closed"] == [("closed", 1)]
+
+
+def test_a_reader_cancelled_while_its_choices_clean_up_lets_them_finish():
+    """The client leaves while the reply stops reading its choices (the write failed, then the
+    disconnect watcher cancels the handler): each choice's clean-up, cancelled once already, runs
+    whole; the handler's cancellation is raised after it."""
+    log: list = []
+
+    class SlowToEnd(FakeStream):
+        async def __anext__(self) -> TokenDelta:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.02)  # the request's releases, over the network
+                self.log.append(("cleaned", self.index))
+                raise
+
+    async def run() -> None:
+        arrivals = Arrivals([SlowToEnd(i, log) for i in range(3)])
+        reading = asyncio.ensure_future(arrivals.next())
+        await asyncio.sleep(0.01)  # every reader waits on its choice
+        reading.cancel()
+        closing = asyncio.ensure_future(arrivals.aclose())
+        await asyncio.sleep(0.005)
+        closing.cancel()  # the second cancellation, mid clean-up
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+
+    asyncio.run(run())
+    assert sorted(log) == [("cleaned", i) for i in range(3)]

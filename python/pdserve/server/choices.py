@@ -75,14 +75,30 @@ class Arrivals:
         self._ended.add(i)
         if self._tasks:
             self._tasks[i].cancel()
-            await asyncio.gather(self._tasks[i], return_exceptions=True)
+            await _wait_ended([self._tasks[i]])
         await self._streams[i].aclose()
 
     async def aclose(self) -> None:
-        """Stops reading (the streams themselves are the caller's to close)."""
+        """Stops reading (the streams themselves are the caller's to close); returns once every
+        reader ended, its stream's clean-up (e.g. the releases it sends) done."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _wait_ended(self._tasks)
+
+
+async def _wait_ended(tasks: list[asyncio.Task]) -> None:
+    """Waits until every task ended. A cancellation of ours meanwhile (the client left) is raised only
+    after that, and never reaches the tasks: they were cancelled once already, and a second
+    cancellation would cut their clean-up short (gather would pass it on)."""
+    cancelled = False
+    pending = set(tasks)
+    while pending:
+        try:
+            _, pending = await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 DISCONNECT_POLL_S = 0.2  # how often a request checks that its client is still connected

@@ -16,7 +16,12 @@ import aiohttp
 from aiohttp import web
 
 from pdserve.server import engine_adapter as ea
-from pdserve.server.instance_prefill import PrefillHandlersMixin, json_error, start_error
+from pdserve.server.instance_prefill import (
+    PrefillHandlersMixin,
+    json_error,
+    retry_later,
+    start_error,
+)
 from pdserve.server.protocol import ProtocolError, SamplingSpec
 from pdserve.server.transport import (
     TransferAborted,
@@ -57,23 +62,15 @@ class PDHandlersMixin(PrefillHandlersMixin):
         except (KeyError, TypeError, ValueError) as exc:
             return json_error(400, f"reserve needs request_id, prompt_token_ids and peer_id: {exc}")
         if peer_id not in self.peers:
-            # not linked (yet, or again after a restart): transient for the client, a 503
-            return web.json_response(
-                ProtocolError(
-                    f"no link to prefill instance {peer_id}; link first (pdserve link)", 503
-                ).to_json(),
-                status=503,
-                headers={"Retry-After": "1"},
-            )
+            # not linked (yet, or again after a restart): transient for the client
+            return retry_later(f"no link to prefill instance {peer_id}; link first (pdserve link)")
         if request_id in self.reservations:
             return json_error(409, f"request {request_id} already holds a reservation here")
         try:
             res = await self.call(lambda e: ea.reserve(e, request_id, token_ids))
         except Exception as exc:  # noqa: BLE001
             if ea.is_no_capacity(exc):
-                return web.json_response(
-                    ProtocolError(str(exc), 503).to_json(), status=503, headers={"Retry-After": "1"}
-                )
+                return retry_later(str(exc))
             # a bad prompt is the caller's (400); anything else means the engine failed (500)
             return json_error(400 if isinstance(exc, ValueError) else 500, f"reserve failed: {exc}")
         targets = res.new_block_ids
@@ -88,11 +85,14 @@ class PDHandlersMixin(PrefillHandlersMixin):
             status = 503 if "staging" in str(exc) else 409
             return json_error(status, f"cannot expect the KV of {request_id}: {exc}")
         loop = asyncio.get_running_loop()
+
         # A reservation nobody uses (scheduler gone) expires instead of holding blocks forever.
-        self.reservations[request_id] = loop.call_later(
-            self.config.transfer_timeout * 2,
-            lambda: asyncio.ensure_future(self._release_reservation(request_id)),
-        )
+        def expire() -> None:
+            if self.reservations.get(request_id) is expiry:  # not a later one of that id
+                asyncio.ensure_future(self._release_reservation(request_id))
+
+        expiry = loop.call_later(self.config.transfer_timeout * 2, expire)
+        self.reservations[request_id] = expiry
         return web.json_response(
             {
                 "request_id": request_id,
@@ -270,11 +270,14 @@ class PDHandlersMixin(PrefillHandlersMixin):
             res = await self.call(lambda e: ea.reserve(e, key, token_ids, count_hits=False))
         except Exception as exc:  # noqa: BLE001 - dcache is best effort
             return json_error(503, f"no room for the back-transfer: {exc}")
+
         # a back-transfer whose commit never comes (the scheduler gone) expires
-        expiry = asyncio.get_running_loop().call_later(
-            self.config.transfer_timeout * 2,
-            lambda: asyncio.ensure_future(self._release_dcache(request_id)),
-        )
+        def expire() -> None:
+            held = self.dcache_reservations.get(request_id)
+            if held is not None and held[2] is expiry:  # not a later one of that id
+                asyncio.ensure_future(self._release_dcache(request_id))
+
+        expiry = asyncio.get_running_loop().call_later(self.config.transfer_timeout * 2, expire)
         self.dcache_reservations[request_id] = (res.cached_block_ids, res.new_block_ids, expiry)
         targets = res.new_block_ids
         try:

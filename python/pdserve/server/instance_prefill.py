@@ -33,6 +33,13 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response(ProtocolError(message, status).to_json(), status=status)
 
 
+def retry_later(message: str) -> web.Response:
+    """A 503 with Retry-After: the request was fine, this instance cannot take it now."""
+    return web.json_response(
+        ProtocolError(message, 503).to_json(), status=503, headers={"Retry-After": "1"}
+    )
+
+
 def start_error(request_id: str, exc: Exception) -> web.Response:
     """The answer to a request whose engine stream did not start: a 400 for a request the engine
     refused (ValueError: a prompt past the context, ...), else a 500 (the engine failed; a scheduler
@@ -146,14 +153,8 @@ class PrefillHandlersMixin:
                 f"(or await_peer): {exc}",
             )
         if self.peers.get(peer_id) is None:
-            # not linked (yet, or again after a restart): transient for the client, a 503
-            return web.json_response(
-                ProtocolError(
-                    f"no link to decode instance {peer_id}; link first (pdserve link)", 503
-                ).to_json(),
-                status=503,
-                headers={"Retry-After": "1"},
-            )
+            # not linked (yet, or again after a restart): transient for the client
+            return retry_later(f"no link to decode instance {peer_id}; link first (pdserve link)")
         if request_id in self.prefills:
             return json_error(409, f"request {request_id} is already prefilling here")
         bs = self.config.block_size
@@ -248,9 +249,12 @@ class PrefillHandlersMixin:
         self.num_prefill_computed_tokens += len(token_ids) - num_cached
         if self.prefills.get(request_id) is state:
             # pinned until the scheduler's release (D has every byte by now, so it comes in moments)
+            def expire() -> None:
+                if self.prefills.get(request_id) is state:  # not a later request of that id
+                    asyncio.ensure_future(self._release_prefill(request_id))
+
             state.expiry = asyncio.get_running_loop().call_later(
-                self.config.transfer_timeout * 2,
-                lambda: asyncio.ensure_future(self._release_prefill(request_id)),
+                self.config.transfer_timeout * 2, expire
             )
         if finish_reason == "prefill_done":
             finish_reason = None
