@@ -219,3 +219,35 @@ def test_a_reader_cancelled_while_its_choices_clean_up_lets_them_finish():
 
     asyncio.run(run())
     assert sorted(log) == [("cleaned", i) for i in range(3)]
+
+
+def test_a_choice_whose_first_delta_came_is_read_on_while_others_wait():
+    """Several choices are read ahead from their start: one whose first token came goes on where it
+    runs (a disaggregated request takes its KV on D, ending D's reservation and its expiry) while
+    another prompt's first token is still awaited; its deltas wait for the reply in order."""
+    log: list = []
+    release = asyncio.Event()
+
+    class Held(FakeStream):
+        async def __anext__(self) -> TokenDelta:
+            if self.index == 1 and self.left == 3:
+                await release.wait()  # prompt 1's prefill, still running
+            return await super().__anext__()
+
+    async def start(c: int) -> FakeStream:
+        return Held(c, log, num_deltas=3)
+
+    async def run() -> list[list[int]]:
+        task = asyncio.ensure_future(start_choices(1, start, num_prompts=2))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert [e for e in log if e == ("delta", 0)] == [("delta", 0)] * 3  # read to its end
+        assert not task.done()
+        release.set()
+        streams = await task
+        got = [[t for d in [d async for d in s] for t in d.new_token_ids] for s in streams]
+        for s in streams:
+            await s.aclose()
+        return got
+
+    assert asyncio.run(run()) == [[0, 0, 0], [1, 1, 1]]

@@ -136,61 +136,139 @@ def choice_request_id(request_id: str, index: int) -> str:
 
 async def start_choices(
     n: int, start: Callable[[int], Awaitable[AsyncIterator[TokenDelta]]], num_prompts: int = 1
-) -> list[Primed]:
+) -> list[ChoiceStream]:
     """Starts a request's choices, n per prompt (choice c is choice c % n of prompt c // n; `start(c)`
     starts it and returns its deltas), and waits for each one's first delta, so a failure to start (a
     refused request, no instance free) is raised here, before any byte of the reply. Each prompt's
     choice 0 starts at once, all prompts together; its other choices start once its first token came,
     when the prompt's KV is computed and in the radix cache, so they compute only the prompt's last
-    partial block. A failure stops the starts under way and closes every choice started (nothing stays
-    held). Returns one stream per choice (its first delta, then the rest); close each (`aclose`)."""
-    started: dict[int, AsyncIterator[TokenDelta]] = {}
-    begins: list[asyncio.Task] = []  # one per choice started; on a failure each is cancelled once
+    partial block. With several choices each is read ahead from its start (`ReadAhead`): one whose
+    first token came goes on where it runs while the others' first tokens are awaited. A failure
+    stops the starts under way and closes every choice started (nothing stays held). Returns one
+    stream per choice (its first delta, then the rest); close each (`aclose`)."""
+    if n * num_prompts == 1:
+        return [await _start_one(start)]
+    readers: dict[int, ReadAhead] = {}
     closing = False  # a failure is being cleaned up: start nothing more
 
-    async def begin(c: int) -> TokenDelta | None:
-        stream = await start(c)
-        started[c] = stream
-        try:
-            return await stream.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    def spawn(c: int) -> asyncio.Task:
+    def spawn(c: int) -> asyncio.Future:
         if closing:
             raise asyncio.CancelledError
-        task = asyncio.ensure_future(begin(c))
-        begins.append(task)
-        return task
+        readers[c] = ReadAhead(c, start)
+        return readers[c].first
 
-    async def prompt_choices(p: int) -> list[TokenDelta | None]:
-        first = await spawn(p * n)
-        rest = [spawn(p * n + j) for j in range(1, n)]
-        return [first, *await asyncio.gather(*rest)]
+    async def prompt_choices(p: int) -> None:
+        await spawn(p * n)
+        await asyncio.gather(*(spawn(p * n + j) for j in range(1, n)))
 
     async def close_started() -> None:
-        # only the starts are cancelled (a second cancellation could cut a start's own clean-up
-        # short); each prompt's task ends with its starts
-        for task in begins:
-            task.cancel()
-        await asyncio.wait([*begins, *groups])
-        for stream in started.values():
-            await stream.aclose()
+        # each reader is cancelled once, by its own aclose (a second cancellation could cut the
+        # clean-up of its request short)
+        await asyncio.gather(*(r.aclose() for r in list(readers.values())))
 
     groups = [asyncio.ensure_future(prompt_choices(p)) for p in range(num_prompts)]
     try:
         pending = set(groups)
-        while pending:  # asyncio.wait, not gather: our own cancellation does not reach the starts
+        while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
             for group in done:
                 group.result()  # raises what the first failed start raised
     except BaseException:
         closing = True
+        for group in groups:  # they only wait for first deltas: nothing of theirs to clean up
+            group.cancel()
         # shielded: the clean-up runs whole even when we are cancelled (the client left) meanwhile
         await asyncio.shield(asyncio.ensure_future(close_started()))
         raise
-    firsts = [first for group in groups for first in group.result()]
-    return [Primed(first, started[c]) for c, first in enumerate(firsts)]
+    return [readers[c] for c in range(n * num_prompts)]
+
+
+async def _start_one(start: Callable[[int], Awaitable[AsyncIterator[TokenDelta]]]) -> Primed:
+    """The only choice of a request, read directly (no task): its first delta pulled."""
+    stream = await start(0)
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await asyncio.shield(asyncio.ensure_future(stream.aclose()))
+        raise
+    return Primed(first, stream)
+
+
+class ReadAhead:
+    """One choice of a request with several, read by a task of its own from its start, so its request
+    goes on where it runs (a disaggregated one takes its KV on D, ending D's reservation and its
+    expiry) while the reply waits for the other choices' first tokens; the deltas wait in a queue.
+    `first` resolves with the first delta (None: it ended without one) or the error that ended it."""
+
+    def __init__(self, index: int, start: Callable[[int], Awaitable[AsyncIterator[TokenDelta]]]):
+        self.first: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._stream: AsyncIterator[TokenDelta] | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()  # TokenDelta, an Exception, or None (the end)
+        self._first_taken = False
+        self._ended = False
+        self._closed = False
+        self._task = asyncio.ensure_future(self._read(index, start))
+
+    async def _read(self, index: int, start) -> None:
+        try:
+            self._stream = await start(index)
+            async for d in self._stream:
+                if not self.first.done():
+                    self.first.set_result(d)
+                else:
+                    self._queue.put_nowait(d)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever reads next
+            if not self.first.done():
+                self.first.set_exception(exc)
+            else:
+                self._queue.put_nowait(exc)
+            return
+        except BaseException:  # cancelled (aclose): a waiter of the first delta wakes too
+            if not self.first.done():
+                self.first.cancel()
+            raise
+        if not self.first.done():
+            self.first.set_result(None)
+        self._queue.put_nowait(None)
+
+    def __aiter__(self) -> ReadAhead:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if not self._first_taken:
+            self._first_taken = True
+            first = await self.first
+            if first is not None:
+                return first
+            self._ended = True
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is None or isinstance(item, Exception):
+            self._ended = True
+            if item is None:
+                raise StopAsyncIteration
+            raise item
+        return item
+
+    def peek(self) -> TokenDelta | None:
+        """The first delta when not yet taken (None for a choice that ended without one)."""
+        if self._first_taken or not self.first.done() or self.first.cancelled():
+            return None
+        return None if self.first.exception() is not None else self.first.result()
+
+    async def aclose(self) -> None:
+        """Stops reading (one cancellation, waited for: the request's clean-up runs whole) and closes
+        the stream, which ends its request where it runs unless it finished. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._task.cancel()
+        await _wait_ended([self._task])
+        if self._stream is not None:
+            await self._stream.aclose()
 
 
 class Primed:
@@ -217,3 +295,6 @@ class Primed:
     async def aclose(self) -> None:
         self._first = None
         await self._stream.aclose()
+
+
+ChoiceStream = Primed | ReadAhead  # what start_choices returns per choice

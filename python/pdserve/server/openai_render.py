@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from pdserve.server.choices import Arrivals, Primed, TokenDelta
+from pdserve.server.choices import Arrivals, ChoiceStream, TokenDelta
 from pdserve.server.detokenize import ChoiceText
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.openai_json import (
@@ -219,7 +219,7 @@ async def render_response(
     request_id: str,
     model: str,
     prompt_token_ids: list[list[int]],
-    streams: list[Primed],
+    streams: list[ChoiceStream],
     decode,
     metrics: ServerMetrics | None = None,
     on_stop: Callable[[int], None] | None = None,
@@ -328,7 +328,7 @@ async def render_response(
     return resp
 
 
-def _echo(req: GenerateRequest, first: Primed, prompt_token_ids: list[int], decode) -> _Echo:
+def _echo(req: GenerateRequest, first: ChoiceStream, prompt_token_ids: list[int], decode) -> _Echo:
     """The echoed prompt of a one-prompt request (`req`; one of a batch's `each_prompt()`): its text
     as sent (a token-id prompt decoded) and, with logprobs, its tokens' entries, which the prompt's
     choice 0's first delta (`first`) carries (only choice 0 computes them)."""
