@@ -245,9 +245,49 @@ def test_a_choice_whose_first_delta_came_is_read_on_while_others_wait():
         assert not task.done()
         release.set()
         streams = await task
-        got = [[t for d in [d async for d in s] for t in d.new_token_ids] for s in streams]
+        got = []
+        for s in streams:
+            got.append([t async for d in s for t in d.new_token_ids])
         for s in streams:
             await s.aclose()
         return got
 
     assert asyncio.run(run()) == [[0, 0, 0], [1, 1, 1]]
+
+
+def test_a_choice_closed_while_the_reply_is_cancelled_still_closes_its_stream():
+    """Closing one choice (a stop string) while the client leaves: the reader's clean-up runs whole,
+    then the stream is closed all the same (on an instance, that is what aborts the engine request)."""
+    log: list = []
+
+    class SlowToEnd(FakeStream):
+        async def __anext__(self) -> TokenDelta:
+            if self.left == 2:
+                return await super().__anext__()  # the first delta comes at once
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.02)
+                self.log.append(("cleaned", self.index))
+                raise
+
+    async def start(c: int) -> FakeStream:
+        return SlowToEnd(c, log)
+
+    async def run() -> None:
+        streams = await start_choices(2, start)
+        closing = asyncio.ensure_future(streams[0].aclose())
+        await asyncio.sleep(0.005)
+        closing.cancel()  # the client left meanwhile
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await streams[0].aclose()  # the caller's own clean-up: a no-op by now
+        await streams[1].aclose()
+
+    asyncio.run(run())
+    assert sorted(e for e in log if e[0] != "delta") == [
+        ("cleaned", 0),
+        ("cleaned", 1),
+        ("closed", 0),
+        ("closed", 1),
+    ]

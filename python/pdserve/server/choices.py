@@ -171,11 +171,14 @@ async def start_choices(
         pending = set(groups)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-            for group in done:
-                group.result()  # raises what the first failed start raised
+            errors = [g.exception() for g in done if g.exception() is not None]
+            if errors:
+                raise errors[0]  # what the first failed start raised
     except BaseException:
         closing = True
         for group in groups:  # they only wait for first deltas: nothing of theirs to clean up
+            if group.done() and not group.cancelled():
+                group.exception()  # retrieved: the error that counts is raised below
             group.cancel()
         # shielded: the clean-up runs whole even when we are cancelled (the client left) meanwhile
         await asyncio.shield(asyncio.ensure_future(close_started()))
@@ -239,7 +242,11 @@ class ReadAhead:
     async def __anext__(self) -> TokenDelta:
         if not self._first_taken:
             self._first_taken = True
-            first = await self.first
+            try:
+                first = await self.first
+            except BaseException:
+                self._ended = True
+                raise
             if first is not None:
                 return first
             self._ended = True
@@ -266,9 +273,11 @@ class ReadAhead:
             return
         self._closed = True
         self._task.cancel()
-        await _wait_ended([self._task])
-        if self._stream is not None:
-            await self._stream.aclose()
+        try:
+            await _wait_ended([self._task])
+        finally:  # also when we were cancelled meanwhile (raised after the reader ended)
+            if self._stream is not None:
+                await asyncio.shield(asyncio.ensure_future(self._stream.aclose()))
 
 
 class Primed:
