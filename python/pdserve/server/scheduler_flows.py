@@ -254,10 +254,15 @@ class RequestFlowsMixin:
             self._after_request(p, d, request_id, all_tokens if finished or at_stop else None)
 
     def _release_later(self, rec, request_id: str) -> None:
-        """`_release(rec, request_id, abort=True)` in the background (kept until done)."""
-        task = asyncio.create_task(self._release(rec, request_id, abort=True))
+        """`_release(rec, request_id, abort=True)` in the background."""
+        self._in_background(self._release(rec, request_id, abort=True))
+
+    def _in_background(self, work) -> asyncio.Task:
+        """Runs `work` (a coroutine) off the response path; kept until done, cancelled at stop."""
+        task = asyncio.create_task(work)
         self._after_tasks.add(task)
         task.add_done_callback(self._after_tasks.discard)
+        return task
 
     # ----------------------------------------------------------------- after a request
     def _after_request(self, p, d, request_id: str, all_tokens: list[int] | None) -> None:
@@ -272,11 +277,9 @@ class RequestFlowsMixin:
             and all_tokens is not None
             and p.info.get("flags", {}).get("enable_radix_caching", False)
         )
-        task = asyncio.create_task(
+        task = self._in_background(
             self._after_request_task(p, d, request_id, all_tokens if dcache else None)
         )
-        self._after_tasks.add(task)
-        task.add_done_callback(self._after_tasks.discard)
         if dcache:
             p.pending_dcache[task] = all_tokens
             task.add_done_callback(lambda t: p.pending_dcache.pop(t, None))
